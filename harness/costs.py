@@ -1,0 +1,135 @@
+"""Cost figures as pure functions: FLOPs from model dimensions and counted work; memory; checkpoint bytes.
+
+Definitions (also in docs/metrics.md):
+
+- ``N_body``: parameters touched per token except the embedding lookup and the output projection
+  (attention and MLP weights, norms). ``d``: hidden size; ``V``: vocabulary size.
+- A forward pass over one token costs ``2 * N_body`` FLOPs for the weight matrices, plus attention:
+  ``4 * n_heads * head_dim * keys`` per layer (``QK^T`` and ``AV``, multiply-add = 2 FLOPs), where ``keys`` is the
+  number of positions the token actually attends to: a causal token at position t attends to t + 1 keys (we count
+  the causal triangle exactly, not halved-on-average), capped at the sliding window on sliding-window layers.
+- The output projection costs ``2 * d * V`` per position whose logits are computed. Our scorer computes logits
+  only where a log-probability is needed, so this term follows the positions actually projected.
+- Training (per processed token): forward as above, backward ``2x`` the forward for activation gradients, plus
+  ``2 * trainable_params`` for weight gradients. Full fine-tuning therefore costs ``6 N`` per token. Methods whose
+  trainable parameters sit early in the network still pay the full backward through the network above them;
+  we count the whole activation-gradient backward (an upper bound for adapters on the last layers only).
+
+The scorer and trainer record their work in a :class:`Work` (tokens, attended key positions per layer type,
+projected positions); :func:`forward_flops` turns it into FLOPs. Padding is never counted: the figures describe
+the computation the method needs, not our batching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """The dimensions the FLOPs formulas need."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    vocab: int
+    body_params: int  # N_body: all parameters minus input embedding and output projection
+    windows: tuple[int | None, ...]  # per layer: sliding window size, or None for full attention
+    total_params: int
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> "ModelDims":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config
+        cfg = getattr(cfg, "text_config", cfg)
+        n_layers = cfg.num_hidden_layers
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        emb = base.get_input_embeddings().weight
+        out = base.get_output_embeddings().weight
+        seen: set[int] = set()
+        total = 0
+        for p in base.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        # peft wrappers may add parameters; count the frozen base only via ids of the embedding matrices
+        body = total - emb.numel() - (0 if out is emb or out.data_ptr() == emb.data_ptr() else out.numel())
+        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers
+        window = getattr(cfg, "sliding_window", None)
+        windows = tuple(window if t == "sliding_attention" and window else None for t in layer_types)
+        return cls(n_layers, cfg.hidden_size, n_heads, head_dim, emb.shape[0], body, windows, total)
+
+
+@dataclasses.dataclass
+class Work:
+    """Counted work of some forward passes (no padding)."""
+
+    tokens: int = 0  # token positions passed through the body
+    full_keys: int = 0  # sum over tokens of attended keys on a full-attention layer
+    window_keys: dict[int, int] = dataclasses.field(default_factory=dict)  # window -> sum of min(keys, window)
+    logit_positions: int = 0  # positions projected to the vocabulary
+
+    def add_tokens(self, n_new: int, n_cached: int, windows: tuple[int | None, ...]) -> None:
+        """Record ``n_new`` tokens processed causally after ``n_cached`` tokens already in the cache."""
+        if n_new <= 0:
+            return
+        self.tokens += n_new
+        # token i (0-based among the new ones) attends to n_cached + i + 1 keys
+        self.full_keys += n_new * n_cached + n_new * (n_new + 1) // 2
+        for w in {w for w in windows if w}:
+            self.window_keys[w] = self.window_keys.get(w, 0) + sum(
+                min(n_cached + i + 1, w) for i in range(n_new))
+
+    def add(self, other: "Work") -> None:
+        self.tokens += other.tokens
+        self.full_keys += other.full_keys
+        self.logit_positions += other.logit_positions
+        for w, v in other.window_keys.items():
+            self.window_keys[w] = self.window_keys.get(w, 0) + v
+
+
+def attention_flops(dims: ModelDims, work: Work) -> int:
+    per_key = 4 * dims.n_heads * dims.head_dim
+    total = 0
+    for w in dims.windows:
+        total += per_key * (work.window_keys.get(w, 0) if w else work.full_keys)
+    return total
+
+
+def forward_flops(dims: ModelDims, work: Work) -> int:
+    """FLOPs of the forward passes described by ``work``."""
+    return 2 * dims.body_params * work.tokens + attention_flops(dims, work) + 2 * dims.d_model * dims.vocab * work.logit_positions
+
+
+def train_flops(dims: ModelDims, work: Work, trainable_params: int) -> int:
+    """Forward + backward: 3x the forward (activation gradients) + 2 x trainable params per token (weights)."""
+    return 3 * forward_flops(dims, work) + 2 * trainable_params * work.tokens
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated since the last reset on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def directory_bytes(path: str | os.PathLike) -> int:
+    """Bytes of all files under ``path`` (or of the file itself)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

@@ -1,0 +1,39 @@
+"""Encode a shared prefix (the k demonstrations) once; hand out per-batch copies of its KV cache.
+
+transformers' cache objects are updated in place by every forward, so each batch gets its own copy:
+``deepcopy`` (exact also for sliding-window layers) then ``batch_repeat_interleave`` to the batch size.
+The prefix itself is computed exactly once per (task, template, seed, k).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class PrefixCache:
+    """The KV cache of the token ids ``ids``."""
+
+    ids: list[int]
+    past: object | None  # transformers Cache for the prefix, batch 1; None when the prefix is empty
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, model, ids: list[int]) -> "PrefixCache":
+        if not ids:
+            return cls([], None)
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        return cls(list(ids), out.past_key_values)
+
+    def expand(self, batch: int):
+        """A fresh copy of the prefix cache repeated ``batch`` times (None for an empty prefix)."""
+        if self.past is None:
+            return None
+        past = copy.deepcopy(self.past)
+        if batch > 1:
+            past.batch_repeat_interleave(batch)
+        return past

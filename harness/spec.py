@@ -1,0 +1,98 @@
+"""What one run is: :class:`RunSpec`, its config hash, and the presets.
+
+A run is one (task, method, template, seed, k, model) cell plus the settings that change its numbers (dtype,
+device type, evaluation limit, KV-cache on/off, training settings). Its ``run_id`` is a hash of exactly those
+fields, so running the same command again finds finished runs and skips them. Settings that cannot change a
+number (batch size, progress bars, store path) are deliberately left out of the hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from harness.errors import HarnessError
+
+DEFAULT_SEEDS = (0, 1, 32, 42, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Training/evaluation defaults. ``paper`` follows T-Few; ``quick`` is a CPU smoke run."""
+
+    name: str
+    steps: int
+    batch_size: int
+    eval_limit: int | None  # evaluation examples per run (None: the whole split)
+    n_train: int  # few-shot training examples when no T-Few subset file exists
+
+
+PRESETS = {
+    "paper": Preset("paper", steps=1000, batch_size=8, eval_limit=None, n_train=32),
+    "quick": Preset("quick", steps=30, batch_size=4, eval_limit=32, n_train=32),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        from harness.errors import suggest
+
+        raise suggest(name, list(PRESETS), "preset")
+    return PRESETS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid. ``train`` holds the training settings of PEFT methods (empty for ICL)."""
+
+    task: str
+    method: str
+    template: str
+    seed: int
+    k: int
+    model: str
+    preset: str = "paper"
+    limit: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    kv_cache: bool = True
+    template_fingerprint: str = ""
+    train: tuple[tuple[str, object], ...] = ()  # sorted (key, value) pairs, hashable
+
+    def __post_init__(self):
+        if self.k < 0:
+            raise HarnessError(f"k must be >= 0, got {self.k}")
+        if self.limit is not None and self.limit <= 0:
+            raise HarnessError(f"--limit must be a positive integer, got {self.limit}")
+
+    def config(self) -> dict:
+        """All fields as a JSON-ready dict (``train`` as a dict)."""
+        out = dataclasses.asdict(self)
+        out["train"] = dict(self.train)
+        return out
+
+    @property
+    def run_id(self) -> str:
+        """16 hex digits of sha256 over the canonical JSON of :meth:`config`."""
+        blob = json.dumps(self.config(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def train_group(self) -> tuple:
+        """Runs sharing this key share one trained adapter (all templates of a task/method/seed)."""
+        return (self.task, self.method, self.seed, self.model, self.preset, self.dtype, self.device, self.train)
+
+
+def parse_int_list(text: str | None, what: str) -> list[int]:
+    """Parse ``"0,1,32"`` into ints with a clear error."""
+    if text is None or str(text).strip() == "":
+        return []
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip() != ""]
+    except ValueError as exc:
+        raise HarnessError(f"{what} must be comma-separated integers, got {text!r}") from exc
+
+
+def parse_name_list(text: str | None) -> list[str]:
+    return [x.strip() for x in str(text or "").split(",") if x.strip()]
