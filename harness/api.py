@@ -1,0 +1,158 @@
+"""The Python API behind the CLI: plan a grid of runs, skip finished ones, execute the rest, store each result.
+
+    from harness.api import plan, run
+    specs = plan(tasks=["cb"], methods=["icl", "zeroshot"], seeds=[0], limit=16)
+    run(specs, store="results/harness.sqlite")
+
+Every name (task, method, template, preset, model) and the data are checked in :func:`plan`, before any model
+loads, so a typo never starts a long run. :func:`run` writes every run in its own transaction as soon as it
+finishes; an interrupted invocation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from harness import environment
+from harness.data import data_status, resolve_data_dir
+from harness.errors import HarnessError
+from harness.icl_runner import run_icl
+from harness.methods import get_method, training_settings
+from harness.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model, resolve_device_dtype
+from harness.spec import DEFAULT_SEEDS, RunSpec, get_preset
+from harness.store import RunResult, Store
+from harness.tasks import load_task
+
+log = logging.getLogger("harness")
+
+
+def plan(
+    tasks: Iterable[str],
+    methods: Iterable[str],
+    *,
+    templates: str | list[str] | None = "all",
+    seeds: Iterable[int] = DEFAULT_SEEDS,
+    k: int = 32,
+    model: str = DEFAULT_MODEL,
+    preset: str = "paper",
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    kv_cache: bool = True,
+    method_args: dict | None = None,
+    train_overrides: dict | None = None,
+) -> list[RunSpec]:
+    """Validate every name and build the grid of :class:`RunSpec` (one per task/method/template/seed)."""
+    tasks, methods, seeds = list(tasks), list(methods), list(seeds)
+    if not tasks:
+        raise HarnessError("no task given; see `harness tasks` for the list")
+    if not methods:
+        raise HarnessError("no method given; see `harness methods` for the list")
+    if not seeds:
+        raise HarnessError("no seed given; e.g. --seeds 0,1,32,42,1024")
+    if k < 0:
+        raise HarnessError(f"--k must be >= 0, got {k}")
+    preset_info = get_preset(preset)
+    infos = [get_method(m) for m in methods]
+    loaded = [load_task(t) for t in tasks]
+    folder = resolve_data_dir(data_dir)
+    for task in loaded:
+        status = data_status(task, folder)
+        if folder is not None and not status["found"]:
+            missing = ", ".join(str(p) for p in status.get("missing", [])) or str(folder / task.name)
+            raise HarnessError(f"no data for task {task.name!r}: looked for {missing}. Pass --data-dir (or set "
+                               "HARNESS_DATA_DIR) to a folder holding <task>/train.jsonl and validation.jsonl, "
+                               "or omit it to download from the Hub")
+    check_model_name(model)
+    dev, dt = resolve_device_dtype(device, dtype)
+    eval_limit = limit if limit is not None else preset_info.eval_limit
+    common = dict(model=model, preset=preset, limit=eval_limit, dtype=str(dt).removeprefix("torch."),
+                  device=dev.type, kv_cache=kv_cache)
+    specs: list[RunSpec] = []
+    for task in loaded:
+        chosen = task.select_templates(templates)
+        for info in infos:
+            settings = ()
+            if info.kind == "peft":
+                resolved = training_settings(info.name, preset, {**(train_overrides or {}),
+                                                                  "method_args": method_args or {}})
+                settings = tuple(sorted(resolved.items(), key=lambda kv: kv[0]))
+            # zero-shot does not depend on the data seed: one run per template, stored with the first seed
+            run_seeds = seeds[:1] if info.kind == "zeroshot" else seeds
+            for seed in run_seeds:
+                for template in chosen:
+                    specs.append(RunSpec(
+                        task=task.name, method=info.name, template=template.name, seed=seed,
+                        k=k if info.kind == "icl" else 0, template_fingerprint=template.fingerprint(),
+                        train=_freeze(settings), **common))
+    return specs
+
+
+def _freeze(items):
+    """Make nested settings hashable (lists -> tuples, dicts -> sorted tuples)."""
+    if isinstance(items, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in items.items()))
+    if isinstance(items, (list, tuple)):
+        return tuple(_freeze(v) for v in items)
+    return items
+
+
+def run(
+    specs: list[RunSpec],
+    *,
+    store: str | Path | Store = "results/harness.sqlite",
+    data_dir: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    loader: Callable[[RunSpec], LoadedModel] | None = None,
+) -> list[RunResult]:
+    """Execute the specs not yet finished in ``store``; return the results produced by this call."""
+    db = store if isinstance(store, Store) else Store(store)
+    folder = resolve_data_dir(data_dir)
+    done = db.finished_ids()
+    todo = [s for s in specs if s.run_id not in done]
+    skipped = len(specs) - len(todo)
+    if skipped:
+        log.info("skipping %d finished run(s) already in %s", skipped, db.path)
+    load = loader or (lambda s: load_model(s.model, s.device, s.dtype))
+    produced: list[RunResult] = []
+    bar = tqdm(total=len(todo), disable=not progress, desc="runs", unit="run")
+    for result in _execute(todo, load, folder, db, batch_size, progress):
+        db.write(result)
+        produced.append(result)
+        bar.update(1)
+        if result.status != "finished":
+            log.warning("run %s failed: %s", result.run_id, result.error)
+    bar.close()
+    return produced
+
+
+def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, progress: bool) -> Iterator[RunResult]:
+    env_cache: dict = {}
+    in_context = [s for s in todo if get_method(s.method).kind in ("icl", "zeroshot")]
+    trained = [s for s in todo if get_method(s.method).kind == "peft"]
+    lm = None
+    for spec in in_context:  # one loaded model for all in-context runs of a model
+        if lm is None or lm.name != spec.model:
+            lm = load(spec)
+        env = env_cache.setdefault(spec.model, environment.describe(lm.device))
+        yield run_icl(lm, spec, folder, batch_size=batch_size, progress=progress, env=env)
+    del lm
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in trained:
+        groups.setdefault(spec.train_group, []).append(spec)
+    if groups:
+        from harness.peft_runner import run_peft_group
+
+        for group in groups.values():
+            first = group[0]
+            env = env_cache.setdefault(first.model, environment.describe(resolve_device_dtype(first.device)[0]))
+            yield from run_peft_group(lambda: load(first), load_task(first.task), group, folder,
+                                      db.folder / "adapters", batch_size=batch_size, progress=progress, env=env)

@@ -1,0 +1,226 @@
+"""Command line: parse options, check names before any model loads, call :mod:`harness.api`, print.
+
+Every user error is one line on stderr and exit code 2; nothing already stored is touched by a failed command.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from harness.errors import HarnessError
+from harness.spec import DEFAULT_SEEDS, parse_int_list, parse_name_list
+from harness.store import DEFAULT_STORE, Store
+
+RESULT_FIELDS = (
+    "run_id", "task", "method", "model", "template", "seed", "k", "n_eval", "accuracy", "accuracy_norm",
+    "infer_flops_per_example", "infer_flops_per_example_uncached", "train_flops", "peak_memory_bytes",
+    "checkpoint_bytes", "trainable_params", "seconds", "status",
+)
+
+
+class HarnessGroup(click.Group):
+    """Turns :class:`HarnessError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HarnessError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=HarnessGroup)
+@click.version_option(package_name="harness")
+@click.option("-v", "--verbose", is_flag=True, help="Log more (debug level).")
+def main(verbose: bool):
+    """harness: when does PEFT beat k-shot in-context learning, and what does each cost?"""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+def _existing_store(path: str) -> Store:
+    if not Path(path).exists():
+        raise HarnessError(f"no results store at {path}; run `harness run ...` first or pass --store PATH")
+    return Store(path)
+
+
+@main.command()
+@click.option("--methods", default="icl,zeroshot", show_default=True, help="Comma-separated methods (see `harness methods`).")
+@click.option("--tasks", default="rte,cb,copa,wic,wsc", show_default=True, help="Comma-separated tasks or task YAML paths.")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Embedded name (smollm2-135m, gemma3-270m), Hub id, local folder, .gguf file or random:NAME.")
+@click.option("--k", "k", default=32, show_default=True, type=int, help="Demonstrations for ICL (reduced to fit the context).")
+@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), show_default=True, help="Data seeds.")
+@click.option("--templates", default="all", show_default=True, help="Template names (comma-separated) or `all`.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N validation examples.")
+@click.option("--preset", default="paper", show_default=True, help="paper (T-Few settings) or quick (CPU smoke run).")
+@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None,
+              help="Local data folder (<task>/train.jsonl ...); default: the Hugging Face Hub. Env: HARNESS_DATA_DIR.")
+@click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Evaluation batch size (queries per batch).")
+@click.option("--no-kv-cache", is_flag=True, help="Score the full prompt for every query x choice (the naive path).")
+@click.option("--method-args", default=None, help="key=value,... for the PEFT methods (e.g. r=16,alpha=32).")
+@click.option("--steps", type=int, default=None, help="Training steps (PEFT; default from the preset).")
+@click.option("--train-batch-size", type=int, default=None, help="Training batch size (PEFT; default from the preset).")
+@click.option("--grad-accum", type=int, default=None, help="Gradient accumulation steps (PEFT).")
+@click.option("--lr", type=float, default=None, help="Learning rate (PEFT; default per method).")
+@click.option("--losses", default=None, help="Training losses, comma-separated from lm,ul,ln (PEFT).")
+@click.option("--n-train", type=int, default=None, help="Training examples when no few-shot file exists (PEFT).")
+@click.option("--train-template", default=None, help="Fix the training template (default: random per example, as T-Few).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
+        no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, quiet):
+    """Evaluate METHODS on TASKS for every template and seed; store one result per run.
+
+    Finished runs already in the store are skipped, so an interrupted command resumes where it stopped.
+    """
+    from harness import api
+    from harness.methods import parse_method_args
+
+    if batch_size < 1:
+        raise HarnessError("--batch-size must be >= 1")
+    overrides = {"steps": steps, "batch_size": train_batch_size, "grad_accum": grad_accum, "lr": lr,
+                 "losses": parse_name_list(losses) if losses else None, "n_train": n_train,
+                 "train_template": train_template}
+    specs = api.plan(
+        parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds"),
+        k=k, model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
+        kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
+        train_overrides={k_: v for k_, v in overrides.items() if v is not None})
+    results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet)
+    failed = [r for r in results if r.status != "finished"]
+    click.echo(f"{len(specs)} run(s) planned, {len(results)} executed, {len(specs) - len(results)} already in "
+               f"{store}, {len(failed)} failed.", err=True)
+    for r in failed:
+        click.echo(f"failed {r.run_id} {r.config['task']}/{r.config['method']}/{r.config['template']}/"
+                   f"{r.config['seed']}: {r.error}", err=True)
+    if results:
+        _print_runs([_flat(r) for r in results], "table")
+    if failed:
+        sys.exit(1)
+
+
+def _flat(result) -> dict:
+    return {**result.config, **result.metrics, "run_id": result.run_id, "status": result.status}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e4 or value == 0 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _print_runs(rows: list[dict], fmt: str) -> None:
+    rows = [{f: r.get(f) for f in RESULT_FIELDS} for r in rows]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        cols = ("run_id", "task", "method", "template", "seed", "k", "n_eval", "accuracy", "accuracy_norm",
+                "infer_flops_per_example", "seconds", "status")
+        table = [[_fmt(r[c]) for c in cols] for r in rows]
+        widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        for t in table:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
+@click.option("--status", default=None, help="Only runs with this status (finished, failed).")
+def results(fmt, store, status):
+    """List the runs in the store."""
+    _print_runs(_existing_store(store).runs(status=status), fmt)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (default: stdout).")
+@click.option("--run", "run_ids", multiple=True, help="Only these run ids (repeatable).")
+def export(fmt, store, out, run_ids):
+    """Write per-example rows (run_id, example_id, label, prediction, per-choice logprob and n_tokens)."""
+    db = _existing_store(store)
+    stream = open(out, "w") if out else sys.stdout
+    try:
+        for row in db.examples(run_ids or None):
+            stream.write(json.dumps(row) + "\n")
+    finally:
+        if out:
+            stream.close()
+
+
+@main.command(name="tasks")
+@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None, help="Local data folder. Env: HARNESS_DATA_DIR.")
+def tasks_command(data_dir):
+    """List tasks with their templates, example counts and whether data was found."""
+    from harness.data import data_status, resolve_data_dir
+    from harness.tasks import list_tasks, load_task
+
+    folder = resolve_data_dir(data_dir)
+    for name in list_tasks():
+        task = load_task(name)
+        st = data_status(task, folder)
+        counts = ", ".join(f"{k} {v}" for k, v in st.get("counts", {}).items()) or "-"
+        where = {"local": "found", "hub": "Hub (online)", "missing": "MISSING"}.get(st["source"], st["source"])
+        click.echo(f"{task.name}: {task.description}")
+        click.echo(f"  templates: {', '.join(t.name for t in task.templates)}")
+        click.echo(f"  data: {where}; {counts}; few-shot seeds: {st.get('few_shot_seeds') or '-'}")
+
+
+@main.command(name="methods")
+def methods_command():
+    """List the methods: in-context (zeroshot, icl) and PEFT, one line each."""
+    from harness.methods import list_methods
+
+    for info in list_methods():
+        click.echo(f"{info.name:<15} {info.kind:<9} {info.description}")
+    click.echo("peft:<type>     peft      any other peft method by its type name, e.g. peft:loha, with --method-args")
+
+
+@main.command(name="eval")
+@click.option("--run", "run_id", required=True, help="Run id (or unique prefix) of a PEFT run with a saved adapter.")
+@click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
+@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None, help="Local data folder. Env: HARNESS_DATA_DIR.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def eval_command(run_id, store, data_dir, batch_size):
+    """Re-score a saved adapter without training and compare with the stored scores."""
+    from harness.peft_runner import eval_saved_command
+
+    db = _existing_store(store)
+    run_row = db.get_run(run_id)
+    if run_row is None:
+        raise HarnessError(f"no run {run_id!r} in {store}; see `harness results`")
+    click.echo(eval_saved_command(db, run_row, data_dir, batch_size))
+
+
+def _add_report_commands() -> None:
+    try:
+        from harness.report import COMMANDS
+    except ImportError:  # pragma: no cover - reports are optional during development
+        return
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_report_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""In-context learning runs: zero-shot (k = 0) and k-shot with the demonstrations cached once.
+
+For a spec (task, template, seed, k): the first k examples of the seed's few-shot subset become the
+demonstrations, rendered with the same template and joined by the task's delimiter; every validation example is
+scored with that prefix by :func:`harness.scoring.score_prompts`. When the longest prompt would not fit the
+model's context, k is reduced (with a warning and ``k_used`` stored beside the requested k).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+import torch
+
+from harness import costs
+from harness.data import few_shot_examples, load_split
+from harness.models import LoadedModel
+from harness.scoring import encode_pair, metrics_from_examples, score_prompts, uncached_work
+from harness.spec import RunSpec
+from harness.store import RunResult
+from harness.tasks import Task, load_task
+
+log = logging.getLogger("harness")
+
+
+def context_limit(lm: LoadedModel) -> int:
+    cfg = lm.model.config
+    cfg = getattr(cfg, "text_config", cfg)
+    return int(getattr(cfg, "max_position_embeddings", 2048))
+
+
+def fit_demonstrations(lm: LoadedModel, task: Task, template, demos: list[dict], prompts) -> tuple[str, int]:
+    """The demonstration prefix with as many of ``demos`` as fit the model's context for every prompt."""
+    limit = context_limit(lm)
+    longest = max(prompts, key=lambda p: len(p.context) + max(len(c) for c in p.choices))
+    k = len(demos)
+    while True:
+        prefix = task.demonstrations(template, demos[:k])
+        ctx, cont = encode_pair(lm.tokenizer, prefix + longest.context, max(longest.choices, key=len))
+        if len(ctx) + len(cont) <= limit or k == 0:
+            return prefix, k
+        k = max(0, k - max(1, k // 8))
+
+
+def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, progress: bool = False,
+            env: dict | None = None) -> RunResult:
+    """One in-context run; any exception becomes a ``failed`` result (KeyboardInterrupt propagates)."""
+    start = time.perf_counter()
+    base = RunResult(run_id=spec.run_id, config=spec.config(), status="failed", env=env or {},
+                     is_random=lm.is_random)
+    try:
+        task = load_task(spec.task)
+        template = task.template(spec.template)
+        examples = load_split(task, task.eval_split, data_dir)
+        if spec.limit is not None:
+            examples = examples[: spec.limit]
+        prompts = [task.render(template, ex) for ex in examples]
+        demos = few_shot_examples(task, spec.seed, data_dir, n=spec.k) if spec.k else []
+        prefix, k_used = fit_demonstrations(lm, task, template, demos, prompts)
+        if k_used < spec.k:
+            log.warning("%s/%s/%s: k reduced from %d to %d to fit the model's context of %d tokens",
+                        spec.task, spec.template, spec.seed, spec.k, k_used, context_limit(lm))
+        costs.reset_peak_memory(lm.device)
+        out = _score_with_backoff(lm, prompts, prefix, spec.kv_cache, batch_size, progress)
+        dims = costs.ModelDims.from_model(lm.model)
+        n = max(out.n_examples, 1)
+        metrics = metrics_from_examples(out.examples) | {
+            "infer_flops_per_example": costs.forward_flops(dims, out.work) / n,
+            "infer_flops_per_example_uncached": costs.forward_flops(dims, uncached_work(out.rows, dims)) / n,
+            "train_flops": 0,
+            "peak_memory_bytes": costs.peak_memory_bytes(lm.device),
+            # what a user must keep to reproduce the predictions: the demonstrations' text (UTF-8)
+            "checkpoint_bytes": len(prefix.encode("utf-8")),
+            "trainable_params": 0,
+            "total_params": dims.total_params,
+            "train_seconds": 0.0,
+            "k_used": k_used,
+            "prefix_tokens": out.prefix_tokens,
+        }
+        metrics["eval_seconds"] = metrics["seconds"] = time.perf_counter() - start
+        base.status, base.metrics, base.examples = "finished", metrics, out.examples
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded, and the other runs go on
+        base.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        base.extra = {"traceback": traceback.format_exc(limit=8)}
+        base.metrics = {"seconds": time.perf_counter() - start}
+    return base
+
+
+def _score_with_backoff(lm: LoadedModel, prompts, prefix: str, use_cache: bool, batch_size: int, progress: bool):
+    """Score; on out-of-memory halve the batch and try again (down to 1)."""
+    while True:
+        try:
+            return score_prompts(lm.model, lm.tokenizer, prompts, prefix, use_cache=use_cache,
+                                 batch_size=batch_size, progress=progress)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of memory: retrying with batch size %d", batch_size)
