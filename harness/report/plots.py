@@ -1,0 +1,190 @@
+"""Report figures (matplotlib, Agg canvas, PNG and PDF); the break-even arithmetic is in :mod:`.breakeven`.
+
+Figures: accuracy vs inference FLOPs per example (T-Few's figure), ICL accuracy vs k, accuracy vs checkpoint
+size, and the break-even of each PEFT method against ICL: total cost ``train FLOPs + n x inference FLOPs per
+example`` vs the number of queries ``n``. A figure whose data the store lacks is skipped with a note, never an
+error. Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot, no global state) and saved
+without timestamps or version strings that would make two reports of one store differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from harness.report import stats
+from harness.report.breakeven import break_even, cost_groups, fmt_count, total_cost
+from harness.report.format import fmt_bytes, fmt_flops
+from harness.report.tables import group_runs, is_in_context, median_of, run_sort_key, values
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None}}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotResult:
+    """One figure: the files written, or (``paths`` empty) why it was skipped; ``notes`` list partial skips."""
+
+    name: str
+    title: str
+    paths: tuple[Path, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def _save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, ...]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{name}.{ext}"
+        fig.savefig(path, format=ext, dpi=150, metadata=METADATA[ext])
+        paths.append(path)
+    return tuple(paths)
+
+
+def _figure(title: str, ncols: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(7.5 * ncols if ncols > 1 else 7.5, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _legend_name(group, n_models: int) -> str:
+    return f"{group.model}: {group.label}" if n_models > 1 else group.label
+
+
+def _acc_points(runs, x_field: str, metric: str, positive_only: bool):
+    """Per group: (group, x median, y median/q25/q75 in percent); plus notes for groups left out."""
+    groups = group_runs(runs)
+    points, notes = [], []
+    for g, rs in groups.items():
+        x = median_of(rs, x_field)
+        ys = values(rs, metric)
+        if x is None or not ys or (positive_only and x <= 0):
+            why = "no " + metric if not ys else f"{x_field} is {'missing' if x is None else 'zero'}"
+            notes.append(f"{g.model}: {g.label} left out ({why})")
+            continue
+        points.append((g, x, stats.median_iqr([100 * y for y in ys])))
+    return points, notes, len({g.model for g in groups})
+
+
+def _scatter(ax, points, n_models: int) -> None:
+    for i, (g, x, m) in enumerate(points):
+        ax.errorbar([x], [m.median], yerr=[[m.median - m.q25], [m.q75 - m.median]], fmt=MARKERS[i % len(MARKERS)],
+                    color=f"C{i % 10}", markersize=8, capsize=4, label=_legend_name(g, n_models))
+    ax.set_xscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+
+
+def plot_accuracy_vs_flops(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
+    name, title = "accuracy_vs_flops", f"{metric} vs inference FLOPs per example"
+    points, notes, n_models = _acc_points(runs, "infer_flops_per_example", metric, positive_only=True)
+    if not points:
+        return PlotResult(name, title, notes=("skipped: no run has both inference FLOPs and accuracy",))
+    fig, (ax,) = _figure(title)
+    _scatter(ax, points, n_models)
+    ax.set_xlabel("Inference FLOPs per example (log scale)")
+    ax.set_ylabel(f"{metric} (%): median, IQR error bars")
+    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+
+
+def plot_accuracy_vs_checkpoint(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
+    name, title = "accuracy_vs_checkpoint", f"{metric} vs checkpoint size"
+    points, notes, n_models = _acc_points(runs, "checkpoint_bytes", metric, positive_only=True)
+    if not points:
+        return PlotResult(name, title, notes=("skipped: no run has a non-zero checkpoint size and accuracy",))
+    fig, (ax,) = _figure(title)
+    _scatter(ax, points, n_models)
+    for g, x, m in points:
+        ax.annotate(fmt_bytes(x), (x, m.median), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set_xlabel("Checkpoint size in bytes (log scale, median over runs)")
+    ax.set_ylabel(f"{metric} (%): median, IQR error bars")
+    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+
+
+def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
+    name, title = "icl_accuracy_vs_k", f"ICL {metric} vs number of demonstrations k"
+    icl = [r for r in runs if is_in_context(r.get("method")) and r.get("k") is not None
+           and r.get(metric) is not None]
+    if not icl:
+        return PlotResult(name, title, notes=("skipped: the store holds no ICL runs",))
+    lines: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(icl, key=run_sort_key):  # zero-shot runs are the k = 0 point of their task's line
+        lines[(str(r["model"]), str(r["task"]))][int(r["k"])].append(100 * float(r[metric]))
+    several = len({key[0] for key in lines}) > 1
+    fig, (ax,) = _figure(title)
+    for i, key in enumerate(sorted(lines)):
+        ks = sorted(lines[key])
+        ms = [stats.median_iqr(lines[key][k]) for k in ks]
+        med = [m.median for m in ms]
+        err = [[m.median - m.q25 for m in ms], [m.q75 - m.median for m in ms]]
+        label = f"{key[1]} ({key[0]})" if several else key[1]
+        ax.errorbar(ks, med, yerr=err, marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", capsize=3, label=label)
+    all_k = sorted({k for line in lines.values() for k in line})
+    ax.set_xticks(all_k)
+    ax.set_xlabel("k (demonstrations in the prompt; k = 0 is zero-shot)")
+    ax.set_ylabel(f"{metric} (%): median over templates and seeds, IQR")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="task", fontsize=9)
+    return PlotResult(name, title, _save(fig, out_dir, name))
+
+
+def plot_break_even(runs, out_dir: Path) -> PlotResult:
+    name, title = "break_even", "Total cost vs number of queries: PEFT against ICL"
+    per_model, notes = cost_groups(runs)
+    models = sorted(m for m, sides in per_model.items() if sides["icl"] and sides["peft"])
+    for m in sorted(per_model):
+        if m not in models:
+            notes.append(f"{m}: skipped (needs both ICL and PEFT runs with FLOPs)")
+    if not models:
+        return PlotResult(name, title, notes=("skipped: needs ICL and PEFT runs of one model with FLOPs", *notes))
+    fig, axes = _figure(title, ncols=len(models))
+    for ax, model in zip(axes, models):
+        sides = per_model[model]
+        pairs = [(p, i, break_even(p[1], p[2], i[1], i[2], p[0].label, i[0].label))
+                 for p in sides["peft"] for i in sides["icl"]]
+        crossings = [be.n for _, _, be in pairs if be.n is not None]
+        n_max = max([1e6] + [10 * n for n in crossings])
+        n = np.logspace(0, np.log10(n_max), 200)
+        for j, (g, train, infer) in enumerate(sides["icl"]):
+            ax.plot(n, total_cost(train, infer, n), linestyle="--", color="black" if j == 0 else f"0.{3 + j % 6}",
+                    label=f"{g.label}: {fmt_flops(train)} + n x {fmt_flops(infer)}")
+        for j, (g, train, infer) in enumerate(sides["peft"]):
+            ax.plot(n, total_cost(train, infer, n), color=f"C{j % 10}",
+                    label=f"{g.label}: {fmt_flops(train)} + n x {fmt_flops(infer)}")
+        for k, ((pg, ptrain, pinfer), (ig, _, _), be) in enumerate(pairs):
+            j = sides["peft"].index((pg, ptrain, pinfer))
+            text = f"{pg.label} vs {ig.label}: {be.text}"
+            if be.n is None:
+                ax.plot([], [], linestyle="none", marker=MARKERS[k % len(MARKERS)], color=f"C{j % 10}", label=text)
+                continue
+            cost = float(total_cost(ptrain, pinfer, be.n))
+            ax.plot([be.n], [cost], linestyle="none", marker=MARKERS[k % len(MARKERS)], markersize=9,
+                    color=f"C{j % 10}", label=text)
+            ax.annotate(f"n = {fmt_count(be.n)}", (be.n, cost), textcoords="offset points", xytext=(8, -14),
+                        fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Number of queries n (log scale)")
+        ax.set_ylabel("Total FLOPs: training + n x inference per example (log scale)")
+        ax.set_title(model, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+
+
+def make_plots(runs: list[dict], out_dir: Path, metric: str = "accuracy") -> list[PlotResult]:
+    """Write every figure under ``out_dir`` (PNG and PDF); figures lacking data come back with a skip note."""
+    out_dir = Path(out_dir)
+    return [
+        plot_accuracy_vs_flops(runs, out_dir, metric),
+        plot_icl_vs_k(runs, out_dir, metric),
+        plot_accuracy_vs_checkpoint(runs, out_dir, metric),
+        plot_break_even(runs, out_dir),
+    ]
