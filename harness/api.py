@@ -25,7 +25,7 @@ from harness.errors import HarnessError
 from harness.icl_runner import run_icl
 from harness.methods import get_method, training_settings
 from harness.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model, resolve_device_dtype
-from harness.spec import DEFAULT_SEEDS, RunSpec, get_preset
+from harness.spec import RunSpec, get_preset
 from harness.store import RunResult, Store
 from harness.tasks import load_task
 
@@ -37,7 +37,7 @@ def plan(
     methods: Iterable[str],
     *,
     templates: str | list[str] | None = "all",
-    seeds: Iterable[int] = DEFAULT_SEEDS,
+    seeds: Iterable[int] | None = None,
     k: int = 32,
     model: str = DEFAULT_MODEL,
     preset: str = "paper",
@@ -50,7 +50,9 @@ def plan(
     train_overrides: dict | None = None,
 ) -> list[RunSpec]:
     """Validate every name and build the grid of :class:`RunSpec` (one per task/method/template/seed)."""
-    tasks, methods, seeds = list(tasks), list(methods), list(seeds)
+    preset_info = get_preset(preset)
+    tasks, methods = list(tasks), list(methods)
+    seeds = list(preset_info.seeds if seeds is None else seeds)
     if not tasks:
         raise HarnessError("no task given; see `harness tasks` for the list")
     if not methods:
@@ -59,7 +61,6 @@ def plan(
         raise HarnessError("no seed given; e.g. --seeds 0,1,32,42,1024")
     if k < 0:
         raise HarnessError(f"--k must be >= 0, got {k}")
-    preset_info = get_preset(preset)
     infos = [get_method(m) for m in methods]
     loaded = [load_task(t) for t in tasks]
     folder = resolve_data_dir(data_dir)

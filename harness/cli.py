@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from harness.errors import HarnessError
-from harness.spec import DEFAULT_SEEDS, parse_int_list, parse_name_list
+from harness.spec import parse_int_list, parse_name_list
 from harness.store import DEFAULT_STORE, Store
 
 RESULT_FIELDS = (
@@ -57,7 +57,7 @@ def _existing_store(path: str) -> Store:
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Embedded name (smollm2-135m, gemma3-270m), Hub id, local folder, .gguf file or random:NAME.")
 @click.option("--k", "k", default=32, show_default=True, type=int, help="Demonstrations for ICL (reduced to fit the context).")
-@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), show_default=True, help="Data seeds.")
+@click.option("--seeds", default=None, help="Data seeds, comma-separated [default: 0,1,32,42,1024; quick preset: 0].")
 @click.option("--templates", default="all", show_default=True, help="Template names (comma-separated) or `all`.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N validation examples.")
 @click.option("--preset", default="paper", show_default=True, help="paper (T-Few settings) or quick (CPU smoke run).")
@@ -92,7 +92,7 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
                  "losses": parse_name_list(losses) if losses else None, "n_train": n_train,
                  "train_template": train_template}
     specs = api.plan(
-        parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds"),
+        parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds") if seeds is not None else None,
         k=k, model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
         kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})

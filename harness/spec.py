@@ -26,11 +26,12 @@ class Preset:
     batch_size: int
     eval_limit: int | None  # evaluation examples per run (None: the whole split)
     n_train: int  # few-shot training examples when no T-Few subset file exists
+    seeds: tuple[int, ...]  # data seeds when --seeds is not given
 
 
 PRESETS = {
-    "paper": Preset("paper", steps=1000, batch_size=8, eval_limit=None, n_train=32),
-    "quick": Preset("quick", steps=30, batch_size=4, eval_limit=32, n_train=32),
+    "paper": Preset("paper", steps=1000, batch_size=8, eval_limit=None, n_train=32, seeds=DEFAULT_SEEDS),
+    "quick": Preset("quick", steps=30, batch_size=4, eval_limit=32, n_train=32, seeds=(0,)),
 }
 
 
