@@ -1,0 +1,244 @@
+"""Shared pieces of the PEFT method modules: the training-defaults dataclass, validation helpers, target-module
+resolution per architecture family, and the inference-overhead record.
+
+Every method config subclasses :class:`TrainConfig`, so its fields are the method's own arguments (``r``,
+``alpha``, ``targets``, ...) plus the training defaults it prefers (``lr``, ``optimizer``, ...). Both can be given
+with ``--method-args``; the CLI flags ``--lr``/``--losses`` win over both.
+
+This module imports no torch: the CLI imports the registry before loading any model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+from harness.errors import HarnessError, suggest
+
+LOSSES = ("lm", "ul", "ln")  # T-Few's L_LM, L_UL (unlikelihood), L_LN (length-normalized)
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("linear", "constant")
+
+# Settings that come from the preset / CLI rather than from the method config.
+RUN_KEYS = ("steps", "batch_size", "grad_accum", "n_train", "train_template", "max_length")
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`HarnessError` with ``message`` unless ``condition``."""
+    if not condition:
+        raise HarnessError(message)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def as_names(value, what: str) -> tuple[str, ...] | None:
+    """``None`` | ``"a"`` | ``"a|b"`` | ``["a", "b"]`` -> ``None`` | ``("a", "b")``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split("|")]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise HarnessError(f"{what} must be module names separated by '|', got {value!r}")
+    out = tuple(v.strip() for v in value)
+    check(len(out) > 0, f"{what} must name at least one module")
+    return out
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training defaults shared by the PEFT methods; the values here are T-Few's (Liu et al. 2022, sec. 3.3 and
+    r-three/t-few ``src/utils/Config.py``): Adafactor, lr 3e-3, linear decay after 6% warmup, no weight decay,
+    gradient clipping at norm 1. ``losses`` is the subset of ``lm`` (L_LM), ``ul`` (L_UL), ``ln`` (L_LN) summed
+    with weight 1 each; plain methods use ``lm`` only, ``tfew`` all three.
+    """
+
+    lr: float = 3e-3
+    optimizer: str = "adafactor"
+    schedule: str = "linear"
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    losses: tuple[str, ...] = ("lm",)
+
+    def __post_init__(self):
+        check(is_number(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        self.lr = float(self.lr)
+        check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check(is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+              f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        check(is_number(self.weight_decay) and self.weight_decay >= 0,
+              f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check(self.max_grad_norm is None or (is_number(self.max_grad_norm) and self.max_grad_norm >= 0),
+              f"max_grad_norm must be >= 0 (0 or none: no clipping), got {self.max_grad_norm!r}")
+        self.losses = parse_losses(self.losses)
+
+    # ----------------------------------------------------------------------------------------- conversions
+    @classmethod
+    def training_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+    @classmethod
+    def from_args(cls, args: dict, method: str) -> "TrainConfig":
+        """Build from ``--method-args``-style keys; unknown keys name the closest known ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in args:
+            if key not in known:
+                raise suggest(key, known, f"argument of method {method!r}")
+        return cls(**args)
+
+    def method_args(self) -> dict:
+        """The method's own arguments (everything except the training defaults)."""
+        skip = set(self.training_fields())
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+    def training(self) -> dict:
+        return {name: getattr(self, name) for name in self.training_fields()}
+
+
+def parse_losses(value) -> tuple[str, ...]:
+    """``"lm,ul"`` | ``"lm|ul"`` | ``["lm", "ul"]`` -> ``("lm", "ul")``, validated."""
+    if isinstance(value, str):
+        value = [v for v in value.replace("|", ",").split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise HarnessError(f"losses must be a non-empty list of {', '.join(LOSSES)}, got {value!r}")
+    out = tuple(str(v).strip().lower() for v in value)
+    for name in out:
+        if name not in LOSSES:
+            raise suggest(name, list(LOSSES), "loss")
+    check(len(set(out)) == len(out), f"losses must not repeat, got {','.join(out)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ target modules
+
+# Roles -> module-name suffixes per architecture family (peft matches a target by the end of the module name).
+FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
+    # llama, mistral, qwen2/3, gemma/gemma2/gemma3, smollm2, ...
+    "llama": {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",),
+              "ffn_in": ("gate_proj", "up_proj"), "ffn_out": ("down_proj",)},
+    # gpt2-style: fused qkv (Conv1D c_attn), attention and MLP outputs both called c_proj
+    "gpt2": {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",),
+             "ffn_in": ("c_fc",), "ffn_out": ("mlp.c_proj",)},
+}
+FAMILY_MARKERS = {"llama": "q_proj", "gpt2": "c_attn"}
+
+
+def module_names(model) -> list[str]:
+    return [name for name, _ in model.named_modules()]
+
+
+def detect_family(names: Iterable[str]) -> str | None:
+    """The family whose marker module name appears in ``names`` (None if no family matches)."""
+    leafs = {n.rsplit(".", 1)[-1] for n in names}
+    for family, marker in FAMILY_MARKERS.items():
+        if marker in leafs:
+            return family
+    return None
+
+
+def resolve_targets(model, roles: Iterable[str], explicit: tuple[str, ...] | None, method: str) -> list[str]:
+    """Module-name suffixes to adapt: ``explicit`` (``targets=``) if given, else the family's names for
+    ``roles``. Every name must match at least one module of ``model``."""
+    names = module_names(model)
+    if explicit is None:
+        family = detect_family(names)
+        if family is None:
+            raise HarnessError(
+                f"{method}: cannot tell which modules to adapt in {type(model).__name__} (neither llama-style "
+                f"q_proj/v_proj nor gpt2-style c_attn found); pass targets=NAME|NAME in --method-args")
+        targets = list(dict.fromkeys(t for role in roles for t in FAMILIES[family][role]))
+    else:
+        targets = list(explicit)
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            leafs = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+            raise suggest(t, leafs, f"{method} target module")
+    return targets
+
+
+def family_role_names(model, role: str) -> tuple[str, ...]:
+    family = detect_family(module_names(model))
+    return FAMILIES[family][role] if family else ()
+
+
+# ------------------------------------------------------------------------------------ inference overhead
+
+@dataclasses.dataclass(frozen=True)
+class Overhead:
+    """What a method adds to the base model's forward, for the FLOPs figures.
+
+    - ``per_token``: extra FLOPs per processed token (unmerged LoRA matmuls, IA3 scalings);
+    - ``train_per_row``: training-only FLOPs per forward row of an input-independent reparameterization
+      (prefix tuning's MLP, p-tuning's prompt encoder); inference computes it once, so it is not counted there;
+    - ``virtual_tokens``: input positions prepended to every sequence (prompt tuning, p-tuning);
+    - ``prefix_keys``: extra key/value positions every token attends to on every layer (prefix tuning).
+    """
+
+    per_token: int = 0
+    train_per_row: int = 0
+    virtual_tokens: int = 0
+    prefix_keys: int = 0
+
+
+def linear_layers(model):
+    """(name, in_features, out_features) of every torch Linear / transformers Conv1D leaf of ``model``."""
+    out = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or list(module.children()):
+            continue
+        kind = type(module).__name__
+        if kind == "Linear":
+            out.append((name, module.in_features, module.out_features))
+        elif kind == "Conv1D":  # gpt2: weight [in, out]
+            out.append((name, weight.shape[0], weight.shape[1]))
+    return out
+
+
+def matched_linears(model, targets: Iterable[str]):
+    """Linears matched by the target suffixes (works before and after peft wraps them in ``base_layer``)."""
+    targets = list(targets)
+    out = []
+    for n, i, o in linear_layers(model):
+        n = n.removesuffix(".base_layer")
+        if any(n == t or n.endswith("." + t) for t in targets):
+            out.append((n, i, o))
+    return out
+
+
+def uses_conv1d(model, targets: Iterable[str]) -> bool:
+    """True when the targets are transformers ``Conv1D`` layers (gpt2): peft then needs ``fan_in_fan_out``."""
+    targets = list(targets)
+    return any(type(m).__name__ == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
+               for n, m in model.named_modules())
+
+
+def wrap_peft(model, peft_config, method: str):
+    """``peft.get_peft_model`` with peft's complaints turned into one-line :class:`HarnessError`."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except (ValueError, TypeError, KeyError, NotImplementedError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(f"{method}: peft cannot apply it to {type(model).__name__}: {first}") from exc
+
+
+def prompt_encoder_flops(model, n_virtual_tokens: int) -> int:
+    """Forward FLOPs of a peft prompt encoder for one row: 2 x its weights (embedding table excluded) x tokens."""
+    encoders = getattr(model, "prompt_encoder", None)
+    if encoders is None:
+        return 0
+    total = 0
+    for name, p in encoders.named_parameters():
+        if "embedding" not in name and p.dim() >= 2:
+            total += p.numel()
+    return 2 * total * n_virtual_tokens

@@ -1,0 +1,310 @@
+"""Few-shot training of a PEFT method, T-Few style (Liu et al. 2022, arXiv 2205.05638, sec. 3.2-3.3).
+
+Every step samples a batch of training examples (shuffled epochs, seeded), renders each with a random template
+(or ``settings["train_template"]``), scores every answer choice with :func:`choice_logprobs` (the same tokens as
+evaluation, via :func:`harness.scoring.encode_pair`) and minimises the sum of the chosen losses:
+
+- ``lm`` L_LM: cross-entropy of the correct choice's tokens, averaged over all of them in the batch;
+- ``ul`` L_UL: unlikelihood of the wrong choices' tokens, ``-log(1 - p + 0.01)``, averaged over all of them;
+- ``ln`` L_LN: softmax cross-entropy over the choices' length-normalized (mean per-token) log-probabilities.
+
+These match r-three/t-few ``src/models/EncoderDecoder.py`` (``lm_loss``, ``unlikely_loss``, ``mc_loss`` with
+``length_norm=1``), with one cleanup: T-Few's L_UL also adds ``-log(1.01)`` for padding positions of the
+wrong choices (and counts them in the mean); we leave padding out entirely.
+
+With gradient accumulation the micro-batch losses are weighted by their share of the examples, so L_LN is
+exact and the token means of L_LM/L_UL are per micro-batch. Runs are seeded (python ``random.Random(seed)`` for
+sampling and templates, ``torch.manual_seed(seed)``), so CPU float32 reruns give identical losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from harness import costs
+from harness.costs import ModelDims, Work
+from harness.errors import HarnessError
+from harness.methods.base import Overhead
+from harness.scoring import encode_pair
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(HarnessError):
+    """The loss (or gradient norm) became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float, what: str = "loss"):
+        super().__init__(f"training diverged at step {step}: {what} is {loss}; try a lower --lr")
+        self.step, self.loss = step, loss
+
+
+# --------------------------------------------------------------------------------------------- losses
+# token_logprobs [B, C, T]: log p of each continuation token of each choice (0 where masked);
+# token_mask [B, C, T] bool: real tokens (a choice that does not exist has no tokens); labels [B] long.
+
+def lm_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_LM: mean negative log-likelihood over every token of the correct choices of the batch."""
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    lp = token_logprobs[rows, labels]  # [B, T]
+    m = token_mask[rows, labels].to(lp.dtype)  # [B, T]
+    return -(lp * m).sum() / m.sum().clamp(min=1)
+
+
+def unlikelihood_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
+                      eps: float = 1e-2) -> torch.Tensor:
+    """L_UL: ``-log(1 - p(token) + eps)`` averaged over every token of every wrong choice of the batch
+    (T-Few's ``eps = 0.01`` keeps the log finite as p -> 1)."""
+    wrong = token_mask.clone()  # [B, C, T]
+    wrong[torch.arange(labels.shape[0], device=labels.device), labels] = False
+    w = wrong.to(token_logprobs.dtype)
+    term = -torch.log((1.0 + eps) - token_logprobs.exp())  # [B, C, T]
+    return (term * w).sum() / w.sum().clamp(min=1)
+
+
+def length_normalized_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """L_LN: cross-entropy of ``softmax_c(mean_t log p)`` with the label, averaged over the batch."""
+    m = token_mask.to(token_logprobs.dtype)
+    n = m.sum(-1)  # [B, C]
+    scores = (token_logprobs * m).sum(-1) / n.clamp(min=1)  # [B, C]
+    scores = scores.masked_fill(n == 0, float("-inf"))
+    return F.cross_entropy(scores, labels)
+
+
+LOSS_FUNCTIONS = {"lm": lm_loss, "ul": unlikelihood_loss, "ln": length_normalized_loss}
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+@dataclasses.dataclass
+class ChoiceLogprobs:
+    token_logprobs: torch.Tensor  # [B, C, T] float32, differentiable
+    token_mask: torch.Tensor  # [B, C, T] bool
+    labels: torch.Tensor  # [B] long
+    work: Work  # tokens processed (virtual tokens included), no padding
+    rows: int  # forward rows (one per choice)
+
+
+def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
+                    dims: ModelDims | None = None, overhead: Overhead | None = None) -> ChoiceLogprobs:
+    """Differentiable per-token log-probabilities of every choice of every prompt given its context.
+
+    One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair`, padded to a batch
+    (left-padded with explicit position ids; right-padded when ``right_pad``, for peft prompt learning, which
+    drops position ids); logits only from the first position that predicts a continuation token. A context is
+    cut from the left when a row exceeds ``max_length``.
+    """
+    overhead = overhead or Overhead()
+    windows = dims.windows if dims is not None else ()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []  # (example, choice, context ids, continuation ids)
+    for b, p in enumerate(prompts):
+        if p.label < 0:
+            raise HarnessError(f"training example {p.example_id!r} has no label")
+        for c, choice in enumerate(p.choices):
+            ctx, cont = encode_pair(tokenizer, p.context, choice)
+            if not cont:
+                raise HarnessError(f"example {p.example_id!r}: choice {choice!r} encodes to no tokens")
+            if max_length is not None and len(ctx) + len(cont) > max_length:
+                ctx = ctx[-max(max_length - len(cont), 1):]
+            rows.append((b, c, ctx, cont))
+    R = len(rows)
+    W = max(len(ctx) + len(cont) for _, _, ctx, cont in rows)
+    ids = torch.full((R, W), pad_id, dtype=torch.long)
+    mask = torch.zeros((R, W), dtype=torch.long)
+    first = []  # per row: absolute position whose logits predict the first continuation token
+    work = Work()
+    for r, (_, _, ctx, cont) in enumerate(rows):
+        seq = ctx + cont
+        off = 0 if right_pad else W - len(seq)
+        ids[r, off:off + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, off:off + len(seq)] = 1
+        first.append(off + len(ctx) - 1)
+        work.add_tokens(overhead.virtual_tokens + len(seq), overhead.prefix_keys, windows)
+        work.logit_positions += len(cont)
+    start = min(first)
+    keep = W - start
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False,
+              "logits_to_keep": keep}
+    if not right_pad:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    logits = model(**kwargs).logits[:, -keep:]  # [R, keep, V]
+    T = max(len(cont) for *_, cont in rows)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    tgt = torch.zeros((R, T), dtype=torch.long)
+    valid = torch.zeros((R, T), dtype=torch.bool)
+    for r, (_, _, _, cont) in enumerate(rows):
+        n = len(cont)
+        pos[r, :n] = torch.arange(first[r] - start, first[r] - start + n)
+        tgt[r, :n] = torch.tensor(cont, dtype=torch.long)
+        valid[r, :n] = True
+    pos, tgt, valid = pos.to(device), tgt.to(device), valid.to(device)
+    picked = logits.gather(1, pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
+    lp = torch.log_softmax(picked.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [R, T]
+    lp = lp * valid
+    B, C = len(prompts), max(len(p.choices) for p in prompts)
+    token_logprobs = lp.new_zeros((B, C, T))
+    token_mask = torch.zeros((B, C, T), dtype=torch.bool, device=device)
+    bi = torch.tensor([b for b, *_ in rows], device=device)
+    ci = torch.tensor([c for _, c, *_ in rows], device=device)
+    token_logprobs = token_logprobs.index_put((bi, ci), lp)
+    token_mask[bi, ci] = valid
+    labels = torch.tensor([p.label for p in prompts], dtype=torch.long, device=device)
+    return ChoiceLogprobs(token_logprobs, token_mask, labels, work, R)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+@dataclasses.dataclass
+class TrainStats:
+    losses: list[float]  # total loss per optimizer step
+    components: dict[str, list[float]]  # per loss name, per step
+    steps: int
+    seconds: float
+    work: Work  # all training forwards (every processed token of every choice row, no padding)
+    rows: int  # forward rows processed
+    overhead_flops: int  # method FLOPs outside the base model (unmerged LoRA, prompt encoders), fwd + bwd
+    peak_memory_bytes: int
+    micro_batch: int  # final micro-batch (halved on CUDA out-of-memory)
+    grad_accum: int  # final accumulation steps; micro_batch * grad_accum = the effective batch
+
+
+def make_optimizer(params: list, settings: dict) -> torch.optim.Optimizer:
+    if settings["optimizer"] == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"], scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    if settings["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    raise HarnessError(f"unknown optimizer {settings['optimizer']!r}; use adafactor or adamw")
+
+
+def make_schedule(optimizer, settings: dict):
+    """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant."""
+    from transformers.optimization import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warmup = settings["steps"] * settings["warmup_ratio"]
+    if settings["schedule"] == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, settings["steps"])
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+class _Sampler:
+    """Shuffled epochs over the examples (T-Few's shuffled DataLoader), seeded."""
+
+    def __init__(self, n: int, rng: random.Random):
+        self.n, self.rng, self.queue = n, rng, []
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self.queue:
+                self.queue = list(range(self.n))
+                self.rng.shuffle(self.queue)
+            out.append(self.queue.pop(0))
+        return out
+
+
+def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dims, overhead, right_pad):
+    """Accumulate gradients of the summed losses over micro-batches; return (loss, components, work, rows)."""
+    total, parts, work, rows = 0.0, dict.fromkeys(settings["losses"], 0.0), Work(), 0
+    for i in range(0, len(prompts), micro):
+        chunk = prompts[i:i + micro]
+        out = choice_logprobs(model, tokenizer, chunk, max_length=settings["max_length"], right_pad=right_pad,
+                              dims=dims, overhead=overhead)
+        weight = len(chunk) / len(prompts)
+        loss = 0.0
+        for name in settings["losses"]:
+            value = LOSS_FUNCTIONS[name](out.token_logprobs, out.token_mask, out.labels)
+            parts[name] += float(value.detach()) * weight
+            loss = loss + value
+        (loss * weight).backward()
+        total += float(loss.detach()) * weight
+        work.add(out.work)
+        rows += out.rows
+    return total, parts, work, rows
+
+
+def train(model, tokenizer, train_examples: list[dict], task, settings: dict, seed: int, progress: bool = False,
+          *, method: str | None = None) -> TrainStats:
+    """Train ``model``'s trainable parameters in place on ``train_examples`` (see the module docstring).
+
+    ``method`` (a registry name) tells how to pad (peft prompt learning drops position ids) and what the method
+    adds to each forward; without it rows are left-padded and no overhead is counted.
+    """
+    from harness.methods import get_method, method_overhead
+
+    if not train_examples:
+        raise HarnessError("no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise HarnessError("the model has no trainable parameters; apply a method first")
+    right_pad = method is not None and not get_method(method).position_ids
+    overhead = method_overhead(model, method, settings) if method else Overhead()
+    dims = ModelDims.from_model(model)
+    device = next(model.parameters()).device
+    templates = ([task.template(settings["train_template"])] if settings.get("train_template")
+                 else list(task.templates))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    sampler = _Sampler(len(train_examples), rng)
+    optimizer = make_optimizer(params, settings)
+    schedule = make_schedule(optimizer, settings)
+    micro, accum = settings["batch_size"], settings["grad_accum"]
+    effective = micro * accum
+    stats = TrainStats([], {name: [] for name in settings["losses"]}, 0, 0.0, Work(), 0, 0, 0, micro, accum)
+    start = time.perf_counter()
+    was_training = model.training
+    model.train()
+    bar = tqdm(range(settings["steps"]), disable=not progress, desc="train", leave=False)
+    try:
+        for step in bar:
+            batch = [task.render(rng.choice(templates), train_examples[i]) for i in sampler.take(effective)]
+            while True:
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    loss, parts, work, rows = _forward_backward(model, tokenizer, batch, micro, settings, dims,
+                                                                overhead, right_pad)
+                    break
+                except torch.OutOfMemoryError:
+                    if micro == 1:
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    micro = (micro + 1) // 2
+                    accum = math.ceil(effective / micro)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    log.warning("out of memory at step %d: micro-batch %d x %d accumulation steps", step, micro, accum)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(step, loss)
+            if settings.get("max_grad_norm"):
+                norm = float(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]))
+                if not math.isfinite(norm):
+                    raise TrainingDiverged(step, norm, "the gradient norm")
+            optimizer.step()
+            schedule.step()
+            stats.losses.append(loss)
+            for name, value in parts.items():
+                stats.components[name].append(value)
+            stats.work.add(work)
+            stats.rows += rows
+            bar.set_postfix(loss=f"{loss:.4f}")
+    finally:
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+    stats.steps = len(stats.losses)
+    stats.seconds = time.perf_counter() - start
+    stats.overhead_flops = 3 * (overhead.per_token * stats.work.tokens + overhead.train_per_row * stats.rows)
+    stats.peak_memory_bytes = costs.peak_memory_bytes(device)
+    stats.micro_batch, stats.grad_accum = micro, accum
+    return stats

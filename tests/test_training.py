@@ -1,0 +1,177 @@
+"""Tests of harness.training: the T-Few losses against hand-computed values, choice scoring against the
+evaluation scorer, determinism, divergence and out-of-memory handling.
+
+The real embedded SmolLM2-135M is loaded once for the module; tiny randomly initialised models (built in
+milliseconds) cover the mechanics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.methods import apply_method, training_settings
+from harness.tasks import Prompt, load_task
+from harness.training import (TrainingDiverged, choice_logprobs, length_normalized_loss, lm_loss, train,
+                              unlikelihood_loss)
+
+L = math.log
+
+# Two examples, up to three choices of up to two tokens (0.0 = padding).
+#   example 0 (label 0): choice 0 p = (0.5, 0.25); choice 1 p = (0.5,); no choice 2
+#   example 1 (label 2): choice 0 p = (0.1,); choice 1 p = (0.9, 0.8); choice 2 p = (0.2, 0.5)
+LOGPROBS = torch.tensor([
+    [[L(0.5), L(0.25)], [L(0.5), 0.0], [0.0, 0.0]],
+    [[L(0.1), 0.0], [L(0.9), L(0.8)], [L(0.2), L(0.5)]],
+])
+MASK = torch.tensor([
+    [[True, True], [True, False], [False, False]],
+    [[True, False], [True, True], [True, True]],
+])
+LABELS = torch.tensor([0, 2])
+
+
+def test_lm_loss_is_mean_nll_over_all_correct_tokens():
+    # T-Few: cross-entropy over the flattened correct-choice tokens of the batch (4 tokens here)
+    expected = -(L(0.5) + L(0.25) + L(0.2) + L(0.5)) / 4
+    assert lm_loss(LOGPROBS, MASK, LABELS).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_unlikelihood_loss_averages_over_all_wrong_tokens():
+    # wrong-choice tokens: ex0 c1 (0.5); ex1 c0 (0.1); ex1 c1 (0.9, 0.8) -> 4 tokens, T-Few's +0.01 offset
+    terms = [-L(1 - p + 0.01) for p in (0.5, 0.1, 0.9, 0.8)]
+    assert unlikelihood_loss(LOGPROBS, MASK, LABELS).item() == pytest.approx(sum(terms) / 4, rel=1e-6)
+
+
+def test_length_normalized_loss_softmaxes_mean_logprobs_over_present_choices():
+    s0 = [(L(0.5) + L(0.25)) / 2, L(0.5)]  # example 0 has two choices only
+    s1 = [L(0.1), (L(0.9) + L(0.8)) / 2, (L(0.2) + L(0.5)) / 2]
+    ce0 = -s0[0] + L(sum(math.exp(s) for s in s0))
+    ce1 = -s1[2] + L(sum(math.exp(s) for s in s1))
+    assert length_normalized_loss(LOGPROBS, MASK, LABELS).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+
+
+def test_losses_are_differentiable_and_ignore_padding():
+    lp = LOGPROBS.clone().requires_grad_(True)
+    total = lm_loss(lp, MASK, LABELS) + unlikelihood_loss(lp, MASK, LABELS) + length_normalized_loss(lp, MASK, LABELS)
+    total.backward()
+    assert torch.isfinite(lp.grad).all()
+    assert (lp.grad[~MASK] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+@pytest.fixture(scope="module")
+def smollm():
+    from harness.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def cb():
+    return load_task("cb")
+
+
+SHORT_CB = [  # the shortest rows of /work/shared/data/cb/train.jsonl
+    {"premise": "``Clever''. Klug means ``clever''. Would you say that Abie was clever?",
+     "hypothesis": "Abie was clever", "idx": 76, "label": 2},
+    {"premise": "B: Oh, well that's good. A: but she really doesn't. Nobody thought she would adjust,",
+     "hypothesis": "she would adjust", "idx": 154, "label": 1},
+]
+
+
+def test_choice_logprobs_match_the_evaluation_scorer(smollm, cb):
+    from harness.scoring import score_prompts
+
+    template = cb.template("gpt3_style")
+    prompts = [cb.render(template, ex) for ex in SHORT_CB]
+    with torch.no_grad():
+        out = choice_logprobs(smollm.model, smollm.tokenizer, prompts)
+    scored = score_prompts(smollm.model, smollm.tokenizer, prompts, use_cache=False)
+    sums = (out.token_logprobs * out.token_mask).sum(-1)  # [B, C]
+    for b, ex in enumerate(scored.examples):
+        assert out.token_mask[b].sum(-1).tolist() == ex.n_tokens
+        assert sums[b].tolist() == pytest.approx(ex.logprobs, abs=1e-3)
+    assert out.work.logit_positions == sum(sum(ex.n_tokens) for ex in scored.examples)
+    assert out.rows == 6
+
+
+def test_right_padding_gives_the_same_logprobs(smollm, cb):
+    template = cb.template("gpt3_style")
+    prompts = [cb.render(template, ex) for ex in SHORT_CB]
+    with torch.no_grad():
+        left = choice_logprobs(smollm.model, smollm.tokenizer, prompts)
+        right = choice_logprobs(smollm.model, smollm.tokenizer, prompts, right_pad=True)
+    assert torch.allclose(left.token_logprobs, right.token_logprobs, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_on_cpu(smollm, cb):
+    settings = training_settings("tfew", "quick", {"steps": 2, "batch_size": 1, "n_train": 2, "lr": 1e-2})
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = apply_method(copy.deepcopy(smollm.model), "tfew", settings)
+        runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method="tfew"))
+    assert runs[0].losses == runs[1].losses
+    assert runs[0].components == runs[1].components
+    assert runs[0].work == runs[1].work
+    assert set(runs[0].components) == {"lm", "ul", "ln"}
+
+
+# ------------------------------------------------------------------------------------------ tiny model
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_nan_loss_raises_training_diverged(tiny, smollm, cb):
+    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
+    model = apply_method(copy.deepcopy(tiny), "lora", settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="step 0"):
+        train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora")
+    assert issubclass(TrainingDiverged, HarnessError)
+
+
+def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tiny, smollm, cb, monkeypatch):
+    import harness.training as training
+
+    settings = training_settings("ia3", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
+    model = apply_method(copy.deepcopy(tiny), "ia3", settings)
+    real, calls = training.choice_logprobs, []
+
+    def flaky(model_, tokenizer, prompts, **kw):
+        calls.append(len(prompts))
+        if len(prompts) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model_, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(training, "choice_logprobs", flaky)
+    stats = train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="ia3")
+    assert (stats.micro_batch, stats.grad_accum) == (1, 2)
+    assert stats.steps == 2 and calls[0] == 2 and set(calls[1:]) == {1}
+
+
+def test_train_template_and_unlabelled_examples(tiny, smollm, cb):
+    settings = training_settings("ia3", "quick", {"steps": 1, "batch_size": 2, "n_train": 2,
+                                                 "train_template": "no_such_template"})
+    model = apply_method(copy.deepcopy(tiny), "ia3", settings)
+    with pytest.raises(HarnessError, match="template"):
+        train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0)
+    with pytest.raises(HarnessError, match="no label"):
+        choice_logprobs(model, smollm.tokenizer, [Prompt("a", (" b", " c"), -1, "x")])
