@@ -10,10 +10,12 @@ Definitions (also in docs/metrics.md):
   the causal triangle exactly, not halved-on-average), capped at the sliding window on sliding-window layers.
 - The output projection costs ``2 * d * V`` per position whose logits are computed. Our scorer computes logits
   only where a log-probability is needed, so this term follows the positions actually projected.
-- Training (per processed token): forward as above, backward ``2x`` the forward for activation gradients, plus
-  ``2 * trainable_params`` for weight gradients. Full fine-tuning therefore costs ``6 N`` per token. Methods whose
-  trainable parameters sit early in the network still pay the full backward through the network above them;
-  we count the whole activation-gradient backward (an upper bound for adapters on the last layers only).
+- Training (per processed token): the forward as above; the backward for activation gradients, which is one more
+  matmul per weight matmul (``2 N`` per token, output projection at its projected positions) and two per attention
+  matmul (``dQ, dK`` and ``dV, dP``: twice the forward attention); and ``2 * trainable`` for weight gradients.
+  Full fine-tuning therefore costs ``6 N`` per token plus attention. The weight gradient of an input embedding
+  is a scatter (0 FLOPs); that of a trainable output projection is paid only at projected positions. We count the
+  whole activation-gradient backward, also for adapters whose parameters sit only in late layers (an upper bound).
 
 The scorer and trainer record their work in a :class:`Work` (tokens, attended key positions per layer type,
 projected positions); :func:`forward_flops` turns it into FLOPs. Padding is never counted: the figures describe
@@ -104,14 +106,37 @@ def attention_flops(dims: ModelDims, work: Work) -> int:
     return total
 
 
+def matmul_flops(dims: ModelDims, work: Work) -> int:
+    """FLOPs of the weight matrices: the body at every token, the output projection at projected positions."""
+    return 2 * dims.body_params * work.tokens + 2 * dims.d_model * dims.vocab * work.logit_positions
+
+
 def forward_flops(dims: ModelDims, work: Work) -> int:
     """FLOPs of the forward passes described by ``work``."""
-    return 2 * dims.body_params * work.tokens + attention_flops(dims, work) + 2 * dims.d_model * dims.vocab * work.logit_positions
+    return matmul_flops(dims, work) + attention_flops(dims, work)
 
 
-def train_flops(dims: ModelDims, work: Work, trainable_params: int) -> int:
-    """Forward + backward: 3x the forward (activation gradients) + 2 x trainable params per token (weights)."""
-    return 3 * forward_flops(dims, work) + 2 * trainable_params * work.tokens
+def train_flops(dims: ModelDims, work: Work, trainable_params: int, trainable_input_embedding: int = 0,
+                trainable_output_projection: int = 0) -> int:
+    """Forward + activation-gradient backward + weight gradients (see the module docstring).
+
+    ``trainable_params`` counts every trainable parameter once; the two optional counts say how many of them are
+    the input embedding (weight gradient: a scatter, 0 FLOPs) and the output projection (weight gradient only at
+    projected positions). A tied embedding counts as the output projection.
+    """
+    per_token = trainable_params - trainable_input_embedding - trainable_output_projection
+    weight_grads = 2 * per_token * work.tokens + 2 * trainable_output_projection * work.logit_positions
+    return 2 * matmul_flops(dims, work) + 3 * attention_flops(dims, work) + weight_grads
+
+
+def trainable_vocab_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable input-embedding params, trainable output-projection params); tied weights count as output."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb, out = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    tied = emb is out or emb.data_ptr() == out.data_ptr()
+    n_out = out.numel() if out.requires_grad else 0
+    n_in = 0 if tied else (emb.numel() if emb.requires_grad else 0)
+    return n_in, n_out
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -157,6 +157,7 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         model = apply_method(lm.model, first.method, settings)
         overhead = method_overhead(model, first.method, settings)
         trainable, total = count_params(model)
+        trainable_vocab = costs.trainable_vocab_params(model)
         train_examples = few_shot_examples(task, first.seed, data_dir, n=settings["n_train"])
         stats = train(model, lm.tokenizer, train_examples, task, settings, first.seed, progress, method=first.method)
         model.eval()
@@ -174,7 +175,7 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
     shared = {
         "trainable_params": trainable,
         "total_params": total,
-        "train_flops": costs.train_flops(dims, stats.work, trainable) + stats.overhead_flops,
+        "train_flops": costs.train_flops(dims, stats.work, trainable, *trainable_vocab) + stats.overhead_flops,
         "train_seconds": train_seconds,
         "checkpoint_bytes": checkpoint_bytes,
         "steps": stats.steps,

@@ -31,7 +31,7 @@ class Preset:
 
 PRESETS = {
     "paper": Preset("paper", steps=1000, batch_size=8, eval_limit=None, n_train=32, seeds=DEFAULT_SEEDS),
-    "quick": Preset("quick", steps=30, batch_size=4, eval_limit=32, n_train=32, seeds=(0,)),
+    "quick": Preset("quick", steps=20, batch_size=4, eval_limit=32, n_train=32, seeds=(0,)),
 }
 
 

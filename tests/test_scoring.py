@@ -100,4 +100,8 @@ def test_work_counts_causal_keys_and_windows():
                            windows=(None, 4), total_params=260)
     w.logit_positions = 1
     assert costs.forward_flops(dims, w) == 2 * 100 * 3 + 4 * 8 * (12 + 11) + 2 * 8 * 10
-    assert costs.train_flops(dims, w, trainable_params=5) == 3 * costs.forward_flops(dims, w) + 2 * 5 * 3
+    attention = 4 * 8 * (12 + 11)
+    assert costs.train_flops(dims, w, trainable_params=5) == 2 * (costs.forward_flops(dims, w) - attention) \
+        + 3 * attention + 2 * 5 * 3
+    # full fine-tuning of a tied embedding: its weight gradient only at the projected position
+    assert costs.train_flops(dims, w, 260, 0, 80) - costs.train_flops(dims, w, 0) == 2 * 180 * 3 + 2 * 80 * 1
