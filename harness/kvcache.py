@@ -1,7 +1,13 @@
-"""Encode a shared prefix (the k demonstrations) once; hand out per-batch copies of its KV cache.
+"""Encode a shared prefix (the k demonstrations) once; hand out its KV cache per batch.
 
-transformers' cache objects are updated in place by every forward, so each batch gets its own copy:
-``deepcopy`` (exact also for sliding-window layers) then ``batch_repeat_interleave`` to the batch size.
+Two ways to use it:
+
+- :meth:`PrefixCache.shared` gives the prefix's keys and values once (batch 1) for
+  :mod:`harness.attention`'s shared-prefix attention: no copy per row (the default on CUDA);
+- :meth:`PrefixCache.expand` gives a fresh copy repeated to the batch size, for any architecture: transformers'
+  cache objects are updated in place by every forward, so each batch gets its own copy (``deepcopy``, exact
+  also for sliding-window layers, then ``batch_repeat_interleave``).
+
 The prefix itself is computed exactly once per (task, template, seed, k).
 """
 
@@ -11,6 +17,8 @@ import copy
 import dataclasses
 
 import torch
+
+from harness.attention import SharedPrefix
 
 
 @dataclasses.dataclass
@@ -37,3 +45,12 @@ class PrefixCache:
         if batch > 1:
             past.batch_repeat_interleave(batch)
         return past
+
+    def shared(self) -> SharedPrefix | None:
+        """Per layer the prefix's keys and values [1, Hkv, P, D], not copied (None for an empty prefix)."""
+        if self.past is None:
+            return None
+        layers = getattr(self.past, "layers", None)
+        if layers is not None:
+            return SharedPrefix([layer.keys for layer in layers], [layer.values for layer in layers])
+        return SharedPrefix(list(self.past.key_cache), list(self.past.value_cache))  # older transformers

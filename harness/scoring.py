@@ -2,20 +2,28 @@
 
 Tokenization follows lm-evaluation-harness so our log-likelihoods can be compared with other tools' on the same
 strings: trailing whitespace of the context moves to the continuation, the whole string is encoded, and the
-continuation's tokens are the tail of the whole encoding after the context's own encoding.
+continuation's tokens are the tail of the whole encoding after the context's own encoding. Each prompt's context is
+encoded once for all its choices, and all strings of a call go to the tokenizer as one batch.
 
 Two paths give the same numbers (within float noise, asserted by a test):
 
 - **cached** (default): the shared prefix (the k demonstrations) is encoded once into a KV cache
   (:mod:`harness.kvcache`); each query's own tokens are encoded once from that state, in batches; then all its
-  answer choices are scored together from the query's state. No work is repeated per choice.
+  answer choices are scored together from the query's state. No work is repeated per choice. On CUDA (for plain
+  causal architectures) the batch attends to the ONE stored prefix through :mod:`harness.attention` instead of a
+  copy of it per row.
 - **naive** (``use_cache=False``): every (query, choice) row is the full token sequence, scored on its own.
 
-Both record their work (tokens, attended keys, projected positions) in a :class:`harness.costs.Work`.
+Batches: rows are sorted by length (longest first) and cut into micro-batches, each padded only to its own longest
+row. On the CPU a micro-batch holds ``batch_size`` rows; on CUDA it holds as many rows as a token budget chosen
+from the free device memory allows (never fewer than ``batch_size``), so short cached queries go in large batches
+and long naive rows in small ones. Both record their work (tokens, attended keys, projected positions) in a
+:class:`harness.costs.Work`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -23,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from harness import attention
 from harness.costs import ModelDims, Work
 from harness.kvcache import PrefixCache
 from harness.store import ExampleScore
@@ -90,14 +99,80 @@ class ScoreOutput:
         return len(self.examples)
 
 
+def encode_batch(tokenizer, items: Sequence[tuple[str, Sequence[str]]],
+                 shared: str = "") -> list[tuple[list[int], list[list[int]]]]:
+    """Split each (context, choices) like :func:`encode_pair`, with one tokenizer call for every string.
+
+    Moving the context's trailing whitespace to the continuation leaves the same stripped context for every
+    choice, so it is encoded once per item; the whole strings are encoded once per choice. When every context
+    starts with ``shared`` (the demonstrations) and the tokenizer allows it (:func:`split_point`), the head of
+    ``shared`` up to a safe cut is encoded once and only the rest of each string per item.
+    """
+    cut = split_point(tokenizer, shared) if shared and all(c.startswith(shared) for c, _ in items) else 0
+    out = _encode_items(tokenizer, items, cut, _encode(tokenizer, shared[:cut]) if cut else [])
+    if cut and items:  # belt and braces: the first item must match the plain encoding exactly
+        context, choices = items[0]
+        pairs = [encode_pair(tokenizer, context, c) for c in choices]
+        if out[0] != (pairs[0][0], [c for _, c in pairs]):
+            out = _encode_items(tokenizer, items, 0, [])
+    return out
+
+
+def _encode_items(tokenizer, items, cut: int, head: list[int]) -> list[tuple[list[int], list[list[int]]]]:
+    texts: list[str] = []
+    for context, choices in items:
+        stripped = context.rstrip()
+        spaces = context[len(stripped):]
+        texts.append(stripped[cut:])
+        texts.extend(stripped[cut:] + spaces + c for c in choices)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    bos = bos_ids(tokenizer)
+    out, pos = [], 0
+    for _, choices in items:
+        ctx = ids[pos]
+        wholes = ids[pos + 1:pos + 1 + len(choices)]
+        pos += 1 + len(choices)
+        out.append((bos + head + ctx, [w[len(ctx):] for w in wholes]))
+    return out
+
+
+def split_point(tokenizer, text: str) -> int:
+    """A cut c in ``text`` with encode(text[:c] + rest) == encode(text[:c]) + encode(text[c:] + rest) for any rest
+    (0 when none is known to be safe).
+
+    Holds for byte-level BPE with GPT-2's pre-tokenizer regex (SmolLM2, GPT-2; optionally with single digits) and
+    no normalizer: BPE never merges across pre-tokens, and the regex, which has no look-behind or anchors, never
+    extends a pre-token from a newline into a following non-space character. So c is taken right after the last
+    newline of ``text`` that is followed by a non-space character of ``text`` itself, and only if no added token
+    (special tokens are split out before pre-tokenization) occurs in ``text``.
+    """
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return 0
+    pre = json.loads(backend.pre_tokenizer.__getstate__())
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if (backend.normalizer is not None or type(backend.model).__name__ != "BPE" or len(byte_level) != 1
+            or not byte_level[0].get("use_regex", True) or byte_level[0].get("add_prefix_space", False)
+            or any(p.get("type") not in ("ByteLevel", "Digits") for p in parts)):
+        return 0
+    if any(t.content in text for t in getattr(tokenizer, "added_tokens_decoder", {}).values()):
+        return 0
+    for c in range(len(text) - 2, 0, -1):
+        if text[c - 1] == "\n" and not text[c].isspace():
+            return c
+    return 0
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], prefix: str) -> list[Row]:
+    encoded = encode_batch(tokenizer, [(prefix + p.context, p.choices) for p in prompts], shared=prefix)
     rows = []
-    for p in prompts:
-        pairs = [encode_pair(tokenizer, prefix + p.context, c) for c in p.choices]
-        rows.append(Row(pairs[0][0], [cont for _, cont in pairs]))
-        for ctx, cont in pairs:
-            if not cont:
-                raise ValueError(f"empty continuation for example {p.example_id}: {p.choices}")
+    for p, (ctx, conts) in zip(prompts, encoded):
+        if not all(conts):
+            raise ValueError(f"empty continuation for example {p.example_id}: {p.choices}")
+        rows.append(Row(ctx, conts))
     return rows
 
 
@@ -114,32 +189,82 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
+# --------------------------------------------------------------------------------------------- micro-batches
+
+def token_budget(model, dims: ModelDims, device: torch.device, fraction: float = 0.25) -> int | None:
+    """Padded tokens per micro-batch on CUDA: ``fraction`` of the free memory over the activation bytes of one
+    token in one layer (hidden states, attention projections, MLP), clamped to [2048, 65536]; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    cfg = getattr(model.config, "text_config", model.config)
+    inter = getattr(cfg, "intermediate_size", None) or 4 * dims.d_model
+    elem = next(model.parameters()).element_size()
+    per_token = elem * (8 * dims.d_model + 4 * inter) + 4 * 2 * dims.d_model  # + float32 norms/residual
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(65536, max(2048, fraction * free // per_token)))
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, budget: int | None,
+                 min_fill: float = 0.8) -> list[list[int]]:
+    """Indices sorted by length (longest first) cut into micro-batches: ``batch_size`` rows each without a budget;
+    with one, as many rows as keep rows x longest row within ``budget`` tokens (at least ``batch_size``), and a
+    new batch once a row would be padded by more than ``1 - min_fill`` of the batch's width."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        if cur is not None:
+            width = lengths[cur[0]]  # longest first: the first row sets the width
+            fits = len(cur) < batch_size or (budget is not None and (len(cur) + 1) * width <= budget
+                                             and lengths[i] >= min_fill * width)
+            if fits:
+                cur.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, mask [B, L] with each sequence right-aligned (left padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, width - len(s):] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------- naive path
+
 @torch.no_grad()
-def score_naive(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id: int, progress=False) -> tuple[list[list[float]], Work]:
+def score_naive(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id: int, progress=False,
+                budget: int | None = None) -> tuple[list[list[float]], Work]:
     """Every (row, choice) as one full sequence, left-padded; logits only at continuation positions."""
     device = next(model.parameters()).device
     seqs = [(i, j, r.context + c, len(c)) for i, r in enumerate(rows) for j, c in enumerate(r.continuations)]
-    order = sorted(range(len(seqs)), key=lambda s: -len(seqs[s][2]))  # long first: fail fast on memory
     out = [[0.0] * len(r.continuations) for r in rows]
     work = Work()
-    for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="naive", leave=False):
-        batch = [seqs[s] for s in order[start:start + batch_size]]
-        width = max(len(s[2]) for s in batch)
+    batches = plan_batches([len(s[2]) for s in seqs], batch_size, budget)  # long first: fail fast on memory
+    for idx in tqdm(batches, disable=not progress, desc="naive", leave=False):
+        batch = [seqs[s] for s in idx]
+        ids, mask = _left_pad([s[2] for s in batch], pad_id)  # [B, W]
         keep = max(s[3] for s in batch) + 1
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, (_, _, seq, _) in enumerate(batch):
-            ids[b, width - len(seq):] = torch.tensor(seq)
-            mask[b, width - len(seq):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                        use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
-        for b, (i, j, seq, n_cont) in enumerate(batch):
-            # logits at absolute positions width-n_cont-1 .. width-2 predict the continuation tokens
-            lg = logits[b, keep - n_cont - 1: keep - 1]  # [n_cont, V]
-            out[i][j] = float(_gather_logprobs(lg, torch.tensor(seq[-n_cont:], device=lg.device)).sum())
+        # logits at kept positions keep-n-1 .. keep-2 predict a row's n continuation tokens (right-aligned)
+        targets = torch.zeros((len(batch), keep - 1), dtype=torch.long)  # [B, keep-1]
+        tmask = torch.zeros((len(batch), keep - 1))
+        for b, (_, _, seq, n_cont) in enumerate(batch):
+            targets[b, keep - 1 - n_cont:] = torch.tensor(seq[-n_cont:], dtype=torch.long)
+            tmask[b, keep - 1 - n_cont:] = 1.0
             work.add_tokens(len(seq), 0, dims.windows)
             work.logit_positions += n_cont
+        lp = _gather_logprobs(logits[:, :keep - 1], targets.to(device))  # [B, keep-1]
+        for (i, j, _, _), s in zip(batch, (lp * tmask.to(device)).sum(-1).tolist()):
+            out[i][j] = s
     return out, work
 
 
@@ -159,9 +284,22 @@ def shared_prefix_len(rows: list[Row]) -> int:
     return max(n, 0)
 
 
+# --------------------------------------------------------------------------------------------- cached path
+
+def _prompt_learning(model) -> bool:
+    """peft prompt learning (virtual tokens or a learned prefix): positions and caches are peft's own."""
+    return any(getattr(c, "is_prompt_learning", False) for c in (getattr(model, "peft_config", None) or {}).values())
+
+
+def use_shared_prefix(model) -> bool:
+    """Default for the cached path: shared-prefix attention on CUDA where the architecture allows it."""
+    device = next(model.parameters()).device
+    return device.type == "cuda" and not _prompt_learning(model) and attention.supports(model)
+
+
 @torch.no_grad()
-def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id: int,
-                 progress=False) -> tuple[list[list[float]], Work, int]:
+def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id: int, progress=False,
+                 budget: int | None = None, shared: bool = False) -> tuple[list[list[float]], Work, int]:
     """Prefix once; each query's own tokens once (batched); all its choices from the query's state."""
     device = next(model.parameters()).device
     n_prefix = shared_prefix_len(rows)
@@ -169,86 +307,115 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
     work = Work()
     work.add_tokens(n_prefix, 0, dims.windows)
     out = [[0.0] * len(r.continuations) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].context))
-    for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="scoring", leave=False):
-        idx = order[start:start + batch_size]
-        queries = [rows[i].context[n_prefix:] for i in idx]
-        conts = [rows[i].continuations for i in idx]
-        scores, batch_work = _score_from_cache(model, cache, queries, conts, dims, pad_id, device)
-        work.add(batch_work)
-        for i, s in zip(idx, scores):
-            out[i] = s
+    # a query's width with its choices; the shared prefix adds no rows' width when it is not copied per row
+    widths = [len(r.context) - n_prefix + max(len(c) for c in r.continuations) for r in rows]
+    if not shared:
+        widths = [w + n_prefix for w in widths]
+    batches = plan_batches(widths, batch_size, budget)
+    context = attention.shared_prefix_attention(model) if shared and n_prefix else contextlib.nullcontext()
+    with context:
+        for idx in tqdm(batches, disable=not progress, desc="scoring", leave=False):
+            queries = [rows[i].context[n_prefix:] for i in idx]
+            conts = [rows[i].continuations for i in idx]
+            scores, batch_work = _score_from_cache(model, cache, queries, conts, dims, pad_id, device,
+                                                   shared and n_prefix > 0)
+            work.add(batch_work)
+            for i, s in zip(idx, scores):
+                out[i] = s
     return out, work, n_prefix
 
 
 def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts: list[list[list[int]]],
-                      dims: ModelDims, pad_id: int, device) -> tuple[list[list[float]], Work]:
+                      dims: ModelDims, pad_id: int, device, shared: bool) -> tuple[list[list[float]], Work]:
     work = Work()
     n_prefix = len(cache.ids)
     B = len(queries)
     # 1) queries, left-padded after the prefix: [B, Lq]
-    lq = max(len(q) for q in queries)
-    q_ids = torch.full((B, lq), pad_id, dtype=torch.long)
-    q_mask = torch.zeros((B, lq), dtype=torch.long)
-    for b, q in enumerate(queries):
-        q_ids[b, lq - len(q):] = torch.tensor(q, dtype=torch.long)
-        q_mask[b, lq - len(q):] = 1
+    q_ids, q_mask = _left_pad(queries, pad_id)
+    for q in queries:
         work.add_tokens(len(q), n_prefix, dims.windows)
         work.logit_positions += 1
     q_pos = n_prefix + (q_mask.cumsum(-1) - 1).clamp(min=0)
-    past = cache.expand(B)
-    prefix_mask = torch.ones((B, n_prefix), dtype=torch.long)
-    mask = torch.cat([prefix_mask, q_mask], dim=1)
-    if lq > 0:
+    lc = max(len(c) for cs in conts for c in cs)
+    extra = {"shared_prefix": cache.shared()} if shared else {}
+    if shared and lc == 1:  # no own cache needed: right-padded rows, causal without a mask (flash on CUDA)
+        logits = attention.last_token_logits(model, queries, n_prefix, pad_id, device, extra["shared_prefix"])
+        last_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    else:
+        if shared:  # own keys only in the cache; the prefix through the shared K/V
+            from transformers import DynamicCache
+
+            past, mask = DynamicCache(), q_mask
+        else:
+            past = cache.expand(B)
+            mask = torch.cat([torch.ones((B, n_prefix), dtype=torch.long), q_mask], dim=1)  # [B, P+Lq]
         res = model(input_ids=q_ids.to(device), attention_mask=mask.to(device), position_ids=q_pos.to(device),
-                    past_key_values=past, use_cache=True, logits_to_keep=1)
+                    past_key_values=past, use_cache=True, logits_to_keep=1, **extra)
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
         past = res.past_key_values
-    else:  # unreachable: shared_prefix_len leaves every query at least one token
-        raise AssertionError("empty query")
     # 2) every choice of every query, right-padded, from that query's state: [R, Lc]
     owners = [b for b, cs in enumerate(conts) for _ in cs]
     flat = [c for cs in conts for c in cs]
-    R, lc = len(flat), max(len(c) for c in flat)
+    R = len(flat)
     c_ids = torch.full((R, lc), pad_id, dtype=torch.long)
     c_mask = torch.zeros((R, lc), dtype=torch.long)
     for r, c in enumerate(flat):
         c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
         c_mask[r, :len(c)] = 1
     owner_t = torch.tensor(owners, dtype=torch.long)
-    n_ctx = torch.tensor([n_prefix + len(queries[b]) for b in owners])
-    c_pos = n_ctx.unsqueeze(1) + torch.arange(lc).unsqueeze(0)
-    first = _gather_logprobs(last_logprobs[owner_t.to(last_logprobs.device)],
-                             torch.tensor([c[0] for c in flat], device=last_logprobs.device))  # [R]
-    sums = first.clone()
+    n_ctx = [n_prefix + len(queries[b]) for b in owners]
+    c_pos = torch.tensor(n_ctx).unsqueeze(1) + torch.arange(lc).unsqueeze(0)
+    first = _gather_logprobs(last_logprobs[owner_t.to(device)],
+                             torch.tensor([c[0] for c in flat], device=device))  # [R]
+    sums = first
     if lc > 1:
         past.batch_select_indices(owner_t.to(device))
         full_mask = torch.cat([mask[owner_t], c_mask], dim=1)
         logits = model(input_ids=c_ids[:, :-1].to(device), attention_mask=full_mask[:, :-1].to(device),
-                       position_ids=c_pos[:, :-1].to(device), past_key_values=past, use_cache=True).logits  # [R, lc-1, V]
+                       position_ids=c_pos[:, :-1].to(device), past_key_values=past, use_cache=True,
+                       **extra).logits  # [R, lc-1, V]
         lp = _gather_logprobs(logits, c_ids[:, 1:].to(device))  # [R, lc-1]
         sums = sums + (lp * c_mask[:, 1:].to(device)).sum(-1)
     for r, c in enumerate(flat):
         # the last continuation token needs no forward of its own
-        work.add_tokens(len(c) - 1, int(n_ctx[r]), dims.windows)
+        work.add_tokens(len(c) - 1, n_ctx[r], dims.windows)
         work.logit_positions += len(c) - 1
     out: list[list[float]] = [[] for _ in range(B)]
-    for r, b in enumerate(owners):
-        out[b].append(float(sums[r]))
+    for b, s in zip(owners, sums.tolist()):
+        out[b].append(s)
     return out, work
 
 
 def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "", *, use_cache: bool = True,
-                  batch_size: int = 8, progress: bool = False) -> ScoreOutput:
-    """Score every choice of every prompt, with ``prefix`` (demonstrations) before each context."""
+                  batch_size: int = 8, progress: bool = False, budget: int | None | str = "auto",
+                  shared_prefix: bool | None = None) -> ScoreOutput:
+    """Score every choice of every prompt, with ``prefix`` (demonstrations) before each context.
+
+    ``budget``: padded tokens per micro-batch ("auto": from free memory on CUDA, none on the CPU; None: exactly
+    ``batch_size`` rows; always so for peft prompt learning). ``shared_prefix``: attend to one stored prefix instead of per-row copies (None: on CUDA
+    where the architecture allows it). On CUDA out-of-memory the budget is halved and scoring restarts.
+    """
     dims = ModelDims.from_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = tokenize_prompts(tokenizer, prompts, prefix)
-    if use_cache:
-        scores, work, n_prefix = score_cached(model, rows, batch_size, dims, pad_id, progress)
-    else:
-        scores, work = score_naive(model, rows, batch_size, dims, pad_id, progress)
-        n_prefix = 0
+    device = next(model.parameters()).device
+    # prompt learning is scored with exactly batch_size rows (its callers ask for one row: padding shifts positions)
+    tokens = token_budget(model, dims, device) if budget == "auto" and not _prompt_learning(model) else budget
+    shared = use_shared_prefix(model) if shared_prefix is None else shared_prefix
+    while True:
+        try:
+            if use_cache:
+                scores, work, n_prefix = score_cached(model, rows, batch_size, dims, pad_id, progress, tokens,
+                                                      shared)
+            else:
+                scores, work = score_naive(model, rows, batch_size, dims, pad_id, progress, tokens)
+                n_prefix = 0
+            break
+        except torch.OutOfMemoryError:
+            if tokens is None or tokens <= 1024 or device.type != "cuda":
+                raise
+            tokens //= 2
+            torch.cuda.empty_cache()
     examples = [
         ExampleScore(p.example_id, p.label, s, [len(c) for c in r.continuations], [len(c) for c in p.choices])
         for p, r, s in zip(prompts, rows, scores)

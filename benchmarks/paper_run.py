@@ -1,0 +1,90 @@
+"""(c) Wall time of the whole paper-preset run ``--methods lora,ia3,icl --tasks rte`` (5 seeds, all templates).
+
+Runs the harness's command line exactly as a user would, in a fresh store, and times it end to end (process
+start, model build, training, evaluation, store writes). Then reads the store: runs per method and status, and
+the summed per-run seconds. With ``--timeout`` the command is stopped when it runs past it, and the remaining
+runs are estimated from the finished ones of the same method (marked as an estimate). With ``--extra "--steps S"``
+the run trains S steps instead of the preset's 1000 and the full run's time is extrapolated from the measured
+training seconds (training time is linear in steps; everything else is run in full).
+
+    python -m benchmarks.paper_run --model random:smollm2-135m --device cuda --data-dir .benchdata/data \\
+        --store $OUT/paper.sqlite --out $OUT/paper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+from benchmarks.common import print_table, write_json
+from harness.spec import DEFAULT_SEEDS
+from harness.store import Store
+from harness.tasks import load_task
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:smollm2-135m")
+    p.add_argument("--methods", default="lora,ia3,icl")
+    p.add_argument("--tasks", default="rte")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds and estimate the rest")
+    p.add_argument("--extra", default="", help="more CLI options, space-separated (e.g. --steps 100)")
+    p.add_argument("--full-steps", type=int, default=1000, help="the preset's steps, for the --steps estimate")
+    p.add_argument("--out", default="benchmarks/results/paper.json")
+    args = p.parse_args(argv)
+    cmd = [sys.executable, "-m", "harness.cli", "run", "--methods", args.methods, "--tasks", args.tasks,
+           "--model", args.model, "--device", args.device, "--data-dir", args.data_dir, "--store", args.store,
+           "--quiet", *args.extra.split()]
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    timed_out = False
+    try:
+        proc = subprocess.run(cmd, timeout=args.timeout, env=os.environ.copy())
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        timed_out, rc = True, None
+    wall = time.perf_counter() - start
+    runs = Store(args.store).runs() if os.path.exists(args.store) else []
+    per = defaultdict(lambda: {"finished": 0, "failed": 0, "seconds": 0.0, "train_seconds": 0.0})
+    for r in runs:
+        m = per[r["method"]]
+        m[r["status"]] = m.get(r["status"], 0) + 1
+        m["seconds"] += r.get("seconds") or 0.0
+        m["train_seconds"] += r.get("train_seconds") or 0.0
+    n_templates = sum(len(load_task(t).templates) for t in args.tasks.split(","))
+    expected = {m: n_templates * len(DEFAULT_SEEDS) for m in args.methods.split(",")}
+    estimate = wall
+    if timed_out:  # the rest at the finished runs' mean seconds (training is stored on every run of a group)
+        for method, n in expected.items():
+            done = per[method]["finished"]
+            mean = per[method]["seconds"] / done if done else None
+            if mean is not None and method != "icl":
+                mean = per[method]["seconds"] / done / n_templates  # a group's 4 runs share one training
+            estimate += (n - done) * mean if mean is not None else float("nan")
+    # --steps S below the preset's: training time scales with steps (fixed shapes per step), so the full run is
+    # the measured wall time plus (full / S - 1) x the training seconds of every trained group (seed x method)
+    trained = {(r["method"], r["seed"]): r.get("train_seconds") or 0.0 for r in runs if r["method"] != "icl"}
+    extra = args.extra.split()
+    if "--steps" in extra and not timed_out:
+        steps = int(extra[extra.index("--steps") + 1])
+        estimate = wall + (args.full_steps / steps - 1) * sum(trained.values())
+    rows = [{"method": m, "expected_runs": expected.get(m), **v} for m, v in sorted(per.items())]
+    summary = {"command": " ".join(cmd), "wall_seconds": wall, "returncode": rc, "timed_out": timed_out,
+               "estimated_total_seconds": estimate, "train_seconds_per_group": {f"{m}/{s}": v for (m, s), v in
+                                                                                trained.items()},
+               "runs": rows}
+    write_json(args.out, summary)
+    print_table(rows, ["method", "expected_runs", "finished", "failed", "seconds", "train_seconds"])
+    print(f"wall {wall:.1f} s ({wall / 60:.2f} min), rc {rc}, timed out {timed_out}, "
+          f"estimated total {estimate / 60:.2f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Render the recorded benchmark JSON (``benchmarks/results/``) as the Markdown tables of docs/benchmarks.md.
+
+    python -m benchmarks.tables [--results benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import fmt
+
+ICL_PATHS = ("cached", "naive", "lmeval", "cached_copy", "cached_b8")
+
+
+def _num(value: float) -> str:
+    """One decimal from 10 up, three significant digits below (CPU figures are small)."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) if not isinstance(v, str) else v for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def icl_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        if r["path"] not in ICL_PATHS:
+            continue
+        rows.append([r["model"], r["k"], r["path"], r["prefix_tokens"], f"{r['seconds']:.3f}",
+                     _num(r["examples_per_s"]), f"{r['speedup_vs_naive']:.1f}x", f"{r['speedup_vs_lmeval']:.1f}x",
+                     f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-",
+                     f"{r['memory_vs_naive']:.2f}x" if r.get("memory_vs_naive") else "-",
+                     f"{r['tflops']:.0f}" if r["tflops"] >= 1 else f"{r['tflops']:.3f}",
+                     f"{100 * r['agree_vs_naive']:.1f}%",
+                     f"{r['max_abs_dlogprob_vs_naive']:.3f}" if r["max_abs_dlogprob_vs_naive"] >= 1e-3
+                     else f"{r['max_abs_dlogprob_vs_naive']:.1e}"])
+    return _table(rows, ["model", "k", "path", "prefix tok", "s", "examples/s", "vs naive", "vs lm-eval loop",
+                         "peak GiB", "mem vs naive", "TFLOP/s", "same prediction as naive", "max abs d logprob"])
+
+
+def identity_table(*datas: dict) -> str:
+    rows = []
+    for data in datas:
+        for r in data.get("identity", []):
+            rows.append([r["model"], r["k"], r["n"]] + [
+                f"{100 * r[p]['agree']:.0f}% / {r[p]['max_abs_dlogprob']:.1e}"
+                for p in ("cached_shared", "cached_copy", "lmeval")] + ["yes" if r["identical"] else "NO"])
+    return _table(rows, ["model", "k", "n", "cached (shared prefix)", "cached (copies)", "lm-eval loop",
+                         "identical"])
+
+
+def train_table(*datas: dict) -> str:
+    rows = []
+    for data in datas:
+        for r in data["results"]:
+            if "error" in r:
+                rows.append([r["model"], r["kind"], r["method"], "error: " + r["error"][:60]] + ["-"] * 5)
+                continue
+            shape = f"{r['batch']}x{r['seq']}" if "seq" in r else f"{r['tokens_per_step']:.0f} tok/step"
+            rows.append([r["model"], r["kind"], r["method"], shape, f"{r['step_ms']:.1f}",
+                         f"{r['tokens_per_s']:.0f}", f"{r['model_tflops']:.0f}", f"{100 * r['mfu']:.1f}%",
+                         f"{r['peak_gib']:.1f}"])
+    return _table(rows, ["model", "kind", "method", "step shape", "ms/step", "tokens/s", "model TFLOP/s",
+                         "MFU (989 TFLOP/s)", "peak GiB"])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="benchmarks/results")
+    args = p.parse_args(argv)
+    folder = Path(args.results)
+    load = lambda name: json.loads((folder / name).read_text()) if (folder / name).exists() else None  # noqa: E731
+    if icl := load("icl.json"):
+        print(icl_table(icl), "\n")
+        print(identity_table(icl, load("identity.json") or {}), "\n")
+    if icl_cpu := load("icl_cpu.json"):
+        print(icl_table(icl_cpu), "\n")
+    trains = [d for d in (load("train.json"), load("train_compiled.json"), load("train_cpu.json")) if d]
+    if trains:
+        print(train_table(*trains), "\n")
+
+
+if __name__ == "__main__":
+    main()

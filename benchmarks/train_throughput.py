@@ -1,0 +1,202 @@
+"""(b) PEFT training throughput: tokens/s and model-FLOPs utilization (MFU) against the H100's bf16 dense peak.
+
+Two measurements per (model, method), each on a fresh copy of the random-initialised base model with the method
+applied by the harness (:func:`harness.methods.apply_method`, paper-preset settings, the method's own optimizer
+from :func:`harness.training.make_optimizer`):
+
+- ``synthetic``: the fixed shape of the target, batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at
+  every position (transformers' loss), backward, gradient clipping at 1, optimizer step. ``--steps`` timed steps
+  after ``--warmup`` untimed ones.
+- ``compiled`` (``--kinds``): the synthetic step under ``torch.compile`` with fused AdamW, to measure how much of
+  the gap to the target is host overhead (Python and kernel launches) rather than GPU work.
+- ``harness``: the harness's own T-Few training loop (:func:`harness.training.train`) on the task's few-shot
+  set (all choices of a batch of 8 examples per step, logits only where a choice is scored), ``--harness-steps``
+  steps; tokens counted without padding, as the harness records them.
+
+Model FLOPs (standard accounting, no recomputation): forward = 2 N_body per token + attention
+(4 h d_h keys per layer) + 2 d V per projected position; backward = activation gradients (the forward's matmul
+FLOPs again, attention twice) + weight gradients (2 x trainable matmul parameters per token; for full
+fine-tuning the whole body and the output projection). Full fine-tuning is thus 6N per token, frozen-base methods
+about 4N. MFU = model FLOPs / seconds / 989.4 TFLOP/s (H100 SXM bf16 dense).
+
+    python -m benchmarks.train_throughput --device cuda --data-dir .benchdata/data --out $OUT/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import model_id
+from benchmarks.common import (H100_BF16_PEAK, Timer, environment, peak_bytes, peak_reset, print_table, profile,
+                               write_json)
+from harness import costs
+from harness.data import few_shot_examples
+from harness.methods import apply_method, method_overhead, training_settings
+from harness.models import load_model
+from harness.tasks import load_task
+from harness.training import make_optimizer, train
+
+GIB = 2**30
+
+
+def model_flops(dims: costs.ModelDims, tokens: int, keys: int, logit_positions: int, trainable_body: int,
+                full: bool) -> float:
+    """Training FLOPs of ``tokens`` tokens (see the module docstring); ``keys``: summed attended keys."""
+    matmul = 2 * dims.body_params * tokens + 2 * dims.d_model * dims.vocab * logit_positions
+    attn = 4 * dims.n_heads * dims.head_dim * keys * dims.n_layers
+    weight_grads = matmul if full else 2 * trainable_body * tokens
+    return 2 * matmul + 3 * attn + weight_grads
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def compiled(base, tokenizer, method: str, args, device) -> dict:
+    """The synthetic step with ``torch.compile`` and fused AdamW: what the step could reach without host overhead."""
+    return synthetic(base, tokenizer, method, args, device, compile_step=True)
+
+
+def synthetic(base, tokenizer, method: str, args, device, compile_step: bool = False) -> dict:
+    settings = training_settings(method, "paper", {"steps": args.steps + args.warmup})
+    model = apply_method(copy.deepcopy(base), method, settings)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, settings)
+    dims = costs.ModelDims.from_model(model)
+    overhead = method_overhead(model, method, settings)
+    trainable = trainable_count(model)
+    if compile_step:
+        if settings["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"], fused=True)
+        model = torch.compile(model)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    vocab_in = 49152  # ids of the tokenizer actually used
+    batches = [torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
+
+    def step(x):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    peak_reset(device)
+    times = []
+    for i in range(args.steps):
+        with Timer(device) as t:
+            step(batches[i % len(batches)])
+        times.append(t.seconds)
+    n = args.seq + overhead.virtual_tokens  # positions per row
+    tokens = args.batch * n
+    keys = args.batch * (n * (n + 1) // 2)
+    full = method == "full"
+    flops = model_flops(dims, tokens, keys, tokens, trainable, full) + 3 * overhead.per_token * tokens
+    sec = statistics.median(times)
+    out = {"kind": "compiled" if compile_step else "synthetic", "method": method, "batch": args.batch,
+           "seq": args.seq, "steps": args.steps,
+           "step_ms": sec * 1e3, "tokens_per_s": tokens / sec, "model_tflops": flops / sec / 1e12,
+           "mfu": flops / sec / H100_BF16_PEAK, "trainable_params": trainable,
+           "peak_gib": (peak_bytes(device) or 0) / GIB, "optimizer": settings["optimizer"],
+           "harness_train_flops_per_step": costs.train_flops(dims, _work(args.batch, n), trainable)}
+    if args.profile and method in ("lora", "full") and not compile_step:
+        out["profile"] = profile(lambda: step(batches[0]), device)
+    del model, optimizer
+    return out
+
+
+def _work(batch: int, n: int) -> costs.Work:
+    w = costs.Work()
+    for _ in range(batch):
+        w.add_tokens(n, 0, ())
+        w.logit_positions += n
+    return w
+
+
+def harness_loop(base, tokenizer, method: str, args, device) -> dict:
+    task = load_task(args.task)
+    examples = few_shot_examples(task, 0, args.data_dir)
+    settings = training_settings(method, "paper", {"steps": args.harness_steps})
+    model = apply_method(copy.deepcopy(base), method, settings)
+    dims = costs.ModelDims.from_model(model)
+    if args.harness_warmup:  # first steps of a fresh model: kernel selection for new shapes, allocator growth
+        train(model, tokenizer, examples, task, training_settings(method, "paper", {"steps": args.harness_warmup}),
+              seed=1, method=method)
+    peak_reset(device)
+    t0 = time.perf_counter()
+    stats = train(model, tokenizer, examples, task, settings, seed=0, method=method)
+    sec = time.perf_counter() - t0
+    w = stats.work
+    trainable = trainable_count(model)
+    prof = None
+    if args.profile:  # 3 more steps under the profiler: wall vs GPU kernel time of the harness's own loop
+        prof = profile(lambda: train(model, tokenizer, examples, task, training_settings(method, "paper", {"steps": 3}),
+                                     seed=2, method=method), device, reps=1)
+        prof = prof | {"wall_ms": prof["wall_ms"] / 3, "kernel_ms": prof["kernel_ms"] / 3,
+                       "launches": prof["launches"] / 3, "note": "per step"}
+    keys = w.full_keys
+    flops = model_flops(dims, w.tokens, keys, w.logit_positions, trainable, method == "full") + stats.overhead_flops
+    del model
+    return {"kind": "harness", "method": method, "steps": stats.steps, "step_ms": sec / stats.steps * 1e3,
+            "tokens_per_s": w.tokens / sec, "model_tflops": flops / sec / 1e12, "mfu": flops / sec / H100_BF16_PEAK,
+            "trainable_params": trainable, "peak_gib": (peak_bytes(device) or 0) / GIB,
+            "tokens_per_step": w.tokens / stats.steps, "optimizer": settings["optimizer"]} | (
+                {"profile": prof} if prof else {})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="llama-1b,qwen2.5-0.5b,smollm2-135m")
+    p.add_argument("--methods", default="lora,ia3,prompt_tuning,full")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--harness-steps", type=int, default=30, help="timed steps of the harness loop")
+    p.add_argument("--kinds", default="synthetic,harness", help="synthetic, harness, compiled (torch.compile)")
+    p.add_argument("--harness-warmup", type=int, default=5, help="untimed harness-loop steps first")
+    p.add_argument("--task", default="rte")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--profile", action="store_true", help="kernel profile of lora and full (first model)")
+    p.add_argument("--out", default="benchmarks/results/train.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    rows = []
+    for i, name in enumerate(args.models.split(",")):
+        lm = load_model(model_id(name), args.device, args.dtype)
+        base = lm.model
+        for method in args.methods.split(","):
+            prof = args.profile
+            args.profile = prof and i == 0
+            kinds = {"synthetic": synthetic, "harness": harness_loop, "compiled": compiled}
+            for fn in (kinds[k] for k in args.kinds.split(",")):
+                try:
+                    r = fn(base, lm.tokenizer, method, args, device)
+                except Exception as exc:  # noqa: BLE001 - recorded (out of memory, a compile failure), others go on
+                    r = {"kind": fn.__name__, "method": method, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                rows.append({"model": name, "dtype": str(lm.dtype).removeprefix("torch.")} | r)
+                print(f"# {name} {method} {r.get('kind')}: {r.get('tokens_per_s', 0):.0f} tok/s, "
+                      f"MFU {r.get('mfu', 0):.3f}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            args.profile = prof
+        del lm, base
+        write_json(args.out, {"env": env, "args": vars(args),
+                              "results": rows})
+    print_table(rows, ["model", "kind", "method", "step_ms", "tokens_per_s", "model_tflops", "mfu", "peak_gib",
+                       "trainable_params", "optimizer"])
+
+
+if __name__ == "__main__":
+    main()
