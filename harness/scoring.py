@@ -402,6 +402,10 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
     # prompt learning is scored with exactly batch_size rows (its callers ask for one row: padding shifts positions)
     tokens = token_budget(model, dims, device) if budget == "auto" and not _prompt_learning(model) else budget
     shared = use_shared_prefix(model) if shared_prefix is None else shared_prefix
+    if use_cache and any(dims.windows):
+        # Sliding-window layers (Gemma 3) count their window in cache slots; the padding gaps a batch of queries
+        # leaves in the cache would shift it. One query per micro-batch keeps cached == naive (measured: 1e-5).
+        batch_size, tokens = 1, None
     while True:
         try:
             if use_cache:
