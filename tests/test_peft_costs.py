@@ -18,13 +18,7 @@ from harness.peft_runner import count_params
 from harness.store import Store
 from harness.tasks import load_task
 from harness.training import train
-
-SHORT_CB = [
-    {"premise": "``Clever''. Klug means ``clever''. Would you say that Abie was clever?",
-     "hypothesis": "Abie was clever", "idx": 76, "label": 2},
-    {"premise": "B: Oh, well that's good. A: but she really doesn't. Nobody thought she would adjust,",
-     "hypothesis": "she would adjust", "idx": 154, "label": 1},
-]
+from tests.test_training import SHORT_CB  # the two shortest cb training rows
 
 
 @pytest.mark.slow
