@@ -24,3 +24,18 @@ def smollm():
     from harness.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def cb():
+    from harness.tasks import load_task
+
+    return load_task("cb")
+
+
+SHORT_CB = [  # the two shortest rows of cb/train.jsonl: cheap real training examples
+    {"premise": "``Clever''. Klug means ``clever''. Would you say that Abie was clever?",
+     "hypothesis": "Abie was clever", "idx": 76, "label": 2},
+    {"premise": "B: Oh, well that's good. A: but she really doesn't. Nobody thought she would adjust,",
+     "hypothesis": "she would adjust", "idx": 154, "label": 1},
+]

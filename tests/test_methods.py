@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import SHORT_CB
 from harness.errors import HarnessError
 from harness.methods import (apply_method, get_method, list_methods, method_overhead, parse_method_args,
                              training_settings)
@@ -106,24 +107,7 @@ def test_training_settings_resolve_preset_defaults_and_overrides():
 
 # ------------------------------------------------------------------------------------------ real model
 
-@pytest.fixture(scope="module")
-def smollm():
-    from harness.models import load_model
-
-    return load_model("smollm2-135m", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def cb():
-    return load_task("cb")
-
-
-SHORT_CB = [  # the shortest rows of /work/shared/data/cb/train.jsonl
-    {"premise": "``Clever''. Klug means ``clever''. Would you say that Abie was clever?",
-     "hypothesis": "Abie was clever", "idx": 76, "label": 2},
-    {"premise": "B: Oh, well that's good. A: but she really doesn't. Nobody thought she would adjust,",
-     "hypothesis": "she would adjust", "idx": 154, "label": 1},
-]
+# smollm (the real model, loaded once per session), cb and SHORT_CB come from tests/conftest.py
 
 
 def test_bitfit_on_smollm2_is_a_clear_error(smollm):

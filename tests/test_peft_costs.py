@@ -18,7 +18,7 @@ from harness.peft_runner import count_params
 from harness.store import Store
 from harness.tasks import load_task
 from harness.training import train
-from tests.test_training import SHORT_CB  # the two shortest cb training rows
+from tests.conftest import SHORT_CB
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import SHORT_CB
 from harness.errors import HarnessError
 from harness.methods import apply_method, training_settings
 from harness.tasks import Prompt, load_task
@@ -65,24 +66,7 @@ def test_losses_are_differentiable_and_ignore_padding():
 
 # ------------------------------------------------------------------------------------------ real model
 
-@pytest.fixture(scope="module")
-def smollm():
-    from harness.models import load_model
-
-    return load_model("smollm2-135m", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def cb():
-    return load_task("cb")
-
-
-SHORT_CB = [  # the shortest rows of /work/shared/data/cb/train.jsonl
-    {"premise": "``Clever''. Klug means ``clever''. Would you say that Abie was clever?",
-     "hypothesis": "Abie was clever", "idx": 76, "label": 2},
-    {"premise": "B: Oh, well that's good. A: but she really doesn't. Nobody thought she would adjust,",
-     "hypothesis": "she would adjust", "idx": 154, "label": 1},
-]
+# smollm (the real model, loaded once per session), cb and SHORT_CB come from tests/conftest.py
 
 
 def test_choice_logprobs_match_the_evaluation_scorer(smollm, cb):
