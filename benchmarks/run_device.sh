@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the benchmarks on a lent GPU machine (see docs/benchmarks.md): bash benchmarks/run_device.sh STAGE...
-# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper. Expects .whl/ (transformers, peft wheels) and
+# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, nanprobe, mfu, loop. Expects .whl/ (transformers, peft wheels) and
 # .benchdata/ (data/rte, cache/tokenizers/smollm2-135m) carried beside the checkout, and $OUT for results.
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -31,6 +31,20 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
     loopprof) timeout 90 python3 -m benchmarks.train_throughput --device cuda --data-dir "$DATA" \
            --models smollm2-135m --methods lora,ia3 --kinds harness --harness-steps 10 --profile \
            --out "$OUT/loop_profile.json" 2>&1 | grep "^# " ;;
+    nanprobe) timeout 150 python3 -m benchmarks.nan_probe --data-dir "$DATA" --steps "${PROBE_STEPS:-70}" \
+           --out "$OUT/nan_probe.json" 2>&1 | grep -v -i warn | tail -12 ;;
+    compileprobe) TORCH_LOGS=recompiles timeout "${CPROBE_TIMEOUT:-200}" python3 -m benchmarks.nan_probe --data-dir "$DATA" \
+           --cells "${CPROBE_CELLS:-lora:0,ia3:0}" --paddings right --compile "${CPROBE_COMPILE:-on}" --steps 30 \
+           --out "$OUT/compile_probe.json" > "$OUT/compile_probe.log" 2>&1; echo "rc $?"
+           grep -v -i warn "$OUT/compile_probe.log" | tail -25 ;;
+    mfu) timeout "${MFU_TIMEOUT:-270}" python3 -m benchmarks.train_throughput --device cuda --data-dir "$DATA" \
+           --models llama-1b --methods "${MFU_METHODS:-lora,full}" --kinds "${MFU_KINDS:-synthetic,compiled}" \
+           --out "$OUT/train_mfu${MFU_TAG:-}.json" > "$OUT/train_mfu${MFU_TAG:-}.log" 2>&1; echo "rc $?"
+           grep -v -i warn "$OUT/train_mfu${MFU_TAG:-}.log" | grep -E "^#|^\|" | tail -12 ;;
+    loop) TORCH_LOGS=recompiles timeout "${LOOP_TIMEOUT:-240}" python3 -m benchmarks.train_throughput --device cuda --data-dir "$DATA" \
+           --models smollm2-135m --methods lora,ia3 --kinds "${LOOP_KINDS:-harness,harness_eager}" \
+           --harness-steps 40 --out "$OUT/train_loop.json" > "$OUT/train_loop.log" 2>&1; echo "rc $?"
+           grep -v -i warn "$OUT/train_loop.log" | grep -E "^#|^\||ecompil" | tail -20 ;;
     paper) rm -rf /tmp/paper; mkdir -p /tmp/paper  # adapters land beside the store: keep them out of $OUT
            python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store /tmp/paper/paper.sqlite \
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20

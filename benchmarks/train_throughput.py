@@ -7,11 +7,16 @@ from :func:`harness.training.make_optimizer`):
 - ``synthetic``: the fixed shape of the target, batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at
   every position (transformers' loss), backward, gradient clipping at 1, optimizer step. ``--steps`` timed steps
   after ``--warmup`` untimed ones.
-- ``compiled`` (``--kinds``): the synthetic step under ``torch.compile`` with fused AdamW, to measure how much of
-  the gap to the target is host overhead (Python and kernel launches) rather than GPU work.
-- ``harness``: the harness's own T-Few training loop (:func:`harness.training.train`) on the task's few-shot
-  set (all choices of a batch of 8 examples per step, logits only where a choice is scored), ``--harness-steps``
-  steps; tokens counted without padding, as the harness records them.
+- ``compiled``: the synthetic step as the harness trains on CUDA by default: the transformer blocks compiled by
+  :func:`harness.training.compile_blocks` (regional ``torch.compile``, dynamic shapes) and the fused optimizer
+  of :func:`harness.training.make_optimizer` (fused AdamW; the multi-tensor Adafactor of :mod:`harness.optim`);
+  ``compiled_model``: the whole model under ``torch.compile`` (``--compile model``), fused optimizer.
+- ``harness``: the harness's own T-Few training loop (:func:`harness.training.train` with ``--compile on``: compiled
+  blocks) on the task's few-shot set (all choices of a batch of 8 examples per step, logits only where a choice
+  is scored), ``--harness-warmup`` + ``--harness-steps`` steps in one call; the step rate is over the last
+  ``--harness-steps`` (the first step includes compiling, reported apart); tokens counted without padding, as
+  the harness records them. ``harness_eager``, ``harness_model``: the same loop with ``--compile off`` (the
+  default) and ``--compile model``.
 
 Model FLOPs (standard accounting, no recomputation): forward = 2 N_body per token + attention
 (4 h d_h keys per layer) + 2 d V per projected position; backward = activation gradients (the forward's matmul
@@ -39,7 +44,7 @@ from harness.data import few_shot_examples
 from harness.methods import apply_method, method_overhead, training_settings
 from harness.models import load_model
 from harness.tasks import load_task
-from harness.training import make_optimizer, train
+from harness.training import compile_blocks, make_optimizer, train, uncompile_blocks
 
 GIB = 2**30
 
@@ -58,23 +63,27 @@ def trainable_count(model) -> int:
 
 
 def compiled(base, tokenizer, method: str, args, device) -> dict:
-    """The synthetic step with ``torch.compile`` and fused AdamW: what the step could reach without host overhead."""
+    """The synthetic step as the harness runs it on CUDA: compiled model, fused optimizer."""
     return synthetic(base, tokenizer, method, args, device, compile_step=True)
 
 
-def synthetic(base, tokenizer, method: str, args, device, compile_step: bool = False) -> dict:
+def compiled_model(base, tokenizer, method: str, args, device) -> dict:
+    """The synthetic step with the whole model compiled (``--compile model``), fused optimizer."""
+    return synthetic(base, tokenizer, method, args, device, compile_step="model")
+
+
+def synthetic(base, tokenizer, method: str, args, device, compile_step: bool | str = False) -> dict:
     settings = training_settings(method, "paper", {"steps": args.steps + args.warmup})
     model = apply_method(copy.deepcopy(base), method, settings)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings)
+    optimizer = make_optimizer(params, settings, fused=bool(compile_step))
     dims = costs.ModelDims.from_model(model)
     overhead = method_overhead(model, method, settings)
     trainable = trainable_count(model)
-    if compile_step:
-        if settings["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"], fused=True)
-        model = torch.compile(model)
+    blocks = compile_blocks(model) if compile_step is True else []
+    if compile_step == "model":
+        model = torch.compile(model)  # what train() runs with --compile model
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab_in = 49152  # ids of the tokenizer actually used
     batches = [torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
@@ -101,14 +110,15 @@ def synthetic(base, tokenizer, method: str, args, device, compile_step: bool = F
     full = method == "full"
     flops = model_flops(dims, tokens, keys, tokens, trainable, full) + 3 * overhead.per_token * tokens
     sec = statistics.median(times)
-    out = {"kind": "compiled" if compile_step else "synthetic", "method": method, "batch": args.batch,
+    out = {"kind": {False: "synthetic", True: "compiled", "model": "compiled_model"}[compile_step], "method": method, "batch": args.batch,
            "seq": args.seq, "steps": args.steps,
            "step_ms": sec * 1e3, "tokens_per_s": tokens / sec, "model_tflops": flops / sec / 1e12,
            "mfu": flops / sec / H100_BF16_PEAK, "trainable_params": trainable,
            "peak_gib": (peak_bytes(device) or 0) / GIB, "optimizer": settings["optimizer"],
            "harness_train_flops_per_step": costs.train_flops(dims, _work(args.batch, n), trainable)}
-    if args.profile and method in ("lora", "full") and not compile_step:
+    if args.profile and method in ("lora", "full"):
         out["profile"] = profile(lambda: step(batches[0]), device)
+    uncompile_blocks(blocks)
     del model, optimizer
     return out
 
@@ -121,35 +131,44 @@ def _work(batch: int, n: int) -> costs.Work:
     return w
 
 
-def harness_loop(base, tokenizer, method: str, args, device) -> dict:
+def harness_loop(base, tokenizer, method: str, args, device, compile: str = "on") -> dict:
     task = load_task(args.task)
     examples = few_shot_examples(task, 0, args.data_dir)
-    settings = training_settings(method, "paper", {"steps": args.harness_steps})
+    warm = max(args.harness_warmup, 1)
+    settings = training_settings(method, "paper", {"steps": warm + args.harness_steps})
     model = apply_method(copy.deepcopy(base), method, settings)
     dims = costs.ModelDims.from_model(model)
-    if args.harness_warmup:  # first steps of a fresh model: kernel selection for new shapes, allocator growth
-        train(model, tokenizer, examples, task, training_settings(method, "paper", {"steps": args.harness_warmup}),
-              seed=1, method=method)
     peak_reset(device)
-    t0 = time.perf_counter()
-    stats = train(model, tokenizer, examples, task, settings, seed=0, method=method)
-    sec = time.perf_counter() - t0
-    w = stats.work
+    stats = train(model, tokenizer, examples, task, settings, seed=0, method=method, compile=compile)
+    sec = sum(stats.step_seconds[warm:])
+    tokens = sum(stats.step_tokens[warm:])
+    share = tokens / max(stats.work.tokens, 1)  # the timed steps' share of the work (keys, logits, rows)
     trainable = trainable_count(model)
     prof = None
     if args.profile:  # 3 more steps under the profiler: wall vs GPU kernel time of the harness's own loop
         prof = profile(lambda: train(model, tokenizer, examples, task, training_settings(method, "paper", {"steps": 3}),
-                                     seed=2, method=method), device, reps=1)
+                                     seed=2, method=method, compile=compile), device, reps=1)
         prof = prof | {"wall_ms": prof["wall_ms"] / 3, "kernel_ms": prof["kernel_ms"] / 3,
-                       "launches": prof["launches"] / 3, "note": "per step"}
-    keys = w.full_keys
-    flops = model_flops(dims, w.tokens, keys, w.logit_positions, trainable, method == "full") + stats.overhead_flops
+                       "launches": prof["launches"] / 3, "note": "per step, compile of a fresh graph included"}
+    w = stats.work
+    flops = share * (model_flops(dims, w.tokens, w.full_keys, w.logit_positions, trainable, method == "full")
+                     + stats.overhead_flops)
+    n = args.harness_steps
     del model
-    return {"kind": "harness", "method": method, "steps": stats.steps, "step_ms": sec / stats.steps * 1e3,
-            "tokens_per_s": w.tokens / sec, "model_tflops": flops / sec / 1e12, "mfu": flops / sec / H100_BF16_PEAK,
+    kind = {"on": "harness", "off": "harness_eager", "model": "harness_model"}[compile]
+    return {"kind": kind, "method": method, "steps": n, "step_ms": sec / n * 1e3, "compiled": stats.compiled,
+            "first_step_s": stats.step_seconds[0], "warmup_s": sum(stats.step_seconds[:warm]),
+            "tokens_per_s": tokens / sec, "model_tflops": flops / sec / 1e12, "mfu": flops / sec / H100_BF16_PEAK,
             "trainable_params": trainable, "peak_gib": (peak_bytes(device) or 0) / GIB,
-            "tokens_per_step": w.tokens / stats.steps, "optimizer": settings["optimizer"]} | (
-                {"profile": prof} if prof else {})
+            "tokens_per_step": tokens / n, "optimizer": settings["optimizer"]} | ({"profile": prof} if prof else {})
+
+
+def harness_eager(base, tokenizer, method, args, device) -> dict:
+    return harness_loop(base, tokenizer, method, args, device, compile="off")
+
+
+def harness_model(base, tokenizer, method, args, device) -> dict:
+    return harness_loop(base, tokenizer, method, args, device, compile="model")
 
 
 def main(argv=None) -> None:
@@ -161,7 +180,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--harness-steps", type=int, default=30, help="timed steps of the harness loop")
-    p.add_argument("--kinds", default="synthetic,harness", help="synthetic, harness, compiled (torch.compile)")
+    p.add_argument("--kinds", default="synthetic,harness", help="synthetic, compiled, compiled_model, harness, harness_eager (module docstring)")
     p.add_argument("--harness-warmup", type=int, default=5, help="untimed harness-loop steps first")
     p.add_argument("--task", default="rte")
     p.add_argument("--data-dir", default=None)
@@ -179,7 +198,8 @@ def main(argv=None) -> None:
         for method in args.methods.split(","):
             prof = args.profile
             args.profile = prof and i == 0
-            kinds = {"synthetic": synthetic, "harness": harness_loop, "compiled": compiled}
+            kinds = {"synthetic": synthetic, "compiled": compiled, "compiled_model": compiled_model,
+                     "harness": harness_loop, "harness_eager": harness_eager, "harness_model": harness_model}
             for fn in (kinds[k] for k in args.kinds.split(",")):
                 try:
                     r = fn(base, lm.tokenizer, method, args, device)
@@ -195,7 +215,7 @@ def main(argv=None) -> None:
         write_json(args.out, {"env": env, "args": vars(args),
                               "results": rows})
     print_table(rows, ["model", "kind", "method", "step_ms", "tokens_per_s", "model_tflops", "mfu", "peak_gib",
-                       "trainable_params", "optimizer"])
+                       "first_step_s", "trainable_params", "optimizer", "error"])
 
 
 if __name__ == "__main__":

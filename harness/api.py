@@ -113,8 +113,18 @@ def run(
     batch_size: int = 8,
     progress: bool = True,
     loader: Callable[[RunSpec], LoadedModel] | None = None,
+    compile: str | bool | None = "auto",
+    workers: int = 1,
 ) -> list[RunResult]:
-    """Execute the specs not yet finished in ``store``; return the results produced by this call."""
+    """Execute the specs not yet finished in ``store``; return the results produced by this call.
+
+    ``compile`` (``auto``/``on``/``off``): run PEFT training forwards under ``torch.compile`` (auto: on CUDA only;
+    :func:`harness.training.use_compile`). ``workers``: PEFT training groups run at once, one process each
+    (:mod:`harness.parallel`); results equal a serial run's. Neither is part of a run's identity."""
+    if workers < 1:
+        raise HarnessError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and loader is not None:
+        raise HarnessError("workers > 1 load models in their own processes: a custom loader cannot be used")
     db = store if isinstance(store, Store) else Store(store)
     folder = resolve_data_dir(data_dir)
     done = db.finished_ids()
@@ -125,7 +135,7 @@ def run(
     load = loader or (lambda s: load_model(s.model, s.device, s.dtype))
     produced: list[RunResult] = []
     bar = tqdm(total=len(todo), disable=not progress, desc="runs", unit="run")
-    for result in _execute(todo, load, folder, db, batch_size, progress):
+    for result in _execute(todo, load, folder, db, batch_size, progress, compile, workers):
         db.write(result)
         produced.append(result)
         bar.update(1)
@@ -135,7 +145,8 @@ def run(
     return produced
 
 
-def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, progress: bool) -> Iterator[RunResult]:
+def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, progress: bool,
+             compile: str | bool | None = "auto", workers: int = 1) -> Iterator[RunResult]:
     env_cache: dict = {}
     in_context = [s for s in todo if get_method(s.method).kind in ("icl", "zeroshot")]
     trained = [s for s in todo if get_method(s.method).kind == "peft"]
@@ -146,14 +157,27 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
         env = env_cache.setdefault(spec.model, environment.describe(lm.device))
         yield run_icl(lm, spec, folder, batch_size=batch_size, progress=progress, env=env)
     del lm
+    if workers > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the in-context model's memory, for the workers
     groups: dict[tuple, list[RunSpec]] = {}
     for spec in trained:
         groups.setdefault(spec.train_group, []).append(spec)
-    if groups:
+    if groups and workers > 1:
+        from harness.parallel import run_groups
+
+        envs = [env_cache.setdefault(g[0].model, environment.describe(resolve_device_dtype(g[0].device)[0]))
+                for g in groups.values()]
+        yield from run_groups(list(groups.values()), workers, folder, db.folder / "adapters", batch_size=batch_size,
+                              envs=envs, compile=compile)
+    elif groups:
         from harness.peft_runner import run_peft_group
 
         for group in groups.values():
             first = group[0]
             env = env_cache.setdefault(first.model, environment.describe(resolve_device_dtype(first.device)[0]))
             yield from run_peft_group(lambda: load(first), load_task(first.task), group, folder,
-                                      db.folder / "adapters", batch_size=batch_size, progress=progress, env=env)
+                                      db.folder / "adapters", batch_size=batch_size, progress=progress, env=env,
+                                      compile=compile)

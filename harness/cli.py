@@ -76,9 +76,14 @@ def _existing_store(path: str) -> Store:
 @click.option("--losses", default=None, help="Training losses, comma-separated from lm,ul,ln (PEFT).")
 @click.option("--n-train", type=int, default=None, help="Training examples when no few-shot file exists (PEFT).")
 @click.option("--train-template", default=None, help="Fix the training template (default: random per example, as T-Few).")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the PEFT training forwards (auto: on CUDA only).")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="PEFT trainings run at once, one process each (several small-model trainings share a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
-        no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, quiet):
+        no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
+        workers, quiet):
     """Evaluate METHODS on TASKS for every template and seed; store one result per run.
 
     Finished runs already in the store are skipped, so an interrupted command resumes where it stopped.
@@ -96,7 +101,8 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
         k=k, model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
         kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})
-    results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet)
+    results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet,
+                      compile=compile_, workers=workers)
     failed = [r for r in results if r.status != "finished"]
     click.echo(f"{len(specs)} run(s) planned, {len(results)} executed, {len(specs) - len(results)} already in "
                f"{store}, {len(failed)} failed.", err=True)

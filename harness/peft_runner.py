@@ -135,8 +135,9 @@ def evaluate(model, tokenizer, info, task, spec: RunSpec, data_dir, dims: ModelD
 
 def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSpec], data_dir,
                    artifacts_dir: Path, *, batch_size: int = 8, progress: bool = False,
-                   env: dict | None = None) -> Iterator[RunResult]:
-    """Train once for the group of ``specs`` and yield one :class:`RunResult` per spec (see module docstring)."""
+                   env: dict | None = None, compile: str | bool | None = "auto") -> Iterator[RunResult]:
+    """Train once for the group of ``specs`` and yield one :class:`RunResult` per spec (see module docstring).
+    ``compile``: whether training forwards run under ``torch.compile`` (:func:`harness.training.use_compile`)."""
     specs = list(specs)
     if not specs:
         return
@@ -159,7 +160,8 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         trainable, total = count_params(model)
         trainable_vocab = costs.trainable_vocab_params(model)
         train_examples = few_shot_examples(task, first.seed, data_dir, n=settings["n_train"])
-        stats = train(model, lm.tokenizer, train_examples, task, settings, first.seed, progress, method=first.method)
+        stats = train(model, lm.tokenizer, train_examples, task, settings, first.seed, progress, method=first.method,
+                      compile=compile)
         model.eval()
         folder = save_trained(model, info, Path(artifacts_dir) / group_hash(first))
         checkpoint_bytes = costs.directory_bytes(folder)
@@ -187,7 +189,7 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         "grad_accum": stats.grad_accum,
     }
     extra = {"losses": stats.losses, "loss_components": stats.components, "overhead": dataclasses.asdict(overhead),
-             "group": group_hash(first)}
+             "group": group_hash(first), "compiled": stats.compiled}
     for spec in specs:
         try:
             metrics, examples = evaluate(model, lm.tokenizer, info, task, spec, data_dir, dims, overhead,

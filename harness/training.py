@@ -94,15 +94,20 @@ class ChoiceLogprobs:
 
 
 def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
-                    dims: ModelDims | None = None, overhead: Overhead | None = None) -> ChoiceLogprobs:
+                    dims: ModelDims | None = None, overhead: Overhead | None = None,
+                    encode=None, logit_index: bool = False) -> ChoiceLogprobs:
     """Differentiable per-token log-probabilities of every choice of every prompt given its context.
 
     One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair`, padded to a batch
     (left-padded with explicit position ids; right-padded when ``right_pad``, for peft prompt learning, which
     drops position ids); logits only from the first position that predicts a continuation token. A context is
-    cut from the left when a row exceeds ``max_length``.
+    cut from the left when a row exceeds ``max_length``. ``encode(context, choice)`` replaces
+    ``encode_pair(tokenizer, context, choice)`` (training passes a memo of it: a few-shot set has few prompts).
+    ``logit_index`` (right padding of a model without virtual tokens): logits only at the positions some row
+    scores, passed to the model as a tensor of indices, instead of every position from the first one needed.
     """
     overhead = overhead or Overhead()
+    encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
     windows = dims.windows if dims is not None else ()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -111,7 +116,7 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
         if p.label < 0:
             raise HarnessError(f"training example {p.example_id!r} has no label")
         for c, choice in enumerate(p.choices):
-            ctx, cont = encode_pair(tokenizer, p.context, choice)
+            ctx, cont = encode(p.context, choice)
             if not cont:
                 raise HarnessError(f"example {p.example_id!r}: choice {choice!r} encodes to no tokens")
             if max_length is not None and len(ctx) + len(cont) > max_length:
@@ -119,35 +124,44 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
             rows.append((b, c, ctx, cont))
     R = len(rows)
     W = max(len(ctx) + len(cont) for _, _, ctx, cont in rows)
-    ids = torch.full((R, W), pad_id, dtype=torch.long)
-    mask = torch.zeros((R, W), dtype=torch.long)
+    ids_rows, mask_rows = [], []  # [R][W] each, built on the host and copied once
     first = []  # per row: absolute position whose logits predict the first continuation token
     work = Work()
-    for r, (_, _, ctx, cont) in enumerate(rows):
+    for _, _, ctx, cont in rows:
         seq = ctx + cont
-        off = 0 if right_pad else W - len(seq)
-        ids[r, off:off + len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[r, off:off + len(seq)] = 1
+        pad = W - len(seq)
+        off = 0 if right_pad else pad
+        ids_rows.append(seq + [pad_id] * pad if right_pad else [pad_id] * pad + seq)
+        mask_rows.append([1] * len(seq) + [0] * pad if right_pad else [0] * pad + [1] * len(seq))
         first.append(off + len(ctx) - 1)
         work.add_tokens(overhead.virtual_tokens + len(seq), overhead.prefix_keys, windows)
         work.logit_positions += len(cont)
-    start = min(first)
-    keep = W - start
+    if logit_index:  # the union of the scored positions
+        needed = sorted({first[r] + j for r, (*_, cont) in enumerate(rows) for j in range(len(cont))})
+        column = {position: i for i, position in enumerate(needed)}
+        keep = torch.tensor(needed, dtype=torch.long).to(device)  # [U]
+    else:
+        keep = W - min(first)
+        column = {position: position - (W - keep) for position in range(W - keep, W)}
+    ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
+    mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False,
               "logits_to_keep": keep}
     if not right_pad:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    logits = model(**kwargs).logits[:, -keep:]  # [R, keep, V]
+    logits = model(**kwargs).logits  # [R, U, V]: U kept positions
+    if not logit_index:
+        logits = logits[:, -keep:]
     T = max(len(cont) for *_, cont in rows)
-    pos = torch.zeros((R, T), dtype=torch.long)
-    tgt = torch.zeros((R, T), dtype=torch.long)
-    valid = torch.zeros((R, T), dtype=torch.bool)
+    pos_rows, tgt_rows, valid_rows = [], [], []  # [R][T] each
     for r, (_, _, _, cont) in enumerate(rows):
         n = len(cont)
-        pos[r, :n] = torch.arange(first[r] - start, first[r] - start + n)
-        tgt[r, :n] = torch.tensor(cont, dtype=torch.long)
-        valid[r, :n] = True
-    pos, tgt, valid = pos.to(device), tgt.to(device), valid.to(device)
+        pos_rows.append([column[first[r] + j] for j in range(n)] + [0] * (T - n))
+        tgt_rows.append(cont + [0] * (T - n))
+        valid_rows.append([True] * n + [False] * (T - n))
+    pos = torch.tensor(pos_rows, dtype=torch.long).to(device)  # [R, T]
+    tgt = torch.tensor(tgt_rows, dtype=torch.long).to(device)  # [R, T]
+    valid = torch.tensor(valid_rows, dtype=torch.bool).to(device)  # [R, T]
     picked = logits.gather(1, pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
     lp = torch.log_softmax(picked.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [R, T]
     lp = lp * valid
@@ -176,17 +190,87 @@ class TrainStats:
     peak_memory_bytes: int
     micro_batch: int  # final micro-batch (halved on CUDA out-of-memory)
     grad_accum: int  # final accumulation steps; micro_batch * grad_accum = the effective batch
+    compiled: bool = False  # the training forwards ran under torch.compile
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each step (first: compile)
+    step_tokens: list[int] = dataclasses.field(default_factory=list)  # tokens processed by each step
 
 
-def make_optimizer(params: list, settings: dict) -> torch.optim.Optimizer:
+def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of ``settings``. ``fused`` (CUDA): AdamW's fused kernel and the multi-tensor Adafactor of
+    :mod:`harness.optim`, a handful of kernels per step instead of dozens per parameter (the same update rule)."""
     if settings["optimizer"] == "adafactor":
+        if fused:
+            from harness.optim import Adafactor
+
+            return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"], scale_parameter=False,
                          relative_step=False, warmup_init=False)
     if settings["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"],
+                                 **({"fused": True} if fused else {}))
     raise HarnessError(f"unknown optimizer {settings['optimizer']!r}; use adafactor or adamw")
+
+
+PADDING_CHOICES = ("auto", "left", "right")
+RIGHT_PAD_ON_CUDA = True  # SDPA gives NaN gradients for left padding's fully masked query rows (benchmarks/nan_probe.py)
+
+
+COMPILE_CHOICES = ("auto", "on", "model", "off")
+
+
+def compile_mode(choice: str | bool | None, device: torch.device) -> str | None:
+    """How the training forwards run: None (eager), ``"blocks"`` (:func:`compile_blocks`, ``on``) or ``"model"``
+    (the whole model under ``torch.compile``: longer to compile, fewer kernels per step).
+
+    ``auto`` (or None) is eager (the default: measured on the H100, see docs/benchmarks.md); ``True`` is
+    ``blocks``. On the CPU the eager float32 path is bit-for-bit reproducible.
+    """
+    if isinstance(choice, bool):
+        return "blocks" if choice else None
+    choice = choice or "auto"
+    if choice not in COMPILE_CHOICES:
+        raise HarnessError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
+    return {"auto": None, "on": "blocks", "model": "model", "off": None}[choice]
+
+
+def use_compile(choice: str | bool | None, device: torch.device) -> bool:
+    """Whether :func:`compile_mode` compiles anything."""
+    return compile_mode(choice, device) is not None
+
+
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the ``ModuleList`` of one class holding the most parameters ([] if none)."""
+    best, best_size = [], 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = list(module), size
+    return best
+
+
+def compile_blocks(model) -> list[torch.nn.Module]:
+    """Regional compilation: ``torch.compile`` each transformer block in place (dynamic sequence lengths).
+
+    Every block runs the same code, so dynamo traces and inductor compiles one block (forward and backward) and
+    all layers reuse it: tens of seconds instead of minutes for the whole model with dynamic shapes, and later
+    trainings of the same architecture and method reuse it too. The fusions that matter (norms, rotary
+    embeddings, activations, the adapter's own ops) are inside the blocks. Undo with :func:`uncompile_blocks`.
+    """
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise HarnessError(f"{type(model).__name__}: no repeated transformer blocks to compile; use --compile off")
+    for block in blocks:
+        block.compile(dynamic=True)
+    return blocks
+
+
+def uncompile_blocks(blocks: list[torch.nn.Module]) -> None:
+    """Back to eager (evaluation and saving never see the compiled blocks)."""
+    for block in blocks:
+        block._compiled_call_impl = None
 
 
 def make_schedule(optimizer, settings: dict):
@@ -215,32 +299,51 @@ class _Sampler:
         return out
 
 
-def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dims, overhead, right_pad):
-    """Accumulate gradients of the summed losses over micro-batches; return (loss, components, work, rows)."""
-    total, parts, work, rows = 0.0, dict.fromkeys(settings["losses"], 0.0), Work(), 0
+def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dims, overhead, right_pad, encode,
+                      logit_index: bool = False):
+    """Accumulate gradients of the summed losses over micro-batches.
+
+    Returns (values, weights, work, rows): ``values`` [n_micro, 1 + n_losses] (total, then each loss) stays on the
+    device, so a step reads the device once (:func:`_step_values`)."""
+    values, weights, work, rows = [], [], Work(), 0
     for i in range(0, len(prompts), micro):
         chunk = prompts[i:i + micro]
         out = choice_logprobs(model, tokenizer, chunk, max_length=settings["max_length"], right_pad=right_pad,
-                              dims=dims, overhead=overhead)
+                              dims=dims, overhead=overhead, encode=encode, logit_index=logit_index)
         weight = len(chunk) / len(prompts)
-        loss = 0.0
-        for name in settings["losses"]:
-            value = LOSS_FUNCTIONS[name](out.token_logprobs, out.token_mask, out.labels)
-            parts[name] += float(value.detach()) * weight
+        parts = [LOSS_FUNCTIONS[name](out.token_logprobs, out.token_mask, out.labels) for name in settings["losses"]]
+        loss = parts[0]
+        for value in parts[1:]:
             loss = loss + value
         (loss * weight).backward()
-        total += float(loss.detach()) * weight
+        values.append(torch.stack([loss.detach()] + [v.detach() for v in parts]).float())
+        weights.append(weight)
         work.add(out.work)
         rows += out.rows
-    return total, parts, work, rows
+    return torch.stack(values), weights, work, rows
+
+
+def _step_values(values: torch.Tensor, weights: list[float], norm: torch.Tensor | None) -> tuple[list[float], float]:
+    """One device read per step: the micro-batch-weighted (total, per loss) values, and the gradient norm."""
+    flat = values.flatten()
+    if norm is not None:
+        flat = torch.cat([flat, norm.detach().float().reshape(1)])
+    host = flat.tolist()
+    n = values.shape[1]
+    summed = [sum(host[m * n + j] * w for m, w in enumerate(weights)) for j in range(n)]
+    return summed, (host[-1] if norm is not None else 0.0)
 
 
 def train(model, tokenizer, train_examples: list[dict], task, settings: dict, seed: int, progress: bool = False,
-          *, method: str | None = None) -> TrainStats:
+          *, method: str | None = None, compile: str | bool | None = "auto", padding: str = "auto") -> TrainStats:
     """Train ``model``'s trainable parameters in place on ``train_examples`` (see the module docstring).
 
     ``method`` (a registry name) tells how to pad (peft prompt learning drops position ids) and what the method
-    adds to each forward; without it rows are left-padded and no overhead is counted.
+    adds to each forward; without it rows are left-padded and no overhead is counted. ``compile``
+    (:func:`compile_mode`): eager by default, or compiled blocks or model; if compiling fails on the first step
+    the loop warns and goes on eagerly, and evaluation never uses a compiled model. On CUDA the optimizer is
+    the fused one (:func:`make_optimizer`) and rows are right-padded (``padding``: ``auto``, ``left`` or
+    ``right``), since SDPA gives NaN gradients for the fully masked query rows of left padding.
     """
     from harness.methods import get_method, method_overhead
 
@@ -249,32 +352,53 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise HarnessError("the model has no trainable parameters; apply a method first")
-    right_pad = method is not None and not get_method(method).position_ids
+    needs_right = method is not None and not get_method(method).position_ids
+    if padding not in PADDING_CHOICES:
+        raise HarnessError(f"padding must be one of {', '.join(PADDING_CHOICES)}, got {padding!r}")
+    if padding == "left" and needs_right:
+        raise HarnessError(f"method {method!r} drops position ids: its rows must be right-padded")
+    right_pad = needs_right or padding == "right" or (padding == "auto" and RIGHT_PAD_ON_CUDA
+                                                      and next(model.parameters()).device.type == "cuda")
+    logit_index = right_pad and not needs_right
     overhead = method_overhead(model, method, settings) if method else Overhead()
     dims = ModelDims.from_model(model)
     device = next(model.parameters()).device
+    mode = compile_mode(compile, device)
+    fast = mode is not None
+    compiled = compile_blocks(model) if mode == "blocks" else []
+    forward_model = torch.compile(model) if mode == "model" else model  # static shapes first, dynamic on a change
     templates = ([task.template(settings["train_template"])] if settings.get("train_template")
                  else list(task.templates))
     rng = random.Random(seed)
     torch.manual_seed(seed)
     sampler = _Sampler(len(train_examples), rng)
-    optimizer = make_optimizer(params, settings)
+    optimizer = make_optimizer(params, settings, fused=device.type == "cuda")
     schedule = make_schedule(optimizer, settings)
+    encodings: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # (context, choice) -> token ids
+
+    def encode(context: str, choice: str):
+        key = (context, choice)
+        if key not in encodings:
+            encodings[key] = encode_pair(tokenizer, context, choice)
+        return encodings[key]
+
     micro, accum = settings["batch_size"], settings["grad_accum"]
     effective = micro * accum
-    stats = TrainStats([], {name: [] for name in settings["losses"]}, 0, 0.0, Work(), 0, 0, 0, micro, accum)
+    stats = TrainStats([], {name: [] for name in settings["losses"]}, 0, 0.0, Work(), 0, 0, 0, micro, accum,
+                       compiled=fast)
     start = time.perf_counter()
     was_training = model.training
     model.train()
     bar = tqdm(range(settings["steps"]), disable=not progress, desc="train", leave=False)
     try:
         for step in bar:
+            step_start = time.perf_counter()
             batch = [task.render(rng.choice(templates), train_examples[i]) for i in sampler.take(effective)]
             while True:
                 optimizer.zero_grad(set_to_none=True)
                 try:
-                    loss, parts, work, rows = _forward_backward(model, tokenizer, batch, micro, settings, dims,
-                                                                overhead, right_pad)
+                    values, weights, work, rows = _forward_backward(forward_model, tokenizer, batch, micro, settings,
+                                                                    dims, overhead, right_pad, encode, logit_index)
                     break
                 except torch.OutOfMemoryError:
                     if micro == 1:
@@ -285,21 +409,32 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     log.warning("out of memory at step %d: micro-batch %d x %d accumulation steps", step, micro, accum)
+                except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
+                    if not fast or step > 0:
+                        raise
+                    log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__,
+                                str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                    uncompile_blocks(compiled)
+                    compiled, forward_model, fast, stats.compiled = [], model, False, False
+            clip = settings.get("max_grad_norm")
+            norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
+            (loss, *parts), norm_value = _step_values(values, weights, norm)
             if not math.isfinite(loss):
                 raise TrainingDiverged(step, loss)
-            if settings.get("max_grad_norm"):
-                norm = float(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]))
-                if not math.isfinite(norm):
-                    raise TrainingDiverged(step, norm, "the gradient norm")
+            if not math.isfinite(norm_value):
+                raise TrainingDiverged(step, norm_value, "the gradient norm")
             optimizer.step()
             schedule.step()
             stats.losses.append(loss)
-            for name, value in parts.items():
+            for name, value in zip(settings["losses"], parts):
                 stats.components[name].append(value)
             stats.work.add(work)
             stats.rows += rows
+            stats.step_seconds.append(time.perf_counter() - step_start)
+            stats.step_tokens.append(work.tokens)
             bar.set_postfix(loss=f"{loss:.4f}")
     finally:
+        uncompile_blocks(compiled)
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
     stats.steps = len(stats.losses)

@@ -17,8 +17,8 @@ from tests.conftest import SHORT_CB
 from harness.errors import HarnessError
 from harness.methods import apply_method, training_settings
 from harness.tasks import Prompt, load_task
-from harness.training import (TrainingDiverged, choice_logprobs, length_normalized_loss, lm_loss, train,
-                              unlikelihood_loss)
+from harness.training import (TrainingDiverged, choice_logprobs, length_normalized_loss, lm_loss, repeated_blocks,
+                              train, unlikelihood_loss, use_compile, compile_mode)
 
 L = math.log
 
@@ -83,6 +83,16 @@ def test_choice_logprobs_match_the_evaluation_scorer(smollm, cb):
         assert sums[b].tolist() == pytest.approx(ex.logprobs, abs=1e-3)
     assert out.work.logit_positions == sum(sum(ex.n_tokens) for ex in scored.examples)
     assert out.rows == 6
+
+
+def test_right_padding_and_indexed_logits_change_no_logprob(tiny, smollm, cb):
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
+    plain = choice_logprobs(tiny, smollm.tokenizer, prompts)
+    for right_pad in (False, True):
+        for logit_index in (False, right_pad):
+            padded = choice_logprobs(tiny, smollm.tokenizer, prompts, right_pad=right_pad, logit_index=logit_index)
+            assert torch.equal(padded.token_mask, plain.token_mask) and padded.work == plain.work
+            torch.testing.assert_close(padded.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
 
 
 def test_right_padding_gives_the_same_logprobs(smollm, cb):
@@ -159,3 +169,74 @@ def test_train_template_and_unlabelled_examples(tiny, smollm, cb):
         train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0)
     with pytest.raises(HarnessError, match="no label"):
         choice_logprobs(model, smollm.tokenizer, [Prompt("a", (" b", " c"), -1, "x")])
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+
+def test_compile_is_asked_for():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_compile("auto", cuda) and not use_compile("auto", cpu) and not use_compile(None, cpu)
+    assert use_compile("on", cpu) and not use_compile("off", cuda) and use_compile(True, cpu)
+    assert compile_mode("on", cpu) == "blocks" and compile_mode("model", cuda) == "model"
+    with pytest.raises(HarnessError, match="--compile must be one of"):
+        use_compile("fast", cpu)
+
+
+def test_repeated_blocks_are_the_decoder_layers(tiny):
+    blocks = repeated_blocks(tiny)
+    assert blocks == list(tiny.model.layers) and len(blocks) == 2
+    assert repeated_blocks(torch.nn.Linear(2, 2)) == []
+
+
+def test_a_compile_failure_on_the_first_step_falls_back_to_eager(tiny, smollm, cb, monkeypatch, caplog):
+    import harness.training as training
+
+    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("BackendCompilerFailed: simulated\nsecond line")
+
+    def compile_broken(model):  # what a compiler failure looks like: the first call of a compiled block raises
+        blocks = repeated_blocks(model)
+        for block in blocks:
+            block._compiled_call_impl = broken
+        return blocks
+
+    monkeypatch.setattr(training, "compile_blocks", compile_broken)
+    runs = []
+    for choice in ("on", "off"):
+        torch.manual_seed(0)
+        model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", compile=choice))
+    assert not runs[0].compiled and runs[0].losses == runs[1].losses
+    assert "torch.compile failed (RuntimeError: BackendCompilerFailed: simulated); training eagerly" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny, smollm, cb):
+    """The real torch.compile path (inductor on the CPU here; CUDA uses it by default) on a tiny model, with
+    prompts of several lengths so the dynamic-shape graph is exercised: losses equal eager's to float tolerance."""
+    settings = training_settings("lora", "quick", {"steps": 3, "batch_size": 2, "n_train": 4, "lr": 1e-2})
+    runs = []
+    for choice in ("on", "off"):
+        torch.manual_seed(0)
+        model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", compile=choice))
+    assert runs[0].compiled and not runs[1].compiled
+    assert runs[0].work == runs[1].work
+    assert all(block._compiled_call_impl is None for block in repeated_blocks(model))  # eager again afterwards
+    assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-4, abs=1e-5)
+
+
+def test_right_padding_trains_like_left_padding(tiny, smollm, cb):
+    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2, "lr": 1e-2})
+    runs = {}
+    for padding in ("left", "right"):
+        torch.manual_seed(0)
+        model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        runs[padding] = train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", padding=padding)
+    assert runs["left"].losses == pytest.approx(runs["right"].losses, rel=1e-5)
+    prompt = training_settings("prompt_tuning", "quick", {"steps": 1, "batch_size": 2, "n_train": 2})
+    with pytest.raises(HarnessError, match="right-padded"):
+        train(apply_method(copy.deepcopy(tiny), "prompt_tuning", prompt), smollm.tokenizer, SHORT_CB, cb,
+              prompt, seed=0, method="prompt_tuning", padding="left")

@@ -1,0 +1,63 @@
+"""Train several PEFT groups at once, one process each, on one device (``harness run --workers N``).
+
+The T-Few loop on a small model keeps a GPU a few percent busy: each step is bound by the host issuing
+kernels, not by the GPU (docs/benchmarks.md). Groups trained side by side in separate processes (each with its
+own Python interpreter issuing kernels) share the GPU at little cost to each other. Every worker loads the base
+model itself and runs :func:`harness.peft_runner.run_peft_group`; the parent writes each result to the store as
+soon as its group finishes, so the store keeps one writer and an interrupted run keeps every finished group.
+Results equal a serial run's: each group is seeded and independent of the others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+from harness.spec import RunSpec
+from harness.store import RunResult
+
+
+def _train_group(specs: list[RunSpec], data_dir, artifacts_dir: Path, batch_size: int, env: dict,
+                 compile: str | bool | None) -> list[RunResult]:
+    """Worker body: load the base model and train and evaluate one group (the serial path's code)."""
+    from harness.models import load_model
+    from harness.peft_runner import run_peft_group
+    from harness.tasks import load_task
+
+    first = specs[0]
+    return list(run_peft_group(lambda: load_model(first.model, first.device, first.dtype), load_task(first.task),
+                               specs, data_dir, artifacts_dir, batch_size=batch_size, progress=False, env=env,
+                               compile=compile))
+
+
+def _failed(specs: list[RunSpec], error: str, env: dict) -> list[RunResult]:
+    return [RunResult(run_id=s.run_id, config=s.config(), status="failed", error=error, env=env) for s in specs]
+
+
+def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_dir: Path, *, batch_size: int,
+               envs: list[dict], compile: str | bool | None = "auto") -> Iterator[RunResult]:
+    """Yield the results of every group, trained ``workers`` at a time in spawned processes, as groups finish.
+
+    A worker that dies (killed for memory, a crash in a kernel) fails its group's runs with a one-line error; the
+    other groups go on. On KeyboardInterrupt the queued groups are cancelled and the running ones stopped.
+    """
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
+        pending = {pool.submit(_train_group, group, data_dir, artifacts_dir, batch_size, env, compile): (group, env)
+                   for group, env in zip(groups, envs)}
+        for done in futures.as_completed(pending):
+            group, env = pending[done]
+            try:
+                results = done.result()
+            except Exception as exc:  # noqa: BLE001 - the worker process died; its group is recorded as failed
+                results = _failed(group, f"worker process failed: {type(exc).__name__}: {exc}".strip(), env)
+            yield from results
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
+    pool.shutdown(wait=True)

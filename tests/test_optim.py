@@ -1,0 +1,175 @@
+"""harness.optim.Adafactor against transformers' Adafactor (the configuration the harness used), on CPU, no model.
+
+Checks the update over 50 scheduled steps (float32 and bfloat16, within tolerance and, on CPU, bit for bit, state
+included), parameters without grads (skipped; their own step counts), a state_dict round trip, and that unfactored
+parameters go through one foreach pass per group, in a fixed number of ops whatever their count.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.optimization import Adafactor as HFAdafactor
+from transformers.optimization import get_linear_schedule_with_warmup
+
+from harness.optim import Adafactor
+
+SHAPES = [(7,), (64,), (1,), (300,), (), (16, 24), (3, 5, 6), (33,)]  # 1-D of several sizes, a scalar, 2-D, 3-D
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def set_grads(params: list[torch.Tensor], step: int, skip: tuple[int, ...] = ()) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=g) * (0.1 + i)  # different scales: some updates clip, some don't
+        p.grad = None if i in skip else grad.to(p.dtype)
+
+
+def hf(params: list[torch.Tensor], lr: float, weight_decay: float) -> HFAdafactor:
+    return HFAdafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                       warmup_init=False)
+
+
+def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, start: int = 0,
+        skip: tuple[int, ...] = ()) -> None:
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=50)
+    with warnings.catch_warnings():  # resuming: fast-forward the schedule (torch warns: no optimizer.step yet)
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            sched.step()
+    for step in range(start, start + steps):
+        set_grads(params, step, skip)
+        opt.step()
+        sched.step()
+
+
+def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_transformers_adafactor(dtype: torch.dtype, weight_decay: float) -> None:
+    ours, ref = make_params(dtype), make_params(dtype)
+    run(Adafactor(ours, lr=3e-2, weight_decay=weight_decay), ours, 50)
+    run(hf(ref, lr=3e-2, weight_decay=weight_decay), ref, 50)
+    assert not any(torch.equal(p, q) for p, q in zip(ours, make_params(dtype)))  # every parameter moved
+    if dtype == torch.float32:
+        assert max_rel_diff(ours, ref) < 1e-6
+    else:  # same ops in float32, rounded to bf16 after each step: at most a few bf16 ulps apart, rarely
+        for p, q in zip(ours, ref):
+            assert torch.allclose(p.float(), q.float(), rtol=2e-2, atol=1e-2)
+        assert max_rel_diff(ours, ref) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_identical_on_cpu_state_included(dtype: torch.dtype) -> None:
+    ours, ref = make_params(dtype), make_params(dtype)
+    opt_ours, opt_ref = Adafactor(ours, lr=3e-2, weight_decay=1e-2), hf(ref, lr=3e-2, weight_decay=1e-2)
+    run(opt_ours, ours, 50)
+    run(opt_ref, ref, 50)
+    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+    for p, q in zip(ours, ref):  # same state as HF's (float32 moments, a Python int step), less the unused "RMS"
+        expected = {k: v for k, v in opt_ref.state[q].items() if k != "RMS"}
+        assert opt_ours.state[p].keys() == expected.keys() and opt_ours.state[p]["step"] == 50
+        for key, value in expected.items():
+            assert value == opt_ours.state[p][key] if key == "step" else torch.equal(value, opt_ours.state[p][key])
+
+
+def test_parameter_without_grad_is_skipped() -> None:
+    ours, ref = make_params(torch.float32), make_params(torch.float32)
+    opt = Adafactor(ours, lr=1e-2)
+    run(opt, ours, 10, skip=(1, 5))
+    run(hf(ref, lr=1e-2, weight_decay=0.0), ref, 10, skip=(1, 5))
+    for i in (1, 5):
+        assert len(opt.state[ours[i]]) == 0
+        assert torch.equal(ours[i], make_params(torch.float32)[i])
+    assert max_rel_diff(ours, ref) < 1e-6
+
+
+def test_steps_differ_per_parameter_like_transformers() -> None:
+    """A parameter that missed steps has its own step count (and beta2t), as in HF: separate foreach buckets."""
+    ours, ref = make_params(torch.float32), make_params(torch.float32)
+    opt_ours, opt_ref = Adafactor(ours, lr=1e-2), hf(ref, lr=1e-2, weight_decay=0.0)
+    run(opt_ours, ours, 3, skip=(0, 3))
+    run(opt_ref, ref, 3, skip=(0, 3))
+    run(opt_ours, ours, 5, start=3)
+    run(opt_ref, ref, 5, start=3)
+    assert opt_ours.state[ours[0]]["step"] == 5 and opt_ours.state[ours[1]]["step"] == 8
+    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip(dtype: torch.dtype) -> None:
+    straight = make_params(dtype)
+    run(Adafactor(straight, lr=1e-2, weight_decay=1e-2), straight, 10)
+
+    resumed = make_params(dtype)
+    first = Adafactor(resumed, lr=1e-2, weight_decay=1e-2)
+    run(first, resumed, 5)
+    saved = copy.deepcopy(first.state_dict())
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in resumed]
+    second = Adafactor(resumed, lr=1e-2, weight_decay=1e-2)
+    second.load_state_dict(saved)
+    assert second.state[resumed[0]]["exp_avg_sq"].dtype == torch.float32  # float32 moments, as before saving
+    run(second, resumed, 5, start=5)
+    assert all(torch.equal(p, q) for p, q in zip(resumed, straight))
+
+
+def test_foreach_norm_once_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = torch._foreach_norm
+
+    def counting(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    params = make_params(torch.float32)
+    opt = Adafactor([{"params": params[:4]}, {"params": params[4:], "lr": 1e-3}], lr=1e-2)
+    set_grads(params, 0)
+    opt.step()
+    assert calls == [4, 2]  # group 1: (7,), (64,), (1,), (300,); group 2: (), (33,) -- the >= 2-D ones loop
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a region issues (foreach ops once each: their per-tensor CPU fallback is not seen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not name.startswith("_record_function"):  # the optimizer's profiler hooks, no compute
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_count_does_not_grow_with_parameter_count(dtype: torch.dtype) -> None:
+    def ops_per_step(n: int) -> Counter[str]:
+        params = [torch.nn.Parameter(torch.randn(16 + i).to(dtype)) for i in range(n)]
+        opt = Adafactor(params, lr=1e-2, weight_decay=1e-2)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # state initialisation and the flat buffers happen here
+        with OpCounter() as counter:
+            opt.step()
+        return counter.ops
+
+    few, many = ops_per_step(3), ops_per_step(90)
+    assert few == many, (few, many)
+    # 18 ops, each one kernel (bf16: 2 more, casting the concatenated grads and params to float32); of them only
+    # the _foreach_norm and the _foreach_copy_ into the parameters see them all (a launch per ~100 on CUDA)
+    assert sum(many.values()) == (18 if dtype == torch.float32 else 20), many
+    assert {name for name in many if name.startswith("_foreach")} == {"_foreach_norm", "_foreach_copy_"}
