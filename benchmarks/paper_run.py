@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,10 +46,12 @@ def main(argv=None) -> None:
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
     timed_out = False
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)  # its own group: workers too
     try:
-        proc = subprocess.run(cmd, timeout=args.timeout, env=os.environ.copy())
-        rc = proc.returncode
+        rc = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and its --workers processes
+        proc.wait()
         timed_out, rc = True, None
     wall = time.perf_counter() - start
     runs = Store(args.store).runs() if os.path.exists(args.store) else []
