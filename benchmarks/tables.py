@@ -68,6 +68,19 @@ def train_table(*datas: dict) -> str:
                          "MFU (989 TFLOP/s)", "peak GiB"])
 
 
+def probe_table(data: dict) -> str:
+    rows = [[r["method"], r["seed"], r["padding"], r["diverged_at"] if r["diverged_at"] is not None else "-",
+             f"{r['loss_last']:.2f}" if r.get("loss_last") is not None else "-"] for r in data["results"]]
+    return _table(rows, ["method", "seed", "padding", "NaN at step", "last loss"])
+
+
+def paper_table(data: dict) -> str:
+    rows = [[r["method"], r["expected_runs"], r["finished"], r["failed"], f"{r['train_seconds']:.0f}"]
+            for r in data["runs"]]
+    return _table(rows, ["method", "runs expected", "finished", "failed", "summed train_seconds of its runs"]) + (
+        f"\n\nwall {data['wall_seconds']:.1f} s, return code {data['returncode']}, timed out {data['timed_out']}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="benchmarks/results")
@@ -82,6 +95,14 @@ def main(argv=None) -> None:
     trains = [d for d in (load("train.json"), load("train_compiled.json"), load("train_cpu.json")) if d]
     if trains:
         print(train_table(*trains), "\n")
+    later = [d for d in (load("train_mfu_blocks.json"), load("train_loop_eager.json"), load("train_loop_blocks.json"))
+             if d]
+    if later:
+        print(train_table(*later), "\n")
+    if probe := load("nan_probe.json"):
+        print(probe_table(probe), "\n")
+    if paper := load("paper.json"):
+        print(paper_table(paper), "\n")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from harness.data import few_shot_examples
 from harness.methods import apply_method, method_overhead, training_settings
 from harness.models import load_model
 from harness.tasks import load_task
-from harness.training import compile_blocks, make_optimizer, train, uncompile_blocks
+from harness.compiling import compile_blocks, uncompile_blocks
+from harness.training import make_optimizer, train
 
 GIB = 2**30
 
@@ -83,7 +84,7 @@ def synthetic(base, tokenizer, method: str, args, device, compile_step: bool | s
     trainable = trainable_count(model)
     blocks = compile_blocks(model) if compile_step is True else []
     if compile_step == "model":
-        model = torch.compile(model)  # what train() runs with --compile model
+        model = torch.compile(model, dynamic=True)  # what train() runs with --compile model
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab_in = 49152  # ids of the tokenizer actually used
     batches = [torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]

@@ -118,8 +118,8 @@ def run(
 ) -> list[RunResult]:
     """Execute the specs not yet finished in ``store``; return the results produced by this call.
 
-    ``compile`` (``auto``/``on``/``off``): run PEFT training forwards under ``torch.compile`` (auto: on CUDA only;
-    :func:`harness.training.use_compile`). ``workers``: PEFT training groups run at once, one process each
+    ``compile`` (``auto``/``off``: eager, ``on``: compiled blocks, ``model``: the whole model) is how PEFT
+    training forwards run (:func:`harness.compiling.compile_mode`). ``workers``: PEFT training groups run at once, one process each
     (:mod:`harness.parallel`); results equal a serial run's. Neither is part of a run's identity."""
     if workers < 1:
         raise HarnessError(f"--workers must be >= 1, got {workers}")
@@ -169,7 +169,7 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
         from harness.parallel import run_groups
 
         envs = [env_cache.setdefault(g[0].model, environment.describe(resolve_device_dtype(g[0].device)[0]))
-                for g in groups.values()]
+                | {"workers": workers} for g in groups.values()]
         yield from run_groups(list(groups.values()), workers, folder, db.folder / "adapters", batch_size=batch_size,
                               envs=envs, compile=compile)
     elif groups:

@@ -76,8 +76,9 @@ def _existing_store(path: str) -> Store:
 @click.option("--losses", default=None, help="Training losses, comma-separated from lm,ul,ln (PEFT).")
 @click.option("--n-train", type=int, default=None, help="Training examples when no few-shot file exists (PEFT).")
 @click.option("--train-template", default=None, help="Fix the training template (default: random per example, as T-Few).")
-@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="torch.compile the PEFT training forwards (auto: on CUDA only).")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "model", "off"]), default="auto",
+              show_default=True, help="PEFT training forwards: auto/off eager, on = torch.compile each transformer "
+              "block, model = the whole model (slow to compile).")
 @click.option("--workers", default=1, show_default=True, type=int,
               help="PEFT trainings run at once, one process each (several small-model trainings share a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

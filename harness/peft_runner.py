@@ -137,7 +137,7 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
                    artifacts_dir: Path, *, batch_size: int = 8, progress: bool = False,
                    env: dict | None = None, compile: str | bool | None = "auto") -> Iterator[RunResult]:
     """Train once for the group of ``specs`` and yield one :class:`RunResult` per spec (see module docstring).
-    ``compile``: whether training forwards run under ``torch.compile`` (:func:`harness.training.use_compile`)."""
+    ``compile``: whether training forwards run under ``torch.compile`` (:func:`harness.compiling.compile_mode`)."""
     specs = list(specs)
     if not specs:
         return

@@ -33,6 +33,7 @@ from harness import costs
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.methods.base import Overhead
+from harness.compiling import compile_blocks, compile_mode, uncompile_blocks
 from harness.scoring import encode_pair
 
 log = logging.getLogger(__name__)
@@ -217,62 +218,6 @@ PADDING_CHOICES = ("auto", "left", "right")
 RIGHT_PAD_ON_CUDA = True  # SDPA gives NaN gradients for left padding's fully masked query rows (benchmarks/nan_probe.py)
 
 
-COMPILE_CHOICES = ("auto", "on", "model", "off")
-
-
-def compile_mode(choice: str | bool | None, device: torch.device) -> str | None:
-    """How the training forwards run: None (eager), ``"blocks"`` (:func:`compile_blocks`, ``on``) or ``"model"``
-    (the whole model under ``torch.compile``: longer to compile, fewer kernels per step).
-
-    ``auto`` (or None) is eager (the default: measured on the H100, see docs/benchmarks.md); ``True`` is
-    ``blocks``. On the CPU the eager float32 path is bit-for-bit reproducible.
-    """
-    if isinstance(choice, bool):
-        return "blocks" if choice else None
-    choice = choice or "auto"
-    if choice not in COMPILE_CHOICES:
-        raise HarnessError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
-    return {"auto": None, "on": "blocks", "model": "model", "off": None}[choice]
-
-
-def use_compile(choice: str | bool | None, device: torch.device) -> bool:
-    """Whether :func:`compile_mode` compiles anything."""
-    return compile_mode(choice, device) is not None
-
-
-def repeated_blocks(model) -> list[torch.nn.Module]:
-    """The model's transformer blocks: the ``ModuleList`` of one class holding the most parameters ([] if none)."""
-    best, best_size = [], 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = list(module), size
-    return best
-
-
-def compile_blocks(model) -> list[torch.nn.Module]:
-    """Regional compilation: ``torch.compile`` each transformer block in place (dynamic sequence lengths).
-
-    Every block runs the same code, so dynamo traces and inductor compiles one block (forward and backward) and
-    all layers reuse it: tens of seconds instead of minutes for the whole model with dynamic shapes, and later
-    trainings of the same architecture and method reuse it too. The fusions that matter (norms, rotary
-    embeddings, activations, the adapter's own ops) are inside the blocks. Undo with :func:`uncompile_blocks`.
-    """
-    blocks = repeated_blocks(model)
-    if not blocks:
-        raise HarnessError(f"{type(model).__name__}: no repeated transformer blocks to compile; use --compile off")
-    for block in blocks:
-        block.compile(dynamic=True)
-    return blocks
-
-
-def uncompile_blocks(blocks: list[torch.nn.Module]) -> None:
-    """Back to eager (evaluation and saving never see the compiled blocks)."""
-    for block in blocks:
-        block._compiled_call_impl = None
-
-
 def make_schedule(optimizer, settings: dict):
     """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant."""
     from transformers.optimization import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -363,10 +308,10 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     overhead = method_overhead(model, method, settings) if method else Overhead()
     dims = ModelDims.from_model(model)
     device = next(model.parameters()).device
-    mode = compile_mode(compile, device)
+    mode = compile_mode(compile)
     fast = mode is not None
     compiled = compile_blocks(model) if mode == "blocks" else []
-    forward_model = torch.compile(model) if mode == "model" else model  # static shapes first, dynamic on a change
+    forward_model = torch.compile(model, dynamic=True) if mode == "model" else model
     templates = ([task.template(settings["train_template"])] if settings.get("train_template")
                  else list(task.templates))
     rng = random.Random(seed)

@@ -32,6 +32,7 @@ def test_two_workers_reproduce_the_serial_run(tmp_path, data_dir):
     assert len(one) == 2 and set(one) == set(two)
     assert all(status == "finished" for status, *_ in two.values())
     assert one == two  # CPU float32: the same numbers, whichever process trained the group
+    assert {r["env"].get("workers") for r in Store(parallel).runs()} == {2}
 
 
 def test_workers_are_checked():

@@ -1,0 +1,67 @@
+"""``--compile``: how the PEFT training forwards run (eager, compiled transformer blocks, or the whole model).
+
+Measured on the H100 (docs/benchmarks.md, second round): compiling each block makes the T-Few loop's steps 1.6-1.9x
+faster after a compile of up to 100 s; compiling the whole model doubles the throughput of a 1B model's step but
+takes minutes with dynamic shapes. The default is eager.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.errors import HarnessError
+
+COMPILE_CHOICES = ("auto", "on", "model", "off")
+
+
+def compile_mode(choice: str | bool | None) -> str | None:
+    """How the training forwards run: None (eager), ``"blocks"`` (:func:`compile_blocks`, ``on``) or ``"model"``
+    (the whole model under ``torch.compile``: longer to compile, fewer kernels per step).
+
+    ``auto`` (or None) is eager, on every device (the default: see the module docstring); ``True`` is
+    ``blocks``. The eager float32 path on the CPU is bit-for-bit reproducible.
+    """
+    if isinstance(choice, bool):
+        return "blocks" if choice else None
+    choice = choice or "auto"
+    if choice not in COMPILE_CHOICES:
+        raise HarnessError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
+    return {"auto": None, "on": "blocks", "model": "model", "off": None}[choice]
+
+
+def use_compile(choice: str | bool | None) -> bool:
+    """Whether :func:`compile_mode` compiles anything."""
+    return compile_mode(choice) is not None
+
+
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the ``ModuleList`` of one class holding the most parameters ([] if none)."""
+    best, best_size = [], 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = list(module), size
+    return best
+
+
+def compile_blocks(model) -> list[torch.nn.Module]:
+    """Regional compilation: ``torch.compile`` each transformer block in place (dynamic sequence lengths).
+
+    Every block runs the same code, so dynamo traces and inductor compiles one block (forward and backward) and
+    all layers reuse it: tens of seconds instead of minutes for the whole model with dynamic shapes, and later
+    trainings of the same architecture and method reuse it too. The fusions that matter (norms, rotary
+    embeddings, activations, the adapter's own ops) are inside the blocks. Undo with :func:`uncompile_blocks`.
+    """
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise HarnessError(f"{type(model).__name__}: no repeated transformer blocks to compile; use --compile off")
+    for block in blocks:
+        block.compile(dynamic=True)
+    return blocks
+
+
+def uncompile_blocks(blocks: list[torch.nn.Module]) -> None:
+    """Back to eager (evaluation and saving never see the compiled blocks)."""
+    for block in blocks:
+        block._compiled_call_impl = None
