@@ -40,8 +40,10 @@ def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_di
                envs: list[dict], compile: str | bool | None = "auto") -> Iterator[RunResult]:
     """Yield the results of every group, trained ``workers`` at a time in spawned processes, as groups finish.
 
-    A worker that dies (killed for memory, a crash in a kernel) fails its group's runs with a one-line error; the
-    other groups go on. On KeyboardInterrupt the queued groups are cancelled and the running ones stopped.
+    An error inside a group is recorded by :func:`run_peft_group` itself (failed runs, the other groups go on). A
+    worker process that dies (killed for memory, a crash in a kernel) breaks the pool: every group not finished by
+    then is recorded failed with a one-line error, and running the command again redoes just those. On
+    KeyboardInterrupt the queued groups are cancelled and the running ones stopped; finished ones stay stored.
     """
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
