@@ -38,6 +38,7 @@ def test_every_command_has_help(path):
     (["run", "--methods", "icl", "--tasks", "cb", "--model", "/no/such/model.gguf"], "does not exist"),
     (["run", "--methods", "icl", "--tasks", "cb", "--preset", "quik"], "Did you mean 'quick'"),
     (["run", "--methods", "icl", "--tasks", "cb", "--device", "tpu"], "unknown --device"),
+    (["run", "--methods", "lora", "--tasks", "cb", "--workers", "0"], "--workers must be >= 1"),
     (["results", "--store", "/nonexistent/store.sqlite"], "no results store"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
