@@ -4,11 +4,12 @@ Two measurements per (model, method), each on a fresh copy of the random-initial
 applied by the harness (:func:`harness.methods.apply_method`, paper-preset settings, the method's own optimizer
 from :func:`harness.training.make_optimizer`):
 
-- ``synthetic``: the fixed shape of the target, batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at
+- ``synthetic``: eager, with the unfused optimizer (the first round's step; ``train()`` on CUDA now fuses it);
+  the fixed shape of the target, batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at
   every position (transformers' loss), backward, gradient clipping at 1, optimizer step. ``--steps`` timed steps
   after ``--warmup`` untimed ones.
-- ``compiled``: the synthetic step as the harness trains on CUDA by default: the transformer blocks compiled by
-  :func:`harness.training.compile_blocks` (regional ``torch.compile``, dynamic shapes) and the fused optimizer
+- ``compiled``: the synthetic step as ``--compile on`` trains: the transformer blocks compiled by
+  :func:`harness.compiling.compile_blocks` (regional ``torch.compile``, dynamic shapes) and the fused optimizer
   of :func:`harness.training.make_optimizer` (fused AdamW; the multi-tensor Adafactor of :mod:`harness.optim`);
   ``compiled_model``: the whole model under ``torch.compile`` (``--compile model``), fused optimizer.
 - ``harness``: the harness's own T-Few training loop (:func:`harness.training.train` with ``--compile on``: compiled
@@ -44,7 +45,7 @@ from harness.data import few_shot_examples
 from harness.methods import apply_method, method_overhead, training_settings
 from harness.models import load_model
 from harness.tasks import load_task
-from harness.compiling import compile_blocks, uncompile_blocks
+from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.training import make_optimizer, train
 
 GIB = 2**30
@@ -64,27 +65,25 @@ def trainable_count(model) -> int:
 
 
 def compiled(base, tokenizer, method: str, args, device) -> dict:
-    """The synthetic step as the harness runs it on CUDA: compiled model, fused optimizer."""
-    return synthetic(base, tokenizer, method, args, device, compile_step=True)
+    """The synthetic step with compiled blocks (``--compile on``), fused optimizer."""
+    return synthetic(base, tokenizer, method, args, device, compile="on")
 
 
 def compiled_model(base, tokenizer, method: str, args, device) -> dict:
     """The synthetic step with the whole model compiled (``--compile model``), fused optimizer."""
-    return synthetic(base, tokenizer, method, args, device, compile_step="model")
+    return synthetic(base, tokenizer, method, args, device, compile="model")
 
 
-def synthetic(base, tokenizer, method: str, args, device, compile_step: bool | str = False) -> dict:
+def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") -> dict:
     settings = training_settings(method, "paper", {"steps": args.steps + args.warmup})
     model = apply_method(copy.deepcopy(base), method, settings)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings, fused=bool(compile_step))
+    optimizer = make_optimizer(params, settings, fused=compile != "off")
     dims = costs.ModelDims.from_model(model)
     overhead = method_overhead(model, method, settings)
     trainable = trainable_count(model)
-    blocks = compile_blocks(model) if compile_step is True else []
-    if compile_step == "model":
-        model = torch.compile(model, dynamic=True)  # what train() runs with --compile model
+    model, blocks = for_training(model, compile_mode(compile))  # as train() does
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab_in = 49152  # ids of the tokenizer actually used
     batches = [torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
@@ -111,7 +110,7 @@ def synthetic(base, tokenizer, method: str, args, device, compile_step: bool | s
     full = method == "full"
     flops = model_flops(dims, tokens, keys, tokens, trainable, full) + 3 * overhead.per_token * tokens
     sec = statistics.median(times)
-    out = {"kind": {False: "synthetic", True: "compiled", "model": "compiled_model"}[compile_step], "method": method, "batch": args.batch,
+    out = {"kind": {"off": "synthetic", "on": "compiled", "model": "compiled_model"}[compile], "method": method, "batch": args.batch,
            "seq": args.seq, "steps": args.steps,
            "step_ms": sec * 1e3, "tokens_per_s": tokens / sec, "model_tflops": flops / sec / 1e12,
            "mfu": flops / sec / H100_BF16_PEAK, "trainable_params": trainable,

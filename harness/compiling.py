@@ -29,11 +29,6 @@ def compile_mode(choice: str | bool | None) -> str | None:
     return {"auto": None, "on": "blocks", "model": "model", "off": None}[choice]
 
 
-def use_compile(choice: str | bool | None) -> bool:
-    """Whether :func:`compile_mode` compiles anything."""
-    return compile_mode(choice) is not None
-
-
 def repeated_blocks(model) -> list[torch.nn.Module]:
     """The model's transformer blocks: the ``ModuleList`` of one class holding the most parameters ([] if none)."""
     best, best_size = [], 0
@@ -64,4 +59,17 @@ def compile_blocks(model) -> list[torch.nn.Module]:
 def uncompile_blocks(blocks: list[torch.nn.Module]) -> None:
     """Back to eager (evaluation and saving never see the compiled blocks)."""
     for block in blocks:
-        block._compiled_call_impl = None
+        block._compiled_call_impl = None  # what nn.Module.compile() set
+
+
+def for_training(model, mode: str | None) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(what the training forwards call, the blocks compiled in place) for a :func:`compile_mode` ``mode``.
+
+    ``model`` mode returns a ``torch.compile`` wrapper and leaves ``model`` itself eager; ``blocks`` mode compiles
+    the blocks in place, to be undone with :func:`uncompile_blocks` when training ends.
+    """
+    if mode == "model":
+        return torch.compile(model, dynamic=True), []
+    if mode == "blocks":
+        return model, compile_blocks(model)
+    return model, []

@@ -20,6 +20,7 @@ sampling and templates, ``torch.manual_seed(seed)``), so CPU float32 reruns give
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -33,7 +34,7 @@ from harness import costs
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.methods.base import Overhead
-from harness.compiling import compile_blocks, compile_mode, uncompile_blocks
+from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.scoring import encode_pair
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,7 @@ def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torc
     raise HarnessError(f"unknown optimizer {settings['optimizer']!r}; use adafactor or adamw")
 
 
-PADDING_CHOICES = ("auto", "left", "right")
-RIGHT_PAD_ON_CUDA = True  # SDPA gives NaN gradients for left padding's fully masked query rows (benchmarks/nan_probe.py)
+PADDING_CHOICES = ("auto", "left", "right")  # auto: right on CUDA (see train), left elsewhere
 
 
 def make_schedule(optimizer, settings: dict):
@@ -302,16 +302,14 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         raise HarnessError(f"padding must be one of {', '.join(PADDING_CHOICES)}, got {padding!r}")
     if padding == "left" and needs_right:
         raise HarnessError(f"method {method!r} drops position ids: its rows must be right-padded")
-    right_pad = needs_right or padding == "right" or (padding == "auto" and RIGHT_PAD_ON_CUDA
-                                                      and next(model.parameters()).device.type == "cuda")
+    device = next(model.parameters()).device
+    # on CUDA, SDPA's backward gives NaN for left padding's fully masked query rows (benchmarks/nan_probe.py)
+    right_pad = needs_right or padding == "right" or (padding == "auto" and device.type == "cuda")
     logit_index = right_pad and not needs_right
     overhead = method_overhead(model, method, settings) if method else Overhead()
     dims = ModelDims.from_model(model)
-    device = next(model.parameters()).device
     mode = compile_mode(compile)
-    fast = mode is not None
-    compiled = compile_blocks(model) if mode == "blocks" else []
-    forward_model = torch.compile(model, dynamic=True) if mode == "model" else model
+    forward_model, compiled = for_training(model, mode)
     templates = ([task.template(settings["train_template"])] if settings.get("train_template")
                  else list(task.templates))
     rng = random.Random(seed)
@@ -319,18 +317,12 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     sampler = _Sampler(len(train_examples), rng)
     optimizer = make_optimizer(params, settings, fused=device.type == "cuda")
     schedule = make_schedule(optimizer, settings)
-    encodings: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # (context, choice) -> token ids
-
-    def encode(context: str, choice: str):
-        key = (context, choice)
-        if key not in encodings:
-            encodings[key] = encode_pair(tokenizer, context, choice)
-        return encodings[key]
+    encode = functools.cache(lambda context, choice: encode_pair(tokenizer, context, choice))  # few distinct prompts
 
     micro, accum = settings["batch_size"], settings["grad_accum"]
     effective = micro * accum
     stats = TrainStats([], {name: [] for name in settings["losses"]}, 0, 0.0, Work(), 0, 0, 0, micro, accum,
-                       compiled=fast)
+                       compiled=mode is not None)
     start = time.perf_counter()
     was_training = model.training
     model.train()
@@ -355,12 +347,12 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                         torch.cuda.empty_cache()
                     log.warning("out of memory at step %d: micro-batch %d x %d accumulation steps", step, micro, accum)
                 except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
-                    if not fast or step > 0:
+                    if not stats.compiled or step > 0:
                         raise
                     log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__,
                                 str(exc).strip().splitlines()[0] if str(exc).strip() else "")
                     uncompile_blocks(compiled)
-                    compiled, forward_model, fast, stats.compiled = [], model, False, False
+                    compiled, forward_model, stats.compiled = [], model, False
             clip = settings.get("max_grad_norm")
             norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
             (loss, *parts), norm_value = _step_values(values, weights, norm)

@@ -17,7 +17,7 @@ from tests.conftest import SHORT_CB
 from harness.errors import HarnessError
 from harness.methods import apply_method, training_settings
 from harness.tasks import Prompt, load_task
-from harness.compiling import compile_mode, repeated_blocks, use_compile
+from harness.compiling import compile_mode, repeated_blocks
 from harness.training import (TrainingDiverged, choice_logprobs, length_normalized_loss, lm_loss,
                               train, unlikelihood_loss)
 
@@ -175,11 +175,11 @@ def test_train_template_and_unlabelled_examples(tiny, smollm, cb):
 # ------------------------------------------------------------------------------------------ torch.compile
 
 def test_compile_is_asked_for():
-    assert not use_compile("auto") and not use_compile(None) and not use_compile("off") and not use_compile(False)
-    assert use_compile("on") and use_compile(True)
-    assert compile_mode("on") == "blocks" and compile_mode("model") == "model" and compile_mode(True) == "blocks"
+    assert compile_mode("auto") is None and compile_mode(None) is None and compile_mode("off") is None
+    assert compile_mode(False) is None and compile_mode(True) == "blocks"
+    assert compile_mode("on") == "blocks" and compile_mode("model") == "model"
     with pytest.raises(HarnessError, match="--compile must be one of"):
-        use_compile("fast")
+        compile_mode("fast")
 
 
 def test_repeated_blocks_are_the_decoder_layers(tiny):
@@ -189,7 +189,7 @@ def test_repeated_blocks_are_the_decoder_layers(tiny):
 
 
 def test_a_compile_failure_on_the_first_step_falls_back_to_eager(tiny, smollm, cb, monkeypatch, caplog):
-    import harness.training as training
+    import harness.compiling as compiling
 
     settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
 
@@ -202,7 +202,7 @@ def test_a_compile_failure_on_the_first_step_falls_back_to_eager(tiny, smollm, c
             block._compiled_call_impl = broken
         return blocks
 
-    monkeypatch.setattr(training, "compile_blocks", compile_broken)
+    monkeypatch.setattr(compiling, "compile_blocks", compile_broken)
     runs = []
     for choice in ("on", "off"):
         torch.manual_seed(0)
@@ -219,12 +219,17 @@ def test_compiled_training_matches_eager(tiny, smollm, cb, how):
     with prompts of several lengths so the dynamic-shape graph is exercised: losses equal eager's to float
     tolerance, and the model is eager again afterwards."""
     settings = training_settings("lora", "quick", {"steps": 3, "batch_size": 2, "n_train": 4, "lr": 1e-2})
-    runs = []
+    from torch._dynamo.utils import counters
+
+    runs, graphs = [], []
     for choice in (how, "off"):
         torch.manual_seed(0)
         model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        counters.clear()
         runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", compile=choice))
+        graphs.append(counters["stats"]["unique_graphs"])
     assert runs[0].compiled and not runs[1].compiled
+    assert graphs[0] >= 1 and graphs[1] == 0  # dynamo really captured graphs, and only when asked to
     assert runs[0].work == runs[1].work
     assert all(block._compiled_call_impl is None for block in repeated_blocks(model))  # eager again afterwards
     assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-4, abs=1e-5)
