@@ -59,7 +59,8 @@ def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_di
             yield from results
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(getattr(pool, "_processes", {}).values()):
+        # shutdown() does not stop running tasks; the executor keeps its processes in a private dict
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         raise
     pool.shutdown(wait=True)

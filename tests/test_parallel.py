@@ -20,7 +20,13 @@ def _scores(store: Store) -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_reproduce_the_serial_run(tmp_path, data_dir):
+def test_two_workers_reproduce_the_serial_run(tmp_path, data_dir, monkeypatch):
+    import harness.parallel as parallel
+
+    pool_sizes = []  # the worker path was taken (its pool always trains in spawned processes)
+    real = parallel.run_groups
+    monkeypatch.setattr(parallel, "run_groups", lambda groups, workers, *a, **kw: (
+        pool_sizes.append((len(groups), workers)) or real(groups, workers, *a, **kw)))
     args = ["run", "--methods", "lora,ia3", "--tasks", "cb", "--seeds", "0", "--templates", "gpt3_style",
             "--preset", "quick", "--steps", "1", "--train-batch-size", "2", "--limit", "4", "--data-dir",
             str(data_dir), "--quiet"]
@@ -33,6 +39,7 @@ def test_two_workers_reproduce_the_serial_run(tmp_path, data_dir):
     assert all(status == "finished" for status, *_ in two.values())
     assert one == two  # CPU float32: the same numbers, whichever process trained the group
     assert {r["env"].get("workers") for r in Store(parallel).runs()} == {2}
+    assert pool_sizes == [(2, 2)]
 
 
 def test_workers_are_checked():
