@@ -27,6 +27,19 @@ from harness.store import Store
 from harness.tasks import load_task
 
 
+def group_summary(runs: list[dict]) -> dict:
+    """Per trained group ("method/seed"): what its stored runs say of the training (the same on each of its runs)."""
+    out = {}
+    for r in runs:
+        if r["method"] != "icl" and r["status"] == "finished":
+            peak = r.get("train_peak_memory_bytes")
+            out[f"{r['method']}/{r['seed']}"] = {
+                "steps": r.get("steps"), "train_seconds": r.get("train_seconds"), "loss_first": r.get("loss_first"),
+                "loss_last": r.get("loss_last"), "train_peak_memory_gib": peak / 2**30 if peak else None,
+                "workers": r.get("env", {}).get("workers")}  # None: not recorded (before --workers was)
+    return dict(sorted(out.items()))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:smollm2-135m")
@@ -74,6 +87,7 @@ def main(argv=None) -> None:
     # --steps S below the preset's: training time scales with steps (fixed shapes per step), so the full run is
     # the measured wall time plus (full / S - 1) x the training seconds of every trained group (seed x method)
     trained = {(r["method"], r["seed"]): r.get("train_seconds") or 0.0 for r in runs if r["method"] != "icl"}
+    groups = group_summary(runs)
     extra = args.extra.split()
     if "--steps" in extra and not timed_out:
         steps = int(extra[extra.index("--steps") + 1])
@@ -82,7 +96,7 @@ def main(argv=None) -> None:
     summary = {"command": " ".join(cmd), "wall_seconds": wall, "returncode": rc, "timed_out": timed_out,
                "estimated_total_seconds": estimate, "train_seconds_per_group": {f"{m}/{s}": v for (m, s), v in
                                                                                 trained.items()},
-               "runs": rows}
+               "groups": groups, "runs": rows}
     write_json(args.out, summary)
     print_table(rows, ["method", "expected_runs", "finished", "failed", "seconds", "train_seconds"])
     print(f"wall {wall:.1f} s ({wall / 60:.2f} min), rc {rc}, timed out {timed_out}, "
