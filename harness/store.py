@@ -108,20 +108,42 @@ class RunResult:
     is_random: bool = False
 
 
+BUSY_SECONDS = 120  # how long a writer waits for another process's transaction before giving up
+
+
+def _retry_while_locked(operation, seconds: float = BUSY_SECONDS):
+    """Run ``operation()``, retrying for up to ``seconds`` while SQLite says the database is locked or busy."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class Store:
     """A results store at ``path`` (created on first use)."""
 
     def __init__(self, path: str | Path = DEFAULT_STORE):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
+        db = self._connect()
+        try:
+            # WAL is a property of the file, so it is set once here, not on every connection. Switching to it
+            # can answer "database is locked" at once, without waiting, while another process opens the same
+            # new file: retry that instead of failing.
+            _retry_while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+            _retry_while_locked(lambda: db.executescript(SCHEMA))
+        finally:
+            db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA busy_timeout=120000")
         db.execute("PRAGMA foreign_keys=ON")
         return db
 
