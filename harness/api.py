@@ -147,15 +147,21 @@ def run(
 
 def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, progress: bool,
              compile: str | bool | None = "auto", workers: int = 1) -> Iterator[RunResult]:
-    env_cache: dict = {}
+    env_cache: dict[str, dict] = {}
+
+    def env_of(model: str, device) -> dict:
+        """The environment of a model's runs, described once per model (describe() runs git twice)."""
+        if model not in env_cache:
+            env_cache[model] = environment.describe(device)
+        return env_cache[model]
+
     in_context = [s for s in todo if get_method(s.method).kind in ("icl", "zeroshot")]
     trained = [s for s in todo if get_method(s.method).kind == "peft"]
     lm = None
     for spec in in_context:  # one loaded model for all in-context runs of a model
         if lm is None or lm.name != spec.model:
             lm = load(spec)
-        env = env_cache.setdefault(spec.model, environment.describe(lm.device))
-        yield run_icl(lm, spec, folder, batch_size=batch_size, progress=progress, env=env)
+        yield run_icl(lm, spec, folder, batch_size=batch_size, progress=progress, env=env_of(spec.model, lm.device))
     del lm
     if workers > 1:
         import torch
@@ -168,8 +174,8 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
     if groups and workers > 1:
         from harness.parallel import run_groups
 
-        envs = [env_cache.setdefault(g[0].model, environment.describe(resolve_device_dtype(g[0].device)[0]))
-                | {"workers": workers} for g in groups.values()]
+        envs = [env_of(g[0].model, resolve_device_dtype(g[0].device)[0]) | {"workers": workers}
+                for g in groups.values()]
         yield from run_groups(list(groups.values()), workers, folder, db.folder / "adapters", batch_size=batch_size,
                               envs=envs, compile=compile)
     elif groups:
@@ -177,7 +183,6 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
 
         for group in groups.values():
             first = group[0]
-            env = env_cache.setdefault(first.model, environment.describe(resolve_device_dtype(first.device)[0]))
             yield from run_peft_group(lambda: load(first), load_task(first.task), group, folder,
-                                      db.folder / "adapters", batch_size=batch_size, progress=progress, env=env,
-                                      compile=compile)
+                                      db.folder / "adapters", batch_size=batch_size, progress=progress,
+                                      env=env_of(first.model, resolve_device_dtype(first.device)[0]), compile=compile)
