@@ -119,7 +119,7 @@ def _retry_while_locked(operation, seconds: float = BUSY_SECONDS):
         try:
             return operation()
         except sqlite3.OperationalError as err:
-            if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > deadline:
+            if not ("locked" in str(err) or "busy" in str(err)) or time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import costs
+from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.methods.base import Overhead
-from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.scoring import encode_pair
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,6 @@ def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torc
     raise HarnessError(f"unknown optimizer {settings['optimizer']!r}; use adafactor or adamw")
 
 
-PADDING_CHOICES = ("auto", "left", "right")  # auto: right on CUDA (see train), left elsewhere
-
-
 def make_schedule(optimizer, settings: dict):
     """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant."""
     from transformers.optimization import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -277,6 +274,9 @@ def _step_values(values: torch.Tensor, weights: list[float], norm: torch.Tensor 
     n = values.shape[1]
     summed = [sum(host[m * n + j] * w for m, w in enumerate(weights)) for j in range(n)]
     return summed, (host[-1] if norm is not None else 0.0)
+
+
+PADDING_CHOICES = ("auto", "left", "right")  # auto: right on CUDA (see train), left elsewhere
 
 
 def train(model, tokenizer, train_examples: list[dict], task, settings: dict, seed: int, progress: bool = False,
