@@ -150,6 +150,15 @@ class Task:
     label_names: tuple[str, ...]
     fewshot_delimiter: str
     templates: tuple[Template, ...]
+    source: str = dataclass_field(default="", compare=False, repr=False)  # the YAML text it was parsed from
+
+    def fingerprint(self) -> str:
+        """16 hex digits of sha256 over the normalized definition: the parsed YAML with every field but
+        ``description`` (comments, key order and formatting do not count; any value that can change a number does)."""
+        raw = yaml.safe_load(self.source) if self.source else {}
+        definition = {key: value for key, value in (raw or {}).items() if key != "description"}
+        blob = json.dumps(definition, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def template(self, name: str) -> Template:
         """The template called ``name``; an unknown name raises an error naming the closest ones."""
@@ -248,7 +257,7 @@ def _load_file(path: Path, expected_name: str | None) -> Task:
         raise HarnessError(f"{where}: not valid YAML{at}: {problem}") from None
     except OSError as error:
         raise HarnessError(f"{where}: cannot read task file: {error.strerror}") from None
-    task = _task_from_mapping(raw, path, where)
+    task = _task_from_mapping(raw, path, where, source=path.read_text(encoding="utf-8"))
     if expected_name is not None and task.name != expected_name:
         raise HarnessError(f"{where}: field 'name' is {task.name!r} but the file is {path.name}; "
                            f"make them match.")
@@ -321,7 +330,21 @@ def _template_from_mapping(raw: Any, index: int, default_delimiter: str, n_label
     return Template(name=name, input=source, choices=choices, target_delimiter=delimiter)
 
 
-def _task_from_mapping(raw: Any, path: Path, where: str) -> Task:
+def task_from_text(text: str, origin: str = "<task>") -> Task:
+    """A task from its YAML ``text`` (as recorded with every run), memoised; ``origin`` names it in errors."""
+    return _task_from_text(text, origin)
+
+
+@functools.lru_cache(maxsize=64)
+def _task_from_text(text: str, origin: str) -> Task:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise HarnessError(f"{origin}: not valid YAML: {str(error).splitlines()[0]}") from None
+    return _task_from_mapping(raw, Path(origin), origin, source=text)
+
+
+def _task_from_mapping(raw: Any, path: Path, where: str, source: str = "") -> Task:
     """Validate a parsed task file and build the :class:`Task`."""
     if not isinstance(raw, dict):
         raise HarnessError(f"{where}: a task file must be a YAML mapping with fields {', '.join(REQUIRED_TASK_FIELDS)}")
@@ -380,5 +403,5 @@ def _task_from_mapping(raw: Any, path: Path, where: str) -> Task:
         name=name, path=path, description=description, hub_path=hub_path, hub_config=hub_config,
         local_files=local_files, eval_split=splits["eval_split"], train_split=splits["train_split"],
         label_field=label_field, id_field=id_field, label_names=label_names,
-        fewshot_delimiter=fewshot_delimiter, templates=templates,
+        fewshot_delimiter=fewshot_delimiter, templates=templates, source=source,
     )
