@@ -19,15 +19,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from harness import environment
-from harness.data import data_status, resolve_data_dir
+from harness import environment, identity
+from harness.data import few_shot_examples, few_shot_path, load_split, resolve_data_dir
 from harness.errors import HarnessError
 from harness.icl_runner import run_icl
 from harness.methods import get_method, training_settings
 from harness.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model, resolve_device_dtype
 from harness.spec import RunSpec, get_preset
 from harness.store import RunResult, Store
-from harness.tasks import load_task
+from harness.tasks import Task, load_task
 
 log = logging.getLogger("harness")
 
@@ -49,7 +49,12 @@ def plan(
     method_args: dict | None = None,
     train_overrides: dict | None = None,
 ) -> list[RunSpec]:
-    """Validate every name and build the grid of :class:`RunSpec` (one per task/method/template/seed)."""
+    """Validate every name and every input, and build the grid of :class:`RunSpec`.
+
+    Nothing here loads a model, yet every error that can be known before one loads is raised here: unknown
+    names, missing or malformed data, and every template rendered on every evaluation, demonstration and
+    training example the plan will use (the first failure is one line naming file, template, example and field).
+    Each spec carries the fingerprints of its inputs (:mod:`harness.identity`)."""
     preset_info = get_preset(preset)
     tasks, methods = list(tasks), list(methods)
     seeds = list(preset_info.seeds if seeds is None else seeds)
@@ -62,38 +67,112 @@ def plan(
     if k < 0:
         raise HarnessError(f"--k must be >= 0, got {k}")
     infos = [get_method(m) for m in methods]
-    loaded = [load_task(t) for t in tasks]
+    loaded = _load_tasks(tasks)
     folder = resolve_data_dir(data_dir)
-    for task in loaded:
-        status = data_status(task, folder)
-        if folder is not None and not status["found"]:
-            missing = ", ".join(str(p) for p in status.get("missing", [])) or str(folder / task.name)
-            raise HarnessError(f"no data for task {task.name!r}: looked for {missing}. Pass --data-dir (or set "
-                               "HARNESS_DATA_DIR) to a folder holding <task>/train.jsonl and validation.jsonl, "
-                               "or omit it to download from the Hub")
     check_model_name(model)
     dev, dt = resolve_device_dtype(device, dtype)
     eval_limit = limit if limit is not None else preset_info.eval_limit
-    common = dict(model=model, preset=preset, limit=eval_limit, dtype=str(dt).removeprefix("torch."),
-                  device=dev.type, kv_cache=kv_cache)
+    settings_of = {}
+    for info in infos:
+        if info.kind == "peft":
+            resolved = training_settings(info.name, preset, {**(train_overrides or {}),
+                                                              "method_args": method_args or {}})
+            settings_of[info.name] = tuple(sorted(resolved.items(), key=lambda kv: kv[0]))
+    inputs = {task.name: _task_inputs(task, folder, eval_limit, seeds, infos, k, settings_of) for task in loaded}
+    fingerprint = identity.model_fingerprint(model)  # after the data checks: a Hub id may need the network
+    common = dict(model=identity.model_display_name(model), model_path=model, model_fingerprint=fingerprint,
+                  preset=preset, limit=eval_limit, dtype=str(dt).removeprefix("torch."), device=dev.type,
+                  kv_cache=kv_cache, scoring_version=identity.SCORING_VERSION)
     specs: list[RunSpec] = []
     for task in loaded:
         chosen = task.select_templates(templates)
+        data = inputs[task.name]
         for info in infos:
-            settings = ()
-            if info.kind == "peft":
-                resolved = training_settings(info.name, preset, {**(train_overrides or {}),
-                                                                  "method_args": method_args or {}})
-                settings = tuple(sorted(resolved.items(), key=lambda kv: kv[0]))
+            settings = settings_of.get(info.name, ())
             # zero-shot does not depend on the data seed: one run per template, stored with the first seed
             run_seeds = seeds[:1] if info.kind == "zeroshot" else seeds
             for seed in run_seeds:
+                data_hash, train_hash = data.hashes(info, seed, k, settings)
                 for template in chosen:
                     specs.append(RunSpec(
                         task=task.name, method=info.name, template=template.name, seed=seed,
                         k=k if info.kind == "icl" else 0, template_fingerprint=template.fingerprint(),
-                        train=_freeze(settings), **common))
+                        train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
+                        data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text, **common))
     return specs
+
+
+def _load_tasks(names: list[str]) -> list[Task]:
+    """Tasks by name or path; two different files with one task name are an error (their runs would mix)."""
+    loaded: dict[str, Task] = {}
+    for name in names:
+        task = load_task(name)
+        earlier = loaded.get(task.name)
+        if earlier is not None and earlier.fingerprint() != task.fingerprint():
+            raise HarnessError(f"two different task files are both named {task.name!r} ({name!r} and an earlier "
+                               f"--tasks entry); rename one (its 'name' field and file name)")
+        loaded.setdefault(task.name, task)
+    return list(loaded.values())
+
+
+class _TaskInputs:
+    """The example rows a task's runs read, loaded and validated once, with their fingerprints."""
+
+    def __init__(self, task: Task, folder: Path | None, limit: int | None):
+        self.task, self.folder = task, folder
+        rows = load_split(task, task.eval_split, folder)
+        self.eval_rows = rows if limit is None else rows[:limit]
+        if not self.eval_rows:
+            raise HarnessError(f"task {task.name!r}: the {task.eval_split!r} split has no rows")
+        _check_examples(task, self.eval_rows, "evaluation")
+        self.eval_hash = identity.rows_sha256(self.eval_rows)
+        self.source = ({"kind": "local"} if folder is not None
+                       else {"kind": "hub", "path": task.hub_path, "config": task.hub_config})
+        self.source_text = str(folder / task.name) if folder is not None else f"hub:{task.hub_path}/{task.hub_config}"
+        self._few_shot: dict[tuple[int, int], tuple[str, str]] = {}
+
+    def few_shot(self, seed: int, n: int, role: str) -> tuple[str, str]:
+        """(rows sha256, origin) of the first ``n`` few-shot rows of ``seed``, checked once per (seed, n)."""
+        key = (seed, n)
+        if key not in self._few_shot:
+            rows = few_shot_examples(self.task, seed, self.folder, n=n)
+            _check_examples(self.task, rows, role)
+            path = few_shot_path(self.task, seed, self.folder)
+            origin = "tfew-subset" if path is not None and path.is_file() else "seeded-sample"
+            self._few_shot[key] = (identity.rows_sha256(rows), origin)
+        return self._few_shot[key]
+
+    def hashes(self, info, seed: int, k: int, settings: tuple) -> tuple[str, str]:
+        """(data_hash, train_data_hash) of one method and seed."""
+        parts = {"source": self.source, "eval": self.eval_hash}
+        train_hash = ""
+        if info.kind == "icl" and k > 0:
+            parts["demos"] = self.few_shot(seed, k, "demonstration")
+        elif info.kind == "peft":
+            rows_hash = self.few_shot(seed, dict(settings)["n_train"], "training")
+            train_hash = identity.data_fingerprint({"source": self.source, "train": rows_hash})
+            parts["train"] = rows_hash
+        return identity.data_fingerprint(parts), train_hash
+
+
+def _task_inputs(task: Task, folder, limit, seeds, infos, k, settings_of) -> _TaskInputs:
+    """Load and check every row the plan's runs of ``task`` will read (before any model loads)."""
+    inputs = _TaskInputs(task, folder, limit)
+    for info in infos:
+        for seed in seeds:
+            inputs.hashes(info, seed, k, settings_of.get(info.name, ()))
+    return inputs
+
+
+def _check_examples(task: Task, rows: list[dict], role: str) -> None:
+    """Render every template of ``task`` on every row; the first failure is a one-line HarnessError."""
+    checker = getattr(task, "check_examples", None)
+    if checker is not None:
+        checker(rows, role)
+        return
+    for template in task.templates:
+        for row in rows:
+            task.render(template, row)
 
 
 def _freeze(items):
@@ -132,7 +211,7 @@ def run(
     skipped = len(specs) - len(todo)
     if skipped:
         log.info("skipping %d finished run(s) already in %s", skipped, db.path)
-    load = loader or (lambda s: load_model(s.model, s.device, s.dtype))
+    load = loader or (lambda s: load_model(s.load_from, s.device, s.dtype))
     produced: list[RunResult] = []
     bar = tqdm(total=len(todo), disable=not progress, desc="runs", unit="run")
     for result in _execute(todo, load, folder, db, batch_size, progress, compile, workers):
@@ -157,10 +236,10 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
 
     in_context = [s for s in todo if get_method(s.method).kind in ("icl", "zeroshot")]
     trained = [s for s in todo if get_method(s.method).kind == "peft"]
-    lm = None
+    lm, loaded_from = None, None
     for spec in in_context:  # one loaded model for all in-context runs of a model
-        if lm is None or lm.name != spec.model:
-            lm = load(spec)
+        if lm is None or loaded_from != spec.load_from:
+            lm, loaded_from = load(spec), spec.load_from
         yield run_icl(lm, spec, folder, batch_size=batch_size, progress=progress, env=env_of(spec.model, lm.device))
     del lm
     if workers > 1:
@@ -183,6 +262,6 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
 
         for group in groups.values():
             first = group[0]
-            yield from run_peft_group(lambda: load(first), load_task(first.task), group, folder,
+            yield from run_peft_group(lambda: load(first), first.load_task(), group, folder,
                                       db.folder / "adapters", batch_size=batch_size, progress=progress,
                                       env=env_of(first.model, resolve_device_dtype(first.device)[0]), compile=compile)

@@ -175,19 +175,23 @@ def export(fmt, store, out, run_ids):
 
 
 @main.command(name="tasks")
+@click.option("--tasks", "names", default=None,
+              help="Comma-separated task names or task YAML paths [default: every built-in task and every task in "
+                   "the folders of HARNESS_TASKS_DIR].")
 @click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None, help="Local data folder. Env: HARNESS_DATA_DIR.")
-def tasks_command(data_dir):
+def tasks_command(names, data_dir):
     """List tasks with their templates, example counts and whether data was found."""
     from harness.data import data_status, resolve_data_dir
     from harness.tasks import list_tasks, load_task
 
     folder = resolve_data_dir(data_dir)
-    for name in list_tasks():
+    for name in parse_name_list(names) if names else list_tasks():
         task = load_task(name)
         st = data_status(task, folder)
         counts = ", ".join(f"{k} {v}" for k, v in st.get("counts", {}).items()) or "-"
         where = {"local": "found", "hub": "Hub (online)", "missing": "MISSING"}.get(st["source"], st["source"])
         click.echo(f"{task.name}: {task.description}")
+        click.echo(f"  file: {task.path}")
         click.echo(f"  templates: {', '.join(t.name for t in task.templates)}")
         click.echo(f"  data: {where}; {counts}; few-shot seeds: {st.get('few_shot_seeds') or '-'}")
 

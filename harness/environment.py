@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
 import torch
+
+from harness.identity import SCORING_VERSION
 
 PACKAGES = ("harness", "torch", "transformers", "peft", "tokenizers", "accelerate")
 
@@ -20,9 +23,27 @@ def _version(name: str) -> str | None:
         return None
 
 
-def git_commit() -> str | None:
-    """The commit of the harness checkout this code runs from (None outside a git checkout)."""
+def checkout_root() -> Path | None:
+    """The harness checkout this code runs from: the package folder's parent, when that folder is the top of a
+    git checkout of harness itself (a ``.git`` entry and harness's own ``pyproject.toml``); else None."""
     root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not (root / ".git").exists() or not pyproject.is_file():
+        return None
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root if re.search(r'^name\s*=\s*"harness"', text, re.MULTILINE) else None
+
+
+def git_commit() -> str | None:
+    """The commit of the harness checkout this code runs from (``-dirty`` with uncommitted changes to tracked
+    files). None when the package is not the top of a harness checkout: an installed copy, or a copy inside some
+    other repository, must not record that repository's commit; :func:`describe` records the version then."""
+    root = checkout_root()
+    if root is None:
+        return None
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -44,6 +65,8 @@ def describe(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
+        "harness_version": _version("harness"),
+        "scoring_version": SCORING_VERSION,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -20,7 +20,7 @@ from harness.models import LoadedModel
 from harness.scoring import encode_pair, metrics_from_examples, score_prompts, uncached_work
 from harness.spec import RunSpec
 from harness.store import RunResult
-from harness.tasks import Task, load_task
+from harness.tasks import Task
 
 log = logging.getLogger("harness")
 
@@ -51,7 +51,7 @@ def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, pr
     base = RunResult(run_id=spec.run_id, config=spec.config(), status="failed", env=env or {},
                      is_random=lm.is_random)
     try:
-        task = load_task(spec.task)
+        task = spec.load_task()
         template = task.template(spec.template)
         examples = load_split(task, task.eval_split, data_dir)
         if spec.limit is not None:

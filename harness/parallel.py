@@ -24,10 +24,9 @@ def _train_group(specs: list[RunSpec], data_dir, artifacts_dir: Path, batch_size
     """Worker body: load the base model and train and evaluate one group (the serial path's code)."""
     from harness.models import load_model
     from harness.peft_runner import run_peft_group
-    from harness.tasks import load_task
 
     first = specs[0]
-    return list(run_peft_group(lambda: load_model(first.model, first.device, first.dtype), load_task(first.task),
+    return list(run_peft_group(lambda: load_model(first.load_from, first.device, first.dtype), first.load_task(),
                                specs, data_dir, artifacts_dir, batch_size=batch_size, progress=False, env=env,
                                compile=compile))
 

@@ -248,12 +248,12 @@ def eval_saved(load_base: Callable[[], LoadedModel], run: dict, task, data_dir, 
 def eval_saved_command(db, run: dict, data_dir, batch_size: int = 8) -> str:
     """``harness eval --run``: re-score a stored PEFT run from its adapter and compare with the stored scores."""
     from harness.data import resolve_data_dir
-    from harness.tasks import load_task
 
     config = run["config"]
     folder = resolve_data_dir(data_dir)
-    result = eval_saved(lambda: load_model(config["model"], config.get("device", "auto"), config.get("dtype", "auto")),
-                        run, load_task(config["task"]), folder, batch_size=batch_size)
+    spec = spec_from_config(config)
+    result = eval_saved(lambda: load_model(spec.load_from, config.get("device", "auto"), config.get("dtype", "auto")),
+                        run, spec.load_task(), folder, batch_size=batch_size)
     stored = {e["example_id"]: [c["logprob"] for c in e["choices"]] for e in db.examples([run["run_id"]])}
     diffs = [abs(a - b) for ex in result.examples if ex.example_id in stored
              for a, b in zip(ex.logprobs, stored[ex.example_id])]

@@ -1,9 +1,13 @@
 """What one run is: :class:`RunSpec`, its config hash, and the presets.
 
 A run is one (task, method, template, seed, k, model) cell plus the settings that change its numbers (dtype,
-device type, evaluation limit, KV-cache on/off, training settings). Its ``run_id`` is a hash of exactly those
-fields, so running the same command again finds finished runs and skips them. Settings that cannot change a
-number (batch size, progress bars, store path) are deliberately left out of the hash.
+device type, evaluation limit, KV-cache on/off, training settings) and the fingerprints of its inputs (the task
+definition, the example rows it reads, the model's weights, the scoring code's version: :mod:`harness.identity`).
+Its ``run_id`` is a hash of exactly those fields, so running the same command again finds finished runs and skips
+them, and changing any input runs again. Settings that cannot change a number (batch size, progress bars, store
+path) are left out of the hash, and so are the fields that only say where things were found
+(:data:`NOT_HASHED`: the task's YAML text, whose normalized form ``task_hash`` is hashed; the path the model was
+loaded from, whose content ``model_fingerprint`` is hashed; the data folder).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 
 from harness.errors import HarnessError
+from harness.identity import SCORING_VERSION
 
 DEFAULT_SEEDS = (0, 1, 32, 42, 1024)
 
@@ -60,6 +65,15 @@ class RunSpec:
     kv_cache: bool = True
     template_fingerprint: str = ""
     train: tuple[tuple[str, object], ...] = ()  # sorted (key, value) pairs, hashable
+    task_hash: str = ""  # Task.fingerprint(): the normalized definition
+    data_hash: str = ""  # identity.data_fingerprint of the rows this run reads and their source
+    train_data_hash: str = ""  # the training rows alone (PEFT; shared by the group's templates)
+    model_fingerprint: str = ""  # identity.model_fingerprint: weights, Hub revision or random config + seed
+    scoring_version: int = SCORING_VERSION
+    # recorded, not hashed (NOT_HASHED):
+    task_source: str = ""  # the task file's YAML text, so eval/report never need to find the file again
+    model_path: str = ""  # the --model string the weights are loaded from (``model`` is its display name)
+    data_source: str = ""  # where the rows were read (folder or Hub dataset)
 
     def __post_init__(self):
         if self.k < 0:
@@ -73,16 +87,35 @@ class RunSpec:
         out["train"] = dict(self.train)
         return out
 
+    def identity(self) -> dict:
+        """The fields the run id hashes: :meth:`config` without :data:`NOT_HASHED`."""
+        return {key: value for key, value in self.config().items() if key not in NOT_HASHED}
+
     @property
     def run_id(self) -> str:
-        """16 hex digits of sha256 over the canonical JSON of :meth:`config`."""
-        blob = json.dumps(self.config(), sort_keys=True, default=str)
+        """16 hex digits of sha256 over the canonical JSON of :meth:`identity`."""
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def load_from(self) -> str:
+        """The --model string to load the weights from."""
+        return self.model_path or self.model
+
+    def load_task(self):
+        """This run's task, from the recorded YAML text (by name only for specs made without it)."""
+        from harness.tasks import load_task, task_from_text
+
+        return task_from_text(self.task_source, f"{self.task}.yaml") if self.task_source else load_task(self.task)
 
     @property
     def train_group(self) -> tuple:
         """Runs sharing this key share one trained adapter (all templates of a task/method/seed)."""
-        return (self.task, self.method, self.seed, self.model, self.preset, self.dtype, self.device, self.train)
+        return (self.task, self.method, self.seed, self.model, self.preset, self.dtype, self.device, self.train,
+                self.task_hash, self.train_data_hash, self.model_fingerprint, self.scoring_version)
+
+
+NOT_HASHED = ("task_source", "model_path", "data_source")
 
 
 def parse_int_list(text: str | None, what: str) -> list[int]:

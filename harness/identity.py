@@ -1,0 +1,151 @@
+"""What makes two runs the same run: fingerprints of the model, the data and the code's numerics.
+
+A run's id (:attr:`harness.spec.RunSpec.run_id`) hashes every input that can change its numbers. Besides the
+grid coordinates and settings, that is:
+
+- ``task_hash``: the normalized task definition (:meth:`harness.tasks.Task.fingerprint`);
+- ``data_hash``: :func:`data_fingerprint` of the example rows the run actually reads (evaluation rows after
+  ``--limit``, the demonstrations of an ICL run, the training rows of a PEFT run) and of where they came from
+  (local files or the Hub; the T-Few subset file or the seeded fallback sample);
+- ``model_fingerprint``: :func:`model_fingerprint`: a sha256 of the weights file (GGUF) or of every file of a
+  local folder, the Hub commit of a Hub id, or the config and seed of a ``random:`` model; cached per file by
+  (path, size, mtime) so a 100 MB file is read once, not once per run;
+- ``scoring_version``: :data:`SCORING_VERSION`, bumped by hand whenever scoring or training numerics change
+  (tokenization, the scorer, losses, optimizer semantics, schedule), so stores made by older code re-run.
+
+Changing any of these makes new run ids (the old runs stay in the store, untouched); unchanged inputs keep
+their ids, so finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+# Bump when a change to scoring, tokenization, losses, the optimizer or the schedule changes any stored number.
+# 2: T-Few's Adafactor options per method, n_chars without the delimiter, the new task fields.
+SCORING_VERSION = 2
+
+_HASH_CHUNK = 1 << 20
+
+
+def rows_sha256(rows: list[dict]) -> str:
+    """sha256 of example rows in order (canonical JSON per row: key order does not count, values do)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def data_fingerprint(parts: dict) -> str:
+    """16 hex digits over ``parts``: {"source": ..., "eval": rows_sha256, "demos"/"train": rows_sha256, ...}."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- models
+
+def _fingerprint_cache() -> Path:
+    from harness.models import cache_dir
+
+    return cache_dir() / "fingerprints.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (resolved path, size, mtime_ns) in the harness cache folder."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache_file = _fingerprint_cache()
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    cached[key] = value
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cached, sort_keys=True))
+        os.replace(tmp, cache_file)
+    except OSError:  # a read-only cache only costs a re-hash next time
+        pass
+    return value
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over (relative name, file sha256) of every regular file under ``folder`` (hidden files skipped)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _hub_revision(name: str) -> str:
+    """The commit of Hub model ``name``: from the local Hub cache if present, else asked of the Hub."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, local_files_only=True)
+        return Path(folder).name
+    except Exception:  # noqa: BLE001 - not cached: ask the Hub
+        pass
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(name).sha
+    except Exception as error:  # noqa: BLE001 - offline, unknown id, auth
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HarnessError(f"cannot resolve the Hub revision of model {name!r} ({reason}); pass a local folder or "
+                           "a .gguf file, or run online once") from None
+    if not sha:
+        raise HarnessError(f"the Hub gave no revision for model {name!r}; pass a local folder or a .gguf file")
+    return sha
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies ``--model name``'s weights (and tokenizer): see the module docstring."""
+    from harness.models import EMBEDDED, embedded_gguf
+
+    if name.startswith("random:"):
+        from harness.random_models import DEFAULT_SEED, config_path
+
+        random_name = name.split(":", 1)[1]
+        config = config_path(random_name)
+        text = config.read_bytes() if config.is_file() else random_name.encode()
+        return f"random:{hashlib.sha256(text).hexdigest()[:16]}:seed{DEFAULT_SEED}"
+    if name in EMBEDDED:
+        return f"sha256:{file_sha256(embedded_gguf(name))[:16]}"
+    path = Path(name).expanduser()
+    if path.is_file():
+        return f"sha256:{file_sha256(path)[:16]}"
+    if path.is_dir():
+        return f"sha256-folder:{folder_sha256(path)[:16]}"
+    return f"hub:{name}@{_hub_revision(name)}"
+
+
+def model_display_name(name: str) -> str:
+    """How a model is shown and grouped in tables: the embedded, random or Hub name as given, or the file or
+    folder name of a local path (never a temporary folder's full path)."""
+    from harness.models import EMBEDDED
+
+    if name.startswith("random:") or name in EMBEDDED:
+        return name
+    path = Path(name).expanduser()
+    if path.exists():
+        return path.resolve().name
+    return name  # a Hub id such as org/model

@@ -1,0 +1,186 @@
+"""Run identity: what re-runs a finished run and what does not (issue "numbers users can trust").
+
+Each row of IDENTITY_CASES changes one input of a plan (the task file, the data, the model file, the code's
+scoring version, a setting) and says whether the run ids must change. Plans are built without loading a model;
+one slow test checks the store end to end with the real model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import api, identity
+from harness.errors import HarnessError
+from harness.store import Store
+
+TASK_YAML = Path(__file__).resolve().parents[1] / "tasks" / "cb.yaml"
+
+
+@pytest.fixture
+def world(tmp_path, data_dir):
+    """A private copy of cb (task file + data) and a fake weights file, so every input can be edited."""
+    tasks, data = tmp_path / "tasks", tmp_path / "data"
+    tasks.mkdir()
+    (tasks / "cb.yaml").write_text(TASK_YAML.read_text())
+    shutil.copytree(data_dir / "cb", data / "cb")
+    weights = tmp_path / "models" / "tiny.gguf"
+    weights.parent.mkdir()
+    weights.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    return {"task": tasks / "cb.yaml", "data": data, "weights": weights, "root": tmp_path}
+
+
+def _ids(world, methods=("zeroshot", "icl", "lora"), **overrides) -> dict:
+    args = dict(seeds=[0], templates="all", preset="quick", limit=4, k=2, data_dir=world["data"],
+                model=str(world["weights"]), device="cpu", dtype="float32")
+    args.update(overrides)
+    specs = api.plan([str(world["task"])], list(methods), **args)
+    return {(s.method, s.template, s.seed): s.run_id for s in specs}
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def _replace_row(path: Path, line: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    assert old in lines[line]
+    lines[line] = lines[line].replace(old, new, 1)
+    path.write_text("".join(lines))
+
+
+def _move_weights(world):
+    moved = world["root"] / "elsewhere" / "tiny.gguf"
+    moved.parent.mkdir()
+    shutil.copy(world["weights"], moved)
+    world["weights"] = moved
+
+
+# (what changed, how, which methods' runs must re-run; the others must keep their ids)
+IDENTITY_CASES = [
+    ("nothing", lambda w: None, set()),
+    ("fewshot_delimiter", lambda w: _edit(w["task"], 'fewshot_delimiter: "\\n\\n"', 'fewshot_delimiter: "\\n"'),
+     {"zeroshot", "icl", "lora"}),
+    ("description only", lambda w: _edit(w["task"], "description: CommitmentBank", "description: CB"), set()),
+    ("a YAML comment", lambda w: w["task"].write_text("# a comment\n" + w["task"].read_text()), set()),
+    ("one template's answer word", lambda w: _edit(w["task"], '"Neither"', '"Maybe"'), {"zeroshot", "icl", "lora"}),
+    ("an evaluation row", lambda w: _replace_row(w["data"] / "cb" / "validation.jsonl", 0, '"premise": "',
+                                                 '"premise": "So '), {"zeroshot", "icl", "lora"}),
+    ("an evaluation row past --limit", lambda w: _replace_row(w["data"] / "cb" / "validation.jsonl", 10,
+                                                              '"premise": "', '"premise": "So '), set()),
+    ("a few-shot row (demonstration and training)",
+     lambda w: _replace_row(w["data"] / "cb" / "few_shot" / "0_seed.jsonl", 0, '"premise": "', '"premise": "So '),
+     {"icl", "lora"}),
+    ("T-Few subset file removed (seeded fallback sample)",
+     lambda w: (w["data"] / "cb" / "few_shot" / "0_seed.jsonl").unlink(), {"icl", "lora"}),
+    ("model weights", lambda w: w["weights"].write_bytes(w["weights"].read_bytes() + b"\0"),
+     {"zeroshot", "icl", "lora"}),
+    ("same weights at another path", _move_weights, set()),
+]
+
+
+@pytest.mark.parametrize("what,change,reruns", IDENTITY_CASES, ids=[c[0] for c in IDENTITY_CASES])
+def test_what_changes_the_run_id(world, what, change, reruns):
+    before = _ids(world)
+    change(world)
+    after = _ids(world)
+    assert before.keys() == after.keys()
+    changed = {key[0] for key in before if before[key] != after[key]}
+    kept = {key[0] for key in before if before[key] == after[key]}
+    assert changed == reruns, what
+    assert kept == {"zeroshot", "icl", "lora"} - reruns, what
+
+
+def test_scoring_version_changes_every_id(world, monkeypatch):
+    before = _ids(world)
+    monkeypatch.setattr(identity, "SCORING_VERSION", identity.SCORING_VERSION + 1)
+    after = _ids(world)
+    assert all(before[key] != after[key] for key in before)
+
+
+def test_settings_that_cannot_change_numbers_keep_ids(world):
+    assert _ids(world) == _ids(world, methods=("zeroshot", "icl", "lora"))
+    assert _ids(world, limit=4) != _ids(world, limit=5)  # a different evaluation set
+
+
+def test_model_is_shown_by_file_name_not_path(world):
+    specs = api.plan([str(world["task"])], ["zeroshot"], seeds=[0], preset="quick", limit=2,
+                     data_dir=world["data"], model=str(world["weights"]), device="cpu", dtype="float32")
+    assert {s.model for s in specs} == {"tiny.gguf"}
+    assert {s.model_path for s in specs} == {str(world["weights"])}
+    assert all(s.model_fingerprint.startswith("sha256:") for s in specs)
+
+
+def test_spec_records_the_task_text_so_nothing_reloads_it_by_name(world):
+    specs = api.plan([str(world["task"])], ["zeroshot"], seeds=[0], preset="quick", limit=2,
+                     data_dir=world["data"], model=str(world["weights"]), device="cpu", dtype="float32")
+    world["task"].unlink()  # the file is gone: runs, eval and reports still know the task
+    task = specs[0].load_task()
+    assert task.name == "cb" and task.fingerprint() == specs[0].task_hash
+
+
+def test_rendering_errors_are_caught_before_any_model_load(world, monkeypatch):
+    import harness.models
+
+    monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    _edit(world["task"], "{{ hypothesis | trim }}", "{{ hypothesys | trim }}")
+    with pytest.raises(HarnessError) as error:
+        _ids(world)
+    message = str(error.value)
+    assert "\n" not in message and "hypothesys" in message and "cb" in message
+
+
+def test_a_label_outside_the_choices_is_caught_in_training_rows(world):
+    _replace_row(world["data"] / "cb" / "few_shot" / "0_seed.jsonl", 0, '"label": ', '"label": 7, "x": ')
+    with pytest.raises(HarnessError) as error:
+        _ids(world, methods=("lora",))
+    assert "7" in str(error.value) and "\n" not in str(error.value)
+    _ids(world, methods=("zeroshot",))  # zero-shot reads no training rows: fine
+
+
+def test_two_task_files_with_one_name_are_refused(world):
+    other = world["root"] / "other" / "cb.yaml"
+    other.parent.mkdir()
+    other.write_text(world["task"].read_text().replace('"Neither"', '"Maybe"'))
+    with pytest.raises(HarnessError, match="two different task files"):
+        api.plan([str(world["task"]), str(other)], ["zeroshot"], seeds=[0], preset="quick", limit=2,
+                 data_dir=world["data"], model=str(world["weights"]), device="cpu", dtype="float32")
+
+
+def test_model_fingerprint_is_cached_and_follows_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "w.gguf"
+    weights.write_bytes(b"a" * 1000)
+    first = identity.model_fingerprint(str(weights))
+    assert (tmp_path / "cache" / "fingerprints.json").is_file()
+    calls = []
+    monkeypatch.setattr(identity.hashlib, "sha256", lambda *a: calls.append(a) or pytest.fail("re-hashed"))
+    assert identity.model_fingerprint(str(weights)) == first  # from the cache
+    monkeypatch.undo()
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    weights.write_bytes(b"b" * 1000)
+    assert identity.model_fingerprint(str(weights)) != first
+    assert identity.model_fingerprint("random:smollm2-135m").startswith("random:")
+
+
+@pytest.mark.slow
+def test_store_reruns_a_changed_task_and_skips_an_unchanged_one(world, smollm):
+    """End to end: the fewshot_delimiter change that once printed "0 executed, 5 already in store"."""
+    store = Store(world["root"] / "s.sqlite")
+
+    def go():
+        specs = api.plan([str(world["task"])], ["icl"], seeds=[0], templates="gpt3_style", preset="quick",
+                         limit=2, k=2, data_dir=world["data"], device="cpu", dtype="float32")
+        return api.run(specs, store=store, data_dir=world["data"], progress=False, loader=lambda spec: smollm)
+
+    first = go()
+    assert [r.status for r in first] == ["finished"], first[0].error
+    assert go() == []  # unchanged: skipped
+    _edit(world["task"], 'fewshot_delimiter: "\\n\\n"', 'fewshot_delimiter: "\\n###\\n"')
+    again = go()
+    assert len(again) == 1 and again[0].status == "finished"
+    assert len(store.runs()) == 2  # the old run is kept, not overwritten
