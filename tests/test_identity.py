@@ -184,3 +184,31 @@ def test_store_reruns_a_changed_task_and_skips_an_unchanged_one(world, smollm):
     again = go()
     assert len(again) == 1 and again[0].status == "finished"
     assert len(store.runs()) == 2  # the old run is kept, not overwritten
+
+
+def test_a_harness_copied_into_another_repository_records_no_foreign_commit(tmp_path):
+    """git_commit() is the harness checkout's commit, never that of a repository that merely encloses a copy."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "user-repo"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "harness", repo / "vendor" / "harness",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "user"], check=True)
+    code = "from harness import environment as e; print(e.checkout_root(), e.git_commit())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo / "vendor", capture_output=True, text=True,
+                         env={"PYTHONPATH": str(repo / "vendor"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None"]
+
+
+def test_the_harness_checkout_records_its_commit():
+    from harness import environment
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not running from a git checkout")
+    assert environment.checkout_root() == root
+    assert environment.git_commit() and len(environment.git_commit().removesuffix("-dirty")) == 40
