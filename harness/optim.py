@@ -1,20 +1,39 @@
 """Adafactor for few-shot PEFT training: transformers' update, without its per-parameter kernel storm.
 
+T-Few (r-three/t-few ``src/utils/get_optimizer.py``) trains with ``transformers.Adafactor(params, lr=config.lr,
+weight_decay=config.weight_decay, scale_parameter=config.scale_parameter, relative_step=False,
+warmup_init=False)``: a fixed learning rate (given by the schedule), no first moment (``beta1=None``), and
+parameter scaling on or off per method (``scale_parameter``: True by default in ``src/utils/Config.py``, False in
+the prompt-tuning configs). :func:`harness.training.make_optimizer` uses transformers' class itself on the CPU and
+this one on CUDA; ``tests/test_optim.py`` checks that both give the same parameters after every step.
+
+``torch.optim.Adafactor`` (torch >= 2.5) is not the same optimizer and is not used: it always takes a relative
+step ``min(lr, 1 / sqrt(t))`` and always scales it by ``max(eps2, RMS(param))`` (no ``scale_parameter=False``, no
+``relative_step=False``: prompt tuning's lr 0.3 would be capped at ``1 / sqrt(t)`` from step 12 on), it clamps the
+second-moment estimate at ``eps1**2`` instead of adding ``eps1`` to ``grad**2``, normalizes the factored row
+statistic differently, and decays weights by ``1 - lr * weight_decay``. Its second-moment decay is the same,
+``beta2_t = 1 - t**-0.8``.
+
 ``transformers.optimization.Adafactor`` loops over parameters in Python and launches ~20-30 small CUDA kernels per
 parameter per step; with (IA)^3 on a 30-layer model (90 tiny 1-D vectors) the training step is host-bound. This
-class computes the same update for the configuration the harness uses (``scale_parameter=False,
-relative_step=False, warmup_init=False, beta1=None``), but the unfactored (< 2-D) parameters of a group that share
-device, dtype and step count are updated together: laid end to end in flat buffers (their ``exp_avg_sq`` states are
-views of one), with per-parameter RMS from one ``torch._foreach_norm`` and the result written back by one
-``torch._foreach_copy_``. One step issues 18 ops (20 for 16-bit parameters) however many such parameters there are.
-Factored (>= 2-D) parameters, few in PEFT, keep a per-tensor loop (HF's ops minus the unused ones).
+class computes the same update for T-Few's configuration (``relative_step=False, warmup_init=False, beta1=None``,
+``scale_parameter`` either way), but the unfactored (< 2-D) parameters of a group that share device, dtype and
+step count are updated together: laid end to end in flat buffers (their ``exp_avg_sq`` states are views of one),
+with per-parameter RMS from one ``torch._foreach_norm`` and the result written back by one ``torch._foreach_copy_``.
+The number of ops of one step does not depend on how many such parameters there are (18 ops, 20 for 16-bit
+parameters; ``scale_parameter=True`` adds 8 for the parameters' RMS, 11 with weight decay: counted in
+``tests/test_optim.py``). Factored
+(>= 2-D) parameters, few in PEFT, keep a per-tensor loop (HF's ops minus the unused ones).
 
-The numerics follow HF op for op (bit-identical on CPU; on CUDA within float32 rounding): float32 compute and moments
-for 16-bit parameters, ``beta2t = 1 - step**decay_rate``, a second moment of ``grad**2 + eps[0]`` (factored into
-row/column means for >= 2-D parameters), ``update = rsqrt(second moment) * grad``, divided by ``max(1, rms(update) /
-clip_threshold)``, times ``lr``; then ``p += p * (-weight_decay * lr)`` and ``p -= update``. HF's unused
-``state["RMS"]`` is not computed. ``lr`` is read from ``group["lr"]`` each step, so learning-rate schedulers work;
-nothing in ``step()`` waits for the device.
+The numerics follow HF op for op: float32 compute and moments for 16-bit parameters, ``beta2t = 1 -
+step**decay_rate``, a second moment of ``grad**2 + eps[0]`` (factored into row/column means for >= 2-D
+parameters), ``update = rsqrt(second moment) * grad``, divided by ``max(1, rms(update) / clip_threshold)``, times
+the step size ``lr`` (with ``scale_parameter``: ``lr * max(eps[1], rms(param))``, the parameter's RMS before the
+update, as HF's ``state["RMS"]``); then ``p += p * (-weight_decay * step size)`` and ``p -= update``. On the CPU
+the parameters and states are bit-identical to HF's (weight decay with ``scale_parameter=True`` and parameters
+whose RMS is below ``eps[1]`` aside: there the step size is rounded differently, within 1e-6); on CUDA within
+float32 rounding. HF's ``state["RMS"]`` is not kept. ``lr`` is read from ``group["lr"]`` each step, so
+learning-rate schedulers work; nothing in ``step()`` waits for the device.
 """
 
 from __future__ import annotations
@@ -58,15 +77,18 @@ class _Flat:
 
 
 class Adafactor(torch.optim.Optimizer):
-    """transformers' Adafactor with a fixed ``lr`` (no relative step, no parameter scaling, no first moment)."""
+    """transformers' Adafactor with ``relative_step=False, warmup_init=False, beta1=None``: a fixed ``lr`` (set by
+    the schedule), no first moment; ``scale_parameter`` as transformers' (default True, as there)."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,
                  weight_decay: float = 0.0, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8) -> None:
+                 decay_rate: float = -0.8, scale_parameter: bool = True) -> None:
         if lr is None or lr < 0.0:
             raise ValueError(f"Adafactor needs a learning rate >= 0, got {lr!r}")
+        if not isinstance(scale_parameter, bool):
+            raise ValueError(f"scale_parameter must be True or False, got {scale_parameter!r}")
         defaults = {"lr": lr, "weight_decay": weight_decay, "eps": eps, "clip_threshold": clip_threshold,
-                    "decay_rate": decay_rate}
+                    "decay_rate": decay_rate, "scale_parameter": scale_parameter}
         super().__init__(params, defaults)
         # (group index, device, param dtype, grad dtype) -> that bucket's flat buffers, rebuilt when its params change
         self._flats: dict[tuple[Any, ...], _Flat] = {}
@@ -119,14 +141,20 @@ class Adafactor(torch.optim.Optimizer):
         update = torch.mul(grad, grad).add_(group["eps"][0])
         row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
         col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+        step_size = lr
+        if group["scale_parameter"]:  # HF's _get_lr: max(eps[1], RMS of the parameter before the update) * lr
+            rms = p32.norm(2) / p32.numel() ** 0.5  # 0-d; torch.where, not max(): no wait for the device
+            step_size = torch.where(rms > group["eps"][1], rms * lr, rms.new_full((), group["eps"][1] * lr))
         r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # (..., rows, 1)
         c_factor = col.unsqueeze(-2).rsqrt()  # (..., 1, cols)
         update = torch.mul(r_factor, c_factor).mul_(grad)
         denom = update.norm(2) / update.numel() ** 0.5  # rms, 0-d
         if clip != 1.0:
             denom.div_(clip)
-        update.div_(denom.clamp_(min=1.0)).mul_(lr)
-        if wd != 0:
+        update.div_(denom.clamp_(min=1.0)).mul_(step_size)
+        if wd != 0 and group["scale_parameter"]:  # HF: p.add_(p, alpha=-wd * step size), a 0-d tensor here
+            p32.add_(p32 * step_size.mul(-wd))
+        elif wd != 0:
             p32.add_(p32, alpha=-wd * lr)
         p32.sub_(update)
         if p32 is not p:
@@ -148,14 +176,26 @@ class Adafactor(torch.optim.Optimizer):
             p32 = flat.p32.copy_(torch.cat(params_1d))
         update = torch.mul(grad, grad).add_(group["eps"][0])  # grad**2 + eps[0]
         flat.v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+        if group["scale_parameter"]:
+            # HF's _get_lr per parameter: RMS(param) * lr where RMS > eps[1], else eps[1] * lr (a Python float
+            # there, rounded to float32 by the multiply), as one (N,) vector
+            rms = torch.stack(torch._foreach_norm(flat.p32_views)).div_(flat.sqrt_numel)
+            eps2 = group["eps"][1]
+            step_size = torch.where(rms > eps2, rms * lr, rms.new_full((), eps2 * lr))  # (N,)
         update = torch.rsqrt(flat.v, out=flat.u).mul_(grad)
         # per-parameter max(1, rms / clip) as one (N,) vector, then broadcast to the (T,) elements by one gather
         denom = torch.stack(torch._foreach_norm(flat.u_views)).div_(flat.sqrt_numel)
         if clip != 1.0:
             denom.div_(clip)
-        update.div_(denom.clamp_(min=1.0).index_select(0, flat.segment_ids)).mul_(lr)
-        if wd != 0:
-            p32.add_(p32, alpha=-wd * lr)
+        update.div_(denom.clamp_(min=1.0).index_select(0, flat.segment_ids))
+        if group["scale_parameter"]:
+            update.mul_(step_size.index_select(0, flat.segment_ids))
+            if wd != 0:  # HF: p.add_(p, alpha=-wd * step size), one step size per parameter
+                p32.add_(p32 * step_size.mul(-wd).index_select(0, flat.segment_ids))
+        else:
+            update.mul_(lr)
+            if wd != 0:
+                p32.add_(p32, alpha=-wd * lr)
         p32.sub_(update)
         torch._foreach_copy_(params_1d, flat.p32_views)
 

@@ -1,8 +1,11 @@
-"""harness.optim.Adafactor against transformers' Adafactor (the configuration the harness used), on CPU, no model.
+"""harness.optim.Adafactor against transformers' Adafactor (the reference: T-Few's optimizer, r-three/t-few
+``src/utils/get_optimizer.py``, with ``relative_step=False, warmup_init=False`` and ``scale_parameter`` True or
+False), on CPU, no model.
 
-Checks the update over 50 scheduled steps (float32 and bfloat16, within tolerance and, on CPU, bit for bit, state
-included), parameters without grads (skipped; their own step counts), a state_dict round trip, and that unfactored
-parameters go through one foreach pass per group, in a fixed number of ops whatever their count.
+Checks the parameters after every one of 50 scheduled steps (float32 within 1e-6, bfloat16 within tolerance and,
+on CPU, bit for bit with the state), parameters without grads (skipped; their own step counts), a state_dict round
+trip, and that unfactored parameters go through one foreach pass per group, in a fixed number of ops whatever
+their count; each for ``scale_parameter`` True and False.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ def set_grads(params: list[torch.Tensor], step: int, skip: tuple[int, ...] = ())
         p.grad = None if i in skip else grad.to(p.dtype)
 
 
-def hf(params: list[torch.Tensor], lr: float, weight_decay: float) -> HFAdafactor:
-    return HFAdafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
-                       warmup_init=False)
+def hf(params: list[torch.Tensor], lr: float, weight_decay: float, scale_parameter: bool) -> HFAdafactor:
+    """T-Few's construction (src/utils/get_optimizer.py): relative_step and warmup_init always False."""
+    return HFAdafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                       relative_step=False, warmup_init=False)
 
 
 def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, start: int = 0,
@@ -56,12 +60,46 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item() for x, y in zip(a, b))
 
 
+SCALE = pytest.mark.parametrize("scale_parameter", [True, False])
+
+
+@SCALE
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_equals_transformers_adafactor_after_every_step(weight_decay: float, scale_parameter: bool) -> None:
+    """float32 parameters within 1e-6 (relative to the largest element of each) after each of 50 scheduled steps,
+    the warmup's first step (lr 0) included; parameters of very different RMS, some below eps[1] = 1e-3 (their
+    step size is lr * 1e-3 with scale_parameter), so both branches of HF's max(eps[1], RMS) are taken."""
+    ours, ref = make_params(torch.float32), make_params(torch.float32)
+    for params in (ours, ref):
+        with torch.no_grad():
+            params[2].mul_(1e-5)  # RMS below eps[1]
+            params[6].mul_(1e-4)
+    start = [p.detach().clone() for p in ours]
+    opt_ours = Adafactor(ours, lr=3e-2, weight_decay=weight_decay, scale_parameter=scale_parameter)
+    opt_ref = hf(ref, lr=3e-2, weight_decay=weight_decay, scale_parameter=scale_parameter)
+    sched = [get_linear_schedule_with_warmup(o, num_warmup_steps=5, num_training_steps=50) for o in (opt_ours, opt_ref)]
+    worst = 0.0
+    for step in range(50):
+        for opt, s, params in ((opt_ours, sched[0], ours), (opt_ref, sched[1], ref)):
+            set_grads(params, step)
+            opt.step()
+            s.step()
+        worst = max(worst, max_rel_diff(ours, ref))
+        assert worst < 1e-6, (step, worst)
+    assert all(not torch.equal(p, q) for p, q in zip(ours, start))  # every parameter moved
+    # scale_parameter changes the update: the same run with the other setting ends elsewhere
+    other = [q.clone() for q in start]
+    run(hf(other, lr=3e-2, weight_decay=weight_decay, scale_parameter=not scale_parameter), other, 50)
+    assert max_rel_diff(other, ref) > 1e-2
+
+
+@SCALE
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_transformers_adafactor(dtype: torch.dtype, weight_decay: float) -> None:
+def test_matches_transformers_adafactor(dtype: torch.dtype, weight_decay: float, scale_parameter: bool) -> None:
     ours, ref = make_params(dtype), make_params(dtype)
-    run(Adafactor(ours, lr=3e-2, weight_decay=weight_decay), ours, 50)
-    run(hf(ref, lr=3e-2, weight_decay=weight_decay), ref, 50)
+    run(Adafactor(ours, lr=3e-2, weight_decay=weight_decay, scale_parameter=scale_parameter), ours, 50)
+    run(hf(ref, lr=3e-2, weight_decay=weight_decay, scale_parameter=scale_parameter), ref, 50)
     assert not any(torch.equal(p, q) for p, q in zip(ours, make_params(dtype)))  # every parameter moved
     if dtype == torch.float32:
         assert max_rel_diff(ours, ref) < 1e-6
@@ -71,10 +109,14 @@ def test_matches_transformers_adafactor(dtype: torch.dtype, weight_decay: float)
         assert max_rel_diff(ours, ref) < 2e-2
 
 
+@pytest.mark.parametrize("scale_parameter, weight_decay", [(False, 1e-2), (False, 0.0), (True, 0.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bit_identical_on_cpu_state_included(dtype: torch.dtype) -> None:
+def test_bit_identical_on_cpu_state_included(dtype: torch.dtype, scale_parameter: bool, weight_decay: float) -> None:
+    """Bit for bit where the step size is computed as HF computes it (with scale_parameter and weight decay the
+    decay's factor is rounded once more here: within 1e-6, test above)."""
     ours, ref = make_params(dtype), make_params(dtype)
-    opt_ours, opt_ref = Adafactor(ours, lr=3e-2, weight_decay=1e-2), hf(ref, lr=3e-2, weight_decay=1e-2)
+    opt_ours = Adafactor(ours, lr=3e-2, weight_decay=weight_decay, scale_parameter=scale_parameter)
+    opt_ref = hf(ref, lr=3e-2, weight_decay=weight_decay, scale_parameter=scale_parameter)
     run(opt_ours, ours, 50)
     run(opt_ref, ref, 50)
     assert all(torch.equal(p, q) for p, q in zip(ours, ref))
@@ -85,21 +127,24 @@ def test_bit_identical_on_cpu_state_included(dtype: torch.dtype) -> None:
             assert value == opt_ours.state[p][key] if key == "step" else torch.equal(value, opt_ours.state[p][key])
 
 
-def test_parameter_without_grad_is_skipped() -> None:
+@SCALE
+def test_parameter_without_grad_is_skipped(scale_parameter: bool) -> None:
     ours, ref = make_params(torch.float32), make_params(torch.float32)
-    opt = Adafactor(ours, lr=1e-2)
+    opt = Adafactor(ours, lr=1e-2, scale_parameter=scale_parameter)
     run(opt, ours, 10, skip=(1, 5))
-    run(hf(ref, lr=1e-2, weight_decay=0.0), ref, 10, skip=(1, 5))
+    run(hf(ref, lr=1e-2, weight_decay=0.0, scale_parameter=scale_parameter), ref, 10, skip=(1, 5))
     for i in (1, 5):
         assert len(opt.state[ours[i]]) == 0
         assert torch.equal(ours[i], make_params(torch.float32)[i])
     assert max_rel_diff(ours, ref) < 1e-6
 
 
-def test_steps_differ_per_parameter_like_transformers() -> None:
+@SCALE
+def test_steps_differ_per_parameter_like_transformers(scale_parameter: bool) -> None:
     """A parameter that missed steps has its own step count (and beta2t), as in HF: separate foreach buckets."""
     ours, ref = make_params(torch.float32), make_params(torch.float32)
-    opt_ours, opt_ref = Adafactor(ours, lr=1e-2), hf(ref, lr=1e-2, weight_decay=0.0)
+    opt_ours = Adafactor(ours, lr=1e-2, scale_parameter=scale_parameter)
+    opt_ref = hf(ref, lr=1e-2, weight_decay=0.0, scale_parameter=scale_parameter)
     run(opt_ours, ours, 3, skip=(0, 3))
     run(opt_ref, ref, 3, skip=(0, 3))
     run(opt_ours, ours, 5, start=3)
@@ -108,24 +153,27 @@ def test_steps_differ_per_parameter_like_transformers() -> None:
     assert all(torch.equal(p, q) for p, q in zip(ours, ref))
 
 
+@SCALE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip(dtype: torch.dtype) -> None:
+def test_state_dict_round_trip(dtype: torch.dtype, scale_parameter: bool) -> None:
     straight = make_params(dtype)
-    run(Adafactor(straight, lr=1e-2, weight_decay=1e-2), straight, 10)
+    run(Adafactor(straight, lr=1e-2, weight_decay=1e-2, scale_parameter=scale_parameter), straight, 10)
 
     resumed = make_params(dtype)
-    first = Adafactor(resumed, lr=1e-2, weight_decay=1e-2)
+    first = Adafactor(resumed, lr=1e-2, weight_decay=1e-2, scale_parameter=scale_parameter)
     run(first, resumed, 5)
     saved = copy.deepcopy(first.state_dict())
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in resumed]
-    second = Adafactor(resumed, lr=1e-2, weight_decay=1e-2)
-    second.load_state_dict(saved)
+    second = Adafactor(resumed, lr=1e-2, weight_decay=1e-2, scale_parameter=not scale_parameter)
+    second.load_state_dict(saved)  # the saved groups' options win, scale_parameter included
+    assert second.param_groups[0]["scale_parameter"] == scale_parameter
     assert second.state[resumed[0]]["exp_avg_sq"].dtype == torch.float32  # float32 moments, as before saving
     run(second, resumed, 5, start=5)
     assert all(torch.equal(p, q) for p, q in zip(resumed, straight))
 
 
-def test_foreach_norm_once_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+@SCALE
+def test_foreach_norm_once_per_group(monkeypatch: pytest.MonkeyPatch, scale_parameter: bool) -> None:
     calls: list[int] = []
     real = torch._foreach_norm
 
@@ -135,10 +183,13 @@ def test_foreach_norm_once_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch, "_foreach_norm", counting)
     params = make_params(torch.float32)
-    opt = Adafactor([{"params": params[:4]}, {"params": params[4:], "lr": 1e-3}], lr=1e-2)
+    opt = Adafactor([{"params": params[:4]}, {"params": params[4:], "lr": 1e-3}], lr=1e-2,
+                    scale_parameter=scale_parameter)
     set_grads(params, 0)
     opt.step()
-    assert calls == [4, 2]  # group 1: (7,), (64,), (1,), (300,); group 2: (), (33,) -- the >= 2-D ones loop
+    # group 1: (7,), (64,), (1,), (300,); group 2: (), (33,) -- the >= 2-D ones loop; scale_parameter: the
+    # parameters' RMS first, then the updates'
+    assert calls == ([4, 4, 2, 2] if scale_parameter else [4, 2])
 
 
 class OpCounter(TorchDispatchMode):
@@ -155,11 +206,12 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@SCALE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_op_count_does_not_grow_with_parameter_count(dtype: torch.dtype) -> None:
+def test_op_count_does_not_grow_with_parameter_count(dtype: torch.dtype, scale_parameter: bool) -> None:
     def ops_per_step(n: int) -> Counter[str]:
         params = [torch.nn.Parameter(torch.randn(16 + i).to(dtype)) for i in range(n)]
-        opt = Adafactor(params, lr=1e-2, weight_decay=1e-2)
+        opt = Adafactor(params, lr=1e-2, weight_decay=1e-2, scale_parameter=scale_parameter)
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()  # state initialisation and the flat buffers happen here
@@ -169,7 +221,9 @@ def test_op_count_does_not_grow_with_parameter_count(dtype: torch.dtype) -> None
 
     few, many = ops_per_step(3), ops_per_step(90)
     assert few == many, (few, many)
-    # 18 ops, each one kernel (bf16: 2 more, casting the concatenated grads and params to float32); of them only
-    # the _foreach_norm and the _foreach_copy_ into the parameters see them all (a launch per ~100 on CUDA)
-    assert sum(many.values()) == (18 if dtype == torch.float32 else 20), many
+    # 18 ops, each one kernel (bf16: 2 more, casting the concatenated grads and params to float32); scale_parameter:
+    # 8 more for the parameters' RMS and step sizes, and 3 more for the weight decay by those step sizes; of them
+    # only the _foreach_norm and the _foreach_copy_ into the parameters see them all (a launch per ~100 on CUDA)
+    expected = 18 + (2 if dtype == torch.bfloat16 else 0) + (8 + 3 if scale_parameter else 0)
+    assert sum(many.values()) == expected, many
     assert {name for name in many if name.startswith("_foreach")} == {"_foreach_norm", "_foreach_copy_"}
