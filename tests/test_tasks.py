@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from harness.errors import HarnessError
-from harness.tasks import Prompt, Task, Template, lower_first, list_tasks, load_task, tasks_dir
+from harness.tasks import Prompt, Task, Template, list_tasks, load_task, lower_first, tasks_dir, tasks_dirs
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TASK_NAMES = ["cb", "copa", "rte", "wic", "wsc"]
@@ -66,29 +67,29 @@ GOLDEN = {
                 "according to the Christopher Reeve Foundation.\n"
                 "Question: Christopher Reeve had an accident. True or False?\n"
                 "Answer:",
-        choices=(" True", " False"), label=1, example_id="0"),
+        choices=(" True", " False"), label=1, example_id="0", target_delimiter=" "),
     "cb": Prompt(
         context="Valence the void-brain, Valence the virtuous valet. Why couldn't the figger choose his own "
                 "portion of titanic anatomy to shaft? Did he think he was helping?\n"
                 "Question: Valence was helping. True, False, or Neither?\n"
                 "Answer:",
-        choices=(" True", " False", " Neither"), label=1, example_id="0"),
+        choices=(" True", " False", " Neither"), label=1, example_id="0", target_delimiter=" "),
     "copa": Prompt(
         context="The man turned on the faucet so",
-        choices=(" the toilet filled with water.", " water flowed from the spout."), label=1, example_id="0"),
+        choices=(" the toilet filled with water.", " water flowed from the spout."), label=1, example_id="0", target_delimiter=" "),
     "wic": Prompt(
         context="An emerging professional class.\n"
                 "Apologizing for losing your temper, even though you were badly provoked, showed real class.\n"
                 "Question: Is the word 'class' used in the same way in the two sentences above?\n"
                 "Answer:",
-        choices=(" No", " Yes"), label=0, example_id="0"),
+        choices=(" No", " Yes"), label=0, example_id="0", target_delimiter=" "),
     "wsc": Prompt(
         context="Passage: Bernard , who had not told the government official that he was less than 21 when he "
                 "filed for a homestead claim, did not consider that he had done anything dishonest. Still, "
                 "anyone who knew that he was 19 years old could take his claim away from him .\n"
                 "Question: In the passage above, does the pronoun \"him\" refer to \"anyone\"?\n"
                 "Answer:",
-        choices=(" No", " Yes"), label=0, example_id="0"),
+        choices=(" No", " Yes"), label=0, example_id="0", target_delimiter=" "),
 }
 
 
@@ -175,27 +176,41 @@ def test_unknown_template_and_task_suggest():
         load_task("rtee")
 
 
-def test_load_by_path_and_env_override(tmp_path, monkeypatch):
+def test_load_by_path_and_env_adds_folders(tmp_path, monkeypatch):
     by_path = load_task(str(tasks_dir() / "rte.yaml"))
     assert by_path == load_task("rte")
-    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(valid_task_dict("mine")))
-    monkeypatch.setenv("HARNESS_TASKS_DIR", str(tmp_path))
-    assert tasks_dir() == tmp_path
-    assert list_tasks() == ["mine"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / "mine.yaml").write_text(yaml.safe_dump(valid_task_dict("mine")))
+    shadow = valid_task_dict("cb")
+    shadow["description"] = "my own cb"
+    (second / "cb.yaml").write_text(yaml.safe_dump(shadow))
+    monkeypatch.setenv("HARNESS_TASKS_DIR", os.pathsep.join([str(first), "", str(second)]))
+    assert tasks_dirs() == [first, second, tasks_dir()]
+    assert tasks_dir() == Path(__file__).resolve().parents[1] / "tasks"  # the built-ins stay
+    assert set(list_tasks()) == set(TASK_NAMES) | {"mine"}  # built-ins plus the added folders
     assert load_task("mine").name == "mine"
+    assert load_task("cb").description == "my own cb"  # a task in HARNESS_TASKS_DIR wins over a built-in
+    assert load_task("rte") == by_path
     with pytest.raises(HarnessError, match="does not exist"):
         load_task(str(tmp_path / "absent.yaml"))
+    monkeypatch.setenv("HARNESS_TASKS_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(HarnessError, match="HARNESS_TASKS_DIR names .*nowhere.*not a folder"):
+        list_tasks()
 
 
 def test_render_errors():
     template = Template(name="t", input="{{ premise }} {{ missing_field }}", choices=("a", "b"))
-    with pytest.raises(HarnessError, match="'missing_field' is undefined.*fields: idx, label, premise"):
+    with pytest.raises(HarnessError, match="template 't', example '3': field 'missing_field' is undefined "
+                                           "\\(in input\\); the example has fields: idx, label, premise"):
         template.render({"premise": "p", "idx": 3, "label": 0})
     ok = Template(name="t", input="{{ premise }}", choices=("a", "b"))
-    with pytest.raises(HarnessError, match="label 2"):
+    with pytest.raises(HarnessError, match="example '3': field 'label' is 2, not a choice"):
         ok.render({"premise": "p", "idx": 3, "label": 2})
-    with pytest.raises(HarnessError, match="no label field"):
+    with pytest.raises(HarnessError, match="example '3': field 'label' \\(label_field\\) is missing"):
         ok.render({"premise": "p", "idx": 3})
+    with pytest.raises(HarnessError, match="example '\\?': field 'idx' \\(id_field\\) is missing"):
+        ok.render({"premise": "p", "label": 0})
     assert ok.render({"premise": "p", "idx": 3, "label": -1}).label == -1
 
 
@@ -235,7 +250,7 @@ def test_valid_fixture_loads(tmp_path):
     assert isinstance(task, Task)
     assert [t.name for t in task.templates] == ["first", "second"]
     assert task.render(task.templates[0], {"premise": "P", "idx": 1, "label": 1}) == Prompt(
-        context="P\nAnswer:", choices=(" Yes", " No"), label=1, example_id="1")
+        context="P\nAnswer:", choices=(" Yes", " No"), label=1, example_id="1", target_delimiter=" ")
 
 
 @pytest.mark.parametrize("mutate, message", [
