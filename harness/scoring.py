@@ -3,7 +3,9 @@
 Tokenization follows lm-evaluation-harness so our log-likelihoods can be compared with other tools' on the same
 strings: trailing whitespace of the context moves to the continuation, the whole string is encoded, and the
 continuation's tokens are the tail of the whole encoding after the context's own encoding. Each prompt's context is
-encoded once for all its choices, and all strings of a call go to the tokenizer as one batch.
+encoded once for all its choices, and all strings of a call go to the tokenizer as one batch. A partial-scoring
+prompt (:attr:`harness.tasks.Prompt.contexts`: a context per choice, one shared continuation) is scored as one
+row per choice, each its own query on both paths. A NaN or infinite summed log-prob raises HarnessError.
 
 Two paths give the same numbers (within float noise, asserted by a test):
 
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from harness import attention
 from harness.costs import ModelDims, Work
+from harness.errors import HarnessError
 from harness.kvcache import PrefixCache
 from harness.store import ExampleScore
 from harness.tasks import Prompt
@@ -90,7 +93,7 @@ class Row:
 @dataclasses.dataclass
 class ScoreOutput:
     examples: list[ExampleScore]
-    rows: list[Row]  # the token ids that were scored
+    rows: list[Row]  # the token ids that were scored: one row per prompt, one per choice of a partial prompt
     work: Work  # everything the evaluation computed, prefix included
     prefix_tokens: int  # length of the cached prefix (0 without one)
 
@@ -167,13 +170,28 @@ def split_point(tokenizer, text: str) -> int:
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], prefix: str) -> list[Row]:
-    encoded = encode_batch(tokenizer, [(prefix + p.context, p.choices) for p in prompts], shared=prefix)
+    """The token rows to score: one per prompt (its context once, all its choices), or for a partial-scoring
+    prompt one per choice (that choice's context and the shared continuation)."""
+    return _tokenize(tokenizer, prompts, prefix)[0]
+
+
+def _tokenize(tokenizer, prompts: Sequence[Prompt], prefix: str) -> tuple[list[Row], list[int]]:
+    """:func:`tokenize_prompts` and, per row, the index of its prompt."""
+    items, owners = [], []
+    for i, p in enumerate(prompts):
+        if p.contexts:  # partial scoring: a context of its own per choice
+            items.extend((prefix + context, [continuation]) for context, continuation in p.pairs())
+            owners.extend([i] * len(p.choices))
+        else:
+            items.append((prefix + p.context, p.choices))
+            owners.append(i)
+    encoded = encode_batch(tokenizer, items, shared=prefix)
     rows = []
-    for p, (ctx, conts) in zip(prompts, encoded):
+    for i, (ctx, conts) in zip(owners, encoded):
         if not all(conts):
-            raise ValueError(f"empty continuation for example {p.example_id}: {p.choices}")
+            raise ValueError(f"empty continuation for example {prompts[i].example_id}: {prompts[i].choices}")
         rows.append(Row(ctx, conts))
-    return rows
+    return rows, owners
 
 
 def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -397,7 +415,7 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
     """
     dims = ModelDims.from_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = tokenize_prompts(tokenizer, prompts, prefix)
+    rows, owners = _tokenize(tokenizer, prompts, prefix)
     device = next(model.parameters()).device
     # prompt learning is scored with exactly batch_size rows (its callers ask for one row: padding shifts positions)
     tokens = token_budget(model, dims, device) if budget == "auto" and not _prompt_learning(model) else budget
@@ -420,10 +438,21 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
                 raise
             tokens //= 2
             torch.cuda.empty_cache()
-    examples = [
-        ExampleScore(p.example_id, p.label, s, [len(c) for c in r.continuations], [len(c) for c in p.choices])
-        for p, r, s in zip(prompts, rows, scores)
-    ]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    n_tokens: list[list[int]] = [[] for _ in prompts]
+    for i, row, row_scores in zip(owners, rows, scores):  # a partial-scoring prompt's rows, in choice order
+        logprobs[i].extend(row_scores)
+        n_tokens[i].extend(len(c) for c in row.continuations)
+    for p, values in zip(prompts, logprobs):
+        for j, value in enumerate(values):
+            if not math.isfinite(value):
+                raise HarnessError(
+                    f"example {p.example_id!r}, choice {j} ({p.choices[j].strip()[:40]!r}): the summed "
+                    f"log-probability is {value}; the model gave non-finite log-probabilities (try float32 "
+                    f"or bfloat16 instead of float16, or check the weights)")
+    # n_chars: the choice's characters without the target delimiter (the shared continuation's, partial)
+    examples = [ExampleScore(p.example_id, p.label, lp, nt, list(p.n_chars))
+                for p, lp, nt in zip(prompts, logprobs, n_tokens)]
     return ScoreOutput(examples, rows, work, n_prefix)
 
 

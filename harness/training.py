@@ -100,7 +100,8 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
                     encode=None, logit_index: bool = False) -> ChoiceLogprobs:
     """Differentiable per-token log-probabilities of every choice of every prompt given its context.
 
-    One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair`, padded to a batch
+    One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair` (the pairs of
+    :meth:`harness.tasks.Prompt.pairs`, so partial scoring trains as it is scored), padded to a batch
     (left-padded with explicit position ids; right-padded when ``right_pad``, for peft prompt learning, which
     drops position ids); logits only from the first position that predicts a continuation token. A context is
     cut from the left when a row exceeds ``max_length``. ``encode(context, choice)`` replaces
@@ -117,8 +118,8 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     for b, p in enumerate(prompts):
         if p.label < 0:
             raise HarnessError(f"training example {p.example_id!r} has no label")
-        for c, choice in enumerate(p.choices):
-            ctx, cont = encode(p.context, choice)
+        for c, (context, choice) in enumerate(p.pairs()):  # partial scoring: a context per choice
+            ctx, cont = encode(context, choice)
             if not cont:
                 raise HarnessError(f"example {p.example_id!r}: choice {choice!r} encodes to no tokens")
             if max_length is not None and len(ctx) + len(cont) > max_length:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from harness import costs
 from harness.data import few_shot_examples, load_split
 from harness.scoring import (Row, argmax_first, encode_pair, metrics_from_examples, score_prompts,
                              shared_prefix_len, uncached_work)
+from harness.errors import HarnessError
 from harness.store import ExampleScore
-from harness.tasks import load_task
+from harness.tasks import Prompt, load_task
 
 
 def test_argmax_breaks_ties_to_first_and_ignores_nan():
@@ -105,3 +107,78 @@ def test_work_counts_causal_keys_and_windows():
         + 3 * attention + 2 * 5 * 3
     # full fine-tuning of a tied embedding: its weight gradient only at the projected position
     assert costs.train_flops(dims, w, 260, 0, 80) - costs.train_flops(dims, w, 0) == 2 * 180 * 3 + 2 * 80 * 1
+
+
+# ------------------------------------------------------------------------------------------ partial scoring, n_chars, NaN
+
+WSC_PARTIAL = Path(__file__).resolve().parent / "fixtures" / "tasks" / "wsc_partial.yaml"
+
+
+@pytest.fixture
+def wsc_partial(data_dir, tmp_path):
+    """The WSC partial-scoring task and a data folder whose wsc_partial/ is the real wsc/."""
+    (tmp_path / "wsc_partial").symlink_to(data_dir / "wsc", target_is_directory=True)
+    return load_task(str(WSC_PARTIAL)), tmp_path
+
+
+def test_partial_scoring_cached_equals_naive_on_real_model(smollm, wsc_partial):
+    task, data = wsc_partial
+    template = task.templates[0]
+    prompts = [task.render(template, ex) for ex in load_split(task, task.eval_split, data)[:4]]
+    assert all(p.partial and len(p.contexts) == 2 for p in prompts)
+    prefix = task.demonstrations(template, few_shot_examples(task, 0, data, 3))
+    cached = score_prompts(smollm.model, smollm.tokenizer, prompts, prefix, use_cache=True, batch_size=3)
+    naive = score_prompts(smollm.model, smollm.tokenizer, prompts, prefix, use_cache=False, batch_size=3)
+    assert cached.prefix_tokens > 60  # the demonstrations were cached
+    assert len(cached.rows) == len(naive.rows) == 8  # one row per (prompt, choice)
+    for p, a, b in zip(prompts, cached.examples, naive.examples):
+        assert a.example_id == p.example_id and a.label == p.label
+        assert a.n_tokens == b.n_tokens and a.n_tokens[0] == a.n_tokens[1]  # the shared continuation
+        assert a.n_chars == b.n_chars == [len(p.choices[0])] * 2  # target_delimiter "" in this template
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x - y) < 1e-4, (a.example_id, x, y)
+        assert a.logprobs[0] != a.logprobs[1]  # different contexts really were scored
+    # each choice's score is log p(continuation | prefix + its own context), scored alone
+    for p, ex in zip(prompts[:1], naive.examples):
+        for j, (context, continuation) in enumerate(p.pairs()):
+            alone = score_prompts(smollm.model, smollm.tokenizer,
+                                  [Prompt(context, (continuation,), -1, p.example_id)], prefix, use_cache=False)
+            assert alone.examples[0].logprobs[0] == pytest.approx(ex.logprobs[j], abs=1e-4)
+
+
+def test_partial_scoring_trains_as_it_is_scored(smollm, wsc_partial):
+    from harness.training import choice_logprobs
+
+    task, data = wsc_partial
+    prompts = [task.render(task.templates[0], ex) for ex in few_shot_examples(task, 0, data, 2)]
+    with torch.no_grad():
+        out = choice_logprobs(smollm.model, smollm.tokenizer, prompts)
+    scored = score_prompts(smollm.model, smollm.tokenizer, prompts, use_cache=False)
+    sums = (out.token_logprobs * out.token_mask).sum(-1)  # [B, C]
+    for b, ex in enumerate(scored.examples):
+        assert out.token_mask[b].sum(-1).tolist() == ex.n_tokens
+        assert sums[b].tolist() == pytest.approx(ex.logprobs, abs=1e-3)
+    assert out.rows == 4
+
+
+def test_n_chars_exclude_the_target_delimiter(smollm, cb):
+    prompts = [cb.render(cb.template("gpt3_style"), {"premise": "It rained.", "hypothesis": "It was wet",
+                                                      "idx": 1, "label": 0})]
+    assert prompts[0].choices == (" True", " False", " Neither")
+    out = score_prompts(smollm.model, smollm.tokenizer, prompts, use_cache=False)
+    assert out.examples[0].n_chars == [4, 5, 7]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_non_finite_logprobs_raise_naming_example_and_choice(smollm, cb, use_cache):
+    prompts = [cb.render(cb.template("gpt3_style"), {"premise": f"Premise {i}.", "hypothesis": "It is",
+                                                      "idx": i, "label": 0}) for i in (7, 8)]
+    head = smollm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: output * math.nan)  # NaN logits
+    try:
+        with pytest.raises(HarnessError, match=r"^example '7', choice 0 \('True'\): the summed log-probability "
+                                               r"is nan"):
+            score_prompts(smollm.model, smollm.tokenizer, prompts, use_cache=use_cache)
+    finally:
+        handle.remove()
+    assert math.isfinite(score_prompts(smollm.model, smollm.tokenizer, prompts[:1]).examples[0].logprobs[0])
