@@ -41,23 +41,37 @@ from harness.store import ExampleScore
 from harness.tasks import Prompt
 
 
-def argmax_first(values: Sequence[float]) -> int:
-    """Index of the largest value; ties (and NaN) break to the lowest index, deterministically."""
+def argmax_first(values: Sequence[float], example_id: str | None = None) -> int:
+    """Index of the largest value; ties break to the lowest index, deterministically (as ``np.argmax``).
+
+    A NaN or infinite value raises :class:`HarnessError` naming the choice (and ``example_id`` when given): a
+    prediction from an overflowed score would look like a real one, so the run must fail instead.
+    """
+    from harness.errors import HarnessError
+    from harness.store import non_finite_message
+
     best, best_i = -math.inf, 0
     for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise HarnessError(non_finite_message("?" if example_id is None else example_id, i, v))
         if v > best:
             best, best_i = v, i
     return best_i
 
 
 def metrics_from_examples(examples: Sequence[ExampleScore]) -> dict:
-    """``accuracy`` (argmax of summed log-prob) and ``accuracy_norm`` (argmax of per-token mean)."""
+    """``accuracy`` (argmax of summed log-prob), ``accuracy_norm`` (argmax of per-token mean, T-Few) and
+    ``accuracy_norm_char`` (argmax of log-prob per character of the choice without the delimiter, lm-eval's
+    ``acc_norm``); docs/metrics.md. A NaN/inf log-prob raises :class:`HarnessError` naming the example."""
     n = len(examples)
     if n == 0:
-        return {"n_eval": 0, "accuracy": None, "accuracy_norm": None}
+        return {"n_eval": 0, "accuracy": None, "accuracy_norm": None, "accuracy_norm_char": None}
+    for ex in examples:  # first, so the error names the first bad example whatever the metric
+        ex.check_finite()
     acc = sum(ex.prediction == ex.label for ex in examples) / n
     acc_norm = sum(ex.prediction_norm == ex.label for ex in examples) / n
-    return {"n_eval": n, "accuracy": acc, "accuracy_norm": acc_norm}
+    acc_norm_char = sum(ex.prediction_norm_char == ex.label for ex in examples) / n
+    return {"n_eval": n, "accuracy": acc, "accuracy_norm": acc_norm, "accuracy_norm_char": acc_norm_char}
 
 
 def _encode(tokenizer, text: str) -> list[int]:

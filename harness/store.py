@@ -5,20 +5,42 @@ Guarantees:
   kill -9) leaves nothing of that run, and the next invocation redoes it;
 - finished runs are found by ``run_id`` (the config hash) and skipped;
 - WAL mode and a generous busy timeout let several processes write one store without losing rows;
-- failed runs are stored with status ``failed`` and their reason; they are retried on the next invocation.
+- failed runs are stored with status ``failed`` and their reason; they are retried on the next invocation;
+- a ``finished`` run never holds a NaN or infinite log-prob (:meth:`ExampleScore.check_finite`).
 
 Per choice we keep the summed log-probability, its token count and its character count, so any normalization
-(per token, per character, ...) can be recomputed from the store.
+(per token, per character, ...) can be recomputed from the store. The character count EXCLUDES the target
+delimiter (the ``" "`` before an answer), as lm-evaluation-harness counts it for ``acc_norm``; stores of schema 1
+counted it in, and their runs are marked (``n_chars_with_delimiter``, see below).
+
+Schema versions (``PRAGMA user_version``; a file of schema 1 has 0 there, it predates the number):
+
+1. runs and examples as written up to commit c1cbb64.
+2. ``runs.accuracy_norm_char`` (per-character normalized accuracy, lm-eval's ``acc_norm``),
+   ``runs.n_chars_with_delimiter`` (1: the run's per-choice ``n_chars`` include the target delimiter, so
+   per-character figures are not computed for it) and ``examples.prediction_norm_char``. Migrating a schema-1
+   store marks its runs ``n_chars_with_delimiter = 1`` and leaves their per-character figures NULL: schema-1
+   code always counted the delimiter, and the store does not record which delimiter a template had (a custom
+   task's may not be ``" "``), so subtracting it would be a guess. The one exception is a run whose config says
+   ``scoring_version >= 2`` (its scorer already left the delimiter out): its figures are computed from its
+   stored per-choice numbers. Nothing else is changed; every run and example row keeps its values.
+
+Opening a store migrates it to :data:`SCHEMA_VERSION` in one transaction (all steps or none), so a crash
+mid-migration leaves the old schema intact. A store of a NEWER schema than this code knows is refused with a
+:class:`~harness.errors.HarnessError` (upgrade harness to read it); it is never modified.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from harness.errors import HarnessError
 
 DEFAULT_STORE = Path("results") / "harness.sqlite"
 
@@ -27,6 +49,7 @@ METRIC_COLUMNS = (
     "n_eval",
     "accuracy",
     "accuracy_norm",
+    "accuracy_norm_char",
     "infer_flops_per_example",
     "infer_flops_per_example_uncached",
     "train_flops",
@@ -39,6 +62,9 @@ METRIC_COLUMNS = (
     "eval_seconds",
 )
 
+SCHEMA_VERSION = 2
+
+# The tables of a new store, at SCHEMA_VERSION. An older store gets the same columns through MIGRATIONS.
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -51,7 +77,8 @@ CREATE TABLE IF NOT EXISTS runs (
     config_json TEXT NOT NULL,
     env_json TEXT,
     extra_json TEXT,
-    finished_at REAL
+    finished_at REAL,
+    n_chars_with_delimiter INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS examples (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -63,6 +90,7 @@ CREATE TABLE IF NOT EXISTS examples (
     logprobs_json TEXT NOT NULL,
     n_tokens_json TEXT NOT NULL,
     n_chars_json TEXT NOT NULL,
+    prediction_norm_char INTEGER,
     PRIMARY KEY (run_id, position)
 );
 CREATE INDEX IF NOT EXISTS runs_cell ON runs(task, method, model);
@@ -71,7 +99,12 @@ CREATE INDEX IF NOT EXISTS runs_cell ON runs(task, method, model);
 
 @dataclasses.dataclass
 class ExampleScore:
-    """Scores of one evaluated example: per choice summed log-prob, token and character counts."""
+    """Scores of one evaluated example: per choice summed log-prob, token and character counts.
+
+    ``n_chars`` counts the characters of the choice WITHOUT the target delimiter (lm-eval's ``len(choice)``).
+    Every prediction raises :class:`~harness.errors.HarnessError` naming the example and the choice when a
+    log-prob is NaN or infinite (an overflow in low precision, a broken model): such a run must fail, not finish.
+    """
 
     example_id: str
     label: int
@@ -79,17 +112,46 @@ class ExampleScore:
     n_tokens: list[int]
     n_chars: list[int]
 
+    def check_finite(self) -> None:
+        """Raise :class:`HarnessError` naming the example and the first choice whose log-prob is NaN or inf."""
+        for i, lp in enumerate(self.logprobs):
+            if not math.isfinite(lp):
+                raise HarnessError(non_finite_message(self.example_id, i, lp))
+
     @property
     def prediction(self) -> int:
+        """argmax of the summed log-prob."""
         from harness.scoring import argmax_first
 
-        return argmax_first(self.logprobs)
+        return argmax_first(self.logprobs, example_id=self.example_id)
 
     @property
     def prediction_norm(self) -> int:
+        """argmax of the per-token mean log-prob (T-Few)."""
         from harness.scoring import argmax_first
 
-        return argmax_first([lp / max(n, 1) for lp, n in zip(self.logprobs, self.n_tokens)])
+        self.check_finite()
+        return argmax_first([lp / max(n, 1) for lp, n in zip(self.logprobs, self.n_tokens)],
+                            example_id=self.example_id)
+
+    @property
+    def prediction_norm_char(self) -> int:
+        """argmax of the log-prob per character of the choice without the delimiter (lm-eval ``acc_norm``)."""
+        from harness.scoring import argmax_first
+
+        self.check_finite()
+        return argmax_first(norm_char_scores(self.logprobs, self.n_chars), example_id=self.example_id)
+
+
+def non_finite_message(example_id, choice: int, value) -> str:
+    return (f"non-finite log-prob {value} for example {example_id!r}, choice {choice}: the model's scores "
+            "overflowed or are NaN (a low-precision dtype? try --dtype float32); the run fails instead of "
+            "predicting from them")
+
+
+def norm_char_scores(logprobs: list[float], n_chars: list[int]) -> list[float]:
+    """``logprob / n_chars`` per choice (an empty choice counts as one character, as per token)."""
+    return [lp / max(n, 1) for lp, n in zip(logprobs, n_chars)]
 
 
 @dataclasses.dataclass
@@ -125,19 +187,106 @@ def _retry_while_locked(operation, seconds: float = BUSY_SECONDS):
             delay = min(delay * 2, 0.5)
 
 
+def _table_exists(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The schema version of an open store: ``PRAGMA user_version``; a store with tables but 0 there is 1;
+    a file without tables is 0 (new)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 and _table_exists(db, "runs"):
+        return 1
+    return version
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Add the per-character columns; mark schema-1 runs as counting the delimiter (see the module docstring)."""
+    db.execute("ALTER TABLE runs ADD COLUMN accuracy_norm_char REAL")
+    db.execute("ALTER TABLE runs ADD COLUMN n_chars_with_delimiter INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE examples ADD COLUMN prediction_norm_char INTEGER")
+    for run_id, config_json, status in db.execute("SELECT run_id, config_json, status FROM runs").fetchall():
+        try:
+            scoring_version = int(json.loads(config_json).get("scoring_version") or 1)
+        except (ValueError, TypeError, AttributeError):
+            scoring_version = 1
+        if scoring_version < 2:
+            db.execute("UPDATE runs SET n_chars_with_delimiter=1 WHERE run_id=?", (run_id,))
+            continue
+        rows = db.execute("SELECT position, label, logprobs_json, n_chars_json FROM examples WHERE run_id=?",
+                          (run_id,)).fetchall()
+        correct = 0
+        for position, label, lps_json, ncs_json in rows:
+            lps, ncs = json.loads(lps_json), json.loads(ncs_json)
+            if not all(math.isfinite(x) for x in lps):
+                continue  # a finished run never has these; a failed one keeps NULL
+            from harness.scoring import argmax_first
+
+            pred = argmax_first(norm_char_scores(lps, ncs))
+            correct += pred == label
+            db.execute("UPDATE examples SET prediction_norm_char=? WHERE run_id=? AND position=?",
+                       (pred, run_id, position))
+        if status == "finished" and rows:
+            db.execute("UPDATE runs SET accuracy_norm_char=? WHERE run_id=?", (correct / len(rows), run_id))
+
+
+# MIGRATIONS[v] takes a store from schema v to v + 1, inside the caller's transaction.
+MIGRATIONS = {1: _migrate_1_to_2}
+assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
+
+
+def _too_new(path: Path, version: int) -> HarnessError:
+    return HarnessError(f"results store {path} has schema version {version}, newer than this harness knows "
+                        f"({SCHEMA_VERSION}); upgrade harness (git pull && make setup) to read it")
+
+
+def _open_schema(db: sqlite3.Connection, path: Path) -> None:
+    """Create a new store's tables or migrate an old store, in one IMMEDIATE transaction (all or nothing)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = schema_version(db)  # again inside the transaction: another process may have migrated it
+        if version > SCHEMA_VERSION:
+            raise _too_new(path, version)
+        if version == 0:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        else:
+            for v in range(version, SCHEMA_VERSION):
+                MIGRATIONS[v](db)
+        if version != SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _predictions(ex: ExampleScore) -> tuple[int, int, int]:
+    """(prediction, prediction_norm, prediction_norm_char); -1 for each when a score is not finite (only a failed
+    run can get here with one: :meth:`Store.write` refuses it in a finished run)."""
+    try:
+        return ex.prediction, ex.prediction_norm, ex.prediction_norm_char
+    except HarnessError:
+        return -1, -1, -1
+
+
 class Store:
-    """A results store at ``path`` (created on first use)."""
+    """A results store at ``path`` (created on first use; an older schema is migrated on opening)."""
 
     def __init__(self, path: str | Path = DEFAULT_STORE):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
+            version = _retry_while_locked(lambda: schema_version(db))
+            if version > SCHEMA_VERSION:  # refused before anything (even the journal mode) is written
+                raise _too_new(self.path, version)
             # WAL is a property of the file, so it is set once here, not on every connection. Switching to it
             # can answer "database is locked" at once, without waiting, while another process opens the same
             # new file: retry that instead of failing.
             _retry_while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
-            _retry_while_locked(lambda: db.executescript(SCHEMA))
+            _retry_while_locked(lambda: _open_schema(db, self.path))
         finally:
             db.close()
 
@@ -169,17 +318,21 @@ class Store:
             "env_json": json.dumps(result.env, sort_keys=True, default=str),
             "extra_json": json.dumps(extra, sort_keys=True, default=str), "finished_at": time.time(),
         }
+        if result.status == "finished":  # a finished run never holds a NaN/inf score: this raises HarnessError
+            for ex in result.examples:
+                ex.check_finite()
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM examples WHERE run_id=?", (result.run_id,))
             db.execute("DELETE FROM runs WHERE run_id=?", (result.run_id,))
             db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            rows = [(result.run_id, i, ex.example_id, ex.label, *_predictions(ex), json.dumps(ex.logprobs),
+                     json.dumps(ex.n_tokens), json.dumps(ex.n_chars)) for i, ex in enumerate(result.examples)]
             db.executemany(
-                "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)",
-                [(result.run_id, i, ex.example_id, ex.label, ex.prediction, ex.prediction_norm,
-                  json.dumps(ex.logprobs), json.dumps(ex.n_tokens), json.dumps(ex.n_chars))
-                 for i, ex in enumerate(result.examples)],
+                "INSERT INTO examples (run_id, position, example_id, label, prediction, prediction_norm, "
+                "prediction_norm_char, logprobs_json, n_tokens_json, n_chars_json) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                rows,
             )
             db.execute("COMMIT")
         except BaseException:
@@ -211,6 +364,7 @@ class Store:
                 if r.get(key) is not None:
                     r[key] = int(r[key])
             r["is_random"] = bool(r["is_random"])
+            r["n_chars_with_delimiter"] = bool(r["n_chars_with_delimiter"])
             out.append({**extra, **r, "config": config, "env": env})
         return out
 
@@ -221,7 +375,8 @@ class Store:
         return None
 
     def examples(self, run_ids: Iterable[str] | None = None) -> Iterator[dict]:
-        """Per-example rows: run_id, position, example_id, label, prediction, prediction_norm, choices."""
+        """Per-example rows: run_id, position, example_id, label, prediction, prediction_norm,
+        prediction_norm_char (None for runs migrated from schema 1) and choices (logprob, n_tokens, n_chars)."""
         sql = "SELECT * FROM examples"
         args: list = []
         if run_ids is not None:
@@ -235,5 +390,6 @@ class Store:
                 yield {
                     "run_id": r["run_id"], "position": r["position"], "example_id": r["example_id"],
                     "label": r["label"], "prediction": r["prediction"], "prediction_norm": r["prediction_norm"],
+                    "prediction_norm_char": r["prediction_norm_char"],
                     "choices": [{"logprob": a, "n_tokens": b, "n_chars": c} for a, b, c in zip(lps, nts, ncs)],
                 }

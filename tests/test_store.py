@@ -105,3 +105,17 @@ def test_retry_while_locked_retries_only_lock_errors():
     assert _retry_while_locked(locked_twice) == "done" and len(attempts) == 3
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         _retry_while_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: x")))
+
+
+def test_per_character_figures_round_trip(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    # summed: choice 0; per token (1 vs 3): choice 1; per character without the delimiter (2 vs 10): choice 1
+    ex = ExampleScore("a", 1, [-2.0, -3.0], [1, 3], [2, 10])
+    store.write(RunResult("r", {"task": "cb"}, "finished", {"accuracy": 0.0, "accuracy_norm": 1.0,
+                                                            "accuracy_norm_char": 1.0, "n_eval": 1}, [ex]))
+    run = store.get_run("r")
+    assert (run["accuracy"], run["accuracy_norm"], run["accuracy_norm_char"]) == (0.0, 1.0, 1.0)
+    assert run["n_chars_with_delimiter"] is False
+    row = next(store.examples(["r"]))
+    assert (row["prediction"], row["prediction_norm"], row["prediction_norm_char"]) == (0, 1, 1)
+    assert sqlite3.connect(tmp_path / "s.sqlite").execute("PRAGMA user_version").fetchone()[0] == 2
