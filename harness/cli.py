@@ -20,8 +20,8 @@ from harness.store import DEFAULT_STORE, Store
 
 RESULT_FIELDS = (
     "run_id", "task", "method", "model", "template", "seed", "k", "n_eval", "accuracy", "accuracy_norm",
-    "infer_flops_per_example", "infer_flops_per_example_uncached", "train_flops", "peak_memory_bytes",
-    "checkpoint_bytes", "trainable_params", "seconds", "status",
+    "accuracy_norm_char", "infer_flops_per_example", "infer_flops_per_example_uncached", "train_flops",
+    "peak_memory_bytes", "checkpoint_bytes", "trainable_params", "seconds", "status",
 )
 
 
@@ -140,7 +140,7 @@ def _print_runs(rows: list[dict], fmt: str) -> None:
         click.echo(buf.getvalue(), nl=False)
     else:
         cols = ("run_id", "task", "method", "template", "seed", "k", "n_eval", "accuracy", "accuracy_norm",
-                "infer_flops_per_example", "seconds", "status")
+                "accuracy_norm_char", "infer_flops_per_example", "seconds", "status")
         table = [[_fmt(r[c]) for c in cols] for r in rows]
         widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
         click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -163,7 +163,8 @@ def results(fmt, store, status):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (default: stdout).")
 @click.option("--run", "run_ids", multiple=True, help="Only these run ids (repeatable).")
 def export(fmt, store, out, run_ids):
-    """Write per-example rows (run_id, example_id, label, prediction, per-choice logprob and n_tokens)."""
+    """Write per-example rows: run_id, example_id, label, prediction, prediction_norm, prediction_norm_char and
+    per choice logprob, n_tokens and n_chars (characters without the target delimiter; docs/metrics.md)."""
     db = _existing_store(store)
     stream = open(out, "w") if out else sys.stdout
     try:

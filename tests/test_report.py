@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import click
 import numpy as np
@@ -58,6 +59,7 @@ def write_run(store, method, task, template, seed, n_correct, n=N, model="m", st
         lps[label if i in right else 1 - label] = -1.0
         examples.append(ExampleScore(f"ex{i:03d}", label, lps, [1, 1], [3, 3]))
     metrics = {"n_eval": n, "accuracy": n_correct / n, "accuracy_norm": n_correct / n,
+               "accuracy_norm_char": n_correct / n,
                "infer_flops_per_example": infer, "infer_flops_per_example_uncached": 2 * infer,
                "train_flops": train, "checkpoint_bytes": ckpt, "trainable_params": trainable,
                "total_params": 135_000_000, "peak_memory_bytes": 2_000_000_000 if train else 1_000_000_000,
@@ -332,11 +334,14 @@ def test_check_pass_regression_missing_exact(tmp_path):
     path = tmp_path / "s.sqlite"
     store = build_store(path)
     write_run(store, "lora", "rte", "t0", 0, 35, n=50)  # 70% of 50
-    base = json.loads(checking.baseline_json(store.runs()))
-    assert base["version"] == 1 and len(base["cells"]) == 28
+    base = json.loads(checking.baseline_json(store.runs(), lambda rid: store.examples([rid])))
+    assert base["version"] == 2 and len(base["cells"]) == 28
     assert base["cells"] == sorted(base["cells"], key=checking.cell_key)
-    ok = checking.check(store.runs(), base)
+    ok = checking.check(store.runs(), base, examples_of=lambda rid: store.examples([rid]))
     assert ok.passed and {r.verdict for r in ok.rows} == {"ok"}
+    # the accuracy rules alone (a baseline without log-probs, as version 1 was)
+    base = {"version": 1, "cells": [{f: c[f] for f in checking.CELL_FIELDS_V1} for c in base["cells"]]}
+    assert checking.check(store.runs(), base).passed
 
     write_run(store, "lora", "rte", "t0", 0, 34, n=50)  # one example less: within tolerance, not exact
     assert checking.check(store.runs(), base).passed
@@ -348,6 +353,7 @@ def test_check_pass_regression_missing_exact(tmp_path):
     failed = [r for r in bad.rows if r.failed]
     assert not bad.passed and len(failed) == 1 and failed[0].verdict == "regressed"
     assert failed[0].delta == pytest.approx(-0.2) and "m/rte/lora/t0/0/quick" in failed[0].cell
+    assert bad.notes and "make baseline" in bad.notes[0]
 
     fresh = tmp_path / "f.sqlite"
     build_store(fresh, methods=("icl", "lora", "ia3"))  # zeroshot cells missing
@@ -362,8 +368,14 @@ def test_load_baseline_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(Exception, match="not valid JSON"):
         checking.load_baseline(bad)
-    bad.write_text(json.dumps({"version": 2, "cells": []}))
-    with pytest.raises(Exception, match="version-1"):
+    bad.write_text(json.dumps({"version": 3, "cells": []}))
+    with pytest.raises(Exception, match="has version 3; this harness reads versions 1, 2"):
+        checking.load_baseline(bad)
+    bad.write_text(json.dumps({"version": 2, "cells": [{"model": "m"}]}))
+    with pytest.raises(Exception, match="a cell lacks task"):
+        checking.load_baseline(bad)
+    bad.write_bytes(b"SQLite format 3\x00\xff\xfe")
+    with pytest.raises(Exception, match="not valid JSON"):
         checking.load_baseline(bad)
 
 
@@ -392,6 +404,36 @@ def test_compare_command(store_path):
     assert unknown.exit_code == 2 and "no finished runs of method 'prompt'" in unknown.output
 
 
+def test_tables_name_their_metric(runs):
+    from harness.report.tables import METRICS
+
+    assert METRICS == ("accuracy", "accuracy_norm", "accuracy_norm_char")
+    for metric in METRICS:
+        for table in (summary_table(runs, metric), task_table(runs, metric, n_resamples=50)):
+            assert f"(metric: {metric})" in table.title and any(c.startswith(metric) for c in table.columns)
+            assert table.notes[0].startswith(f"Metric: {metric}: ")
+    assert "lm-evaluation-harness acc_norm" in summary_table(runs, "accuracy_norm_char").notes[0]
+    lacking = summary_table([{**r, "accuracy_norm_char": None} for r in runs[:3]] + runs[3:], "accuracy_norm_char")
+    assert f"3 of {len(runs)} runs have no accuracy_norm_char" in lacking.notes[1]
+
+
+def test_compare_per_character_and_schema_1_runs(store_path, tmp_path):
+    one = invoke("compare", "lora", "ia3", "--metric", "accuracy_norm_char", "--store", store_path)
+    assert one.exit_code == 0 and "accuracy_norm_char lora:" in one.output
+    old = tmp_path / "v1.sqlite"
+    shutil.copyfile(Path(__file__).parent / "fixtures" / "store_v1.sqlite", old)
+    Store(old)  # migrated: its runs have no per-character predictions
+    import sqlite3
+
+    db = sqlite3.connect(old)
+    db.execute("UPDATE runs SET task='cb' WHERE method='lora'")  # pair the fixture's icl and lora runs
+    db.commit()
+    db.close()
+    assert invoke("compare", "icl", "lora", "--store", old).exit_code == 0
+    res = invoke("compare", "icl", "lora", "--metric", "accuracy_norm_char", "--store", old)
+    assert res.exit_code == 2 and "schema-1 store" in res.output and "re-run it" in res.output
+
+
 def test_baseline_and_check_commands(tmp_path):
     path = tmp_path / "s.sqlite"
     store = build_store(path)
@@ -406,7 +448,10 @@ def test_baseline_and_check_commands(tmp_path):
     write_run(store, "lora", "rte", "t0", 0, 5)  # 56% -> 20%
     bad = invoke("check", "--baseline", base, "--store", path)
     assert bad.exit_code == 1 and "REGRESSED" in bad.output and "FAIL" in bad.output
-    assert invoke("check", "--baseline", base, "--store", path, "--z", "100").exit_code == 0
+    assert "LOGPROBS CHANGED" in bad.output  # the planted run's log-probs moved too
+    assert invoke("check", "--baseline", base, "--store", path, "--z", "100").exit_code == 1
+    loose = invoke("check", "--baseline", base, "--store", path, "--z", "100", "--logprob-atol", "2")
+    assert loose.exit_code == 0, loose.output
 
 
 def test_missing_store_and_baseline_are_user_errors(tmp_path):

@@ -1,16 +1,35 @@
-"""Accuracy baselines: save the store's accuracies to JSON, and check a store against a saved baseline.
+"""Baselines: save a store's numbers to JSON, and check a store against a saved baseline (the CI gate).
 
-A cell is keyed by (model, task, method, template, seed, preset); its ``k`` is stored and must match too
-(an ICL method run at several k has one cell per k). Only finished runs of real (not random-init) models count.
+A cell is keyed by (model, task, method, template, seed, preset, k) -- never by run id. Only finished runs of
+real (not random-init) models count. A version-2 baseline (:data:`VERSION`) keeps per cell ``n_eval``, the three
+accuracies (``accuracy``, ``accuracy_norm``, ``accuracy_norm_char``), ``infer_flops_per_example``,
+``train_flops`` and, per evaluated example, its id, label and per-choice summed log-probs (rounded to
+:data:`LOGPROB_DECIMALS` decimals, an error of at most 5e-7, far below the tolerance).
 
-Tolerance rule: a cell regresses when ``store < baseline - tol`` with
-``tol = max(z * sqrt(p (1 - p) / n), 1 / n)``, ``p`` and ``n`` being the baseline's accuracy and ``n_eval``.
-The floor of one example (``1 / n``) keeps the binomial standard error's degenerate case at p = 0 or 1 from
-tolerating nothing: a single flipped example out of n is always within tolerance. Higher accuracy never fails
-(it is reported as ``improved`` beyond the tolerance). With ``exact=True`` any difference fails.
-A baseline cell without a store run fails as ``missing``; a cell whose ``n_eval`` changed fails as
-``n changed`` (it is not the same evaluation); a key that matches several store runs (e.g. different dtype or
-limit) fails as ``ambiguous``. Store cells absent from the baseline are listed as ``new`` and do not fail.
+Why log-probs: on CPU float32 the scores are bit-reproducible, while the accuracy tolerance below is about 17
+points at n = 32 -- a scorer or template change that moves every log-prob but flips few predictions passes an
+accuracy check unseen. So a cell FAILS when any of these holds:
+
+- ``missing``: no finished store run has the cell's key; ``ambiguous``: several have it (e.g. another dtype or
+  limit); ``n changed``: its ``n_eval`` differs (not the same evaluation);
+- ``examples changed``: the store's examples differ in id, label or number of choices, position by position;
+- ``logprobs changed``: some example's choice log-prob differs from the baseline by more than ``logprob_atol``
+  (default :data:`DEFAULT_LOGPROB_ATOL` = 1e-4, absolute: float32 CPU scores agree far better than that, see
+  docs/metrics.md on cached vs naive scoring);
+- ``flops changed``: ``infer_flops_per_example`` or ``train_flops`` differs by more than ``flops_rtol``
+  (relative, default :data:`DEFAULT_FLOPS_RTOL` = 1e-6; the counts are deterministic arithmetic), or is missing
+  on one side only;
+- ``regressed`` (``<metric> regressed``): an accuracy is below the baseline by more than
+  ``tol = max(z * sqrt(p (1 - p) / n), 1 / n)``, ``p`` and ``n`` being the baseline's value and ``n_eval``.
+  The floor of one example keeps the binomial standard error's degenerate case at p = 0 or 1 from tolerating
+  nothing. Higher accuracy never fails (``improved``). With ``exact=True`` any difference fails (``changed``).
+  Accuracies keep the statistical tolerance, not exactness, because with log-probs within 1e-4 a prediction can
+  only flip at a near-tie; the log-prob rule is the sharp one, the accuracy rule a coarse second guard (and the
+  only one a version-1 baseline allows). A metric the baseline has but the store lacks fails (``<metric>
+  missing``).
+
+Store cells absent from the baseline are listed as ``new`` and do not fail. A version-1 baseline (accuracies
+only) is still read, and the check says that it compared accuracies only and how to record a full one.
 """
 
 from __future__ import annotations
@@ -19,16 +38,27 @@ import dataclasses
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.report.format import Table, fmt_acc
 from harness.report.tables import run_sort_key, select_runs
 
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KEY_FIELDS = ("model", "task", "method", "template", "seed", "preset")
-CELL_FIELDS = (*KEY_FIELDS, "k", "n_eval", "accuracy")
-EPS = 1e-9  # float slack on the tolerance comparison
+ACCURACY_FIELDS = ("accuracy", "accuracy_norm", "accuracy_norm_char")
+FLOPS_FIELDS = ("infer_flops_per_example", "train_flops")
+CELL_FIELDS_V1 = (*KEY_FIELDS, "k", "n_eval", "accuracy")
+CELL_FIELDS = (*KEY_FIELDS, "k", "n_eval", *ACCURACY_FIELDS, *FLOPS_FIELDS, "examples")
+LOGPROB_DECIMALS = 6
+DEFAULT_LOGPROB_ATOL = 1e-4
+DEFAULT_FLOPS_RTOL = 1e-6
+EPS = 1e-9  # float slack on the accuracy tolerance comparison
+MAKE_BASELINE = "record one with `make baseline` (or `harness baseline save PATH --store STORE`)"
+
+ExamplesOf = Callable[[str], Iterable[dict]]  # run_id -> the store's example rows (Store.examples format)
 
 
 def cell_key(cell: dict) -> tuple:
@@ -41,41 +71,98 @@ def cell_name(cell: dict) -> str:
     return f"{name} k={cell.get('k')}"
 
 
-def baseline_cells(runs: list[dict]) -> list[dict]:
-    """One cell per finished, non-random run with an accuracy, sorted by key."""
-    cells = [{f: r.get(f) for f in CELL_FIELDS} for r in select_runs(runs) if r.get("accuracy") is not None]
+def _example_entries(rows: Iterable[dict]) -> list[list]:
+    """Per example ``[example_id, label, [log-prob per choice]]``, log-probs rounded to LOGPROB_DECIMALS."""
+    return [[str(r["example_id"]), int(r["label"]), [round(float(c["logprob"]), LOGPROB_DECIMALS)
+                                                     for c in r["choices"]]] for r in rows]
+
+
+def baseline_cells(runs: list[dict], examples_of: ExamplesOf | None = None) -> list[dict]:
+    """One cell per finished, non-random run with an accuracy, sorted by key; with ``examples_of`` each cell
+    carries its examples' log-probs. Two runs with one key raise :class:`HarnessError` (which one is the
+    baseline?)."""
+    selected = [r for r in select_runs(runs) if r.get("accuracy") is not None]
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for r in selected:
+        by_key[cell_key(r)].append(r)
+    for key, rs in by_key.items():
+        if len(rs) > 1:
+            raise HarnessError(f"the store has {len(rs)} finished runs for cell {cell_name(rs[0])} (run ids "
+                               f"{', '.join(r['run_id'] for r in rs)}: another dtype, limit or input version?); "
+                               "save a baseline from a store with one run per cell")
+    cells = []
+    for r in selected:
+        cell = {f: r.get(f) for f in (*KEY_FIELDS, "k", "n_eval", *ACCURACY_FIELDS, *FLOPS_FIELDS)}
+        if examples_of is not None:
+            cell["examples"] = _example_entries(examples_of(r["run_id"]))
+        cells.append(cell)
     return sorted(cells, key=lambda c: (cell_key(c), run_sort_key(c)))
 
 
-def baseline_json(runs: list[dict]) -> str:
-    return json.dumps({"version": VERSION, "cells": baseline_cells(runs)}, indent=2, sort_keys=True) + "\n"
+def baseline_json(runs: list[dict], examples_of: ExamplesOf) -> str:
+    """The version-2 baseline document: indented JSON, sorted keys, one line per example (readable diffs)."""
+    cells = baseline_cells(runs, examples_of)
+    compact = {}
+    for i, cell in enumerate(cells):
+        compact[f"@examples{i}@"] = cell["examples"]
+        cell["examples"] = f"@examples{i}@"
+    doc = {"version": VERSION, "logprob_decimals": LOGPROB_DECIMALS, "cells": cells}
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    for marker, entries in compact.items():
+        body = "[]" if not entries else \
+            "[\n" + ",\n".join(" " * 8 + json.dumps(e) for e in entries) + "\n" + " " * 6 + "]"
+        text = text.replace(json.dumps(marker), body, 1)
+    return text + "\n"
 
 
-def save_baseline(runs: list[dict], path: str | Path) -> int:
+def save_baseline(runs: list[dict], path: str | Path, examples_of: ExamplesOf) -> int:
     """Write the baseline of ``runs`` to ``path`` (JSON, deterministic); return the number of cells."""
     path = Path(path)
+    text = baseline_json(runs, examples_of)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = baseline_json(runs)
     path.write_text(text)
     return len(json.loads(text)["cells"])
 
 
+def _bad_examples(entries) -> bool:
+    if not isinstance(entries, list):
+        return True
+    return any(not (isinstance(e, list) and len(e) == 3 and isinstance(e[2], list)
+                    and all(isinstance(x, (int, float)) for x in e[2])) for e in entries)
+
+
 def load_baseline(path: str | Path) -> dict:
-    """Read and validate a baseline file; a malformed one raises :class:`HarnessError`."""
+    """Read and validate a baseline file (version 1 or 2); a malformed one raises :class:`HarnessError`."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"no baseline file at {path}; write one with `baseline save {path}`")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HarnessError(f"baseline {path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("cells"), list):
-        raise HarnessError(f"baseline {path} is not a version-{VERSION} baseline ({{'version': 1, 'cells': [...]}})")
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        raise HarnessError(f"baseline {path} is not a baseline ({{'version': {VERSION}, 'cells': [...]}})")
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        raise HarnessError(f"baseline {path} has version {version!r}; this harness reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade harness, or {MAKE_BASELINE}")
+    fields = CELL_FIELDS if version == 2 else CELL_FIELDS_V1
     for cell in data["cells"]:
-        missing = [f for f in CELL_FIELDS if not isinstance(cell, dict) or f not in cell]
+        missing = [f for f in fields if not isinstance(cell, dict) or f not in cell]
         if missing:
-            raise HarnessError(f"baseline {path}: a cell lacks {', '.join(missing)}: {cell!r}")
+            raise HarnessError(f"baseline {path}: a cell lacks {', '.join(missing)}: {str(cell)[:200]}")
+        if version == 2 and _bad_examples(cell["examples"]):
+            raise HarnessError(f"baseline {path}: cell {cell_name(cell)} has malformed examples "
+                               "(expected [[example_id, label, [log-prob, ...]], ...])")
     return data
+
+
+def version_note(baseline: dict) -> str | None:
+    """Why a version-1 baseline checks less; None for a current one."""
+    if baseline.get("version") == 1:
+        return ("version-1 baseline: it lacks log-probs and FLOPs, so only accuracies were compared (a tolerance of "
+                f"about 17 points at n = 32); {MAKE_BASELINE} to check log-probs")
+    return None
 
 
 def tolerance(p: float, n: int, z: float = 2.0) -> float:
@@ -88,47 +175,141 @@ def tolerance(p: float, n: int, z: float = 2.0) -> float:
 @dataclasses.dataclass(frozen=True)
 class CheckRow:
     cell: str
-    baseline: float | None
+    baseline: float | None  # accuracy
     store: float | None
     delta: float | None
     tolerance: float | None
-    verdict: str  # ok | improved | regressed | changed | missing | n changed | ambiguous | new
+    verdict: str  # ok | improved | new | the failed reasons joined by "; " (see the module docstring)
     failed: bool
+    logprob_diff: float | None = None  # largest |store - baseline| over examples and choices
+    reasons: tuple[str, ...] = ()  # failed reasons, e.g. ("logprobs changed", "regressed")
+    details: tuple[str, ...] = ()  # one line per failed reason: where and by how much
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
     rows: tuple[CheckRow, ...]
     passed: bool
+    notes: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
+        """How many cells per verdict; a cell failing for several reasons counts once per reason."""
         out: dict[str, int] = defaultdict(int)
         for r in self.rows:
-            out[r.verdict] += 1
+            for v in r.reasons or (r.verdict,):
+                out[v] += 1
         return dict(sorted(out.items()))
 
 
-def _judge(base: dict, run: dict, z: float, exact: bool) -> CheckRow:
-    p, n = float(base["accuracy"]), base.get("n_eval")
-    acc = float(run["accuracy"])
-    delta = acc - p
-    tol = 0.0 if exact else tolerance(p, n or 0, z)
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+    z: float = 2.0
+    exact: bool = False
+    logprob_atol: float = DEFAULT_LOGPROB_ATOL
+    flops_rtol: float = DEFAULT_FLOPS_RTOL
+
+
+def _compare_examples(base: list, rows: list[dict], atol: float) -> tuple[float | None, list[tuple[str, str]]]:
+    """(largest |Δ log-prob|, [(reason, detail)]) of the store's rows against the baseline's entries."""
+    got = _example_entries(rows)
+    if len(got) != len(base):
+        return None, [("examples changed", f"{len(got)} examples in the store, {len(base)} in the baseline")]
+    worst, where, n_off = 0.0, None, 0
+    for pos, ((b_id, b_label, b_lps), (s_id, s_label, s_lps)) in enumerate(zip(base, got)):
+        if (str(b_id), int(b_label), len(b_lps)) != (s_id, s_label, len(s_lps)):
+            return None, [("examples changed", f"position {pos}: baseline example {b_id!r} label {b_label} with "
+                                               f"{len(b_lps)} choices, store {s_id!r} label {s_label} with "
+                                               f"{len(s_lps)} choices")]
+        diffs = [abs(float(s) - float(b)) if math.isfinite(s) else math.inf for b, s in zip(b_lps, s_lps)]
+        if max(diffs, default=0.0) > atol:
+            n_off += 1
+        for c, d in enumerate(diffs):
+            if d > worst:
+                worst, where = d, (s_id, c)
+    if worst > atol:
+        return worst, [("logprobs changed", f"max |delta log-prob| {worst:.3g} > {atol:g} at example {where[0]!r} "
+                                            f"choice {where[1]}; {n_off} of {len(base)} examples off")]
+    return worst, []
+
+
+def _compare_flops(base: dict, run: dict, rtol: float) -> list[tuple[str, str]]:
+    out = []
+    for f in FLOPS_FIELDS:
+        b, s = base.get(f), run.get(f)
+        if b is None and s is None:
+            continue
+        if b is None or s is None:
+            out.append(("flops changed", f"{f}: baseline {b}, store {s}"))
+        elif abs(float(s) - float(b)) > rtol * max(abs(float(b)), abs(float(s))):
+            rel = abs(float(s) - float(b)) / max(abs(float(b)), abs(float(s)))
+            out.append(("flops changed", f"{f}: baseline {float(b):.6g}, store {float(s):.6g} "
+                                         f"(relative {rel:.2g} > {rtol:g})"))
+    return out
+
+
+def _compare_accuracies(base: dict, run: dict, tol: Tolerances) -> tuple[list[tuple[str, str]], bool]:
+    """([(reason, detail)], improved?) over the accuracies the baseline has."""
+    out, improved = [], False
+    n = base.get("n_eval") or 0
+    for metric in ACCURACY_FIELDS:
+        b = base.get(metric)
+        if b is None:
+            continue
+        prefix = "" if metric == "accuracy" else f"{metric} "
+        s = run.get(metric)
+        if s is None:
+            out.append((f"{metric} missing", f"{metric}: baseline {fmt_acc(b)}%, none in the store"))
+            continue
+        b, s = float(b), float(s)
+        t = 0.0 if tol.exact else tolerance(b, n, tol.z)
+        if tol.exact:
+            if s != b:
+                out.append((f"{prefix}changed", f"{metric}: {fmt_acc(b)}% -> {fmt_acc(s)}% (--exact)"))
+        elif s < b - t - EPS:
+            out.append((f"{prefix}regressed", f"{metric}: {fmt_acc(b)}% -> {fmt_acc(s)}%, more than the tolerance "
+                                              f"{100 * t:.1f} points below"))
+        elif s > b + t + EPS:
+            improved = True
+    return out, improved
+
+
+def _judge(base: dict, run: dict, tol: Tolerances, examples_of: ExamplesOf | None) -> CheckRow:
     name = cell_name(base)
+    p, n = float(base["accuracy"]), base.get("n_eval")
+    acc = None if run.get("accuracy") is None else float(run["accuracy"])
+    delta = None if acc is None else acc - p
+    t = 0.0 if tol.exact else tolerance(p, n or 0, tol.z)
     if n is not None and run.get("n_eval") is not None and int(run["n_eval"]) != int(n):
-        return CheckRow(f"{name} (n_eval {n} -> {run['n_eval']})", p, acc, delta, tol, "n changed", True)
-    if exact:
-        verdict = "ok" if acc == p else "changed"
-    elif acc < p - tol - EPS:
-        verdict = "regressed"
-    else:
-        verdict = "improved" if acc > p + tol + EPS else "ok"
-    return CheckRow(name, p, acc, delta, tol, verdict, verdict in ("changed", "regressed"))
+        return CheckRow(f"{name} (n_eval {n} -> {run['n_eval']})", p, acc, delta, t, "n changed", True,
+                        reasons=("n changed",), details=(f"n_eval {n} -> {run['n_eval']}",))
+    found: list[tuple[str, str]] = []
+    worst = None
+    if "examples" in base:
+        rows = list(examples_of(run["run_id"])) if examples_of is not None else []
+        worst, problems = _compare_examples(base["examples"], rows, tol.logprob_atol)
+        found += problems
+        found += _compare_flops(base, run, tol.flops_rtol)
+    accuracy_problems, improved = _compare_accuracies(base, run, tol)
+    found += accuracy_problems
+    reasons = tuple(dict.fromkeys(r for r, _ in found))
+    verdict = "; ".join(reasons) if reasons else ("improved" if improved else "ok")
+    return CheckRow(name, p, acc, delta, t, verdict, bool(reasons), worst, reasons, tuple(d for _, d in found))
 
 
-def check(runs: list[dict], baseline: dict, z: float = 2.0, exact: bool = False) -> CheckResult:
-    """Compare every baseline cell with the store's runs; see the module docstring for the rules."""
+def check(runs: list[dict], baseline: dict, z: float = 2.0, exact: bool = False,
+          examples_of: ExamplesOf | None = None, logprob_atol: float = DEFAULT_LOGPROB_ATOL,
+          flops_rtol: float = DEFAULT_FLOPS_RTOL) -> CheckResult:
+    """Compare every baseline cell with the store's runs; see the module docstring for the rules.
+
+    ``examples_of(run_id)`` gives a run's example rows; a version-2 baseline needs it (without it every cell
+    fails as ``examples changed``)."""
     if z < 0:
         raise HarnessError(f"--z must be non-negative, got {z}")
+    if not logprob_atol >= 0:
+        raise HarnessError(f"--logprob-atol must be non-negative, got {logprob_atol}")
+    if not flops_rtol >= 0:
+        raise HarnessError(f"--flops-rtol must be non-negative, got {flops_rtol}")
+    tol = Tolerances(z, exact, logprob_atol, flops_rtol)
     store: dict[tuple, list[dict]] = defaultdict(list)
     for r in select_runs(runs):
         store[cell_key(r)].append(r)
@@ -140,27 +321,40 @@ def check(runs: list[dict], baseline: dict, z: float = 2.0, exact: bool = False)
         found = [r for r in store.get(key, []) if r.get("accuracy") is not None]
         p = float(base["accuracy"])
         if not found:
-            rows.append(CheckRow(cell_name(base), p, None, None, None, "missing", True))
+            rows.append(CheckRow(cell_name(base), p, None, None, None, "missing", True, reasons=("missing",),
+                                 details=("no finished run of this cell in the store",)))
         elif len(found) > 1:
-            rows.append(CheckRow(f"{cell_name(base)} ({len(found)} runs)", p, None, None, None, "ambiguous", True))
+            rows.append(CheckRow(f"{cell_name(base)} ({len(found)} runs)", p, None, None, None, "ambiguous", True,
+                                 reasons=("ambiguous",),
+                                 details=(f"runs {', '.join(r['run_id'] for r in found)} share the key",)))
         else:
-            rows.append(_judge(base, found[0], z, exact))
+            rows.append(_judge(base, found[0], tol, examples_of))
     for key in sorted(set(store) - base_keys):
         for r in store[key]:
             if r.get("accuracy") is not None:
                 rows.append(CheckRow(cell_name(r), None, float(r["accuracy"]), None, None, "new", False))
-    return CheckResult(tuple(rows), not any(r.failed for r in rows))
+    note = version_note(baseline)
+    return CheckResult(tuple(rows), not any(r.failed for r in rows), (note,) if note else ())
 
 
-def check_table(result: CheckResult) -> Table:
-    """The check's rows as a table: accuracies, delta and tolerance in percentage points."""
+def check_table(result: CheckResult, tol: Tolerances | None = None) -> Table:
+    """The check's rows as a table: accuracy in percent, delta and tolerance in points, worst log-prob delta;
+    the notes say the rules, per failed cell what failed, and last the verdict with its counts."""
+    tol = tol or Tolerances()
 
     def points(x: float | None, signed: bool) -> str:
         return "n/a" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
 
     rows = tuple((r.cell, fmt_acc(r.baseline), fmt_acc(r.store), points(r.delta, True), points(r.tolerance, False),
+                  "n/a" if r.logprob_diff is None else f"{r.logprob_diff:.1e}",
                   r.verdict.upper() if r.failed else r.verdict) for r in result.rows)
     summary = ", ".join(f"{n} {v}" for v, n in result.counts().items()) or "no cells"
-    columns = ("Cell", "Baseline %", "Store %", "Delta pts", "Tolerance pts", "Verdict")
-    return Table("Baseline check", columns, rows, "lrrrrl",
-                 (f"{'PASS' if result.passed else 'FAIL'}: {summary}.",))
+    accuracy_rule = ("any difference fails (--exact)" if tol.exact else
+                     f"fail below baseline - max({tol.z:g} SE, 1/n)")
+    rules = (f"Rules: per example and choice |log-prob - baseline| <= {tol.logprob_atol:g}; inference and training "
+             f"FLOPs within relative {tol.flops_rtol:g}; accuracy, accuracy_norm and accuracy_norm_char: "
+             f"{accuracy_rule}. Accuracy columns: accuracy (argmax of summed log-prob), percent.")
+    failures = tuple(f"{r.cell}: {d}" for r in result.rows if r.failed for d in r.details)
+    columns = ("Cell", "Baseline acc. %", "Store acc. %", "Delta pts", "Tolerance pts", "Max |d logprob|", "Verdict")
+    return Table("Baseline check", columns, rows, "lrrrrrl",
+                 (rules, *result.notes, *failures, f"{'PASS' if result.passed else 'FAIL'}: {summary}."))

@@ -17,6 +17,7 @@ from harness.errors import HarnessError
 from harness.report import check as checking
 from harness.report import stats
 from harness.report.format import fmt_acc, to_text
+from harness.report.tables import METRICS
 from harness.store import DEFAULT_STORE, Store
 
 
@@ -36,11 +37,12 @@ def user_errors():
 
 
 def open_store(path: str | Path) -> Store:
-    """Open an existing store; never create one."""
+    """Open an existing store (migrating an older schema); never create one. A newer schema is a user error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no results store at {path}: run some experiments first or pass --store PATH")
-    return Store(path)
+    with user_errors():
+        return Store(path)
 
 
 def store_option(f):
@@ -54,8 +56,9 @@ def store_option(f):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="Folder for report.md, report.tex and plots/.")
 @store_option
-@click.option("--metric", type=click.Choice(["accuracy", "accuracy_norm"]), default="accuracy", show_default=True,
-              help="Accuracy with raw or length-normalized scoring.")
+@click.option("--metric", type=click.Choice(METRICS), default="accuracy", show_default=True,
+              help="accuracy (summed log-prob), accuracy_norm (per token, T-Few) or accuracy_norm_char (per "
+                   "character, lm-eval acc_norm); docs/metrics.md.")
 @click.option("--include-random", is_flag=True, help="Include runs of random-init models (speed runs).")
 @click.option("--no-plots", is_flag=True, help="Write the tables only.")
 def report(fmt, out_dir, store_path, metric, include_random, no_plots):
@@ -108,12 +111,20 @@ def _runs_by_cell(runs: list[dict], method: str, k: int | None) -> dict[tuple, d
     return {c: rs[0] for c, rs in cells.items()}
 
 
-def _correct(rows: list[dict], metric: str) -> dict[tuple, bool]:
+PREDICTION_FIELDS = {"accuracy": "prediction", "accuracy_norm": "prediction_norm",
+                     "accuracy_norm_char": "prediction_norm_char"}
+
+
+def _correct(rows: list[dict], metric: str, run: dict) -> dict[tuple, bool]:
     """(example_id, occurrence) -> correct; the occurrence index pairs duplicated ids in order."""
-    field = "prediction" if metric == "accuracy" else "prediction_norm"
+    field = PREDICTION_FIELDS[metric]
     seen: dict[str, int] = defaultdict(int)
     out = {}
     for row in rows:
+        if row.get(field) is None:
+            raise UserError(f"run {run['run_id']} ({run.get('task')}/{run.get('method')}/{run.get('template')}) has "
+                            f"no {metric}: it comes from a schema-1 store, whose character counts include the "
+                            "target delimiter; re-run it into a new store, or compare another --metric")
         out[(row["example_id"], seen[row["example_id"]])] = row[field] == row["label"]
         seen[row["example_id"]] += 1
     return out
@@ -123,8 +134,9 @@ def _correct(rows: list[dict], metric: str) -> dict[tuple, bool]:
 @click.argument("method_a")
 @click.argument("method_b")
 @click.option("--task", default=None, help="Only this task (default: all tasks).")
-@click.option("--metric", type=click.Choice(["accuracy", "accuracy_norm"]), default="accuracy", show_default=True,
-              help="Correctness by raw (accuracy) or length-normalized (accuracy_norm) prediction.")
+@click.option("--metric", type=click.Choice(METRICS), default="accuracy", show_default=True,
+              help="Correctness by the raw (accuracy), per-token (accuracy_norm) or per-character "
+                   "(accuracy_norm_char) prediction.")
 @click.option("--k-a", type=int, default=None, help="Only runs of METHOD_A with this k.")
 @click.option("--k-b", type=int, default=None, help="Only runs of METHOD_B with this k.")
 @click.option("--preset", default=None, help="Only runs of this preset.")
@@ -154,7 +166,8 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
         by_run[row["run_id"]].append(row)
     a, b = [], []
     for c in common:
-        ca, cb = _correct(by_run[cells_a[c]["run_id"]], metric), _correct(by_run[cells_b[c]["run_id"]], metric)
+        ca = _correct(by_run[cells_a[c]["run_id"]], metric, cells_a[c])
+        cb = _correct(by_run[cells_b[c]["run_id"]], metric, cells_b[c])
         for key in sorted(set(ca) & set(cb)):
             a.append(ca[key])
             b.append(cb[key])
@@ -176,15 +189,22 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
 
 @click.group()
 def baseline():
-    """Save accuracy baselines for `check`."""
+    """Save baselines (accuracies, FLOPs, per-example log-probs) for `check`."""
+
+
+def _examples_of(store: Store):
+    return lambda run_id: store.examples([run_id])
 
 
 @baseline.command("save")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @store_option
 def baseline_save(path, store_path):
-    """Write the accuracy of every finished run in the store to the baseline file PATH (JSON)."""
-    n = checking.save_baseline(open_store(store_path).runs(status="finished"), path)
+    """Write every finished run of the store to the baseline file PATH (JSON): per cell its accuracies, FLOPs and
+    per-example, per-choice log-probs (rounded to 6 decimals)."""
+    store = open_store(store_path)
+    with user_errors():
+        n = checking.save_baseline(store.runs(status="finished"), path, _examples_of(store))
     if n == 0:
         click.echo(f"warning: {store_path} has no finished runs with an accuracy; the baseline is empty", err=True)
     click.echo(f"wrote {n} cells to {path}")
@@ -197,15 +217,27 @@ def baseline_save(path, store_path):
 @click.option("--z", type=float, default=2.0, show_default=True,
               help="Tolerance in binomial standard errors of the baseline accuracy (at least one example).")
 @click.option("--exact", is_flag=True, help="Fail on any accuracy difference.")
+@click.option("--logprob-atol", type=float, default=checking.DEFAULT_LOGPROB_ATOL, show_default=True,
+              help="Largest absolute difference allowed between a stored and a baseline log-prob (per example and "
+                   "choice).")
+@click.option("--flops-rtol", type=float, default=checking.DEFAULT_FLOPS_RTOL, show_default=True,
+              help="Largest relative difference allowed in inference FLOPs per example and training FLOPs.")
 @click.pass_context
-def check(ctx, baseline_path, store_path, z, exact):
-    """Check the store against a baseline: exit 1 when a cell regressed or is missing, else 0.
+def check(ctx, baseline_path, store_path, z, exact, logprob_atol, flops_rtol):
+    """Check the store against a baseline: exit 1 when a cell changed, regressed or is missing, else 0.
 
-    A cell regresses when its accuracy falls below the baseline by more than
-    max(z * sqrt(p (1 - p) / n), 1 / n), p and n being the baseline's accuracy and number of examples.
+    Per cell (model, task, method, template, seed, preset, k): every example's per-choice log-prob within
+    --logprob-atol of the baseline; FLOPs within --flops-rtol; accuracy, accuracy_norm and accuracy_norm_char not
+    below the baseline by more than max(z * sqrt(p (1 - p) / n), 1 / n), p and n being the baseline's value and
+    number of examples (--exact: equal). A version-1 baseline has accuracies only.
     """
     with user_errors():
         data = checking.load_baseline(baseline_path)
-        result = checking.check(open_store(store_path).runs(status="finished"), data, z=z, exact=exact)
-    click.echo(to_text(checking.check_table(result)), nl=False)
+        store = open_store(store_path)
+        result = checking.check(store.runs(status="finished"), data, z=z, exact=exact,
+                                examples_of=_examples_of(store), logprob_atol=logprob_atol, flops_rtol=flops_rtol)
+    for note in result.notes:
+        click.echo(f"warning: {note}", err=True)
+    tol = checking.Tolerances(z, exact, logprob_atol, flops_rtol)
+    click.echo(to_text(checking.check_table(result, tol)), nl=False)
     ctx.exit(0 if result.passed else 1)

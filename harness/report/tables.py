@@ -20,7 +20,14 @@ from harness.report import stats
 from harness.report.format import (Table, fmt_acc, fmt_bytes, fmt_flops, fmt_interval, fmt_params,
                                    fmt_seconds)
 
-METRICS = ("accuracy", "accuracy_norm")
+METRICS = ("accuracy", "accuracy_norm", "accuracy_norm_char")
+# One line per metric, said under every table that shows it (docs/metrics.md has the full definitions).
+METRIC_DEFINITIONS = {
+    "accuracy": "accuracy: the choice with the highest summed log-prob",
+    "accuracy_norm": "accuracy_norm: the choice with the highest log-prob per token (T-Few)",
+    "accuracy_norm_char": "accuracy_norm_char: the choice with the highest log-prob per character of the choice "
+                          "without the target delimiter (lm-evaluation-harness acc_norm)",
+}
 _RUN_ORDER = ("model", "task", "method", "k", "preset", "template", "seed", "run_id")
 
 
@@ -116,6 +123,19 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
+def metric_notes(runs: list[dict], metric: str) -> tuple[str, ...]:
+    """The metric's definition, and how many runs lack it (per-character: runs migrated from schema 1)."""
+    notes = [f"Metric: {METRIC_DEFINITIONS[metric]}."]
+    lacking = [r for r in runs if r.get(metric) is None]
+    if lacking:
+        why = ""
+        if metric == "accuracy_norm_char" and any(r.get("n_chars_with_delimiter") for r in lacking):
+            why = (" (runs from a schema-1 store: their character counts include the target delimiter, so no "
+                   "per-character accuracy is computed for them)")
+        notes.append(f"{len(lacking)} of {len(runs)} runs have no {metric}{why}; they are left out of its figures.")
+    return tuple(notes)
+
+
 def summary_table(runs: list[dict], metric: str = "accuracy") -> Table:
     """(a) Per (model, method), in the layout of T-Few's Table 1."""
     _check_metric(metric)
@@ -126,15 +146,16 @@ def summary_table(runs: list[dict], metric: str = "accuracy") -> Table:
                      fmt_acc(median_of(rs, metric)), fmt_acc(mean_of_task_medians(rs, metric)),
                      str(len({r.get("task") for r in rs})), str(len(rs))))
     notes = (
-        f"Accuracy ({metric}, percent): *median* over all task/template/seed runs of the method; "
+        *metric_notes(runs, metric),
+        f"{metric} in percent: *median* over all task/template/seed runs of the method; "
         "*mean of task medians*: the mean over tasks of each task's median.",
         "Inference FLOPs per evaluated example, training FLOPs and disk space (checkpoint bytes) are medians over "
         "runs. Training FLOPs are those of one trained adapter (shared by all templates of a task and seed), never "
         "summed over templates. Bytes are in decimal SI units (1 MB = 10^6 bytes).",
     )
-    return Table(f"Summary per model and method ({metric})",
-                 ("Model", "Method", "Inference FLOPs/example", "Training FLOPs", "Disk space", "Acc. median",
-                  "Acc. mean of task medians", "Tasks", "Runs"),
+    return Table(f"Summary per model and method (metric: {metric})",
+                 ("Model", "Method", "Inference FLOPs/example", "Training FLOPs", "Disk space", f"{metric} median",
+                  f"{metric} mean of task medians", "Tasks", "Runs"),
                  tuple(rows), "llrrrrrrr", notes, "tab:summary")
 
 
@@ -158,12 +179,13 @@ def task_table(runs: list[dict], metric: str = "accuracy", n_resamples: int = st
             median_s = iqr_s = mean_s = fmt_acc(None)
         rows.append((task, g.model, g.label, median_s, iqr_s, mean_s, str(len(vals))))
     notes = (
+        *metric_notes(runs, metric),
         f"{metric} in percent over the runs of each cell (templates x seeds). IQR: 25th to 75th percentile "
         "(linear interpolation). Mean with a percentile-bootstrap 95% CI over runs "
         f"({n_resamples} resamples, seed {seed}). Runs: runs with a value.",
     )
-    return Table(f"Accuracy per task and method ({metric})",
-                 ("Task", "Model", "Method", "Median", "IQR", "Mean [95% CI]", "Runs"),
+    return Table(f"Accuracy per task and method (metric: {metric})",
+                 ("Task", "Model", "Method", f"{metric} median", "IQR", "Mean [95% CI]", "Runs"),
                  tuple(rows), "lllrrrr", notes, "tab:tasks")
 
 
