@@ -199,17 +199,29 @@ class TrainStats:
 
 
 def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizer of ``settings``. ``fused`` (CUDA): AdamW's fused kernel and the multi-tensor Adafactor of
-    :mod:`harness.optim`, a handful of kernels per step instead of dozens per parameter (the same update rule)."""
+    """The optimizer of ``settings``.
+
+    Adafactor is T-Few's (r-three/t-few ``src/utils/get_optimizer.py``): ``transformers.optimization.Adafactor``
+    with ``lr``, ``weight_decay``, ``scale_parameter`` from the settings and ``relative_step=False,
+    warmup_init=False`` (the settings' values, which :class:`harness.methods.base.TrainConfig` only lets be False).
+    ``fused`` (CUDA): AdamW's fused kernel and the multi-tensor Adafactor of :mod:`harness.optim`, a handful of
+    kernels per step instead of dozens per parameter, the same update as transformers' for both ``scale_parameter``
+    values (``tests/test_optim.py``). ``torch.optim.Adafactor`` is a different optimizer (always a relative step
+    and parameter scaling; see :mod:`harness.optim`) and is not used."""
     if settings["optimizer"] == "adafactor":
+        options = {name: settings.get(name) for name in ("scale_parameter", "relative_step", "warmup_init")}
+        if not all(isinstance(v, bool) for v in options.values()) or options["relative_step"] or options["warmup_init"]:
+            raise HarnessError(f"adafactor needs scale_parameter true/false and relative_step, warmup_init false in "
+                               f"the training settings (resolve them with harness.methods.training_settings), got "
+                               f"{options}")
         if fused:
             from harness.optim import Adafactor
 
-            return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+            return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"],
+                             scale_parameter=options["scale_parameter"])
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"], scale_parameter=False,
-                         relative_step=False, warmup_init=False)
+        return Adafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"], **options)
     if settings["optimizer"] == "adamw":
         return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"],
                                  **({"fused": True} if fused else {}))
@@ -217,7 +229,13 @@ def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torc
 
 
 def make_schedule(optimizer, settings: dict):
-    """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant."""
+    """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant.
+
+    As in T-Few (r-three/t-few ``src/utils/get_scheduler.py``, stepped after every optimizer step by PyTorch
+    Lightning), step ``s`` (from 0) runs at ``lr x s / warmup`` during the warmup, then ``lr x (steps - s) / (steps
+    - warmup)``: with any warmup the first step has learning rate 0 (Adafactor and AdamW still update their
+    second moments), so ``steps=1`` trains nothing (:func:`train` warns) and LoRA's A matrices first move at the
+    third step (B is zero until the second). Use ``warmup_ratio=0`` for every step to count."""
     from transformers.optimization import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
     warmup = settings["steps"] * settings["warmup_ratio"]
@@ -318,6 +336,10 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     sampler = _Sampler(len(train_examples), rng)
     optimizer = make_optimizer(params, settings, fused=device.type == "cuda")
     schedule = make_schedule(optimizer, settings)
+    if not any(schedule.lr_lambdas[0](s) > 0 for s in range(settings["steps"])):
+        log.warning("no training step has a learning rate above 0 (%d step(s), warmup_ratio %g: the warmup's first "
+                    "step has learning rate 0): the model is not trained; use more steps or warmup_ratio=0",
+                    settings["steps"], settings["warmup_ratio"])
     encode = functools.cache(lambda context, choice: encode_pair(tokenizer, context, choice))  # few distinct prompts
 
     micro, accum = settings["batch_size"], settings["grad_accum"]

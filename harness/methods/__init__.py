@@ -150,7 +150,11 @@ def _check_run_keys(run: dict) -> None:
 def training_settings(name: str, preset: str, overrides: dict | None = None) -> dict:
     """Fully resolved settings of one PEFT method: run keys (steps, batch_size, grad_accum, n_train,
     train_template, max_length) from the preset, the method config's training defaults and arguments, then
-    ``overrides`` (None values = not given; ``method_args`` = a dict or a ``--method-args`` string) on top."""
+    ``overrides`` (None values = not given; ``method_args`` = a dict or a ``--method-args`` string) on top.
+
+    Under the ``quick`` preset the method's ``QUICK_DEFAULTS`` (e.g. a higher ``lr``: 20 steps of the paper's
+    rate leave the model where it started) replace its field defaults; ``--method-args`` and the CLI flags still
+    win. The ``paper`` preset uses the field defaults, T-Few's."""
     from harness.spec import get_preset
 
     info = get_method(name)
@@ -166,7 +170,8 @@ def training_settings(name: str, preset: str, overrides: dict | None = None) -> 
     for key in RUN_KEYS:
         if key in method_args:
             raise HarnessError(f"--method-args: {key!r} is a run setting; pass --{key.replace('_', '-')} instead")
-    cfg_args = method_args | {k: v for k, v in given.items() if k not in RUN_KEYS}
+    quick = dict(info.config_cls.QUICK_DEFAULTS) if preset == "quick" else {}
+    cfg_args = quick | method_args | {k: v for k, v in given.items() if k not in RUN_KEYS}
     cfg = info.config_cls.from_args(cfg_args, info.name)
     run = {"steps": p.steps, "batch_size": p.batch_size, "grad_accum": 1, "n_train": p.n_train,
            "train_template": None, "max_length": None}

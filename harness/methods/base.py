@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 from harness.errors import HarnessError, suggest
 
 LOSSES = ("lm", "ul", "ln")  # T-Few's L_LM, L_UL (unlikelihood), L_LN (length-normalized)
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("linear", "constant")
+# transformers' Adafactor options, as T-Few passes them (r-three/t-few src/utils/get_optimizer.py)
+ADAFACTOR_OPTIONS = ("scale_parameter", "relative_step", "warmup_init")
 
 # Settings that come from the preset / CLI rather than from the method config.
 RUN_KEYS = ("steps", "batch_size", "grad_accum", "n_train", "train_template", "max_length")
@@ -54,10 +57,22 @@ def as_names(value, what: str) -> tuple[str, ...] | None:
 @dataclasses.dataclass
 class TrainConfig:
     """Training defaults shared by the PEFT methods; the values here are T-Few's (Liu et al. 2022, sec. 3.3 and
-    r-three/t-few ``src/utils/Config.py``): Adafactor, lr 3e-3, linear decay after 6% warmup, no weight decay,
-    gradient clipping at norm 1. ``losses`` is the subset of ``lm`` (L_LM), ``ul`` (L_UL), ``ln`` (L_LN) summed
-    with weight 1 each; plain methods use ``lm`` only, ``tfew`` all three.
+    r-three/t-few ``src/utils/Config.py`` + ``configs/ia3.json``): Adafactor with ``scale_parameter=True,
+    relative_step=False, warmup_init=False`` (``src/utils/get_optimizer.py``), lr 3e-3, linear decay after 6%
+    warmup (``src/utils/get_scheduler.py``), no weight decay, gradient clipping at norm 1. ``losses`` is the subset
+    of ``lm`` (L_LM), ``ul`` (L_UL), ``ln`` (L_LN) summed with weight 1 each; plain methods use ``lm`` only,
+    ``tfew`` all three.
+
+    The Adafactor options are settings like the others (recorded with the run, so part of its id). Left at
+    ``None`` they resolve, for ``optimizer=adafactor``, to ``scale_parameter=ADAFACTOR_SCALE_PARAMETER`` (the
+    method's T-Few value) and ``relative_step=warmup_init=False`` (T-Few's, always; ``true`` is refused: the
+    learning rate comes from ``lr`` and the schedule); for ``optimizer=adamw`` they stay ``None`` and giving one
+    is an error. ``QUICK_DEFAULTS`` are the method's defaults under the ``quick`` preset only (see
+    :func:`harness.methods.training_settings`); the ``paper`` preset uses the field defaults.
     """
+
+    ADAFACTOR_SCALE_PARAMETER: ClassVar[bool] = True  # T-Few's Config.py default (prompt tuning's configs: False)
+    QUICK_DEFAULTS: ClassVar[dict] = {}
 
     lr: float = 3e-3
     optimizer: str = "adafactor"
@@ -66,6 +81,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     losses: tuple[str, ...] = ("lm",)
+    scale_parameter: bool | None = None
+    relative_step: bool | None = None
+    warmup_init: bool | None = None
 
     def __post_init__(self):
         check(is_number(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
@@ -79,6 +97,27 @@ class TrainConfig:
         check(self.max_grad_norm is None or (is_number(self.max_grad_norm) and self.max_grad_norm >= 0),
               f"max_grad_norm must be >= 0 (0 or none: no clipping), got {self.max_grad_norm!r}")
         self.losses = parse_losses(self.losses)
+        self._resolve_adafactor_options()
+
+    def _resolve_adafactor_options(self) -> None:
+        if self.optimizer != "adafactor":
+            given = [name for name in ADAFACTOR_OPTIONS if getattr(self, name) is not None]
+            check(not given, f"{', '.join(given)}: Adafactor option{'s' if len(given) > 1 else ''}, but optimizer is "
+                             f"{self.optimizer} (add optimizer=adafactor, or leave {'them' if len(given) > 1 else 'it'}"
+                             " out)")
+            return
+        if self.scale_parameter is None:
+            self.scale_parameter = self.ADAFACTOR_SCALE_PARAMETER
+        for name in ("relative_step", "warmup_init"):
+            if getattr(self, name) is None:
+                setattr(self, name, False)
+        for name in ADAFACTOR_OPTIONS:
+            value = getattr(self, name)
+            check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        for name in ("relative_step", "warmup_init"):
+            check(not getattr(self, name), f"{name}=true is not supported: T-Few's Adafactor always has {name}=False "
+                                           "(r-three/t-few src/utils/get_optimizer.py); the learning rate comes from "
+                                           "lr and the schedule")
 
     # ----------------------------------------------------------------------------------------- conversions
     @classmethod

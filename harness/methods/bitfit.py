@@ -15,7 +15,8 @@ from harness.methods.base import Overhead, TrainConfig
 @dataclasses.dataclass
 class BitFitArgs(TrainConfig):
     """Defaults (r-three/t-few ``configs/bitfit.json``): every parameter whose name ends in ``bias``, Adafactor
-    lr 3e-4, linear decay after 6% warmup; loss L_LM. (T-Few's BitFit also trains layer norms; ours trains biases
+    lr 3e-4 with ``scale_parameter=True`` (Config.py's default, kept by ``bitfit.json``), linear decay after 6%
+    warmup; loss L_LM. (T-Few's BitFit also trains layer norms; ours trains biases
     only, as Ben Zaken et al. — combine with ``ln_tuning`` runs to compare.)
     """
 

@@ -15,7 +15,8 @@ from harness.methods.base import Overhead, TrainConfig, as_names, resolve_target
 class LNTuningArgs(TrainConfig):
     """Defaults (r-three/t-few ``configs/layernorm.json``): every normalization layer (``targets=None``: each
     module whose class name ends in ``Norm``, e.g. SmolLM2's ``input_layernorm|post_attention_layernorm|norm``),
-    Adafactor lr 3e-4, linear decay after 6% warmup; loss L_LM.
+    Adafactor lr 3e-4 with ``scale_parameter=True`` (Config.py's default, kept by ``layernorm.json``), linear
+    decay after 6% warmup; loss L_LM.
     """
 
     targets: tuple[str, ...] | None = None

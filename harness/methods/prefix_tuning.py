@@ -14,8 +14,9 @@ from harness.methods.base import Overhead, TrainConfig, check, is_int, prompt_en
 @dataclasses.dataclass
 class PrefixTuningArgs(TrainConfig):
     """Defaults (r-three/t-few ``configs/prefix_tuning.json``): 10 prefix positions, MLP reparameterization with
-    a 512-wide hidden layer (``projection=true``, ``hidden=512``; T-Few's ``mlp-512``), Adafactor lr 1e-2, linear
-    decay after 6% warmup; loss L_LM.
+    a 512-wide hidden layer (``projection=true``, ``hidden=512``; T-Few's ``mlp-512``), Adafactor lr 1e-2 with
+    ``scale_parameter=True`` (Config.py's default, kept by ``prefix_tuning.json``), linear decay after 6% warmup;
+    loss L_LM.
     """
 
     n_virtual_tokens: int = 10

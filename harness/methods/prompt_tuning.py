@@ -8,6 +8,7 @@ peft prepends them to the inputs on every forward and drops explicit position id
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from harness.methods import MethodInfo, register
 from harness.methods.base import Overhead, TrainConfig, check, is_int
@@ -19,8 +20,11 @@ INITS = ("sample_vocab", "random")
 class PromptTuningArgs(TrainConfig):
     """Defaults (r-three/t-few ``configs/prompt_tuning-10_prompts.json``; Lester et al. 2021 sec. 3): 10 virtual
     tokens initialised from the embeddings of tokens sampled from the vocabulary (``init=sample_vocab``; Lester
-    et al. found it better than random), Adafactor lr 0.3, linear decay after 6% warmup; loss L_LM.
+    et al. found it better than random), Adafactor lr 0.3 with ``scale_parameter=False`` (the only T-Few config
+    that turns it off: ``"scale_parameter": false``), linear decay after 6% warmup; loss L_LM.
     """
+
+    ADAFACTOR_SCALE_PARAMETER: ClassVar[bool] = False
 
     n_virtual_tokens: int = 10
     init: str = "sample_vocab"

@@ -16,8 +16,9 @@ from harness.methods.ia3 import IA3Args, make_apply, make_overhead
 class TFewArgs(IA3Args):
     """Defaults (Liu et al. 2022 sec. 3.3; r-three/t-few ``configs/ia3.json`` + per-task configs such as
     ``configs/cb.json``): (IA)^3 on k, v and the feed-forward down-projection input; losses L_LM + L_UL + L_LN
-    (``mc_loss=1, unlikely_loss=1, length_norm=1``); Adafactor lr 3e-3, linear decay after 6% warmup, no weight
-    decay, gradient clipping at 1. Batch 8 and 1000 steps come from the ``paper`` preset.
+    (``mc_loss=1, unlikely_loss=1, length_norm=1``); Adafactor lr 3e-3 with ``scale_parameter=True,
+    relative_step=False, warmup_init=False``, linear decay after 6% warmup, no weight decay, gradient clipping at
+    1. Batch 8 and 1000 steps come from the ``paper`` preset.
     """
 
     losses: tuple[str, ...] = ("lm", "ul", "ln")
