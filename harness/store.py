@@ -286,7 +286,8 @@ class Store:
             # can answer "database is locked" at once, without waiting, while another process opens the same
             # new file: retry that instead of failing.
             _retry_while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
-            _retry_while_locked(lambda: _open_schema(db, self.path))
+            if version != SCHEMA_VERSION:  # a current store is not locked for writing just to be opened
+                _retry_while_locked(lambda: _open_schema(db, self.path))
         finally:
             db.close()
 
