@@ -212,3 +212,18 @@ def test_the_harness_checkout_records_its_commit():
         pytest.skip("not running from a git checkout")
     assert environment.checkout_root() == root
     assert environment.git_commit() and len(environment.git_commit().removesuffix("-dirty")) == 40
+
+
+def test_reports_use_only_the_latest_run_of_an_experiment():
+    """A re-run after an input changed supersedes the old run in reports (never pooled into one median)."""
+    from harness.report.tables import select_runs
+
+    def run(run_id, task_hash, finished_at, accuracy, template="t"):
+        config = {"task": "cb", "method": "icl", "template": template, "seed": 0, "k": 2, "model": "m",
+                  "task_hash": task_hash, "scoring_version": 2}
+        return {"run_id": run_id, "status": "finished", "task": "cb", "method": "icl", "template": template,
+                "seed": 0, "k": 2, "model": "m", "config": config, "finished_at": finished_at, "accuracy": accuracy}
+
+    runs = [run("old", "a", 1.0, 0.1), run("new", "b", 2.0, 0.9), run("other", "a", 1.0, 0.5, template="u")]
+    assert sorted(r["run_id"] for r in select_runs(runs)) == ["new", "other"]
+    assert select_runs(runs, tasks=["rte"]) == []

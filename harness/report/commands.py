@@ -61,13 +61,17 @@ def store_option(f):
                    "character, lm-eval acc_norm); docs/metrics.md.")
 @click.option("--include-random", is_flag=True, help="Include runs of random-init models (speed runs).")
 @click.option("--no-plots", is_flag=True, help="Write the tables only.")
-def report(fmt, out_dir, store_path, metric, include_random, no_plots):
-    """Write the results report: T-Few style tables (Markdown and/or LaTeX) and figures (PNG and PDF)."""
+@click.option("--tasks", "task_names", default=None, help="Only these tasks: comma-separated names or task YAML paths.")
+def report(fmt, out_dir, store_path, metric, include_random, no_plots, task_names):
+    """Write the results report: T-Few style tables (Markdown and/or LaTeX) and figures (PNG and PDF).
+
+    Of runs that repeat one experiment with changed inputs (task file, data, weights, scoring code), only the
+    latest is reported."""
     from harness.report.document import render_latex, render_markdown
     from harness.report.tables import select_runs
 
     every = open_store(store_path).runs()
-    runs = select_runs(every, include_random=include_random)
+    runs = select_runs(every, include_random=include_random, tasks=_task_names(task_names))
     if not runs:
         raise UserError(f"no finished runs in {store_path}" + ("" if include_random else
                         " (random-init runs are left out; add --include-random to count them)"))
@@ -96,6 +100,17 @@ def report(fmt, out_dir, store_path, metric, include_random, no_plots):
         written.insert(1 if fmt == "both" else 0, path)
     for path in written:
         click.echo(str(path))
+
+
+def _task_names(text: str | None) -> list[str] | None:
+    """Task names from ``--tasks`` (names or YAML paths; a path is read for its ``name``)."""
+    if not text:
+        return None
+    from harness.tasks import load_task
+
+    with user_errors():
+        return [load_task(item.strip()).name if item.strip().endswith((".yaml", ".yml")) else item.strip()
+                for item in text.split(",") if item.strip()]
 
 
 def _runs_by_cell(runs: list[dict], method: str, k: int | None) -> dict[tuple, dict]:

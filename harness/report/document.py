@@ -31,8 +31,9 @@ def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[Plo
 
 def render_markdown(runs: list[dict], n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
                     metric: str = "accuracy") -> str:
-    parts = [f"# {TITLE}\n", f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished or "
-             "random-init models).\n", "\n".join(f"- {line}" for line in settings_lines(runs)) + "\n"]
+    parts = [f"# {TITLE}\n", f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished, "
+             "random-init models, other tasks, or superseded by a later run of the same experiment).\n",
+             "\n".join(f"- {line}" for line in settings_lines(runs)) + "\n"]
     parts += [to_markdown(t) for t in report_tables(runs, metric)]
     if plots is not None:
         lines = ["## Figures", ""]
@@ -59,8 +60,8 @@ def render_latex(runs: list[dict], n_excluded: int, plots: list[PlotResult] | No
         r"\date{}",
         r"\begin{document}",
         r"\maketitle",
-        latex_escape(f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished or random-init "
-                     "models).") + r"\par",
+        latex_escape(f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished, random-init "
+                     "models, other tasks, or superseded by a later run of the same experiment).") + r"\par",
         r"\begin{itemize}",
         *[rf"\item {latex_escape(line)}" for line in settings_lines(runs)],
         r"\end{itemize}",

@@ -57,10 +57,40 @@ def run_sort_key(run: dict) -> tuple:
     return tuple(_sort_value(run.get(k)) for k in _RUN_ORDER)
 
 
-def select_runs(runs: Iterable[dict], include_random: bool = False) -> list[dict]:
-    """Finished runs (random-init models dropped unless ``include_random``), in a deterministic order."""
-    out = [r for r in runs if r.get("status") == "finished" and (include_random or not r.get("is_random"))]
-    return sorted(out, key=run_sort_key)
+# Config fields that fingerprint a run's inputs (harness/identity.py) or say where they were found. Two finished runs
+# whose configs differ only in these are the same experiment made twice with changed inputs (a task file, the data,
+# the weights, the scoring code): only the later one is current.
+INPUT_FIELDS = ("task_hash", "data_hash", "train_data_hash", "model_fingerprint", "scoring_version",
+                "template_fingerprint", "task_source", "model_path", "data_source")
+
+
+def experiment_key(run: dict) -> str:
+    """The run's config without :data:`INPUT_FIELDS`: equal for re-runs of one experiment with changed inputs."""
+    import json
+
+    config = {k: v for k, v in (run.get("config") or {}).items() if k not in INPUT_FIELDS}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def latest_runs(runs: Iterable[dict]) -> tuple[list[dict], int]:
+    """Per experiment (:func:`experiment_key`) the most recently finished run; and how many older ones were
+    dropped. Reports never pool a stale result with the one that replaced it."""
+    best: dict[str, dict] = {}
+    runs = list(runs)
+    for r in runs:
+        key = experiment_key(r)
+        if key not in best or (r.get("finished_at") or 0) > (best[key].get("finished_at") or 0):
+            best[key] = r
+    return list(best.values()), len(runs) - len(best)
+
+
+def select_runs(runs: Iterable[dict], include_random: bool = False, tasks: Iterable[str] | None = None) -> list[dict]:
+    """Finished runs (random-init models dropped unless ``include_random``; only ``tasks`` when given), the latest
+    of each experiment only (:func:`latest_runs`), in a deterministic order."""
+    wanted = set(tasks) if tasks is not None else None
+    out = [r for r in runs if r.get("status") == "finished" and (include_random or not r.get("is_random"))
+           and (wanted is None or r.get("task") in wanted)]
+    return sorted(latest_runs(out)[0], key=run_sort_key)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
