@@ -577,9 +577,10 @@ def _template_from_mapping(raw: Any, index: int, default_delimiter: str, n_label
     if "continuation" in raw:
         continuation = _jinja(_string(raw, "continuation", where, f"{prefix}.continuation"), where,
                               f"{prefix}.continuation", name)
-        if "choice" not in _variables(source):
-            raise _fail(where, f"{prefix}.input", "must use {{ choice }}: a template with a 'continuation' "
-                                                  "(partial scoring) renders its input once per choice")
+        if not _variables(source) & set(CHOICE_VARIABLES):
+            raise _fail(where, f"{prefix}.input", "must use {{ choice }} (or choice_index): a template with a "
+                                                  "'continuation' (partial scoring) renders its input once per "
+                                                  "choice")
     delimiter = raw.get("target_delimiter", default_delimiter)
     if not isinstance(delimiter, str):
         raise _fail(where, f"{prefix}.target_delimiter", "must be a string")

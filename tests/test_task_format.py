@@ -13,10 +13,11 @@ import yaml
 
 from harness.data import load_split
 from harness.errors import HarnessError
-from harness.tasks import Prompt, load_task
+from harness.tasks import Prompt, _display, load_task, tasks_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HELLASWAG = _display(FIXTURES / "hellaswag_mini.yaml")  # as errors show it: relative to the working directory
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"local SuperGLUE copies not found at {DATA_DIR}")
 
 
@@ -79,7 +80,7 @@ def test_hellaswag_label_map_reads_string_labels():
     assert task.render(task.templates[0], {**row, "label": ""}).label == -1  # the test split's unlabelled rows
     with pytest.raises(HarnessError) as caught:
         task.render(task.templates[0], {**row, "label": "7"})
-    assert str(caught.value) == ("tests/fixtures/tasks/hellaswag_mini.yaml: template 'lm_eval', example '11': field "
+    assert str(caught.value) == (f"{HELLASWAG}: template 'lm_eval', example '11': field "
                                  "'label' is '7', which label_map does not map (it maps '0', '1', '2', '3', '')")
     three = load_split(task, "validation", FIXTURES)[2]  # 3 endings: label_map's 3 is outside them
     with pytest.raises(HarnessError, match=r"example '13': field 'label' is '3' \(label_map gives 3\), not a "
@@ -152,7 +153,7 @@ def test_check_examples_names_file_template_role_example_and_field():
     task = fixture_task("winogrande_mini")
     rows = load_split(task, "validation", FIXTURES)
     task.check_examples(rows, "evaluation")
-    where = "tests/fixtures/tasks/winogrande_mini.yaml: template 'partial', "
+    where = f"{_display(FIXTURES / 'winogrande_mini.yaml')}: template 'partial', "
     sentence = rows[1]["sentence"]
     cases = [
         ({**rows[1], "answer": "3"}, "training",
@@ -184,7 +185,7 @@ def test_check_examples_unlabelled_and_undefined(tmp_path):
     task.check_examples([unlabelled], "evaluation")  # unlabelled rows may be evaluated (scored, not counted)
     with pytest.raises(HarnessError) as caught:
         task.check_examples([rows[1], unlabelled], "demonstration")
-    assert str(caught.value) == ("tests/fixtures/tasks/hellaswag_mini.yaml: template 'lm_eval', demonstration "
+    assert str(caught.value) == (f"{HELLASWAG}: template 'lm_eval', demonstration "
                                  "example '11': field 'label' is unlabelled (-1); demonstration examples need a label")
     with pytest.raises(HarnessError, match=r"hellaswag_mini.yaml: template 'lm_eval', training example '12': "
                                            r"field 'activity_label' is undefined \(in input\); the example has "
@@ -209,10 +210,11 @@ def test_check_examples_on_real_tasks():
     row = rows_of("cb", "validation.jsonl")[5]
     with pytest.raises(HarnessError) as caught:
         cb.check_examples([{**row, "label": 3}], "evaluation")
-    assert str(caught.value) == (f"tasks/cb.yaml: template 'gpt3_style', evaluation example '{row['idx']}': field "
+    assert str(caught.value) == (f"{_display(tasks_dir() / 'cb.yaml')}: template 'gpt3_style', evaluation example "
+                                 f"'{row['idx']}': field "
                                  f"'label' is 3, not a choice: a label is an integer in [0, 3) for this example's 3 "
                                  f"choices, or -1 for unlabelled")
-    with pytest.raises(HarnessError, match=r"tasks/cb.yaml: template 'gpt3_style', evaluation example '5': field "
+    with pytest.raises(HarnessError, match=r"cb.yaml: template 'gpt3_style', evaluation example '5': field "
                                            r"'label' is 'neutral', not a choice.*; map other values with label_map"):
         cb.check_examples([{**row, "label": "neutral"}], "evaluation")
 
@@ -250,6 +252,9 @@ def base(**changes) -> dict:
      "template 't': field 'templates\\[0\\].choice' is not valid Jinja2"),
     (dict(templates=[{"name": "t", "input": "{{ ctx }}", "continuation": "{{ rest }}"}]),
      "field 'templates\\[0\\].input' must use \\{\\{ choice \\}\\}"),
+    (dict(templates=[{"name": "t", "input": "{{ [ctx, rest][choice_index] }}", "continuation": "{{ rest }}"},
+                     {"name": "t", "input": "{{ ctx }}"}]),
+     "field 'templates\\[1\\].name' duplicates template name 't'"),  # choice_index alone is enough
     (dict(templates=[{"name": "t", "input": "{{ ctx }} {{ choice }}", "continuation": ""}]),
      "field 'templates\\[0\\].continuation' must be a non-empty string"),
     (dict(templates=[{"name": "t", "input": "{{ choice }}", "continuation": "{% if %}"}]),
@@ -273,7 +278,7 @@ def test_new_fields_are_validated(tmp_path, changes, message):
     path.write_text(yaml.safe_dump(base(**changes), sort_keys=False))
     with pytest.raises(HarnessError, match=message) as caught:
         load_task(str(path))
-    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"{_display(path)}: ") and "\n" not in str(caught.value)
 
 
 def test_choice_needs_choices_field(tmp_path):
