@@ -18,10 +18,11 @@ from harness.store import ExampleScore
 from harness.tasks import Prompt, load_task
 
 
-def test_argmax_breaks_ties_to_first_and_ignores_nan():
+def test_argmax_breaks_ties_to_first_and_refuses_nan():
     assert argmax_first([-1.0, -1.0, -2.0]) == 0
     assert argmax_first([-3.0, -1.0, -1.0]) == 1
-    assert argmax_first([math.nan, -5.0]) == 1
+    with pytest.raises(HarnessError):  # a NaN must fail the run, never become prediction 0 or 1
+        argmax_first([math.nan, -5.0])
 
 
 def test_metrics_unnormalized_vs_per_token():
