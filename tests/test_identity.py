@@ -227,3 +227,25 @@ def test_reports_use_only_the_latest_run_of_an_experiment():
     runs = [run("old", "a", 1.0, 0.1), run("new", "b", 2.0, 0.9), run("other", "a", 1.0, 0.5, template="u")]
     assert sorted(r["run_id"] for r in select_runs(runs)) == ["new", "other"]
     assert select_runs(runs, tasks=["rte"]) == []
+
+
+@pytest.mark.slow
+def test_a_task_given_by_path_trains_in_worker_processes(world):
+    """--workers: the spawned processes get the task from the spec (its YAML text), never by name."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    renamed = world["root"] / "elsewhere" / "mycb.yaml"
+    renamed.parent.mkdir()
+    renamed.write_text(world["task"].read_text().replace("name: cb", "name: mycb"))
+    (world["data"] / "mycb").symlink_to(world["data"] / "cb")
+    store = world["root"] / "w.sqlite"
+    args = ["run", "--methods", "ia3,lora", "--tasks", str(renamed), "--seeds", "0", "--templates", "gpt3_style",
+            "--preset", "quick", "--steps", "2", "--train-batch-size", "2", "--limit", "2", "--data-dir",
+            str(world["data"]), "--workers", "2", "--store", str(store), "--quiet"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    runs = Store(store).runs()
+    assert [(r["task"], r["status"]) for r in runs] == [("mycb", "finished")] * 2
+    assert all(r["env"].get("workers") == 2 for r in runs)
