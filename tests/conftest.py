@@ -39,3 +39,38 @@ SHORT_CB = [  # the two shortest rows of cb/train.jsonl: cheap real training exa
     {"premise": "B: Oh, well that's good. A: but she really doesn't. Nobody thought she would adjust,",
      "hypothesis": "she would adjust", "idx": 154, "label": 1},
 ]
+
+
+# ---------------------------------------------------------------- helpers: did training move the model?
+
+def trainable_snapshot(model) -> dict:
+    """A copy of every trainable tensor of ``model`` (after a method is applied, before training)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_every_tensor_moved(model, before: dict) -> None:
+    """Every trainable tensor of ``model`` differs from its copy in ``before`` (a training step with a nonzero
+    learning rate, at least two for LoRA, whose A gets no gradient while B is still zero)."""
+    import torch
+
+    now = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert now.keys() == before.keys()
+    still = [name for name, p in now.items() if torch.equal(p.detach(), before[name])]
+    assert not still, f"{len(still)} of {len(now)} trainable tensors did not move, e.g. {still[:3]}"
+
+
+def choice_scores(model, tokenizer, prompts, **kwargs):
+    """Summed log-probability of every choice of every prompt, [B, C] (no gradient)."""
+    import torch
+
+    from harness.training import choice_logprobs
+
+    with torch.no_grad():
+        out = choice_logprobs(model, tokenizer, prompts, **kwargs)
+    return (out.token_logprobs * out.token_mask).sum(-1)
+
+
+def assert_scores_moved(trained, base, min_diff: float = 1e-3) -> None:
+    """The trained model's choice log-probabilities differ from the base model's by more than ``min_diff``."""
+    diff = (trained - base).abs().max().item()
+    assert diff > min_diff, f"trained scores are within {diff:.2g} of the base model's"

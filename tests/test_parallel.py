@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -16,7 +18,7 @@ def _scores(store: Store) -> dict:
     examples = {}
     for e in store.examples(list(runs)):
         examples.setdefault(e["run_id"], []).append([round(c["logprob"], 5) for c in e["choices"]])
-    return {rid: (r["status"], r["accuracy"], r["loss_last"], examples.get(rid)) for rid, r in runs.items()}
+    return {rid: (r["status"], r["accuracy"], r.get("loss_last"), examples.get(rid)) for rid, r in runs.items()}
 
 
 @pytest.mark.slow
@@ -27,23 +29,43 @@ def test_two_workers_reproduce_the_serial_run(tmp_path, data_dir, monkeypatch):
     real = parallel.run_groups
     monkeypatch.setattr(parallel, "run_groups", lambda groups, workers, *a, **kw: (
         pool_sizes.append((len(groups), workers)) or real(groups, workers, *a, **kw)))
+    # 2 steps without warmup (with T-Few's, the first step has learning rate 0), at the quick preset's rates
     args = ["run", "--methods", "lora,ia3", "--tasks", "cb", "--seeds", "0", "--templates", "gpt3_style",
-            "--preset", "quick", "--steps", "1", "--train-batch-size", "2", "--limit", "4", "--data-dir",
-            str(data_dir), "--quiet"]
+            "--preset", "quick", "--steps", "2", "--method-args", "warmup_ratio=0", "--train-batch-size", "2",
+            "--limit", "4", "--data-dir", str(data_dir), "--quiet"]
     serial, parallel = tmp_path / "serial.sqlite", tmp_path / "parallel.sqlite"
     for store, extra in ((serial, []), (parallel, ["--workers", "2"])):
         result = CliRunner().invoke(main, args + ["--store", str(store)] + extra, catch_exceptions=False)
         assert result.exit_code == 0, result.output
+    base = tmp_path / "zeroshot.sqlite"
+    zeroshot = ["run", "--methods", "zeroshot", "--tasks", "cb", "--seeds", "0", "--templates", "gpt3_style",
+                "--preset", "quick", "--limit", "4", "--data-dir", str(data_dir), "--quiet", "--store", str(base)]
+    assert CliRunner().invoke(main, zeroshot, catch_exceptions=False).exit_code == 0
     one, two = _scores(Store(serial)), _scores(Store(parallel))
     assert len(one) == 2 and set(one) == set(two)
     assert all(status == "finished" for status, *_ in two.values())
     assert one == two  # CPU float32: the same numbers, whichever process trained the group
     assert {r["env"].get("workers") for r in Store(parallel).runs()} == {2}
     assert pool_sizes == [(2, 2)]
+    # the adapters were trained: every LoRA B (zero at initialisation) is nonzero, every IA3 vector (ones) moved
+    from safetensors.torch import load_file
+
+    for r in Store(parallel).runs():
+        tensors = load_file(str(Path(r["artifact_path"]) / "adapter_model.safetensors"))
+        if r["method"] == "lora":
+            moved = [t.abs().max() > 0 for name, t in tensors.items() if "lora_B" in name]
+        else:
+            moved = [not bool((t == 1).all()) for t in tensors.values()]
+        assert len(moved) in (60, 90) and all(moved), r["method"]
+    # and they score differently from the base model (zero-shot, the same template and examples)
+    (base_scores,) = [s[3] for s in _scores(Store(base)).values()]
+    for status, accuracy, loss, examples in two.values():
+        diff = max(abs(a - b) for x, y in zip(examples, base_scores) for a, b in zip(x, y))
+        assert diff > 1e-3, diff
 
 
-def test_workers_are_checked():
-    specs = plan(["cb"], ["lora"], seeds=[0], templates="gpt3_style", preset="quick", data_dir=None)
+def test_workers_are_checked(data_dir):
+    specs = plan(["cb"], ["lora"], seeds=[0], templates="gpt3_style", preset="quick", data_dir=str(data_dir))
     with pytest.raises(HarnessError, match="--workers must be >= 1"):
         run(specs, store=":memory:", workers=0)
     with pytest.raises(HarnessError, match="custom loader"):

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from tests.conftest import SHORT_CB
+from tests.conftest import (SHORT_CB, assert_every_tensor_moved, assert_scores_moved, choice_scores,
+                            trainable_snapshot)
 from harness.errors import HarnessError
 from harness.methods import apply_method, training_settings
 from harness.tasks import Prompt, load_task
@@ -107,16 +108,25 @@ def test_right_padding_gives_the_same_logprobs(smollm, cb):
 
 @pytest.mark.slow
 def test_training_is_deterministic_on_cpu(smollm, cb):
-    settings = training_settings("tfew", "quick", {"steps": 2, "batch_size": 1, "n_train": 2, "lr": 1e-2})
-    runs = []
+    # 3 steps; T-Few's warmup (6% of 3 steps) gives the first step learning rate 0, the other two 1e-2 x 0.68, 0.34
+    settings = training_settings("tfew", "quick", {"steps": 3, "batch_size": 1, "n_train": 2, "lr": 1e-2})
+    prompts = [cb.render(cb.template("gpt3_style"), ex) for ex in SHORT_CB]
+    base = choice_scores(smollm.model, smollm.tokenizer, prompts)
+    runs, models = [], []
     for _ in range(2):
         torch.manual_seed(0)
         model = apply_method(copy.deepcopy(smollm.model), "tfew", settings)
+        before = trainable_snapshot(model)
         runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method="tfew"))
+        assert_every_tensor_moved(model, before)
+        models.append(model)
     assert runs[0].losses == runs[1].losses
     assert runs[0].components == runs[1].components
     assert runs[0].work == runs[1].work
     assert set(runs[0].components) == {"lm", "ul", "ln"}
+    weights = [dict(m.named_parameters()) for m in models]
+    assert all(torch.equal(p, weights[1][name]) for name, p in weights[0].items())  # the same trained weights
+    assert_scores_moved(choice_scores(models[0], smollm.tokenizer, prompts), base)
 
 
 # ------------------------------------------------------------------------------------------ tiny model
@@ -146,8 +156,12 @@ def test_nan_loss_raises_training_diverged(tiny, smollm, cb):
 def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tiny, smollm, cb, monkeypatch):
     import harness.training as training
 
-    settings = training_settings("ia3", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
+    settings = training_settings("ia3", "quick", {"steps": 2, "batch_size": 2, "n_train": 2, "lr": 0.1,
+                                                 "warmup_ratio": 0.0})
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
+    base = choice_scores(tiny, smollm.tokenizer, prompts)
     model = apply_method(copy.deepcopy(tiny), "ia3", settings)
+    before = trainable_snapshot(model)
     real, calls = training.choice_logprobs, []
 
     def flaky(model_, tokenizer, prompts, **kw):
@@ -160,6 +174,29 @@ def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tiny, smollm
     stats = train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="ia3")
     assert (stats.micro_batch, stats.grad_accum) == (1, 2)
     assert stats.steps == 2 and calls[0] == 2 and set(calls[1:]) == {1}
+    monkeypatch.undo()
+    assert_every_tensor_moved(model, before)
+    assert_scores_moved(choice_scores(model, smollm.tokenizer, prompts), base)
+
+
+def test_training_tokenizes_each_context_and_choice_once(tiny, smollm, cb, monkeypatch):
+    """The training memo (each (context, choice) pair encoded once per run, not once per step) really runs:
+    3 steps over the same 2 examples and one template give 3 x 2 x 3 choice rows but 6 encode_pair calls."""
+    import harness.training as training
+
+    settings = training_settings("ia3", "quick", {"steps": 3, "batch_size": 2, "n_train": 2, "lr": 1e-2,
+                                                 "warmup_ratio": 0.0, "train_template": "gpt3_style"})
+    model = apply_method(copy.deepcopy(tiny), "ia3", settings)
+    real, calls = training.encode_pair, []
+
+    def counting(tokenizer, context, choice):
+        calls.append((context, choice))
+        return real(tokenizer, context, choice)
+
+    monkeypatch.setattr(training, "encode_pair", counting)
+    stats = train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="ia3")
+    assert stats.rows == 3 * 2 * 3
+    assert len(calls) == len(set(calls)) == 2 * 3, calls
 
 
 def test_train_template_and_unlabelled_examples(tiny, smollm, cb):
@@ -191,7 +228,8 @@ def test_repeated_blocks_are_the_decoder_layers(tiny):
 def test_a_compile_failure_on_the_first_step_falls_back_to_eager(tiny, smollm, cb, monkeypatch, caplog):
     import harness.compiling as compiling
 
-    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
+    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2, "lr": 1e-2,
+                                                  "warmup_ratio": 0.0})
 
     def broken(*args, **kwargs):
         raise RuntimeError("BackendCompilerFailed: simulated\nsecond line")
@@ -204,10 +242,15 @@ def test_a_compile_failure_on_the_first_step_falls_back_to_eager(tiny, smollm, c
 
     monkeypatch.setattr(compiling, "compile_blocks", compile_broken)
     runs = []
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
     for choice in ("on", "off"):
         torch.manual_seed(0)
         model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        before = trainable_snapshot(model)
         runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", compile=choice))
+        assert_every_tensor_moved(model, before)
+        assert_scores_moved(choice_scores(model, smollm.tokenizer, prompts),
+                            choice_scores(tiny, smollm.tokenizer, prompts))
     assert not runs[0].compiled and runs[0].losses == runs[1].losses
     assert "torch.compile failed (RuntimeError: BackendCompilerFailed: simulated); training eagerly" in caplog.text
 
@@ -225,9 +268,11 @@ def test_compiled_training_matches_eager(tiny, smollm, cb, how):
     for choice in (how, "off"):
         torch.manual_seed(0)
         model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        before = trainable_snapshot(model)
         counters.clear()
         runs.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", compile=choice))
         graphs.append(counters["stats"]["unique_graphs"])
+        assert_every_tensor_moved(model, before)  # 3 steps, the first at learning rate 0 (warmup)
     assert runs[0].compiled and not runs[1].compiled
     assert graphs[0] >= 1 and graphs[1] == 0  # dynamo really captured graphs, and only when asked to
     assert runs[0].work == runs[1].work
@@ -236,14 +281,53 @@ def test_compiled_training_matches_eager(tiny, smollm, cb, how):
 
 
 def test_right_padding_trains_like_left_padding(tiny, smollm, cb):
-    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2, "lr": 1e-2})
-    runs = {}
+    # no warmup: every step has a nonzero learning rate, so steps 2 and 3 score an updated model
+    settings = training_settings("lora", "quick", {"steps": 3, "batch_size": 2, "n_train": 2, "lr": 1e-2,
+                                                  "warmup_ratio": 0.0})
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
+    runs, scores = {}, {}
     for padding in ("left", "right"):
         torch.manual_seed(0)
         model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        before = trainable_snapshot(model)
         runs[padding] = train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora", padding=padding)
+        assert_every_tensor_moved(model, before)
+        scores[padding] = choice_scores(model, smollm.tokenizer, prompts)
+    assert_scores_moved(scores["left"], choice_scores(tiny, smollm.tokenizer, prompts))
+    torch.testing.assert_close(scores["left"], scores["right"], rtol=1e-4, atol=1e-4)
     assert runs["left"].losses == pytest.approx(runs["right"].losses, rel=1e-5)
     prompt = training_settings("prompt_tuning", "quick", {"steps": 1, "batch_size": 2, "n_train": 2})
     with pytest.raises(HarnessError, match="right-padded"):
         train(apply_method(copy.deepcopy(tiny), "prompt_tuning", prompt), smollm.tokenizer, SHORT_CB, cb,
               prompt, seed=0, method="prompt_tuning", padding="left")
+
+
+def test_the_warmups_first_step_has_learning_rate_zero(tiny, smollm, cb, caplog):
+    """T-Few's schedule: with warmup, step 0 runs at learning rate 0, so one step trains nothing (and says so);
+    without warmup the same single step moves every trainable tensor."""
+    from harness.training import make_optimizer, make_schedule
+
+    settings = training_settings("ia3", "quick", {"steps": 20, "lr": 1e-2})
+    optimizer = make_optimizer([torch.nn.Parameter(torch.ones(3))], settings)
+    schedule = make_schedule(optimizer, settings)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # warmup 20 x 0.06 = 1.2 steps: 0, then 1/1.2 of the peak, then linear decay to 19/18.8 x ... x 1/18.8
+    assert lrs[0] == 0 and lrs[1] == pytest.approx(1e-2 / 1.2) and lrs[2] == pytest.approx(1e-2 * 18 / 18.8)
+    assert lrs[-1] == pytest.approx(1e-2 / 18.8)
+    for warmup, moves in ((0.06, False), (0.0, True)):
+        settings = training_settings("ia3", "quick", {"steps": 1, "batch_size": 2, "n_train": 2, "lr": 1e-2,
+                                                     "warmup_ratio": warmup})
+        model = apply_method(copy.deepcopy(tiny), "ia3", settings)
+        before = trainable_snapshot(model)
+        caplog.clear()
+        train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="ia3")
+        if moves:
+            assert_every_tensor_moved(model, before)
+            assert "not trained" not in caplog.text
+        else:
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+            assert "no training step has a learning rate above 0" in caplog.text
