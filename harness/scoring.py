@@ -159,8 +159,10 @@ def split_point(tokenizer, text: str) -> int:
 
     Holds for byte-level BPE with GPT-2's pre-tokenizer regex (SmolLM2, GPT-2; optionally with single digits) and
     no normalizer: BPE never merges across pre-tokens, and the regex, which has no look-behind or anchors, never
-    extends a pre-token from a newline into a following non-space character. So c is taken right after the last
-    newline of ``text`` that is followed by a non-space character of ``text`` itself, and only if no added token
+    extends a pre-token from a newline into a following non-space character. A run of whitespace W followed by a
+    non-space character is pre-tokenized as W[:-1] and W[-1] (``\\s+(?!\\S)`` stops one short of the character),
+    while at the end of a string all of W is one pre-token; so the cut is taken inside the last such run that ends
+    in a newline, before its last character (after it when the run is that one newline), and only if no added token
     (special tokens are split out before pre-tokenization) occurs in ``text``.
     """
     import json
@@ -179,7 +181,7 @@ def split_point(tokenizer, text: str) -> int:
         return 0
     for c in range(len(text) - 2, 0, -1):
         if text[c - 1] == "\n" and not text[c].isspace():
-            return c
+            return c if c < 2 or not text[c - 2].isspace() else c - 1
     return 0
 
 

@@ -33,7 +33,13 @@ def test_batched_tokenization_equals_encode_pair(tokenizer):
 
 
 @pytest.mark.parametrize("task_name", ["rte", "cb", "copa", "wic", "wsc"])
-def test_demonstrations_head_encoded_once_equals_full_encoding(tokenizer, data_dir, task_name):
+def test_demonstrations_head_encoded_once_equals_full_encoding(tokenizer, data_dir, task_name, monkeypatch):
+    import harness.scoring as scoring
+
+    cuts = []  # the cut of every tokenization pass: the fast path encodes the head once and cuts there
+    real = scoring._encode_items
+    monkeypatch.setattr(scoring, "_encode_items", lambda tok, items, cut, head: cuts.append(cut) or
+                        real(tok, items, cut, head))
     task = load_task(task_name)
     for template in task.templates:
         demos = few_shot_examples(task, 1, data_dir, 8)
@@ -41,16 +47,19 @@ def test_demonstrations_head_encoded_once_equals_full_encoding(tokenizer, data_d
         prompts = [task.render(template, ex) for ex in load_split(task, task.eval_split, data_dir)[:12]]
         assert split_point(tokenizer, prefix) > 0  # the fast split applies to SmolLM2's tokenizer
         items = [(prefix + p.context, p.choices) for p in prompts]
+        cuts.clear()
         for (context, choices), (ctx, conts) in zip(items, encode_batch(tokenizer, items, shared=prefix)):
             pairs = [encode_pair(tokenizer, context, c) for c in choices]
             assert ctx == pairs[0][0] and conts == [c for _, c in pairs]
+        assert cuts == [split_point(tokenizer, prefix)]  # the fast path ran, and was not undone by the fallback
 
 
 def test_split_point_refuses_special_tokens_and_texts_without_a_safe_cut(tokenizer):
     assert split_point(tokenizer, "no newline at all") == 0
     assert split_point(tokenizer, "a\n") == 0  # nothing after the newline inside the text
     assert split_point(tokenizer, "x<|im_start|>\nAnswer: yes\n\nQ") == 0
-    assert split_point(tokenizer, "Answer: yes\n\nPremise") == len("Answer: yes\n\n")
+    assert split_point(tokenizer, "Answer: yes\n\nPremise") == len("Answer: yes\n")  # "\n" + "\nPremise"
+    assert split_point(tokenizer, "Answer: yes\nPremise") == len("Answer: yes\n")
 
 
 def test_plan_batches_sorts_and_respects_the_budget():
