@@ -34,11 +34,11 @@ def test_batched_tokenization_equals_encode_pair(tokenizer):
 
 @pytest.mark.parametrize("task_name", ["rte", "cb", "copa", "wic", "wsc"])
 def test_demonstrations_head_encoded_once_equals_full_encoding(tokenizer, data_dir, task_name, monkeypatch):
-    import harness.scoring as scoring
+    import harness.tokenization as tokenization
 
     cuts = []  # the cut of every tokenization pass: the fast path encodes the head once and cuts there
-    real = scoring._encode_items
-    monkeypatch.setattr(scoring, "_encode_items", lambda tok, items, cut, head: cuts.append(cut) or
+    real = tokenization._encode_items
+    monkeypatch.setattr(tokenization, "_encode_items", lambda tok, items, cut, head: cuts.append(cut) or
                         real(tok, items, cut, head))
     task = load_task(task_name)
     for template in task.templates:
