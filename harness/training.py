@@ -101,7 +101,7 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     """Differentiable per-token log-probabilities of every choice of every prompt given its context.
 
     One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair` (the pairs of
-    :meth:`harness.tasks.Prompt.pairs`, so partial scoring trains as it is scored), padded to a batch
+    :meth:`harness.templates.Prompt.pairs`, so partial scoring trains as it is scored), padded to a batch
     (left-padded with explicit position ids; right-padded when ``right_pad``, for peft prompt learning, which
     drops position ids); logits only from the first position that predicts a continuation token. A context is
     cut from the left when a row exceeds ``max_length``. ``encode(context, choice)`` replaces
