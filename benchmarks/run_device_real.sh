@@ -9,7 +9,7 @@
 #   .gpu/data   the local SuperGLUE data folder (../shared/data)
 #   .gpu/whl    wheels missing on the machine (gguf, pure python)
 #   .gpu/parts  the GGUF in parts (split -b 45M): a call carries at most 64 MiB, the GGUF is 98,362,432 bytes
-#   .gpu/store  the store of the last call (paper.sqlite), carried in so that a fresh machine resumes the grid
+#   .gpu/store  the store of the last call (paper.sqlite.gz), carried in so that a fresh machine resumes the grid
 #
 # Stages:
 #   part NAME...  copy .gpu/parts/gguf.part.NAME to /tmp/w (carry only the parts of this call)
@@ -19,19 +19,23 @@
 #                 wheels into /tmp/site, and convert the GGUF once (before several processes would)
 #   grid1..grid8  the plans below; `grid` runs $GRID_JOBS instead (';'-separated `harness run` options)
 #                 Each job of a plan is one `harness run` in its own process group, all side by side on the one
-#                 store, under one deadline ($GRID_TIMEOUT s, default 540); past it every job is killed. The store
-#                 is ALWAYS copied to $OUT afterwards (SQLite backup: a consistent copy even after a kill).
+#                 store, under one deadline ($GRID_TIMEOUT s, default 540, and at most $CALL_DEADLINE s, 565,
+#                 after the script started: call B's assemble took 55 s); past it every job is killed. The store
+#                 is ALWAYS copied to $OUT afterwards (SQLite backup, a consistent copy even after a kill; gzipped).
 #                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way is lost.
 #   summary       runs per task x method x status in the store
 #
 # Files under /tmp survive between calls only while the machine stays warm (30 s after a call): make the part,
 # assemble and grid calls back to back; on a fresh machine start again with the parts (the carried store keeps
-# the finished runs). The calls (carry: at most 8 paths and 64 MiB a call, the working tree included):
-#   call A, carry .gpu/parts/gguf.part.aa:                   bash .gpu/run_device_real.sh part aa
+# the finished runs). The calls of the first round (2026-12-02; carry: at most 8 paths and 64 MiB a call, the
+# working tree included):
+#   call A, carry .gpu/run_device_real.sh .gpu/parts/gguf.part.aa:   bash .gpu/run_device_real.sh part aa
 #   call B, carry .gpu/run_device_real.sh .gpu/src .gpu/data .gpu/whl .gpu/store .gpu/parts/gguf.part.ab
 #           .gpu/parts/gguf.part.ac:                         bash .gpu/run_device_real.sh part ab ac assemble grid1
-#   calls C..., carry the same without the parts:            bash .gpu/run_device_real.sh grid2   (grid3, ...)
-# After each call copy $OUT/paper.sqlite to .gpu/store/ (and results/paper/paper.sqlite).
+#   calls C, D, E: carry the same without the parts:         bash .gpu/run_device_real.sh grid2   (grid3;
+#           GRID_TIMEOUT=385 ... grid4, for the budget left)
+# After each call copy $OUT/paper.sqlite.gz to .gpu/store/, and commit it as results/paper/paper.sqlite.xz
+# (gunzip -c ... | xz -9 > results/paper/paper.sqlite.xz); docs/results.md: bash benchmarks/results_doc.sh.
 # Locally (CPU dry run): DEVICE=cpu EXTRA="--limit 2 --steps 2 --seeds 0" PYTHON=.venv/bin/python \
 #   STORE=/tmp/dry/paper.sqlite OUT=/tmp/dry/out bash .gpu/run_device_real.sh assemble grid1
 set -u
@@ -42,7 +46,8 @@ OUT=${OUT:-$ROOT/.gpu/out}
 STORE=${STORE:-/tmp/paper/paper.sqlite}   # adapters land beside it (…/adapters): keep them out of $OUT
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}                           # more `harness run` options for every job (dry runs: --limit 2 --steps 2)
-GRID_TIMEOUT=${GRID_TIMEOUT:-540}
+GRID_TIMEOUT=${GRID_TIMEOUT:-540}         # seconds of a grid stage, and
+CALL_DEADLINE=${CALL_DEADLINE:-565}       # seconds since this script started (a call may run 600 s; the copy follows)
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -52,8 +57,9 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENI
 export HARNESS_CACHE_DIR=${HARNESS_CACHE_DIR:-/tmp/hcache}
 
 plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan's trainings all run at once
-  # (workers >= groups) and take ~350-400 s for 10 groups of 1000 steps on one H200 (host-bound: about 35 s of
-  # wall per group when 10-20 share the GPU), so each plan keeps its trainings to 10 groups, inside 540 s.
+  # (workers >= groups), so a deadline loses all of them: keep to 10 groups of 1000 steps a call. Measured on one
+  # H200 (2026-12-02, docs/results.md): grid1 536 s (the 10 cb trainings 414-439 s each, slowed by the ICL job
+  # beside them: too close to 540 s, better split on a repeat), grid2 397 s, grid3 318 s, grid4 306 s.
   case $1 in
     grid1) echo "--methods ia3,tfew --tasks cb --workers 10; --methods zeroshot,icl --tasks $TASKS" ;;
     grid2) echo "--methods ia3,tfew --tasks rte --workers 10; --methods zeroshot,icl --tasks $TASKS" ;;
@@ -81,11 +87,13 @@ for (e,) in db.execute("SELECT DISTINCT substr(error, 1, 300) FROM runs WHERE st
 EOF
 }
 
-copy_back() {  # a consistent copy of the store (WAL included) into $OUT, then its size
+copy_back() {  # a consistent copy of the store (WAL included), gzipped into $OUT: a file that comes back is at
+  # most 16 MiB, and the store of the first round was 18 MB (loss curves and per-example rows; 6 MB gzipped)
   "$PYTHON" -c "
 import sqlite3, sys
 src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2])
-src.backup(dst); dst.close(); src.close()" "$STORE" "$OUT/paper.sqlite" && ls -l "$OUT/paper.sqlite"
+src.backup(dst); dst.close(); src.close()" "$STORE" /tmp/paper-copy.sqlite &&
+    gzip -6 -c /tmp/paper-copy.sqlite > "$OUT/paper.sqlite.gz" && ls -l /tmp/paper-copy.sqlite "$OUT/paper.sqlite.gz"
 }
 
 while [ $# -gt 0 ]; do
@@ -121,7 +129,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
     grid|grid[0-9])
       jobs_text=$(plan "$stage")
       mkdir -p "$(dirname "$STORE")"
-      if [ ! -f "$STORE" ] && [ -f "$G/store/paper.sqlite" ]; then cp "$G/store/paper.sqlite" "$STORE"; fi
+      if [ ! -f "$STORE" ] && [ -f "$G/store/paper.sqlite.gz" ]; then gunzip -c "$G/store/paper.sqlite.gz" > "$STORE"; fi
       [ -f "$STORE" ] && echo "resuming $STORE"
       IFS=';' read -ra jobs <<< "$jobs_text"
       pids=(); start=$SECONDS; i=0
@@ -138,8 +146,8 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         alive=0
         for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
         [ $alive = 0 ] && break
-        if [ $((SECONDS - start)) -ge "$GRID_TIMEOUT" ]; then
-          echo "deadline ${GRID_TIMEOUT}s reached: killing the jobs"
+        if [ $((SECONDS - start)) -ge "$GRID_TIMEOUT" ] || [ "$SECONDS" -ge "$CALL_DEADLINE" ]; then
+          echo "deadline reached (${GRID_TIMEOUT} s of grid or ${CALL_DEADLINE} s of script): killing the jobs"
           for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
           sleep 2; break
         fi

@@ -1,0 +1,77 @@
+"""The sanity tables of docs/results.md (issue 11), read from a results store: the majority-class share of each
+task, the constant predictors per cell, the first and last training loss of every trained group, the runs that did
+not finish, and the environment the runs recorded. Markdown on stdout.
+
+    python -m benchmarks.results_sanity STORE.sqlite
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sqlite3
+import statistics
+import sys
+
+
+def main(path: str) -> None:
+    db = sqlite3.connect(path)
+
+    def column(run_id: str, name: str) -> list:
+        return [r[0] for r in db.execute(f"SELECT {name} FROM examples WHERE run_id = ? ORDER BY position", (run_id,))]
+
+    print("Majority class share of each task's validation split (what a constant predictor scores):\n")
+    print("| Task | Examples | Labels (index: count) | Majority share |\n|:---|---:|:---|---:|")
+    for (task,) in db.execute("SELECT DISTINCT task FROM runs WHERE status = 'finished' ORDER BY task").fetchall():
+        (run_id,) = db.execute("SELECT run_id FROM runs WHERE task = ? AND status = 'finished' LIMIT 1",
+                               (task,)).fetchone()
+        labels = collections.Counter(column(run_id, "label"))
+        n = sum(labels.values())
+        print(f"| {task} | {n} | {', '.join(f'{k}: {v}' for k, v in sorted(labels.items()))} | "
+              f"{100 * max(labels.values()) / n:.1f} |")
+
+    print("\nConstant predictors: per cell, the runs whose most frequent prediction (metric accuracy) covers at least "
+          "95% of the examples, and the median over runs of the most frequent prediction's share:\n")
+    print("| Task | Method | Runs | Runs >= 95% one class | Median top-prediction share |\n|:---|:---|---:|---:|---:|")
+    cells = db.execute("SELECT DISTINCT task, method FROM runs WHERE status = 'finished' ORDER BY task, method")
+    for task, method in cells.fetchall():
+        shares = []
+        for (run_id,) in db.execute("SELECT run_id FROM runs WHERE task = ? AND method = ? AND status = 'finished'",
+                                    (task, method)).fetchall():
+            counts = collections.Counter(column(run_id, "prediction"))
+            shares.append(max(counts.values()) / sum(counts.values()))
+        print(f"| {task} | {method} | {len(shares)} | {sum(s >= 0.95 for s in shares)} | "
+              f"{100 * statistics.median(shares):.0f}% |")
+
+    print("\nTraining: the first and last logged loss of every trained group (one adapter per task, method and seed; "
+          "range over the seeds) and its training seconds (wall, 10 trainings side by side on the GPU):\n")
+    print("| Task | Method | Groups | Steps | Loss first | Loss last | Train seconds |\n"
+          "|:---|:---|---:|---:|:---|:---|:---|")
+    groups: dict[tuple, dict] = collections.defaultdict(dict)
+    for task, method, extra, seconds in db.execute(
+            "SELECT task, method, extra_json, train_seconds FROM runs WHERE status = 'finished' AND train_seconds > 0"):
+        e = json.loads(extra or "{}")
+        groups[(task, method)][e.get("group")] = (e.get("steps"), e.get("loss_first"), e.get("loss_last"), seconds)
+
+    def span(values: list) -> str:
+        return f"{min(values):.2f} to {max(values):.2f}" if values else "-"
+
+    for (task, method), g in sorted(groups.items()):
+        vals = list(g.values())
+        print(f"| {task} | {method} | {len(vals)} | {', '.join(sorted({str(v[0]) for v in vals}))} | "
+              f"{span([v[1] for v in vals if v[1] is not None])} | {span([v[2] for v in vals if v[2] is not None])} | "
+              f"{min(v[3] for v in vals):.0f} to {max(v[3] for v in vals):.0f} |")
+
+    bad = db.execute("SELECT task, method, template, seed, status, substr(error, 1, 200) FROM runs "
+                     "WHERE status != 'finished'").fetchall()
+    print(f"\nRuns not finished: {len(bad)}." + "".join(f"\n- {r}" for r in bad))
+    commits = sorted(str(r[0]) for r in db.execute("SELECT DISTINCT json_extract(env_json, '$.git_commit') FROM runs"))
+    envs = db.execute("SELECT DISTINCT json_extract(env_json, '$.gpu'), json_extract(env_json, '$.python'), "
+                      "json_extract(env_json, '$.packages') FROM runs").fetchall()
+    described = "; ".join(f"{gpu}, Python {py}, " + ", ".join(f"{k} {v}" for k, v in json.loads(pk).items() if v)
+                          for gpu, py, pk in envs)
+    print(f"\nEnvironment the runs recorded: commit {', '.join(commits)}; {described}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
