@@ -2,9 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The real SuperGLUE few-shot data beside the checkout (override: make run HARNESS_DATA_DIR=/path)
-HARNESS_DATA_DIR ?= $(abspath ../shared/data)
+# Data: ../shared/data beside the checkout when that folder exists (as CI has it), else nothing is set and harness
+# reads its embedded copy of the same files (harness/builtin_data). Override: make run HARNESS_DATA_DIR=/path|hub
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/.),)
+HARNESS_DATA_DIR ?= $(SHARED_DATA)
+endif
+ifdef HARNESS_DATA_DIR
 export HARNESS_DATA_DIR
+endif
 
 .PHONY: setup run test test-fast ci-job ci-check baseline clean
 

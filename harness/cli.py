@@ -62,7 +62,8 @@ def _existing_store(path: str) -> Store:
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N validation examples.")
 @click.option("--preset", default="paper", show_default=True, help="paper (T-Few settings) or quick (CPU smoke run).")
 @click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None,
-              help="Local data folder (<task>/train.jsonl ...); default: the Hugging Face Hub. Env: HARNESS_DATA_DIR.")
+              help="Local data folder (<task>/train.jsonl ...), or 'hub' for the Hugging Face Hub; default: the data "
+                   "shipped with harness (rte, cb, copa, wic, wsc). Env: HARNESS_DATA_DIR.")
 @click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
@@ -179,7 +180,8 @@ def export(fmt, store, out, run_ids):
 @click.option("--tasks", "names", default=None,
               help="Comma-separated task names or task YAML paths [default: every built-in task and every task in "
                    "the folders of HARNESS_TASKS_DIR].")
-@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None, help="Local data folder. Env: HARNESS_DATA_DIR.")
+@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None,
+              help="Local data folder, or 'hub'; default: the data shipped with harness. Env: HARNESS_DATA_DIR.")
 def tasks_command(names, data_dir):
     """List tasks with their templates, example counts and whether data was found."""
     from harness.data import data_status, resolve_data_dir
@@ -210,7 +212,8 @@ def methods_command():
 @main.command(name="eval")
 @click.option("--run", "run_id", required=True, help="Run id (or unique prefix) of a PEFT run with a saved adapter.")
 @click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
-@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None, help="Local data folder. Env: HARNESS_DATA_DIR.")
+@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default=None,
+              help="Local data folder, or 'hub'; default: the data shipped with harness. Env: HARNESS_DATA_DIR.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 def eval_command(run_id, store, data_dir, batch_size):
     """Re-score a saved adapter without training and compare with the stored scores."""

@@ -1,11 +1,15 @@
 """Load a task's examples from local JSONL copies or from the Hugging Face Hub.
 
-Two sources, chosen by ``data_dir`` (see :func:`resolve_data_dir`):
+Three sources, chosen by ``data_dir`` (see :func:`resolve_data_dir`):
 
+* embedded (the default: no ``--data-dir``, no ``HARNESS_DATA_DIR``): the SuperGLUE rte, cb, copa, wic and wsc
+  splits and the T-Few few-shot subsets shipped inside the package, ``harness/builtin_data/`` (its README.md and
+  NOTICE.md give provenance and licences). It is read exactly like any other local folder;
 * local: ``<data_dir>/<task.name>/<task.local_files[split]>``, one JSON object per line in the Hub's
   ``super_glue`` schema (see the data folder's README);
-* Hub (``data_dir`` is None): ``datasets.load_dataset(task.hub_path, task.hub_config, split=split)``,
-  which needs network access the first time (``datasets`` is imported only then).
+* Hub (``--data-dir hub`` or ``HARNESS_DATA_DIR=hub``; ``data_dir`` resolves to None):
+  ``datasets.load_dataset(task.hub_path, task.hub_config, split=split)``, which needs network access the first
+  time (``datasets`` is imported only then).
 
 Few-shot training sets (:func:`few_shot_examples`) are the T-Few paper's 32-shot subsets,
 ``<data_dir>/<task>/few_shot/<seed>_seed.jsonl``, when present; otherwise ``n`` (default 32) rows drawn from
@@ -26,31 +30,59 @@ from harness.tasks import Task
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
 FEW_SHOT_KEY = "few_shot"
 DEFAULT_FEW_SHOT_SIZE = 32
+HUB = "hub"  # --data-dir / HARNESS_DATA_DIR value that reads the Hugging Face Hub
+BUILTIN_DATA_FOLDER = "builtin_data"  # harness/builtin_data/: the embedded default data
+
+
+def builtin_data_dir() -> Path:
+    """The data shipped inside the package: ``harness/builtin_data/`` (a checkout, an editable install or a wheel).
+
+    Its files are byte-identical to the project's ``../shared/data``, so runs read from either have the same ids.
+    """
+    return Path(__file__).resolve().parent / BUILTIN_DATA_FOLDER
+
+
+def _builtin_tasks_text() -> str:
+    """The task names with embedded data, for advice ("cb, copa, rte, wic, wsc")."""
+    folder = builtin_data_dir()
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return ", ".join(names) or "none found"
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
-    """The local data folder: ``data_dir`` if given, else ``$HARNESS_DATA_DIR``, else None (use the Hub).
+    """Where rows are read: a local folder, or None for the Hugging Face Hub.
 
-    A folder that is named but does not exist is an error rather than a silent switch to the Hub.
+    ``data_dir`` if given, else ``$HARNESS_DATA_DIR``, else the embedded folder (:func:`builtin_data_dir`). The
+    string ``"hub"`` (from either) means the Hub and returns None; a ``Path("hub")`` or ``"./hub"`` is a folder.
+    A folder that is named but does not exist is an error rather than a silent switch to another source.
     """
     if data_dir is not None and str(data_dir) != "":
-        chosen, origin = Path(data_dir).expanduser(), "--data-dir"
+        given, origin = data_dir, "--data-dir"
     elif os.environ.get(DATA_DIR_ENV):
-        chosen, origin = Path(os.environ[DATA_DIR_ENV]).expanduser(), DATA_DIR_ENV
+        given, origin = os.environ[DATA_DIR_ENV], DATA_DIR_ENV
     else:
+        return builtin_data_dir()
+    if isinstance(given, str) and given == HUB:
         return None
+    chosen = Path(given).expanduser()
     if not chosen.is_dir():
         raise HarnessError(f"data folder {str(chosen)!r} (from {origin}) does not exist. Pass --data-dir / set "
-                           f"{DATA_DIR_ENV} to a folder holding <task>/<file>.jsonl, or leave both unset to "
-                           f"download from the Hugging Face Hub (online).")
+                           f"{DATA_DIR_ENV} to a folder holding <task>/<file>.jsonl, leave both unset to use the "
+                           f"data shipped with harness ({_builtin_tasks_text()}), or give '{HUB}' to download from "
+                           f"the Hugging Face Hub (online).")
     return chosen
 
 
-def _fix_advice(task: Task) -> str:
-    """How to point the harness at data for ``task``."""
-    return (f"Pass --data-dir / set {DATA_DIR_ENV} to a folder holding {task.name}/<file> "
-            f"(e.g. {task.name}/{task.local_files.get(task.eval_split, 'validation.jsonl')}), "
-            f"or omit it to download {task.hub_path}/{task.hub_config or ''} from the Hugging Face Hub (online).")
+def _fix_advice(task: Task, data_dir: Path | None = None) -> str:
+    """How to point the harness at data for ``task`` (``data_dir``: the folder that lacked it, if any)."""
+    example = f"{task.name}/{task.local_files.get(task.eval_split, 'validation.jsonl')}"
+    hub = (f"give --data-dir {HUB} to download {task.hub_path}/{task.hub_config or ''} from the Hugging Face Hub "
+           f"(online)")
+    if data_dir is not None and Path(data_dir) == builtin_data_dir():
+        return (f"The data shipped with harness covers {_builtin_tasks_text()} only: {hub}, or pass --data-dir / "
+                f"set {DATA_DIR_ENV} to a folder holding {task.name}/<file> (e.g. {example}).")
+    return (f"Pass --data-dir / set {DATA_DIR_ENV} to a folder holding {task.name}/<file> (e.g. {example}), "
+            f"leave both unset to use the data shipped with harness ({_builtin_tasks_text()}), or {hub}.")
 
 
 def _known_splits(task: Task) -> list[str]:
@@ -96,7 +128,8 @@ def _load_from_hub(task: Task, split: str) -> list[dict]:
     except ImportError:
         raise HarnessError(f"cannot load {task.name!r} from the Hub: the 'datasets' package is not installed. "
                            f"Install it (pip install datasets), or pass --data-dir / set {DATA_DIR_ENV} "
-                           f"to a folder holding {task.name}/<file>.") from None
+                           f"to a folder holding {task.name}/<file>, or leave both unset to use the data "
+                           f"shipped with harness ({_builtin_tasks_text()}).") from None
     try:
         dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=split)
     except Exception as error:  # noqa: BLE001 - any Hub failure (offline, renamed, auth) is a user error here
@@ -107,14 +140,17 @@ def _load_from_hub(task: Task, split: str) -> list[dict]:
 
 
 def load_split(task: Task, split: str, data_dir: Path | None) -> list[dict]:
-    """All rows of ``split`` of ``task``: from ``data_dir`` when given, else from the Hub."""
+    """All rows of ``split`` of ``task``: from the folder ``data_dir``, or from the Hub when it is None.
+
+    ``data_dir`` is already resolved (:func:`resolve_data_dir`): None here means the Hub, not the default."""
     if split not in _known_splits(task):
         raise suggest(split, _known_splits(task), f"{task.name} split")
     if data_dir is None:
         return _load_from_hub(task, split)
     path = local_path(task, split, data_dir)
     if not path.is_file():
-        raise HarnessError(f"no {split!r} data for task {task.name!r}: looked for {path}. {_fix_advice(task)}")
+        raise HarnessError(f"no {split!r} data for task {task.name!r}: looked for {path}. "
+                           f"{_fix_advice(task, data_dir)}")
     return read_jsonl(path)
 
 
@@ -171,6 +207,7 @@ def data_status(task: Task, data_dir: Path | None) -> dict:
     Returns ``{"found", "source", "counts", "few_shot_seeds", "missing"}``: ``source`` is "local" when every
     split file exists under ``data_dir``, "missing" when some do not (``missing`` lists the paths looked
     for), and "hub" when ``data_dir`` is None (``found`` is then False: nothing local, it would be downloaded).
+    The embedded folder is a local folder here ("local").
     """
     if data_dir is None:
         return {"found": False, "source": "hub", "counts": {}, "few_shot_seeds": [], "missing": []}

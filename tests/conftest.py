@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data folder beside the checkout and the real embedded model, loaded once."""
+"""Shared fixtures: the real data folder (beside the checkout, else the package's embedded copy) and the real
+embedded model, loaded once."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ from pathlib import Path
 
 import pytest
 
+from harness.data import HUB, builtin_data_dir
+
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def real_data_dir() -> Path:
+    """The real SuperGLUE data: $HARNESS_DATA_DIR when set (as make and CI set it), else ../shared/data beside the
+    checkout, else the byte-identical copy shipped in the package (harness/builtin_data), so a fresh clone runs
+    every real-data test."""
+    env = os.environ.get("HARNESS_DATA_DIR")
+    if env and env != HUB:
+        return Path(env)
+    return DATA_DIR if (DATA_DIR / "cb" / "validation.jsonl").exists() else builtin_data_dir()
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    folder = Path(os.environ.get("HARNESS_DATA_DIR") or DATA_DIR)
+    folder = real_data_dir()
     if not (folder / "cb" / "validation.jsonl").exists():
-        pytest.skip(f"real SuperGLUE data not found at {folder}; set HARNESS_DATA_DIR")
+        pytest.fail(f"real SuperGLUE data not found at {folder} (HARNESS_DATA_DIR names a folder without it)")
     return folder
 
 

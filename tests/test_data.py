@@ -1,19 +1,22 @@
-"""Tests for harness.data: local JSONL loading, T-Few few-shot subsets, the Hub path (faked), clear errors."""
+"""Tests for harness.data: local JSONL loading (../shared/data, else the embedded copy), T-Few few-shot subsets, the
+default (embedded) and "hub" sources, the Hub path (faked), clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from harness.data import data_status, few_shot_examples, load_split, resolve_data_dir
+from harness.data import builtin_data_dir, data_status, few_shot_examples, load_split, resolve_data_dir
 from harness.errors import HarnessError
 from harness.tasks import load_task
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"local SuperGLUE copies not found at {DATA_DIR}")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the real data: ../shared/data beside the checkout, else its byte-identical copy shipped in the package
+DATA_DIR = SHARED_DATA if SHARED_DATA.is_dir() else builtin_data_dir()
 
 
 @pytest.fixture(autouse=True)
@@ -45,20 +48,35 @@ def fake_datasets(monkeypatch, load_dataset) -> list:
 
 def test_resolve_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
-    assert resolve_data_dir(None) is None
+    assert resolve_data_dir(None) == builtin_data_dir()  # the default: the data shipped in the package
+    assert resolve_data_dir("") == builtin_data_dir()
     assert resolve_data_dir(str(tmp_path)) == tmp_path
     monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path))
     assert resolve_data_dir(None) == tmp_path
     other = tmp_path / "other"
     other.mkdir()
     assert resolve_data_dir(other) == other  # the argument wins over the environment
-    with pytest.raises(HarnessError, match="does not exist.*--data-dir.*HARNESS_DATA_DIR.*Hub"):
+    with pytest.raises(HarnessError, match="does not exist.*--data-dir.*HARNESS_DATA_DIR.*shipped.*hub.*Hub"):
         resolve_data_dir(tmp_path / "absent")
+
+
+def test_resolve_data_dir_hub_literal(tmp_path, monkeypatch):
+    """"hub" (from --data-dir or HARNESS_DATA_DIR) means the Hub: None; a folder named hub is reached as a Path or
+    ./hub."""
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    assert resolve_data_dir("hub") is None
+    monkeypatch.setenv("HARNESS_DATA_DIR", "hub")
+    assert resolve_data_dir(None) is None
+    assert resolve_data_dir(str(tmp_path)) == tmp_path  # the argument still wins
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir("hub") is None  # --data-dir hub wins over a folder in the environment
+    (tmp_path / "hub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir("./hub") == Path("hub") and resolve_data_dir(Path("hub")) == Path("hub")
 
 
 # ------------------------------------------------------------------------------------------ local splits
 
-@needs_data
 @pytest.mark.parametrize("name", sorted(SPLIT_SIZES))
 def test_local_split_sizes(name):
     task = load_task(name)
@@ -77,6 +95,17 @@ def test_missing_local_file_says_where_and_how(tmp_path):
     message = str(caught.value)
     assert str(tmp_path / "rte" / "validation.jsonl") in message
     assert "--data-dir" in message and "HARNESS_DATA_DIR" in message and "Hub" in message
+    assert "shipped with harness (cb, copa, rte, wic, wsc)" in message and "--data-dir hub" in message
+
+
+def test_task_without_embedded_data_says_to_use_the_hub(tmp_path):
+    """A task the package ships no data for, read with the default (embedded) folder: advice names the Hub."""
+    task = dataclasses.replace(load_task("rte"), name="winogrande")
+    with pytest.raises(HarnessError) as caught:
+        load_split(task, "validation", resolve_data_dir(None))
+    message = str(caught.value)
+    assert str(builtin_data_dir() / "winogrande" / "validation.jsonl") in message
+    assert "covers cb, copa, rte, wic, wsc only" in message and "--data-dir hub" in message
 
 
 def test_unknown_split_suggests(tmp_path):
@@ -119,7 +148,6 @@ def test_hub_few_shot_falls_back_to_seeded_sample(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ few-shot subsets
 
-@needs_data
 def test_few_shot_uses_t_few_files():
     task = load_task("rte")
     rows = few_shot_examples(task, 0, DATA_DIR)
@@ -134,7 +162,6 @@ def test_few_shot_uses_t_few_files():
         few_shot_examples(task, 0, DATA_DIR, n=-1)
 
 
-@needs_data
 def test_few_shot_falls_back_to_seeded_sample_of_train():
     task = load_task("cb")  # cb has no seed-100 file
     sample = few_shot_examples(task, 100, DATA_DIR)
@@ -151,7 +178,6 @@ def test_few_shot_falls_back_to_seeded_sample_of_train():
 
 # ------------------------------------------------------------------------------------------ data_status
 
-@needs_data
 def test_data_status_local():
     status = data_status(load_task("rte"), DATA_DIR)
     assert status["found"] is True and status["source"] == "local"

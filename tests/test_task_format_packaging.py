@@ -1,5 +1,6 @@
 """Built-in task YAMLs ship as package data (harness.builtin_tasks, mapped from the top-level tasks/ folder), so a
-non-editable install finds them; importing harness.tasks needs no torch."""
+non-editable install finds them; importing harness.tasks needs no torch. The embedded default data
+(harness/builtin_data/) ships as package data too."""
 
 from __future__ import annotations
 
@@ -29,9 +30,22 @@ def test_pyproject_lists_every_package_and_maps_the_tasks_folder():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {f"harness.{p.name}" for p in (ROOT / "harness").iterdir()
                if p.is_dir() and p.name != "__pycache__" and (any(p.glob("*.py")) or any(p.glob("*.json")))}
-    assert set(setuptools["packages"]) == {"harness", "harness.builtin_tasks"} | folders
+    assert set(setuptools["packages"]) == {"harness", "harness.builtin_tasks", "harness.builtin_data"} | folders
     assert setuptools["package-dir"] == {"harness.builtin_tasks": "tasks"}
     assert setuptools["package-data"]["harness.builtin_tasks"] == ["*.yaml"]
+
+
+def test_pyproject_ships_every_embedded_data_file():
+    """harness/builtin_data/ holds no Python (the test above cannot find it by its .py files): its package-data
+    patterns must match every file in it, the .jsonl rows and the provenance/licence notes."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "harness.builtin_data" in setuptools["packages"]
+    folder = ROOT / "harness" / "builtin_data"
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    shipped = {p.relative_to(folder).as_posix() for pattern in setuptools["package-data"]["harness.builtin_data"]
+               for p in folder.glob(pattern) if p.is_file()}
+    assert {"README.md", "NOTICE.md", "cb/validation.jsonl", "rte/few_shot/0_seed.jsonl"} <= files
+    assert shipped == files
 
 
 def test_checkout_uses_the_tasks_folder():
@@ -70,6 +84,9 @@ def test_built_wheel_holds_the_tasks(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("harness-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"harness/builtin_tasks/{p.name}" for p in (ROOT / "tasks").glob("*.yaml")} <= set(names)
+    data = ROOT / "harness" / "builtin_data"
+    assert {f"harness/builtin_data/{p.relative_to(data).as_posix()}" for p in data.rglob("*") if p.is_file()} \
+        <= set(names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     module, cb_path, _, torch_loaded = probe(tmp_path / "site")
     assert module == str(tmp_path / "site" / "harness" / "tasks.py")
