@@ -40,6 +40,7 @@ def test_pyproject_ships_every_embedded_data_file():
     patterns must match every file in it, the .jsonl rows and the provenance/licence notes."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "harness.builtin_data" in setuptools["packages"]
+    assert setuptools["include-package-data"] is False  # else setuptools warns that cb/, cb/few_shot/... are packages
     folder = ROOT / "harness" / "builtin_data"
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     shipped = {p.relative_to(folder).as_posix() for pattern in setuptools["package-data"]["harness.builtin_data"]
