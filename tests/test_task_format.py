@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.data import load_split
+from harness.data import load_split, builtin_data_dir
 from harness.errors import HarnessError
 from harness.tasks import Prompt, _display, load_task, tasks_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = SHARED_DATA if SHARED_DATA.is_dir() else builtin_data_dir()  # else the byte-identical embedded copy
 HELLASWAG = _display(FIXTURES / "hellaswag_mini.yaml")  # as errors show it: relative to the working directory
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"local SuperGLUE copies not found at {DATA_DIR}")
 

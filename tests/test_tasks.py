@@ -7,12 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+
+from harness.data import builtin_data_dir
 import yaml
 
 from harness.errors import HarnessError
 from harness.tasks import Prompt, Task, Template, list_tasks, load_task, lower_first, tasks_dir, tasks_dirs
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = SHARED_DATA if SHARED_DATA.is_dir() else builtin_data_dir()  # else the byte-identical embedded copy
 TASK_NAMES = ["cb", "copa", "rte", "wic", "wsc"]
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"local SuperGLUE copies not found at {DATA_DIR}")
 
