@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from harness.attention import SharedPrefix
+from harness.compat import output_cache
 
 
 @dataclasses.dataclass
@@ -35,7 +36,7 @@ class PrefixCache:
             return cls([], None)
         device = next(model.parameters()).device
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        return cls(list(ids), out.past_key_values)
+        return cls(list(ids), output_cache(out))
 
     def expand(self, batch: int):
         """A fresh copy of the prefix cache repeated ``batch`` times (None for an empty prefix)."""

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import attention
+from harness.compat import cache_kwargs, is_prompt_learning, output_cache, peft_legacy_calls
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.kvcache import PrefixCache
@@ -164,13 +165,15 @@ def score_naive(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id
     out = [[0.0] * len(r.continuations) for r in rows]
     work = Work()
     batches = plan_batches([len(s[2]) for s in seqs], batch_size, budget)  # long first: fail fast on memory
+    legacy = is_prompt_learning(model)
     for idx in tqdm(batches, disable=not progress, desc="naive", leave=False):
         batch = [seqs[s] for s in idx]
         ids, mask = _left_pad([s[2] for s in batch], pad_id)  # [B, W]
         keep = max(s[3] for s in batch) + 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
+        with peft_legacy_calls(legacy):  # peft's prefix tuning passes its prefix as past_key_values=
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
         # logits at kept positions keep-n-1 .. keep-2 predict a row's n continuation tokens (right-aligned)
         targets = torch.zeros((len(batch), keep - 1), dtype=torch.long)  # [B, keep-1]
         tmask = torch.zeros((len(batch), keep - 1))
@@ -267,9 +270,9 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
             past = cache.expand(B)
             mask = torch.cat([torch.ones((B, n_prefix), dtype=torch.long), q_mask], dim=1)  # [B, P+Lq]
         res = model(input_ids=q_ids.to(device), attention_mask=mask.to(device), position_ids=q_pos.to(device),
-                    past_key_values=past, use_cache=True, logits_to_keep=1, **extra)
+                    **cache_kwargs(past), use_cache=True, logits_to_keep=1, **extra)
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
-        past = res.past_key_values
+        past = output_cache(res)
     # 2) every choice of every query, right-padded, from that query's state: [R, Lc]
     owners = [b for b, cs in enumerate(conts) for _ in cs]
     flat = [c for cs in conts for c in cs]
@@ -289,7 +292,7 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
         past.batch_select_indices(owner_t.to(device))
         full_mask = torch.cat([mask[owner_t], c_mask], dim=1)
         logits = model(input_ids=c_ids[:, :-1].to(device), attention_mask=full_mask[:, :-1].to(device),
-                       position_ids=c_pos[:, :-1].to(device), past_key_values=past, use_cache=True,
+                       position_ids=c_pos[:, :-1].to(device), **cache_kwargs(past), use_cache=True,
                        **extra).logits  # [R, lc-1, V]
         lp = _gather_logprobs(logits, c_ids[:, 1:].to(device))  # [R, lc-1]
         sums = sums + (lp * c_mask[:, 1:].to(device)).sum(-1)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import costs
+from harness.compat import is_prompt_learning, peft_legacy_calls
 from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
@@ -152,7 +153,8 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
               "logits_to_keep": keep}
     if not right_pad:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    logits = model(**kwargs).logits  # [R, U, V]: U kept positions
+    with peft_legacy_calls(is_prompt_learning(model)):  # peft's prefix tuning passes its prefix as past_key_values=
+        logits = model(**kwargs).logits  # [R, U, V]: U kept positions
     if not logit_index:
         logits = logits[:, -keep:]
     T = max(len(cont) for *_, cont in rows)

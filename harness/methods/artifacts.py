@@ -63,7 +63,10 @@ def load_trained(base_model, info, directory: str | os.PathLike):
     if info.artifact == "peft":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base_model, str(directory))
+        from harness.compat import peft_legacy_calls
+
+        with peft_legacy_calls():  # PeftModel.__init__ reads model.is_gradient_checkpointing
+            model = PeftModel.from_pretrained(base_model, str(directory))
     elif info.artifact == "model":
         result = _load_state(base_model, sorted(directory.glob("*.safetensors")), directory)
         tied = {"lm_head.weight"} if getattr(base_model.config, "tie_word_embeddings", False) else set()

@@ -264,8 +264,11 @@ def wrap_peft(model, peft_config, method: str):
     """``peft.get_peft_model`` with peft's complaints turned into one-line :class:`HarnessError`."""
     from peft import get_peft_model
 
+    from harness.compat import peft_legacy_calls
+
     try:
-        return get_peft_model(model, peft_config)
+        with peft_legacy_calls():  # PeftModel.__init__ reads model.is_gradient_checkpointing
+            return get_peft_model(model, peft_config)
     except (ValueError, TypeError, KeyError, NotImplementedError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(f"{method}: peft cannot apply it to {type(model).__name__}: {first}") from exc
