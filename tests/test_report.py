@@ -186,7 +186,7 @@ def test_include_random_and_failed(store_path):
     every = Store(store_path).runs()
     assert len(select_runs(every)) == 28
     with_random = select_runs(every, include_random=True)
-    assert len(with_random) == 29 and {r["model"] for r in with_random} == {"m", "random:m"}
+    assert len(with_random) == 29 and set(with_random["model"]) == {"m", "random:m"}
 
 
 def test_task_and_cost_tables(runs):
@@ -289,7 +289,7 @@ def test_plots_skip_without_icl(tmp_path):
     assert results["accuracy_vs_flops"].paths and results["accuracy_vs_checkpoint"].paths
     assert not results["icl_accuracy_vs_k"].paths and "no ICL" in results["icl_accuracy_vs_k"].notes[0]
     assert not results["break_even"].paths and results["break_even"].notes
-    bare = [{**r, "infer_flops_per_example": None, "checkpoint_bytes": None} for r in select_runs(store.runs())]
+    bare = select_runs(store.runs()).assign(infer_flops_per_example=None, checkpoint_bytes=None)
     assert all(not p.paths and p.notes for p in make_plots(bare, tmp_path / "bare"))
 
 
@@ -413,7 +413,8 @@ def test_tables_name_their_metric(runs):
             assert f"(metric: {metric})" in table.title and any(c.startswith(metric) for c in table.columns)
             assert table.notes[0].startswith(f"Metric: {metric}: ")
     assert "lm-evaluation-harness acc_norm" in summary_table(runs, "accuracy_norm_char").notes[0]
-    lacking = summary_table([{**r, "accuracy_norm_char": None} for r in runs[:3]] + runs[3:], "accuracy_norm_char")
+    lacking = summary_table(runs.assign(accuracy_norm_char=runs["accuracy_norm_char"].mask(runs.index < 3)),
+                            "accuracy_norm_char")
     assert f"3 of {len(runs)} runs have no accuracy_norm_char" in lacking.notes[1]
 
 

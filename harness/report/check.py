@@ -44,6 +44,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.report.format import Table, fmt_acc
 from harness.report.tables import run_sort_key, select_runs
+from harness.results import records
 
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -81,7 +82,7 @@ def baseline_cells(runs: list[dict], examples_of: ExamplesOf | None = None) -> l
     """One cell per finished, non-random run with an accuracy, sorted by key; with ``examples_of`` each cell
     carries its examples' log-probs. Two runs with one key raise :class:`HarnessError` (which one is the
     baseline?)."""
-    selected = [r for r in select_runs(runs) if r.get("accuracy") is not None]
+    selected = [r for r in records(select_runs(runs)) if r.get("accuracy") is not None]
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for r in selected:
         by_key[cell_key(r)].append(r)
@@ -311,7 +312,7 @@ def check(runs: list[dict], baseline: dict, z: float = 2.0, exact: bool = False,
         raise HarnessError(f"--flops-rtol must be non-negative, got {flops_rtol}")
     tol = Tolerances(z, exact, logprob_atol, flops_rtol)
     store: dict[tuple, list[dict]] = defaultdict(list)
-    for r in select_runs(runs):
+    for r in records(select_runs(runs)):
         store[cell_key(r)].append(r)
     rows = []
     base_keys = set()
