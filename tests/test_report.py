@@ -427,7 +427,7 @@ def test_compare_command(store_path):
 def test_tables_name_their_metric(runs):
     from harness.report.tables import METRICS
 
-    assert METRICS == ("accuracy", "accuracy_norm", "accuracy_norm_char")
+    assert METRICS == ("accuracy", "accuracy_norm", "accuracy_norm_char") == checking.ACCURACY_FIELDS
     for metric in METRICS:
         for table in (summary_table(runs, metric), task_table(runs, metric, n_resamples=50)):
             assert f"(metric: {metric})" in table.title and any(c.startswith(metric) for c in table.columns)

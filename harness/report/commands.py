@@ -16,8 +16,9 @@ from harness.errors import HarnessError
 from harness.report import check as checking
 from harness.report import stats
 from harness.report.format import fmt_acc, to_text
-from harness.report.tables import METRICS
 from harness.store import DEFAULT_STORE, Store
+
+METRICS = checking.ACCURACY_FIELDS  # the --metric choices: tables.METRICS, without importing pandas at start-up
 
 
 class UserError(click.ClickException):
