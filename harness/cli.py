@@ -5,8 +5,6 @@ Every user error is one line on stderr and exit code 2; nothing already stored i
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import sys
@@ -17,12 +15,6 @@ import click
 from harness.errors import HarnessError
 from harness.spec import parse_int_list, parse_name_list
 from harness.store import DEFAULT_STORE, Store
-
-RESULT_FIELDS = (
-    "run_id", "task", "method", "model", "template", "seed", "k", "n_eval", "accuracy", "accuracy_norm",
-    "accuracy_norm_char", "infer_flops_per_example", "infer_flops_per_example_uncached", "train_flops",
-    "peak_memory_bytes", "checkpoint_bytes", "trainable_params", "seconds", "status",
-)
 
 
 class HarnessGroup(click.Group):
@@ -112,7 +104,9 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
         click.echo(f"failed {r.run_id} {r.config['task']}/{r.config['method']}/{r.config['template']}/"
                    f"{r.config['seed']}: {r.error}", err=True)
     if results:
-        _print_runs([_flat(r) for r in results], "table")
+        from harness.results import frame, text_table
+
+        click.echo(text_table(frame(_flat(r) for r in results)), nl=False)
     if failed:
         sys.exit(1)
 
@@ -121,41 +115,20 @@ def _flat(result) -> dict:
     return {**result.config, **result.metrics, "run_id": result.run_id, "status": result.status}
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) >= 1e4 or value == 0 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
-
-
-def _print_runs(rows: list[dict], fmt: str) -> None:
-    rows = [{f: r.get(f) for f in RESULT_FIELDS} for r in rows]
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-    elif fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        click.echo(buf.getvalue(), nl=False)
-    else:
-        cols = ("run_id", "task", "method", "template", "seed", "k", "n_eval", "accuracy", "accuracy_norm",
-                "accuracy_norm_char", "infer_flops_per_example", "seconds", "status")
-        table = [[_fmt(r[c]) for c in cols] for r in rows]
-        widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
-        click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        for t in table:
-            click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
-
-
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "parquet"]), default="table",
+              show_default=True, help="parquet is binary: it needs --out (and pyarrow).")
 @click.option("--store", default=str(DEFAULT_STORE), show_default=True, help="SQLite results store.")
 @click.option("--status", default=None, help="Only runs with this status (finished, failed).")
-def results(fmt, store, status):
-    """List the runs in the store."""
-    _print_runs(_existing_store(store).runs(status=status), fmt)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (default: stdout).")
+def results(fmt, store, status, out):
+    """List the runs in the store: a table, or the columns of harness.results.RESULT_FIELDS as csv, json or
+    parquet (in Python, harness.results.runs(store) gives every column as a pandas DataFrame)."""
+    from harness import results as tables
+
+    text = tables.render(tables.runs(_existing_store(store), status=status), fmt, out)
+    if text is not None:
+        click.echo(text, nl=False)
 
 
 @main.command()

@@ -225,8 +225,8 @@ def test_reports_use_only_the_latest_run_of_an_experiment():
                 "seed": 0, "k": 2, "model": "m", "config": config, "finished_at": finished_at, "accuracy": accuracy}
 
     runs = [run("old", "a", 1.0, 0.1), run("new", "b", 2.0, 0.9), run("other", "a", 1.0, 0.5, template="u")]
-    assert sorted(r["run_id"] for r in select_runs(runs)) == ["new", "other"]
-    assert select_runs(runs, tasks=["rte"]) == []
+    assert sorted(select_runs(runs)["run_id"]) == ["new", "other"]
+    assert select_runs(runs, tasks=["rte"]).empty
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ from scipy import stats as sps
 from harness.report import COMMANDS
 from harness.report import check as checking
 from harness.report import stats
-from harness.report.format import fmt_acc, fmt_bytes, fmt_flops, fmt_params, latex_escape, to_latex, to_markdown
+from harness.report.format import (Table, fmt_acc, fmt_bytes, fmt_flops, fmt_params, latex_escape, to_latex,
+                                   to_markdown, to_text)
 from harness.report.breakeven import break_even, break_even_table
 from harness.report.plots import make_plots
 from harness.report.tables import cost_table, select_runs, summary_table, task_table
@@ -186,7 +187,7 @@ def test_include_random_and_failed(store_path):
     every = Store(store_path).runs()
     assert len(select_runs(every)) == 28
     with_random = select_runs(every, include_random=True)
-    assert len(with_random) == 29 and {r["model"] for r in with_random} == {"m", "random:m"}
+    assert len(with_random) == 29 and set(with_random["model"]) == {"m", "random:m"}
 
 
 def test_task_and_cost_tables(runs):
@@ -234,11 +235,30 @@ def check_latex(tex: str) -> None:
     assert re.search(r"(?<!\\)[_%]", text) is None  # underscores and percent signs escaped
 
 
+def squeeze(markdown: str) -> str:
+    """Markdown with the padding of table cells collapsed to one space (tabulate pads cells to column width)."""
+    return re.sub(r" {2,}", " ", markdown)
+
+
 def test_latex_and_markdown_rendering(runs):
     table = summary_table(runs)
     tex = to_latex(table)
     check_latex(tex)
-    assert "\\_" not in to_markdown(table) and "| m | lora |" in to_markdown(table)
+    md = to_markdown(table)
+    assert "\\_" not in md and "| m | lora |" in squeeze(md)
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({len(line) for line in rows}) == 1  # columns padded to one width
+    assert rows[1].startswith("|:---") and rows[1].endswith("---:|")  # text left, numbers right
+
+
+def test_empty_table_keeps_its_columns():
+    table = Table("Nothing", ("Model", "n_x"), (), "lr", ("A note.",))
+    md = to_markdown(table)
+    assert md.splitlines()[2:] == ["| Model   |   n_x |", "|:--------|------:|", "", "_(no rows)_", "", "A note."]
+    tex = to_latex(table)
+    check_latex(tex)
+    assert r"\begin{tabular}{lr}" in tex and r"\multicolumn{2}{l}{(no rows)} \\" in tex
+    assert to_text(table) == "Model  n_x\n-----  ---\nA note.\n"
 
 
 # ---- report command, plots ------------------------------------------------------------------------------
@@ -262,8 +282,8 @@ def test_report_writes_files_byte_identical(report_dirs):
         assert (out1 / name).stat().st_size > 0
         assert (out1 / name).read_bytes() == (out2 / name).read_bytes(), name
     md = (out1 / "report.md").read_text()
-    assert "| m | lora | 1.0e11 | 1.0e15 | 4.2 MB | 66.0 | 66.0 | 2 | 8 |" in md
-    assert "break_even" in md and "Finished runs: 28" in md and "| m | lora | icl |" in md and "1,111" in md
+    assert "| m | lora | 1.0e11 | 1.0e15 | 4.2 MB | 66.0 | 66.0 | 2 | 8 |" in squeeze(md)
+    assert "break_even" in md and "Finished runs: 28" in md and "| m | lora | icl |" in squeeze(md) and "1,111" in md
     check_latex((out1 / "report.tex").read_text())
 
 
@@ -289,7 +309,7 @@ def test_plots_skip_without_icl(tmp_path):
     assert results["accuracy_vs_flops"].paths and results["accuracy_vs_checkpoint"].paths
     assert not results["icl_accuracy_vs_k"].paths and "no ICL" in results["icl_accuracy_vs_k"].notes[0]
     assert not results["break_even"].paths and results["break_even"].notes
-    bare = [{**r, "infer_flops_per_example": None, "checkpoint_bytes": None} for r in select_runs(store.runs())]
+    bare = select_runs(store.runs()).assign(infer_flops_per_example=None, checkpoint_bytes=None)
     assert all(not p.paths and p.notes for p in make_plots(bare, tmp_path / "bare"))
 
 
@@ -407,13 +427,14 @@ def test_compare_command(store_path):
 def test_tables_name_their_metric(runs):
     from harness.report.tables import METRICS
 
-    assert METRICS == ("accuracy", "accuracy_norm", "accuracy_norm_char")
+    assert METRICS == ("accuracy", "accuracy_norm", "accuracy_norm_char") == checking.ACCURACY_FIELDS
     for metric in METRICS:
         for table in (summary_table(runs, metric), task_table(runs, metric, n_resamples=50)):
             assert f"(metric: {metric})" in table.title and any(c.startswith(metric) for c in table.columns)
             assert table.notes[0].startswith(f"Metric: {metric}: ")
     assert "lm-evaluation-harness acc_norm" in summary_table(runs, "accuracy_norm_char").notes[0]
-    lacking = summary_table([{**r, "accuracy_norm_char": None} for r in runs[:3]] + runs[3:], "accuracy_norm_char")
+    lacking = summary_table(runs.assign(accuracy_norm_char=runs["accuracy_norm_char"].mask(runs.index < 3)),
+                            "accuracy_norm_char")
     assert f"3 of {len(runs)} runs have no accuracy_norm_char" in lacking.notes[1]
 
 

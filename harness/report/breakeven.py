@@ -8,13 +8,15 @@ zero-shot is not a competitor worth a break-even (it is cheaper at every n by co
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import NamedTuple
 
 import numpy as np
 
+from harness.report import stats
 from harness.report.format import Table, fmt_flops
-from harness.report.tables import group_runs, is_icl, is_in_context, median_of
+from harness.report.tables import groups, is_icl, is_in_context
 
 
 class BreakEven(NamedTuple):
@@ -57,26 +59,27 @@ def break_even(peft_train: float, peft_infer: float, icl_train: float, icl_infer
     return BreakEven(None, "icl", f"no crossover: {icl_name} cheaper at every n")
 
 
-def cost_groups(runs: list[dict]) -> tuple[dict[str, dict[str, list]], list[str]]:
+def cost_groups(runs) -> tuple[dict[str, dict[str, list]], list[str]]:
     """Per model: ``icl`` and ``peft`` lists of (group, train FLOPs, inference FLOPs); notes on groups left out."""
     per_model: dict[str, dict[str, list]] = defaultdict(lambda: {"icl": [], "peft": []})
     notes = []
-    for g, rs in group_runs(runs).items():
+    for _, g, rs in groups(runs):
         if is_in_context(g.method) and not is_icl(g.method):
             continue  # zero-shot
-        infer = median_of(rs, "infer_flops_per_example")
-        train = median_of(rs, "train_flops")
-        if is_icl(g.method):
-            train = 0.0 if train is None else train  # ICL trains nothing; a missing figure means zero
-        if infer is None or train is None:
-            notes.append(f"{g.model}: {g.label} left out (no {'inference' if infer is None else 'training'} FLOPs)")
+        infer, train = rs[["infer_flops_per_example", "train_flops"]].agg(stats.median)
+        if is_icl(g.method) and math.isnan(train):
+            train = 0.0  # ICL trains nothing; a missing figure means zero
+        if math.isnan(infer) or math.isnan(train):
+            notes.append(f"{g.model}: {g.label} left out (no {'inference' if math.isnan(infer) else 'training'} "
+                         "FLOPs)")
             continue
         per_model[g.model]["icl" if is_icl(g.method) else "peft"].append((g, train, infer))
     return dict(per_model), notes
 
 
 def break_even_table(runs: list[dict]) -> Table:
-    """Per model, PEFT method and ICL method: their costs and the break-even number of queries."""
+    """Per model, PEFT method and ICL method: their costs and the break-even number of queries (``runs``: a runs
+    frame or run dicts)."""
     per_model, notes = cost_groups(runs)
     rows = []
     for model in sorted(per_model):

@@ -43,7 +43,6 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.report.format import Table, fmt_acc
-from harness.report.tables import run_sort_key, select_runs
 
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -77,11 +76,22 @@ def _example_entries(rows: Iterable[dict]) -> list[list]:
                                                      for c in r["choices"]]] for r in rows]
 
 
+def _selected(runs) -> list[dict]:
+    """The report's runs (:func:`~harness.report.tables.select_runs`) as plain dicts. Imported here: pandas loads
+    when a baseline is saved or checked, not whenever the CLI starts."""
+    from harness.report.tables import select_runs
+    from harness.results import records
+
+    return records(select_runs(runs))
+
+
 def baseline_cells(runs: list[dict], examples_of: ExamplesOf | None = None) -> list[dict]:
     """One cell per finished, non-random run with an accuracy, sorted by key; with ``examples_of`` each cell
     carries its examples' log-probs. Two runs with one key raise :class:`HarnessError` (which one is the
     baseline?)."""
-    selected = [r for r in select_runs(runs) if r.get("accuracy") is not None]
+    from harness.report.tables import run_sort_key
+
+    selected = [r for r in _selected(runs) if r.get("accuracy") is not None]
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for r in selected:
         by_key[cell_key(r)].append(r)
@@ -311,7 +321,7 @@ def check(runs: list[dict], baseline: dict, z: float = 2.0, exact: bool = False,
         raise HarnessError(f"--flops-rtol must be non-negative, got {flops_rtol}")
     tol = Tolerances(z, exact, logprob_atol, flops_rtol)
     store: dict[tuple, list[dict]] = defaultdict(list)
-    for r in select_runs(runs):
+    for r in _selected(runs):
         store[cell_key(r)].append(r)
     rows = []
     base_keys = set()

@@ -8,7 +8,6 @@ exits 1 when a baseline cell regressed or is missing.
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from pathlib import Path
 
 import click
@@ -17,8 +16,9 @@ from harness.errors import HarnessError
 from harness.report import check as checking
 from harness.report import stats
 from harness.report.format import fmt_acc, to_text
-from harness.report.tables import METRICS
 from harness.store import DEFAULT_STORE, Store
+
+METRICS = checking.ACCURACY_FIELDS  # the --metric choices: tables.METRICS, without importing pandas at start-up
 
 
 class UserError(click.ClickException):
@@ -69,10 +69,11 @@ def report(fmt, out_dir, store_path, metric, include_random, no_plots, task_name
     latest is reported."""
     from harness.report.document import render_latex, render_markdown
     from harness.report.tables import select_runs
+    from harness.results import runs as runs_frame
 
-    every = open_store(store_path).runs()
+    every = runs_frame(open_store(store_path))
     runs = select_runs(every, include_random=include_random, tasks=_task_names(task_names))
-    if not runs:
+    if runs.empty:
         raise UserError(f"no finished runs in {store_path}" + ("" if include_random else
                         " (random-init runs are left out; add --include-random to count them)"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,36 +114,37 @@ def _task_names(text: str | None) -> list[str] | None:
                 for item in text.split(",") if item.strip()]
 
 
-def _runs_by_cell(runs: list[dict], method: str, k: int | None) -> dict[tuple, dict]:
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        if r.get("method") == method and (k is None or r.get("k") == k):
-            cells[(str(r["model"]), str(r["task"]), str(r["template"]), r["seed"])].append(r)
-    dup = sorted(c for c, rs in cells.items() if len(rs) > 1)
-    if dup:
-        variants = sorted({f"k={r.get('k')} preset={r.get('preset')}" for r in cells[dup[0]]})
-        raise UserError(f"method {method!r} has several runs for {'/'.join(map(str, dup[0]))} "
-                        f"({'; '.join(variants)}); narrow with --k-a/--k-b or --preset")
-    return {c: rs[0] for c, rs in cells.items()}
-
-
+CELL = ["model", "task", "template", "seed"]  # compare pairs runs on these, and examples on their ids too
 PREDICTION_FIELDS = {"accuracy": "prediction", "accuracy_norm": "prediction_norm",
                      "accuracy_norm_char": "prediction_norm_char"}
 
 
-def _correct(rows: list[dict], metric: str, run: dict) -> dict[tuple, bool]:
-    """(example_id, occurrence) -> correct; the occurrence index pairs duplicated ids in order."""
+def _runs_by_cell(runs, method: str, k: int | None):
+    """The runs of ``method`` (with ``k`` when given): one per cell, else a user error naming a shared cell."""
+    rs = runs[runs["method"] == method]
+    if k is not None:
+        rs = rs[rs["k"] == k]
+    for cell, same in rs.groupby(CELL, sort=True, dropna=False):
+        if len(same) > 1:
+            variants = sorted({f"k={r.k} preset={r.preset}" for r in same.itertuples()})
+            raise UserError(f"method {method!r} has several runs for {'/'.join(map(str, cell))} "
+                            f"({'; '.join(variants)}); narrow with --k-a/--k-b or --preset")
+    return rs
+
+
+def _correct(examples, runs, metric: str):
+    """The examples of ``runs`` with ``correct`` by ``metric`` and ``occurrence`` (pairs duplicated ids in order)."""
     field = PREDICTION_FIELDS[metric]
-    seen: dict[str, int] = defaultdict(int)
-    out = {}
-    for row in rows:
-        if row.get(field) is None:
-            raise UserError(f"run {run['run_id']} ({run.get('task')}/{run.get('method')}/{run.get('template')}) has "
-                            f"no {metric}: it comes from a schema-1 store, whose character counts include the "
-                            "target delimiter; re-run it into a new store, or compare another --metric")
-        out[(row["example_id"], seen[row["example_id"]])] = row[field] == row["label"]
-        seen[row["example_id"]] += 1
-    return out
+    ex = examples[examples["run_id"].isin(runs["run_id"])].copy()
+    lacking = runs[runs["run_id"].isin(ex.loc[ex[field].isna(), "run_id"])]
+    if len(lacking):
+        run = lacking.iloc[0]
+        raise UserError(f"run {run['run_id']} ({run['task']}/{run['method']}/{run['template']}) has no {metric}: it "
+                        "comes from a schema-1 store, whose character counts include the target delimiter; re-run "
+                        "it into a new store, or compare another --metric")
+    ex["occurrence"] = ex.groupby(["run_id", "example_id"]).cumcount()
+    ex["correct"] = (ex[field] == ex["label"]).astype(bool)
+    return ex[[*CELL, "example_id", "occurrence", "correct"]]
 
 
 @click.command()
@@ -162,31 +164,28 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
     Predictions are paired on (model, task, template, seed, example id).
     """
     from harness.report.tables import select_runs
+    from harness.results import examples, runs as runs_frame
 
     store = open_store(store_path)
-    runs = [r for r in select_runs(store.runs()) if (task is None or r.get("task") == task)
-            and (preset is None or r.get("preset") == preset)]
-    methods = sorted({str(r.get("method")) for r in runs})
+    runs = select_runs(runs_frame(store))
+    for column, value in (("task", task), ("preset", preset)):
+        if value is not None:
+            runs = runs[runs[column] == value]
+    methods = sorted(runs["method"].dropna().unique())
     for m in (method_a, method_b):
         if m not in methods:
             raise UserError(f"no finished runs of method {m!r}" + (f" on task {task!r}" if task else "")
                             + f"; methods in the store: {', '.join(methods) or 'none'}")
     cells_a, cells_b = _runs_by_cell(runs, method_a, k_a), _runs_by_cell(runs, method_b, k_b)
-    common = sorted(set(cells_a) & set(cells_b), key=lambda c: (c[0], c[1], c[2], str(c[3])))
-    if not common:
+    common = cells_a[CELL].merge(cells_b[CELL])
+    if common.empty:
         raise UserError(f"{method_a!r} and {method_b!r} share no (model, task, template, seed) cell")
-    ids = [cells_a[c]["run_id"] for c in common] + [cells_b[c]["run_id"] for c in common]
-    by_run: dict[str, list[dict]] = defaultdict(list)
-    for row in store.examples(ids):
-        by_run[row["run_id"]].append(row)
-    a, b = [], []
-    for c in common:
-        ca = _correct(by_run[cells_a[c]["run_id"]], metric, cells_a[c])
-        cb = _correct(by_run[cells_b[c]["run_id"]], metric, cells_b[c])
-        for key in sorted(set(ca) & set(cb)):
-            a.append(ca[key])
-            b.append(cb[key])
-    if not a:
+    cells_a, cells_b = cells_a.merge(common), cells_b.merge(common)
+    rows = examples(store, [*cells_a["run_id"], *cells_b["run_id"]])
+    pairs = _correct(rows, cells_a, metric).merge(_correct(rows, cells_b, metric),
+                                                  on=[*CELL, "example_id", "occurrence"], suffixes=("_a", "_b"))
+    a, b = pairs["correct_a"].to_numpy(), pairs["correct_b"].to_numpy()
+    if not len(a):
         raise UserError(f"{method_a!r} and {method_b!r} share no evaluated example")
     diff = stats.paired_bootstrap_diff(a, b)
     test = stats.mcnemar(a, b)

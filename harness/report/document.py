@@ -1,12 +1,14 @@
 """Assemble the report files: ``report.md`` (Markdown) and ``report.tex`` (a LaTeX document that compiles).
 
-Both are pure functions of the runs (and the plot results), without timestamps, so one store always gives the
-same bytes.
+Both are pure functions of the runs (the frame of :func:`harness.report.tables.select_runs`) and the plot results,
+without timestamps, so one store always gives the same bytes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pandas as pd
 
 from harness.report.breakeven import break_even_table
 from harness.report.format import Table, latex_escape, to_latex, to_markdown
@@ -16,7 +18,7 @@ from harness.report.tables import cost_table, settings_lines, summary_table, tas
 TITLE = "When does PEFT beat in-context learning? Results report"
 
 
-def report_tables(runs: list[dict], metric: str = "accuracy") -> list[Table]:
+def report_tables(runs: pd.DataFrame, metric: str = "accuracy") -> list[Table]:
     return [summary_table(runs, metric), task_table(runs, metric), cost_table(runs), break_even_table(runs)]
 
 
@@ -29,7 +31,7 @@ def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[Plo
     return out
 
 
-def render_markdown(runs: list[dict], n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
+def render_markdown(runs: pd.DataFrame, n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
                     metric: str = "accuracy") -> str:
     parts = [f"# {TITLE}\n", f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished, "
              "random-init models, other tasks, or superseded by a later run of the same experiment).\n",
@@ -49,7 +51,7 @@ def render_markdown(runs: list[dict], n_excluded: int, plots: list[PlotResult] |
     return "\n".join(parts)
 
 
-def render_latex(runs: list[dict], n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
+def render_latex(runs: pd.DataFrame, n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
                  metric: str = "accuracy") -> str:
     lines = [
         r"\documentclass[10pt]{article}",

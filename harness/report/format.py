@@ -1,4 +1,5 @@
-"""Human formatting of numbers and rendering of tables to Markdown and LaTeX (booktabs), as pure functions.
+"""Human formatting of numbers and rendering of tables to Markdown, LaTeX (booktabs) and plain text, as pure
+functions; the tables are laid out by tabulate (formats ``pipe``, ``latex_booktabs`` and ``plain``).
 
 Units: FLOPs in scientific notation (``1.1e12``); bytes in decimal SI units (1 kB = 1000 B, 1 MB = 10^6 B);
 accuracies as percent with one decimal (``72.4``); parameter counts with K/M/B suffixes (decimal, ``460.8K``).
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from tabulate import tabulate
 
 MISSING = "n/a"
 
@@ -97,20 +100,32 @@ class Table:
                 raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(self.columns)}")
 
 
+_ALIGN = {"l": "left", "r": "right"}
+
+
+def _tabulate(table: Table, fmt: str, cell=str, empty: str | None = None) -> list[str]:
+    """The table's lines by tabulate in ``fmt``: ``cell`` applied to every header and cell, columns aligned by
+    ``table.align``, every cell kept as the string it is (no number parsing). tabulate drops the alignment of a
+    table without rows (its LaTeX column spec becomes ``{}``), so an empty table is rendered with its header as a
+    stand-in row, whose line is then replaced by ``empty`` (or removed)."""
+    rows = table.rows or (table.columns,)
+    lines = tabulate([[cell(c) for c in row] for row in rows], [cell(c) for c in table.columns], tablefmt=fmt,
+                     colalign=[_ALIGN[a] for a in table.align], disable_numparse=True).splitlines()
+    if not table.rows:
+        at = len(lines) - (3 if fmt.startswith("latex") else 1)  # LaTeX ends \bottomrule, \end{tabular}
+        lines[at:at + 1] = [empty] if empty else []
+    return lines
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def to_markdown(table: Table, level: int = 2) -> str:
     """A Markdown section: heading, pipe table (right-aligned numbers), and notes as a paragraph."""
-    lines = [f"{'#' * level} {table.title}", ""]
-    lines.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
-    lines.append("|" + "|".join("---:" if a == "r" else ":---" for a in table.align) + "|")
-    for row in table.rows:
-        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+    lines = [f"{'#' * level} {table.title}", "", *_tabulate(table, "pipe", _md_cell)]
     if not table.rows:
-        lines.append("")
-        lines.append("_(no rows)_")
+        lines += ["", "_(no rows)_"]
     for note in table.notes:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -128,7 +143,8 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
-    """A ``table`` float holding one complete booktabs ``tabular`` (toprule/midrule/bottomrule), caption, label."""
+    """A ``table`` float holding one complete booktabs ``tabular`` (toprule/midrule/bottomrule; tabulate's
+    ``latex_booktabs``, which escapes the cells), caption, label and notes."""
     lines = [
         r"\begin{table}[htbp]",
         r"\centering",
@@ -137,16 +153,7 @@ def to_latex(table: Table) -> str:
     ]
     if table.label:
         lines.append(rf"\label{{{latex_escape(table.label)}}}")
-    lines += [
-        rf"\begin{{tabular}}{{{table.align}}}",
-        r"\toprule",
-        " & ".join(latex_escape(c) for c in table.columns) + r" \\",
-        r"\midrule",
-    ]
-    lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in table.rows]
-    if not table.rows:
-        lines.append(rf"\multicolumn{{{len(table.columns)}}}{{l}}{{(no rows)}} \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += _tabulate(table, "latex_booktabs", empty=rf"\multicolumn{{{len(table.columns)}}}{{l}}{{(no rows)}} \\")
     if table.notes:
         lines.append(r"\par\smallskip\footnotesize")
         lines += [latex_escape(n.replace("*", "").replace("`", "")) + r"\par" for n in table.notes]
@@ -155,12 +162,9 @@ def to_latex(table: Table) -> str:
 
 
 def to_text(table: Table) -> str:
-    """A fixed-width plain-text table for the terminal (columns padded; numbers right-aligned)."""
-    widths = [max([len(c), *(len(row[i]) for row in table.rows)]) for i, c in enumerate(table.columns)]
-
-    def line(cells) -> str:
-        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w)
-                         for c, w, a in zip(cells, widths, table.align)).rstrip()
-
-    out = [line(table.columns), line("-" * w for w in widths), *(line(row) for row in table.rows)]
-    return "\n".join([*out, *table.notes]) + "\n"
+    """A fixed-width plain-text table for the terminal (columns padded; numbers right-aligned), then the notes."""
+    # The header and its rule go in as rows: tabulate would pad a header two characters wider than its column.
+    rule = tuple("-" * max(map(len, column)) for column in zip(table.columns, *table.rows))
+    text = tabulate([table.columns, rule, *table.rows], tablefmt="plain",
+                    colalign=[_ALIGN[a] for a in table.align], disable_numparse=True)
+    return "\n".join([text, *table.notes]) + "\n"

@@ -10,7 +10,6 @@ without timestamps or version strings that would make two reports of one store d
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ from matplotlib.figure import Figure
 from harness.report import stats
 from harness.report.breakeven import break_even, cost_groups, fmt_count, total_cost
 from harness.report.format import fmt_bytes, fmt_flops
-from harness.report.tables import group_runs, is_in_context, median_of, run_sort_key, values
+from harness.report.tables import groups, is_in_context
+from harness.results import frame
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
 METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None}}
@@ -60,17 +60,16 @@ def _legend_name(group, n_models: int) -> str:
 
 def _acc_points(runs, x_field: str, metric: str, positive_only: bool):
     """Per group: (group, x median, y median/q25/q75 in percent); plus notes for groups left out."""
-    groups = group_runs(runs)
-    points, notes = [], []
-    for g, rs in groups.items():
-        x = median_of(rs, x_field)
-        ys = values(rs, metric)
-        if x is None or not ys or (positive_only and x <= 0):
-            why = "no " + metric if not ys else f"{x_field} is {'missing' if x is None else 'zero'}"
+    points, notes, models = [], [], set()
+    for _, g, rs in groups(runs):
+        models.add(g.model)
+        x, ys = stats.median(rs[x_field]), rs[metric].dropna()
+        if np.isnan(x) or ys.empty or (positive_only and x <= 0):
+            why = "no " + metric if ys.empty else f"{x_field} is {'missing' if np.isnan(x) else 'zero'}"
             notes.append(f"{g.model}: {g.label} left out ({why})")
             continue
-        points.append((g, x, stats.median_iqr([100 * y for y in ys])))
-    return points, notes, len({g.model for g in groups})
+        points.append((g, x, stats.median_iqr(100 * ys)))
+    return points, notes, len(models)
 
 
 def _scatter(ax, points, n_models: int) -> None:
@@ -110,23 +109,20 @@ def plot_accuracy_vs_checkpoint(runs, out_dir: Path, metric: str = "accuracy") -
 
 def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
     name, title = "icl_accuracy_vs_k", f"ICL {metric} vs number of demonstrations k"
-    icl = [r for r in runs if is_in_context(r.get("method")) and r.get("k") is not None
-           and r.get(metric) is not None]
-    if not icl:
+    df = frame(runs)
+    icl = df[df["method"].map(is_in_context) & df["k"].notna() & df[metric].notna()]
+    if icl.empty:
         return PlotResult(name, title, notes=("skipped: the store holds no ICL runs",))
-    lines: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in sorted(icl, key=run_sort_key):  # zero-shot runs are the k = 0 point of their task's line
-        lines[(str(r["model"]), str(r["task"]))][int(r["k"])].append(100 * float(r[metric]))
-    several = len({key[0] for key in lines}) > 1
+    several = icl["model"].nunique() > 1
     fig, (ax,) = _figure(title)
-    for i, key in enumerate(sorted(lines)):
-        ks = sorted(lines[key])
-        ms = [stats.median_iqr(lines[key][k]) for k in ks]
+    # one line per (model, task); zero-shot runs are the k = 0 point of their task's line
+    for i, ((model, task), line) in enumerate(icl.groupby(["model", "task"])):
+        ks, ms = zip(*((int(k), stats.median_iqr(100 * acc)) for k, acc in line.groupby("k")[metric]))
         med = [m.median for m in ms]
         err = [[m.median - m.q25 for m in ms], [m.q75 - m.median for m in ms]]
-        label = f"{key[1]} ({key[0]})" if several else key[1]
+        label = f"{task} ({model})" if several else task
         ax.errorbar(ks, med, yerr=err, marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", capsize=3, label=label)
-    all_k = sorted({k for line in lines.values() for k in line})
+    all_k = sorted(int(k) for k in icl["k"].unique())
     ax.set_xticks(all_k)
     ax.set_xlabel("k (demonstrations in the prompt; k = 0 is zero-shot)")
     ax.set_ylabel(f"{metric} (%): median over templates and seeds, IQR")
@@ -179,7 +175,7 @@ def plot_break_even(runs, out_dir: Path) -> PlotResult:
     return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
 
 
-def make_plots(runs: list[dict], out_dir: Path, metric: str = "accuracy") -> list[PlotResult]:
+def make_plots(runs, out_dir: Path, metric: str = "accuracy") -> list[PlotResult]:
     """Write every figure under ``out_dir`` (PNG and PDF); figures lacking data come back with a skip note."""
     out_dir = Path(out_dir)
     return [

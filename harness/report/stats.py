@@ -1,7 +1,8 @@
 """Statistics for the report as pure functions: medians and IQRs, bootstrap CIs, McNemar's test, binomial SE.
 
-Every random procedure takes a ``seed`` (default :data:`DEFAULT_SEED`) and builds its own
-:class:`numpy.random.Generator`, so the same inputs always give the same numbers.
+Medians and quartiles are ``np.percentile``'s (linear interpolation); :func:`median` is also the aggregation the
+report applies to pandas groups. Every random procedure takes a ``seed`` (default :data:`DEFAULT_SEED`) and builds
+its own :class:`numpy.random.Generator`, so the same inputs always give the same numbers.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def median_iqr(values: Sequence[float]) -> MedianIQR:
 
 
 def median(values: Sequence[float]) -> float:
-    return median_iqr(values).median
+    """The median of :func:`median_iqr`, NaN when there is no value: an aggregation for pandas
+    (``df.groupby(...).agg(median)``). pandas' own ``GroupBy.median``/``quantile`` interpolate in their own code,
+    which can differ from numpy's in the last bit; ``np.percentile`` keeps every report number as it was."""
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(np.percentile(arr, 50)) if arr.size else math.nan
 
 
 def bootstrap_mean_ci(values: Sequence[float], n_resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95,

@@ -1,24 +1,30 @@
-"""Report tables from run dicts: T-Few Table 1 style summary, per-task accuracy, and per-method costs.
+"""Report tables from the runs frame (:func:`harness.results.runs`): T-Few Table 1 style summary, per-task
+accuracy, and per-method costs; and the selection and grouping of runs they share.
 
 Runs are grouped by (model, method). When one method of one model was run with several ``k`` or presets, each
 variant gets its own group, labelled e.g. ``icl k=4`` or ``lora preset=quick``, so different experiments are
 never pooled into one median. In-context methods (no training) are recognised by name: ``icl...`` (k-shot) and
 ``zeroshot``; every other method is taken to be a trained (PEFT) method.
 
-Per-run cost figures (FLOPs, bytes, seconds) are summarized by their median over runs. PEFT runs of one
-(task, method, seed) share a single trained adapter across templates, so their ``train_flops`` and
-``train_seconds`` repeat the same training on each template's row: they are never summed across templates.
+Per-run cost figures (FLOPs, bytes, seconds) are summarized by their median over runs (:func:`stats.median`, as an
+aggregation of pandas' groupby). PEFT runs of one (task, method, seed) share a single trained adapter across
+templates, so their ``train_flops`` and ``train_seconds`` repeat the same training on each template's row: they are
+never summed across templates. Every function takes the runs as a frame or as run dicts (``Store.runs()``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+import math
 from collections.abc import Iterable
+
+import pandas as pd
 
 from harness.report import stats
 from harness.report.format import (Table, fmt_acc, fmt_bytes, fmt_flops, fmt_interval, fmt_params,
                                    fmt_seconds)
+from harness.results import frame
+from harness.store import METRIC_COLUMNS
 
 METRICS = ("accuracy", "accuracy_norm", "accuracy_norm_char")
 # One line per metric, said under every table that shows it (docs/metrics.md has the full definitions).
@@ -54,7 +60,13 @@ def _sort_value(v) -> tuple:
 
 
 def run_sort_key(run: dict) -> tuple:
+    """The run order of :func:`sort_runs` for one dict (a baseline cell)."""
     return tuple(_sort_value(run.get(k)) for k in _RUN_ORDER)
+
+
+def sort_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs by model, task, method, k, preset, template, seed, run id; missing values last."""
+    return runs.sort_values(list(_RUN_ORDER), na_position="last", kind="stable", ignore_index=True)
 
 
 # Config fields that fingerprint a run's inputs (harness/identity.py) or say where they were found. Two finished runs
@@ -64,36 +76,33 @@ INPUT_FIELDS = ("task_hash", "data_hash", "train_data_hash", "model_fingerprint"
                 "template_fingerprint", "task_source", "model_path", "data_source")
 
 
-def experiment_key(run: dict) -> str:
-    """The run's config without :data:`INPUT_FIELDS`: equal for re-runs of one experiment with changed inputs."""
+def experiment_key(config: dict | None) -> str:
+    """A run's config without :data:`INPUT_FIELDS`: equal for re-runs of one experiment with changed inputs."""
     import json
 
-    config = {k: v for k, v in (run.get("config") or {}).items() if k not in INPUT_FIELDS}
-    return json.dumps(config, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in (config or {}).items() if k not in INPUT_FIELDS}, sort_keys=True, default=str)
 
 
-def latest_runs(runs: Iterable[dict]) -> tuple[list[dict], int]:
-    """Per experiment (:func:`experiment_key`) the most recently finished run; and how many older ones were
-    dropped. Reports never pool a stale result with the one that replaced it."""
-    best: dict[str, dict] = {}
-    runs = list(runs)
-    for r in runs:
-        key = experiment_key(r)
-        if key not in best or (r.get("finished_at") or 0) > (best[key].get("finished_at") or 0):
-            best[key] = r
-    return list(best.values()), len(runs) - len(best)
+def latest_runs(runs: Iterable[dict] | pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Per experiment (:func:`experiment_key`) the most recently finished run (the first of equal times); and
+    how many older ones were dropped. Reports never pool a stale result with the one that replaced it."""
+    df = frame(runs)
+    latest = df.loc[df["finished_at"].fillna(0).groupby(df["config"].map(experiment_key), sort=False).idxmax()]
+    return latest, len(df) - len(latest)
 
 
-def select_runs(runs: Iterable[dict], include_random: bool = False, tasks: Iterable[str] | None = None) -> list[dict]:
+def select_runs(runs: Iterable[dict] | pd.DataFrame, include_random: bool = False,
+                tasks: Iterable[str] | None = None) -> pd.DataFrame:
     """Finished runs (random-init models dropped unless ``include_random``; only ``tasks`` when given), the latest
-    of each experiment only (:func:`latest_runs`), in a deterministic order."""
-    wanted = set(tasks) if tasks is not None else None
-    out = [r for r in runs if r.get("status") == "finished" and (include_random or not r.get("is_random"))
-           and (wanted is None or r.get("task") in wanted)]
-    return sorted(latest_runs(out)[0], key=run_sort_key)
+    of each experiment only (:func:`latest_runs`), in run order (:func:`sort_runs`)."""
+    df = frame(runs)
+    keep = (df["status"] == "finished") & (include_random | ~df["is_random"])
+    if tasks is not None:
+        keep &= df["task"].isin(list(tasks))
+    return sort_runs(latest_runs(df[keep])[0])
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Group:
     """One (model, method variant) group; ``label`` names it in tables and legends."""
 
@@ -105,47 +114,42 @@ class Group:
     label: str
 
 
-def group_runs(runs: Iterable[dict]) -> dict[Group, list[dict]]:
-    """Runs grouped by (model, method), split by ``k``/preset where those vary within a method; sorted keys."""
-    runs = list(runs)
-    seen: dict[tuple, dict[str, set]] = defaultdict(lambda: {"k": set(), "preset": set()})
-    for r in runs:
-        cell = seen[(str(r.get("model")), str(r.get("method")))]
-        cell["k"].add(r.get("k"))
-        cell["preset"].add(r.get("preset"))
-    groups: dict[Group, list[dict]] = defaultdict(list)
-    for r in runs:
-        model, method = str(r.get("model")), str(r.get("method"))
-        vary = seen[(model, method)]
-        k = r.get("k") if len(vary["k"]) > 1 else None
-        preset = r.get("preset") if len(vary["preset"]) > 1 else None
-        label = method + (f" k={k}" if k is not None else "") + (f" preset={preset}" if preset is not None else "")
-        groups[Group(model, 0 if is_in_context(method) else 1, method, k, preset, label)].append(r)
-    return {g: sorted(groups[g], key=run_sort_key) for g in sorted(groups, key=_group_key)}
+# The group columns with_groups adds, in the order groups are listed (missing k/preset last).
+GROUP_COLUMNS = ("model", "icl_rank", "method", "group_k", "group_preset", "label")
 
 
-def _group_key(g: Group) -> tuple:
-    return (g.model, g.icl_rank, g.method, _sort_value(g.k), _sort_value(g.preset), g.label)
+def with_groups(runs: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
+    """The runs in run order, numbers as float64, with the columns of their (model, method) group: ``group_k``
+    and ``group_preset`` (the run's k and preset where they vary within its model's method, else missing),
+    ``label`` (``icl k=4``, ``lora preset=quick``) and ``icl_rank``."""
+    df = sort_runs(frame(runs)).astype(dict.fromkeys(METRIC_COLUMNS, "float64"))
+    cell = df.groupby(["model", "method"], dropna=False)
+    for column in ("k", "preset"):
+        varies = cell[column].transform(lambda s: s.nunique(dropna=False) > 1).astype(bool)
+        df[f"group_{column}"] = df[column].where(varies)
+    label = df["method"].astype(object)
+    for column, name in (("group_k", "k"), ("group_preset", "preset")):
+        label = label + df[column].astype(object).map(lambda v: "" if pd.isna(v) else f" {name}={v}")
+    df["label"] = label
+    df["icl_rank"] = [0 if is_in_context(m) else 1 for m in df["method"]]
+    return df
 
 
-def values(runs: Iterable[dict], field: str) -> list[float]:
-    return [float(r[field]) for r in runs if r.get(field) is not None]
+def groups(runs: Iterable[dict] | pd.DataFrame, by: tuple[str, ...] = ()) -> list[tuple[tuple, Group, pd.DataFrame]]:
+    """Per (``by`` columns..., model, method variant), sorted: the ``by`` values, the :class:`Group` and its
+    runs (in run order). Runs of one method with several ``k`` or presets form one group each."""
+    out = []
+    for key, rs in with_groups(runs).groupby([*by, *GROUP_COLUMNS], sort=True, dropna=False):
+        *head, model, icl_rank, method, k, preset, label = key
+        out.append((tuple(head), Group(model, int(icl_rank), method, None if pd.isna(k) else int(k),
+                                       None if pd.isna(preset) else preset, label), rs))
+    return out
 
 
-def median_of(runs: Iterable[dict], field: str) -> float | None:
-    vals = values(runs, field)
-    return stats.median(vals) if vals else None
-
-
-def mean_of_task_medians(runs: Iterable[dict], metric: str = "accuracy") -> float | None:
-    """Mean over tasks of each task's median ``metric`` (every task weighs the same)."""
-    by_task: dict[str, list[float]] = defaultdict(list)
-    for r in runs:
-        if r.get(metric) is not None:
-            by_task[str(r.get("task"))].append(float(r[metric]))
-    if not by_task:
-        return None
-    return sum(stats.median(v) for v in by_task.values()) / len(by_task)
+def mean_of_task_medians(runs: pd.DataFrame, metric: str = "accuracy") -> float:
+    """Mean over tasks of each task's median ``metric`` (every task weighs the same; NaN without values)."""
+    medians = runs.groupby("task", dropna=False)[metric].agg(stats.median).dropna()
+    return sum(medians) / len(medians) if len(medians) else math.nan
 
 
 def _check_metric(metric: str) -> None:
@@ -153,28 +157,28 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
-def metric_notes(runs: list[dict], metric: str) -> tuple[str, ...]:
+def metric_notes(runs: pd.DataFrame, metric: str) -> tuple[str, ...]:
     """The metric's definition, and how many runs lack it (per-character: runs migrated from schema 1)."""
     notes = [f"Metric: {METRIC_DEFINITIONS[metric]}."]
-    lacking = [r for r in runs if r.get(metric) is None]
-    if lacking:
+    lacking = runs[runs[metric].isna()]
+    if len(lacking):
         why = ""
-        if metric == "accuracy_norm_char" and any(r.get("n_chars_with_delimiter") for r in lacking):
+        if metric == "accuracy_norm_char" and lacking["n_chars_with_delimiter"].any():
             why = (" (runs from a schema-1 store: their character counts include the target delimiter, so no "
                    "per-character accuracy is computed for them)")
         notes.append(f"{len(lacking)} of {len(runs)} runs have no {metric}{why}; they are left out of its figures.")
     return tuple(notes)
 
 
-def summary_table(runs: list[dict], metric: str = "accuracy") -> Table:
+def summary_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy") -> Table:
     """(a) Per (model, method), in the layout of T-Few's Table 1."""
     _check_metric(metric)
-    rows = []
-    for g, rs in group_runs(runs).items():
-        rows.append((g.model, g.label, fmt_flops(median_of(rs, "infer_flops_per_example")),
-                     fmt_flops(median_of(rs, "train_flops")), fmt_bytes(median_of(rs, "checkpoint_bytes")),
-                     fmt_acc(median_of(rs, metric)), fmt_acc(mean_of_task_medians(rs, metric)),
-                     str(len({r.get("task") for r in rs})), str(len(rs))))
+    runs, rows = frame(runs), []
+    for _, g, rs in groups(runs):
+        m = rs[["infer_flops_per_example", "train_flops", "checkpoint_bytes", metric]].agg(stats.median)
+        rows.append((g.model, g.label, fmt_flops(m["infer_flops_per_example"]), fmt_flops(m["train_flops"]),
+                     fmt_bytes(m["checkpoint_bytes"]), fmt_acc(m[metric]), fmt_acc(mean_of_task_medians(rs, metric)),
+                     str(rs["task"].nunique(dropna=False)), str(len(rs))))
     notes = (
         *metric_notes(runs, metric),
         f"{metric} in percent: *median* over all task/template/seed runs of the method; "
@@ -189,17 +193,13 @@ def summary_table(runs: list[dict], metric: str = "accuracy") -> Table:
                  tuple(rows), "llrrrrrrr", notes, "tab:summary")
 
 
-def task_table(runs: list[dict], metric: str = "accuracy", n_resamples: int = stats.DEFAULT_RESAMPLES,
-               seed: int = stats.DEFAULT_SEED) -> Table:
+def task_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy",
+               n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED) -> Table:
     """(b) Per task x (model, method): median with IQR over templates and seeds, mean with bootstrap 95% CI."""
     _check_metric(metric)
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    for g, rs in group_runs(runs).items():
-        for r in rs:
-            cells[(str(r.get("task")), g)].append(r)
-    rows = []
-    for (task, g) in sorted(cells, key=lambda c: (c[0], _group_key(c[1]))):
-        vals = values(cells[(task, g)], metric)
+    runs, rows = frame(runs), []
+    for (task,), g, rs in groups(runs, by=("task",)):
+        vals = rs[metric].dropna().tolist()  # in run order: the bootstrap resamples by position
         if vals:
             m = stats.median_iqr(vals)
             est = stats.bootstrap_mean_ci(vals, n_resamples=n_resamples, seed=seed)
@@ -207,7 +207,7 @@ def task_table(runs: list[dict], metric: str = "accuracy", n_resamples: int = st
             mean_s = f"{fmt_acc(est.value)} {fmt_interval(est.lo, est.hi)}"
         else:
             median_s = iqr_s = mean_s = fmt_acc(None)
-        rows.append((task, g.model, g.label, median_s, iqr_s, mean_s, str(len(vals))))
+        rows.append((str(task), g.model, g.label, median_s, iqr_s, mean_s, str(len(vals))))
     notes = (
         *metric_notes(runs, metric),
         f"{metric} in percent over the runs of each cell (templates x seeds). IQR: 25th to 75th percentile "
@@ -219,15 +219,17 @@ def task_table(runs: list[dict], metric: str = "accuracy", n_resamples: int = st
                  tuple(rows), "lllrrrr", notes, "tab:tasks")
 
 
-def cost_table(runs: list[dict]) -> Table:
+def cost_table(runs: Iterable[dict] | pd.DataFrame) -> Table:
     """(c) Per (model, method): trainable parameters, peak memory, training time, evaluation time (medians)."""
     rows = []
-    for g, rs in group_runs(runs).items():
-        trainable, total = median_of(rs, "trainable_params"), median_of(rs, "total_params")
-        share = f"{100 * trainable / total:.3g}%" if trainable is not None and total else fmt_acc(None)
-        rows.append((g.model, g.label, fmt_params(trainable), share, fmt_bytes(median_of(rs, "peak_memory_bytes")),
-                     fmt_seconds(median_of(rs, "train_seconds")), fmt_seconds(median_of(rs, "eval_seconds")),
-                     str(len(rs))))
+    for _, g, rs in groups(runs):
+        m = rs[["trainable_params", "total_params", "peak_memory_bytes", "train_seconds", "eval_seconds"]].agg(
+            stats.median)
+        trainable, total = m["trainable_params"], m["total_params"]
+        share = f"{100 * trainable / total:.3g}%" if pd.notna(trainable) and pd.notna(total) and total else \
+            fmt_acc(None)
+        rows.append((g.model, g.label, fmt_params(trainable), share, fmt_bytes(m["peak_memory_bytes"]),
+                     fmt_seconds(m["train_seconds"]), fmt_seconds(m["eval_seconds"]), str(len(rs))))
     notes = (
         "Medians over runs. Training time is that of one adapter (shared by the templates of a task and seed); "
         "evaluation time is per run (one template). Memory in decimal SI units.",
@@ -238,20 +240,25 @@ def cost_table(runs: list[dict]) -> Table:
                  tuple(rows), "llrrrrrr", notes, "tab:costs")
 
 
-def settings_lines(runs: list[dict]) -> list[str]:
+def settings_lines(runs: Iterable[dict] | pd.DataFrame) -> list[str]:
     """One line per setting that describes how the runs were made (distinct values, sorted)."""
-    def distinct(get) -> str:
-        vals = sorted({str(get(r)) for r in runs})
+    runs = frame(runs)
+
+    def distinct(values: pd.Series) -> str:
+        vals = sorted({str(None if v is None or v is pd.NA or v != v else v) for v in values.astype(object)})
         return ", ".join(vals) if vals else "n/a"
 
+    def config(field: str) -> pd.Series:
+        return runs["config"].map(lambda c: c.get(field))
+
     return [
-        f"Models: {distinct(lambda r: r.get('model'))}",
-        f"Tasks: {distinct(lambda r: r.get('task'))}",
-        f"Methods: {distinct(lambda r: r.get('method'))}",
-        f"Presets: {distinct(lambda r: r.get('preset'))}",
-        f"k: {distinct(lambda r: r.get('k'))}",
-        f"dtype: {distinct(lambda r: (r.get('config') or {}).get('dtype'))}",
-        f"device: {distinct(lambda r: (r.get('config') or {}).get('device'))}",
-        f"KV cache: {distinct(lambda r: (r.get('config') or {}).get('kv_cache'))}",
-        f"Evaluation limit: {distinct(lambda r: (r.get('config') or {}).get('limit'))}",
+        f"Models: {distinct(runs['model'])}",
+        f"Tasks: {distinct(runs['task'])}",
+        f"Methods: {distinct(runs['method'])}",
+        f"Presets: {distinct(runs['preset'])}",
+        f"k: {distinct(runs['k'])}",
+        f"dtype: {distinct(config('dtype'))}",
+        f"device: {distinct(config('device'))}",
+        f"KV cache: {distinct(config('kv_cache'))}",
+        f"Evaluation limit: {distinct(config('limit'))}",
     ]
