@@ -232,7 +232,8 @@ def run(
     training forwards run (:func:`harness.compiling.compile_mode`). ``executor`` (:mod:`harness.executors`) runs
     the jobs: by default ``LocalProcessExecutor(workers)``, where ``workers`` PEFT training groups run at once, one
     process each (:mod:`harness.parallel`); ``executors.make_executor("ray", ...)`` runs every job as a Ray task.
-    Results equal a serial run's; this process alone writes the store, one result at a time as jobs finish.
+    Results equal a serial run's (on CPU with as many torch threads); this process alone writes the store, one
+    result at a time as jobs finish.
     Neither option is part of a run's identity."""
     if executor is None:
         executor = LocalProcessExecutor(workers)

@@ -14,7 +14,9 @@ the next one skips them by run id, whichever executor ran them.
   worker or node dies is retried.
 
 Results do not depend on the executor: jobs are seeded and independent (tests/test_parallel.py,
-tests/test_executor_ray.py compare the stored numbers). Ray is an optional dependency (``pip install
+tests/test_executor_ray.py compare the stored numbers). On CPU, float32 sums do depend on the number of torch
+threads: the local executor's processes use torch's default (every core), a Ray task ``--cpus-per-run`` threads,
+and only runs with the same thread count agree bit for bit (others within about 1e-5 in log-prob). Ray is an optional dependency (``pip install
 'harness[ray]'``); nothing here imports it.
 """
 

@@ -7,7 +7,7 @@
 - ``peft``: one training group (``RunSpec.train_group``): one adapter trained, then scored with every template.
 
 Every job is seeded and independent of the others, so the results do not depend on where or in which order jobs
-run. :func:`run_icl_job` and :func:`run_peft_job` are the job bodies, the same code whichever executor
+run (on CPU, given the same number of torch threads: :mod:`harness.executors`). :func:`run_icl_job` and :func:`run_peft_job` are the job bodies, the same code whichever executor
 (:mod:`harness.executors`) runs them; neither raises for a failed run (it is recorded ``failed``).
 """
 

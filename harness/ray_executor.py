@@ -24,6 +24,11 @@ on another node than the driver's trains into a temporary folder and sends the a
 results; the driver writes them under the store's artifacts folder (a task on the driver's node writes there
 itself). Run environments are described on the node that ran them (``env.executor = "ray"``, ``env.ray_node``).
 
+A task runs torch with ``cpus_per_run`` threads (rounded down, at least 1). On CPU that is a numerics setting:
+float32 sums depend on the thread count, so a task's numbers equal bit for bit a serial run's with as many threads
+(``OMP_NUM_THREADS=1 harness run ...`` for the default of 1), and differ from a run on more threads by about 1e-5
+in log-prob (well inside ``harness check``'s default 1e-4).
+
 Ray is imported only when a Ray executor runs (``pip install 'harness[ray]'``).
 """
 

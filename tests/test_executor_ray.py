@@ -78,9 +78,17 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory, data_dir):
-    """The grid run serially (the local executor, one process): the reference numbers."""
+    """The grid run serially (the local executor, this process): the reference numbers, on one torch thread like
+    the Ray tasks (--cpus-per-run 1): on CPU, float32 sums depend on the thread count (about 1e-5 in log-prob)."""
+    import torch
+
     path = tmp_path_factory.mktemp("serial") / "serial.sqlite"
-    result = _invoke(GRID + ["--data-dir", str(data_dir), "--store", str(path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = _invoke(GRID + ["--data-dir", str(data_dir), "--store", str(path)])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return path
 
@@ -95,9 +103,10 @@ def test_ray_grid_equals_the_serial_run(local_ray, serial, tmp_path, data_dir):
     one, two = _rows(serial), _rows(path)
     assert len(one) == 3 and set(one) == set(two)
     assert all(row[0] == "finished" for row in two.values())
-    assert one == two  # CPU float32: bit-identical log-probs, losses and adapter files
+    assert one == two  # CPU float32, one thread each: bit-identical log-probs, losses and adapter files
     envs = [r["env"] for r in Store(path).runs()]
     assert {e["executor"] for e in envs} == {"ray"} and all(e.get("ray_node") for e in envs)
+    assert {e["torch_threads"] for e in envs} == {1}
     # the project's own gate says the same: every cell equal, log-probs to the baseline's 6 decimals
     baseline = tmp_path / "serial.json"
     assert _invoke(["baseline", "save", str(baseline), "--store", str(serial)]).exit_code == 0
