@@ -90,9 +90,10 @@ def _existing_store(path: str) -> Store:
 @click.option("--ray-address", default=None,
               help="Ray: a running cluster (auto, or HOST:PORT of its head); default: start a local Ray instance.")
 @click.option("--gpus-per-run", type=float, default=None,
-              help="Ray: GPUs each run asks for, e.g. 0.25 packs four small trainings per GPU [default: 1 for CUDA "
-                   "runs].")
-@click.option("--cpus-per-run", type=float, default=None, help="Ray: CPUs each run asks for [default: 1].")
+              help="Ray: GPUs each task (a training group or an in-context batch) asks for, e.g. 0.25 packs four "
+                   "small trainings per GPU [default: 1 for CUDA runs].")
+@click.option("--cpus-per-run", type=float, default=None,
+              help="Ray: CPUs (and torch threads) each task asks for [default: 1].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
         no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
