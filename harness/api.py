@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from harness import environment, identity
 from harness.data import few_shot_examples, few_shot_path, load_split, resolve_data_dir
 from harness.errors import HarnessError
-from harness.icl_runner import run_icl
+from harness.executors import Executor, LocalProcessExecutor
+from harness.jobs import JobContext, make_jobs
 from harness.methods import get_method, training_settings
 from harness.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model, resolve_device_dtype
 from harness.spec import RunSpec, get_preset
@@ -184,6 +185,35 @@ def _freeze(items):
     return items
 
 
+def check_inputs(specs: list[RunSpec], data_dir: Path | None) -> None:
+    """Raise :class:`HarnessError` unless the model and rows this machine reads for ``specs`` are the ones they
+    were planned with (their ``model_fingerprint`` and ``data_hash``) and this code's ``SCORING_VERSION`` is
+    theirs: a Ray worker calls this before it loads anything, so a node holding other weights, data or harness
+    fails its runs instead of storing them under these ids."""
+    fingerprints: dict[str, str] = {}
+    inputs: dict[tuple, _TaskInputs] = {}
+    for spec in specs:
+        if spec.scoring_version != identity.SCORING_VERSION:
+            raise HarnessError(f"this harness scores with SCORING_VERSION {identity.SCORING_VERSION}, the runs were "
+                               f"planned with {spec.scoring_version}: install the same harness everywhere")
+        if spec.load_from not in fingerprints:
+            fingerprints[spec.load_from] = identity.model_fingerprint(spec.load_from)
+        if spec.model_fingerprint and fingerprints[spec.load_from] != spec.model_fingerprint:
+            raise HarnessError(f"model {spec.load_from!r} here has fingerprint {fingerprints[spec.load_from]}, "
+                               f"the runs were planned with {spec.model_fingerprint}: give every machine the same "
+                               "model files")
+        if not spec.data_hash:
+            continue
+        key = (spec.task_source or spec.task, spec.limit)
+        if key not in inputs:
+            inputs[key] = _TaskInputs(spec.load_task(), data_dir, spec.limit)
+        data_hash, _ = inputs[key].hashes(get_method(spec.method), spec.seed, spec.k, spec.train)
+        if data_hash != spec.data_hash:
+            raise HarnessError(f"the {spec.task} rows read here ({inputs[key].source_text}) differ from the ones "
+                               f"the runs were planned with (data hash {data_hash} != {spec.data_hash}): give every "
+                               "machine the same data files")
+
+
 def run(
     specs: list[RunSpec],
     *,
@@ -194,16 +224,25 @@ def run(
     loader: Callable[[RunSpec], LoadedModel] | None = None,
     compile: str | bool | None = "auto",
     workers: int = 1,
+    executor: Executor | None = None,
 ) -> list[RunResult]:
     """Execute the specs not yet finished in ``store``; return the results produced by this call.
 
     ``compile`` (``auto``/``off``: eager, ``on``: compiled blocks, ``model``: the whole model) is how PEFT
-    training forwards run (:func:`harness.compiling.compile_mode`). ``workers``: PEFT training groups run at once, one process each
-    (:mod:`harness.parallel`); results equal a serial run's. Neither is part of a run's identity."""
-    if workers < 1:
-        raise HarnessError(f"--workers must be >= 1, got {workers}")
-    if workers > 1 and loader is not None:
-        raise HarnessError("workers > 1 load models in their own processes: a custom loader cannot be used")
+    training forwards run (:func:`harness.compiling.compile_mode`). ``executor`` (:mod:`harness.executors`) runs
+    the jobs: by default ``LocalProcessExecutor(workers)``, where ``workers`` PEFT training groups run at once, one
+    process each (:mod:`harness.parallel`); ``executors.make_executor("ray", ...)`` runs every job as a Ray task.
+    Results equal a serial run's (on CPU with as many torch threads); this process alone writes the store, one
+    result at a time as jobs finish.
+    Neither option is part of a run's identity."""
+    if executor is None:
+        executor = LocalProcessExecutor(workers)
+    elif workers != 1:
+        raise HarnessError("give either workers or an executor (the local executor takes workers itself)")
+    if loader is not None and not executor.accepts_loader:
+        what = ("workers > 1 load models in their own processes" if executor.name == "local"
+                else f"the {executor.name} executor loads models in its workers")
+        raise HarnessError(f"{what}: a custom loader cannot be used")
     db = store if isinstance(store, Store) else Store(store)
     folder = resolve_data_dir(data_dir)
     done = db.finished_ids()
@@ -211,11 +250,17 @@ def run(
     skipped = len(specs) - len(todo)
     if skipped:
         log.info("skipping %d finished run(s) already in %s", skipped, db.path)
+    executor.check(todo)
     load = loader or (lambda s: load_model(s.load_from, s.device, s.dtype))
     produced: list[RunResult] = []
+    written: set[str] = set()
     bar = tqdm(total=len(todo), disable=not progress, desc="runs", unit="run")
-    for result in _execute(todo, load, folder, db, batch_size, progress, compile, workers):
+    for result in _execute(todo, load, folder, db, batch_size, progress, compile, executor):
+        if result.run_id in written:  # a job run twice (a retried task) must not count, nor store, twice
+            log.warning("run %s: a second result was received and dropped", result.run_id)
+            continue
         db.write(result)
+        written.add(result.run_id)
         produced.append(result)
         bar.update(1)
         if result.status != "finished":
@@ -225,7 +270,8 @@ def run(
 
 
 def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, progress: bool,
-             compile: str | bool | None = "auto", workers: int = 1) -> Iterator[RunResult]:
+             compile: str | bool | None, executor: Executor) -> Iterator[RunResult]:
+    """The results of ``todo``, as ``executor`` runs its jobs (:func:`harness.jobs.make_jobs`)."""
     env_cache: dict[str, dict] = {}
 
     def env_of(model: str, device) -> dict:
@@ -234,34 +280,5 @@ def _execute(todo: list[RunSpec], load, folder, db: Store, batch_size: int, prog
             env_cache[model] = environment.describe(device)
         return env_cache[model]
 
-    in_context = [s for s in todo if get_method(s.method).kind in ("icl", "zeroshot")]
-    trained = [s for s in todo if get_method(s.method).kind == "peft"]
-    lm, loaded_from = None, None
-    for spec in in_context:  # one loaded model for all in-context runs of a model
-        if lm is None or loaded_from != spec.load_from:
-            lm, loaded_from = load(spec), spec.load_from
-        yield run_icl(lm, spec, folder, batch_size=batch_size, progress=progress, env=env_of(spec.model, lm.device))
-    del lm
-    if workers > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the in-context model's memory, for the workers
-    groups: dict[tuple, list[RunSpec]] = {}
-    for spec in trained:
-        groups.setdefault(spec.train_group, []).append(spec)
-    if groups and workers > 1:
-        from harness.parallel import run_groups
-
-        envs = [env_of(g[0].model, resolve_device_dtype(g[0].device)[0]) | {"workers": workers}
-                for g in groups.values()]
-        yield from run_groups(list(groups.values()), workers, folder, db.folder / "adapters", batch_size=batch_size,
-                              envs=envs, compile=compile)
-    elif groups:
-        from harness.peft_runner import run_peft_group
-
-        for group in groups.values():
-            first = group[0]
-            yield from run_peft_group(lambda: load(first), first.load_task(), group, folder,
-                                      db.folder / "adapters", batch_size=batch_size, progress=progress,
-                                      env=env_of(first.model, resolve_device_dtype(first.device)[0]), compile=compile)
+    ctx = JobContext(folder, db.folder / "adapters", batch_size=batch_size, compile=compile, progress=progress)
+    yield from executor.execute(make_jobs(todo), ctx, load, env_of)

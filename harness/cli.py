@@ -72,21 +72,36 @@ def _existing_store(path: str) -> Store:
 @click.option("--compile", "compile_", type=click.Choice(["auto", "on", "model", "off"]), default="auto",
               show_default=True, help="PEFT training forwards: auto/off eager, on = torch.compile each transformer "
               "block, model = the whole model (slow to compile).")
-@click.option("--workers", default=1, show_default=True, type=int,
-              help="PEFT trainings run at once, one process each (several small-model trainings share a GPU).")
+@click.option("--workers", default=None, type=int,
+              help="Local executor: PEFT trainings run at once, one process each (several small-model trainings "
+                   "share a GPU) [default: 1]. Ray without --ray-address: runs at once on the local Ray instance "
+                   "[default: one per CPU].")
+@click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine (--workers); ray: every training group and in-context batch is a Ray task "
+                   "(pip install 'harness[ray]').")
+@click.option("--ray-address", default=None,
+              help="Ray: a running cluster (auto, or HOST:PORT of its head); default: start a local Ray instance.")
+@click.option("--gpus-per-run", type=float, default=None,
+              help="Ray: GPUs each task (a training group or an in-context batch) asks for, e.g. 0.25 packs four "
+                   "small trainings per GPU [default: 1 for CUDA runs].")
+@click.option("--cpus-per-run", type=float, default=None,
+              help="Ray: CPUs (and torch threads) each task asks for [default: 1].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
         no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
-        workers, quiet):
+        workers, executor_kind, ray_address, gpus_per_run, cpus_per_run, quiet):
     """Evaluate METHODS on TASKS for every template and seed; store one result per run.
 
     Finished runs already in the store are skipped, so an interrupted command resumes where it stopped.
     """
     from harness import api
+    from harness.executors import make_executor
     from harness.methods import parse_method_args
 
     if batch_size < 1:
         raise HarnessError("--batch-size must be >= 1")
+    executor = make_executor(executor_kind, workers=workers, ray_address=ray_address, gpus_per_run=gpus_per_run,
+                             cpus_per_run=cpus_per_run)
     overrides = {"steps": steps, "batch_size": train_batch_size, "grad_accum": grad_accum, "lr": lr,
                  "losses": parse_name_list(losses) if losses else None, "n_train": n_train,
                  "train_template": train_template}
@@ -96,7 +111,7 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
         kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})
     results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet,
-                      compile=compile_, workers=workers)
+                      compile=compile_, executor=executor)
     failed = [r for r in results if r.status != "finished"]
     click.echo(f"{len(specs)} run(s) planned, {len(results)} executed, {len(specs) - len(results)} already in "
                f"{store}, {len(failed)} failed.", err=True)

@@ -1,5 +1,7 @@
 """Train several PEFT groups at once, one process each, on one device (``harness run --workers N``).
 
+The process pool behind :class:`harness.executors.LocalProcessExecutor` when ``workers > 1``.
+
 The T-Few loop on a small model keeps a GPU a few percent busy: each step is bound by the host issuing
 kernels, not by the GPU (docs/benchmarks.md). Groups trained side by side in separate processes (each with its
 own Python interpreter issuing kernels) share the GPU at little cost to each other. Every worker loads the base
@@ -15,6 +17,7 @@ import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 
+from harness.jobs import failed_results
 from harness.spec import RunSpec
 from harness.store import RunResult
 
@@ -29,10 +32,6 @@ def _train_group(specs: list[RunSpec], data_dir, artifacts_dir: Path, batch_size
     return list(run_peft_group(lambda: load_model(first.load_from, first.device, first.dtype), first.load_task(),
                                specs, data_dir, artifacts_dir, batch_size=batch_size, progress=False, env=env,
                                compile=compile))
-
-
-def _failed(specs: list[RunSpec], error: str, env: dict) -> list[RunResult]:
-    return [RunResult(run_id=s.run_id, config=s.config(), status="failed", error=error, env=env) for s in specs]
 
 
 def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_dir: Path, *, batch_size: int,
@@ -54,7 +53,7 @@ def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_di
             try:
                 results = done.result()
             except Exception as exc:  # noqa: BLE001 - the worker process died; its group is recorded as failed
-                results = _failed(group, f"worker process failed: {type(exc).__name__}: {exc}".strip(), env)
+                results = failed_results(group, f"worker process failed: {type(exc).__name__}: {exc}".strip(), env)
             yield from results
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
