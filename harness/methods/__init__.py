@@ -26,6 +26,11 @@ from harness.methods.base import RUN_KEYS, Overhead, TrainConfig, check, is_int
 
 KINDS = ("zeroshot", "icl", "peft")
 ARTIFACTS = ("peft", "model", "tensors")
+# Lialin et al. 2023 ("Scaling Down to Scale Up", arXiv 2303.15647), section 3: additive (adapters, soft prompts,
+# (IA)3), selective (BitFit, LN tuning, FishMask), reparametrization-based (LoRA and kin, intrinsic SAID), hybrid
+# (MAM, UniPELT, Compacter); plus the two reference points the harness also runs.
+# "other": a ``peft:<type>`` the harness has not classified (harness.methods.generic.PEFT_FAMILIES).
+FAMILIES = ("in-context", "additive", "selective", "reparametrization", "hybrid", "full", "other")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,12 @@ class MethodInfo:
     ``model`` (the whole model via save_pretrained) or ``tensors`` (the trainable tensors, one safetensors file);
     ``position_ids`` is False where peft drops explicit position ids (prompt tuning, p-tuning): those are
     trained on right-padded rows and scored one row at a time so padding never shifts positions.
+
+    Properties shown by ``harness methods`` (and grouped on in reports): ``family`` (one of :data:`FAMILIES`);
+    ``merges``: the trained change can be folded into the base weights, so a deployed model has no inference
+    overhead (LoRA, (IA)3, BitFit; not adapters or soft prompts); ``mixed_batches``: one batch can hold examples of
+    different tasks, each with its own trained parameters, without merging (T-Few section 3.3: (IA)3 and soft
+    prompts do; selective methods and full fine-tuning change shared weights and cannot).
     """
 
     name: str
@@ -49,9 +60,13 @@ class MethodInfo:
     overhead: Callable | None = None
     artifact: str = "peft"
     position_ids: bool = True
+    family: str = "additive"
+    merges: bool = False
+    mixed_batches: bool = False
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        check(self.family in FAMILIES, f"method {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
         check(self.artifact in ARTIFACTS, f"method {self.name!r}: artifact must be one of {ARTIFACTS}")
         if self.kind == "peft":
             check(self.config_cls is not None and self.apply is not None,
@@ -205,8 +220,10 @@ def method_overhead(model, name: str, settings: dict) -> Overhead:
     return info.overhead(model, method_config(name, settings)) if info.overhead else Overhead()
 
 
-register(MethodInfo("zeroshot", "zeroshot", "no demonstrations, no training: the template's prompt alone"))
-register(MethodInfo("icl", "icl", "k-shot in-context learning: k demonstrations before each prompt (--k)"))
+register(MethodInfo("zeroshot", "zeroshot", "no demonstrations, no training: the template's prompt alone",
+                    family="in-context", merges=True, mixed_batches=True))
+register(MethodInfo("icl", "icl", "k-shot in-context learning: k demonstrations before each prompt (--k)",
+                    family="in-context", merges=True, mixed_batches=True))
 
 # Built-in PEFT methods register themselves on import (each module imports no torch at import time).
 from harness.methods import (  # noqa: E402,F401

@@ -37,4 +37,5 @@ def apply(model, cfg: BitFitArgs):
 
 register(MethodInfo(
     "bitfit", "peft", "BitFit (Ben Zaken et al. 2022): train only bias terms (needs a model with biases)",
-    config_cls=BitFitArgs, apply=apply, overhead=lambda model, cfg: Overhead(), artifact="tensors"))
+    config_cls=BitFitArgs, apply=apply, overhead=lambda model, cfg: Overhead(), artifact="tensors",
+    family="selective", merges=True))

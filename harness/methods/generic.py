@@ -12,6 +12,24 @@ from harness.errors import HarnessError, suggest
 from harness.methods import MethodInfo
 from harness.methods.base import TrainConfig, wrap_peft
 
+# Family of each peft type (Lialin et al. 2023's taxonomy; harness.methods.FAMILIES), from each method's paper;
+# a type not listed is "other". merges: peft can fold it into the base weights (merge_and_unload).
+PEFT_FAMILIES = {
+    "additive": ("adaption_prompt", "cartridge", "cpt", "ia3", "multitask_prompt_tuning", "p_tuning",
+                 "prefix_tuning", "prompt_tuning"),
+    "selective": ("ln_tuning", "shira", "trainable_tokens"),
+    "reparametrization": ("adalora", "boft", "c3a", "delora", "fourierft", "gralora", "hira", "hra", "loha", "lokr",
+                          "lora", "miss", "oft", "randlora", "road", "tinylora", "vblora", "vera", "waveft"),
+    "hybrid": ("glora", "poly", "xlora"),
+}
+MERGEABLE = set(PEFT_FAMILIES["reparametrization"]) | {"ia3", "ln_tuning", "shira"}
+
+
+def peft_family(key: str) -> str:
+    """The family of peft type ``key`` (lower case), "other" if unclassified."""
+    return next((family for family, keys in PEFT_FAMILIES.items() if key in keys), "other")
+
+
 RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
             "inference_mode")
 
@@ -71,4 +89,5 @@ def generic_method(type_name: str) -> MethodInfo:
     return MethodInfo(
         f"peft:{key}", "peft", f"peft's {peft_cls.__name__} (arguments via --method-args)", config_cls=args_cls,
         supports_kv_cache=not prompt_learning, apply=apply,
-        position_ids=not prompt_learning or key in ("prefix_tuning", "cartridge"))
+        position_ids=not prompt_learning or key in ("prefix_tuning", "cartridge"),
+        family=peft_family(key), merges=key in MERGEABLE, mixed_batches=prompt_learning)

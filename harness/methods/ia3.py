@@ -77,4 +77,5 @@ def make_overhead(method: str):
 
 register(MethodInfo(
     "ia3", "peft", "(IA)^3 (Liu et al. 2022): rescale keys, values, FFN inputs; Adafactor 3e-3; loss L_LM",
-    config_cls=IA3Args, apply=make_apply("ia3"), overhead=make_overhead("ia3")))
+    config_cls=IA3Args, apply=make_apply("ia3"), overhead=make_overhead("ia3"),
+    family="additive", merges=True, mixed_batches=True))

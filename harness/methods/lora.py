@@ -64,4 +64,5 @@ def overhead(model, cfg: LoraArgs) -> Overhead:
 
 register(MethodInfo(
     "lora", "peft", "LoRA (Hu et al. 2021): low-rank updates of q,v (r=8, alpha=16), AdamW 2e-4",
-    config_cls=LoraArgs, apply=apply, overhead=overhead))
+    config_cls=LoraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
+    mixed_batches=True))

@@ -54,4 +54,5 @@ def overhead(model, cfg: PromptTuningArgs) -> Overhead:
 
 register(MethodInfo(
     "prompt_tuning", "peft", "prompt tuning (Lester et al. 2021): 10 trainable input embeddings, Adafactor 0.3",
-    config_cls=PromptTuningArgs, supports_kv_cache=False, apply=apply, overhead=overhead, position_ids=False))
+    config_cls=PromptTuningArgs, supports_kv_cache=False, apply=apply, overhead=overhead, position_ids=False,
+    family="additive", mixed_batches=True))

@@ -26,4 +26,5 @@ class TFewArgs(IA3Args):
 
 register(MethodInfo(
     "tfew", "peft", "T-Few recipe: (IA)^3 + losses L_LM+L_UL+L_LN, Adafactor 3e-3, 6% warmup, linear decay",
-    config_cls=TFewArgs, apply=make_apply("tfew"), overhead=make_overhead("tfew")))
+    config_cls=TFewArgs, apply=make_apply("tfew"), overhead=make_overhead("tfew"),
+    family="additive", merges=True, mixed_batches=True))
