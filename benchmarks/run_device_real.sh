@@ -8,7 +8,8 @@
 #   .gpu/src    a frozen copy of the code at commit C (a depth-1 clone, so runs record the commit; or git archive)
 #   .gpu/data   the local SuperGLUE data folder (../shared/data)
 #   .gpu/whl    wheels missing on the machine (gguf, pure python)
-#   .gpu/parts  the GGUF in parts (split -b 45M): a call carries at most 64 MiB, the GGUF is 98,362,432 bytes
+#   .gpu/parts  the GGUF in parts (split -b 33M: aa, ab, ac): a call carries at most 64 MiB, working tree and
+#               carried paths together, and the GGUF is 98,362,432 bytes
 #   .gpu/store  the store of the last call (paper.sqlite.gz), carried in so that a fresh machine resumes the grid
 #
 # Stages:
@@ -25,6 +26,15 @@
 #                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way is lost.
 #   summary       runs per task x method x status in the store
 #
+# Round 2 (2026-12-03, commit b7a559c): the tree had grown (embedded data), so 45 MB parts no longer fitted beside
+# .gpu/src, .gpu/store and .gpu/data in one call: three parts of 33 MB, one call each:
+#   call A: carry .gpu/run_device_real.sh .gpu/parts/gguf.part.aa:   bash .gpu/run_device_real.sh part aa
+#   call B: the same with part ab:                                   bash .gpu/run_device_real.sh part ab
+#   call C: carry .gpu/run_device_real.sh .gpu/src .gpu/data .gpu/whl .gpu/store .gpu/parts/gguf.part.ac:
+#           bash .gpu/run_device_real.sh part ac assemble grid5
+#   calls D...: the same carry without the part:                    bash .gpu/run_device_real.sh grid6
+# A machine can be taken back mid-call ("taken back for other work"): the call's runs are lost, the store carried
+# in is not; start again with call A (round 2 lost one call this way, about 10 s of device time).
 # Files under /tmp survive between calls only while the machine stays warm (30 s after a call): make the part,
 # assemble and grid calls back to back; on a fresh machine start again with the parts (the carried store keeps
 # the finished runs). The calls of the first round (2026-12-02; carry: at most 8 paths and 64 MiB a call, the
@@ -69,6 +79,14 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     grid6) echo "--methods lora --tasks cb,rte --workers 10" ;;
     grid7) echo "--methods lora --tasks copa,wsc --workers 10" ;;
     grid8) echo "--methods lora --tasks wic --workers 5" ;;
+    # round 2 (2026-12-03) ran grid5-grid8 and ln_tuning on wic; what is left of the SmolLM2 grid:
+    grid9) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
+    grid10) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
+    grid11) echo "--methods prompt_tuning --tasks wic --workers 5; --methods ln_tuning --tasks wsc --workers 5" ;;
+    grid12) echo "--methods ln_tuning --tasks cb,rte --workers 10" ;;
+    grid13) echo "--methods ln_tuning --tasks copa --workers 5; --methods full --tasks wic --workers 5" ;;
+    grid14) echo "--methods full --tasks cb,rte --workers 10" ;;
+    grid15) echo "--methods full --tasks copa,wsc --workers 10" ;;
     grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
   esac
 }
