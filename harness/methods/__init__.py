@@ -4,8 +4,9 @@ Three kinds:
 
 - ``zeroshot`` / ``icl``: no training; scored by :mod:`harness.icl_runner` (registered here so names validate);
 - ``peft``: a module of this package each (``lora``, ``dora``, ``adalora``, ``vera``, ``lokr``, ``oft``, ``qlora``,
-  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``), plus ``peft:<type>`` for any other method peft implements
-  (``peft:loha``, ``peft:vera``, ``peft:boft``, ...), built from peft's own config class.
+  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``), plus
+  ``peft:<type>`` for any other method peft implements (``peft:loha``, ``peft:boft``, ...), built from peft's own
+  config class.
 
 Each PEFT method has a validated config dataclass (its own arguments plus its preferred training defaults,
 see :class:`harness.methods.base.TrainConfig`). :func:`training_settings` resolves preset + method defaults +

@@ -27,8 +27,8 @@ class LokrArgs(TrainConfig):
     """Defaults: q and v, as LoRA (KronA adapts the same attention projections, Edalati et al. 2022 sec. 3);
     ``r=8``, ``alpha=8``, ``factor=-1`` (factor each dimension near its square root), peft's and LyCORIS's
     defaults; AdamW lr 1e-3 (the harness's generic adapter rate, as ``peft:<type>``; neither paper gives one for
-    language-model classification); quick preset lr 5e-3. gpt2-style ``Conv1D`` targets are not supported by peft's LoKr (pass llama-style
-    models, or ``peft:lokr``).
+    language-model classification); quick preset lr 5e-3. gpt2-style ``Conv1D`` targets are not supported by
+    peft's LoKr (use llama-style models).
     """
 
     QUICK_DEFAULTS: ClassVar[dict] = {"lr": 5e-3}
@@ -47,7 +47,7 @@ class LokrArgs(TrainConfig):
         check(is_number(self.alpha) and self.alpha > 0, f"lokr: alpha must be a positive number, got {self.alpha!r}")
         check(is_int(self.factor) and (self.factor == -1 or self.factor >= 1),
               f"lokr: factor must be -1 (near the square root) or a positive integer, got {self.factor!r}")
-        check(isinstance(self.decompose_both, bool), f"lokr: decompose_both must be true or false")
+        check(isinstance(self.decompose_both, bool), "lokr: decompose_both must be true or false")
         self.alpha = float(self.alpha)
         self.targets = as_names(self.targets, "lokr: targets")
 

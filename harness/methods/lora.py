@@ -39,7 +39,8 @@ class LoraArgs(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check(is_int(self.r) and self.r >= 1, f"{self.NAME}: r must be a positive integer, got {self.r!r}")
-        check(is_number(self.alpha) and self.alpha > 0, f"{self.NAME}: alpha must be a positive number, got {self.alpha!r}")
+        check(is_number(self.alpha) and self.alpha > 0,
+              f"{self.NAME}: alpha must be a positive number, got {self.alpha!r}")
         check(is_number(self.dropout) and 0 <= self.dropout < 1,
               f"{self.NAME}: dropout must be in [0, 1), got {self.dropout!r}")
         self.alpha = float(self.alpha)

@@ -24,9 +24,10 @@ ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")  # "LoRA on all linear transfo
 
 @dataclasses.dataclass
 class QloraArgs(LoraArgs):
-    """Defaults (Dettmers et al. 2023, sec. 4 and appendix B, the Guanaco hyperparameters): LoRA on every linear layer of each block,
-    ``r=64``, ``alpha=16``, ``dropout=0.1`` (their 7B/13B value), AdamW lr 2e-4 (7B/13B), constant schedule
-    as theirs; quick preset lr 2e-3 (as ``lora``). The paged optimizer and group-by-length batching are not used.
+    """Defaults (Dettmers et al. 2023, sec. 4 and appendix B, the Guanaco hyperparameters): LoRA on every linear
+    layer of each block, ``r=64``, ``alpha=16``, ``dropout=0.1`` (their 7B/13B value), AdamW lr 2e-4 (7B/13B),
+    constant schedule as theirs; quick preset lr 2e-3 (as ``lora``). The paged optimizer and group-by-length
+    batching are not used.
     """
 
     QUICK_DEFAULTS: ClassVar[dict] = {"lr": 2e-3}

@@ -24,10 +24,10 @@ ROLES = ("q", "v")  # the paper adapts the query and value projections, as LoRA 
 @dataclasses.dataclass
 class VeraArgs(TrainConfig):
     """Defaults: q and v (Kopiczko et al. 2024, sec. 4, following LoRA); ``r=256`` (peft's default; the paper uses
-    ranks up to 1024, sec. 4), ``d_initial=0.1`` (sec. 3.1
-    and peft), ``dropout=0``; AdamW lr 1e-2: the vectors need rates about 10x LoRA's (the paper's
-    VeRA rates are of order 1e-2 where LoRA's are of order 1e-4, appendix hyperparameter tables); quick preset keeps it. ``seed`` is the PRNG
-    key of the shared random matrices (peft's ``projection_prng_key``).
+    ranks up to 1024, sec. 4), ``d_initial=0.1`` (sec. 3.1 and peft), ``dropout=0``; AdamW lr 1e-2: the vectors
+    need rates about 10x LoRA's (the paper's VeRA rates are of order 1e-2 where LoRA's are of order 1e-4,
+    appendix hyperparameter tables); the quick preset keeps it. ``seed`` is the PRNG key of the shared random
+    matrices (peft's ``projection_prng_key``).
     """
 
     QUICK_DEFAULTS: ClassVar[dict] = {}
