@@ -5,6 +5,9 @@ row, trainable, initialised to the row norms of W) and a direction updated by Lo
 
 Trainable parameters: LoRA's plus the magnitude vector, per adapted layer ``r (d_in + d_out) + d_out``
 (SmolLM2-135M, q,v at r=8: 30 x (8 x (576+576) + 576 + 8 x (576+192) + 192) = 483,840).
+
+``mixed_batches`` is a property of the method (per-example LoRA and magnitude); peft 0.21 itself refuses mixed
+adapter batches (``adapter_names``) with DoRA.
 """
 
 from __future__ import annotations
