@@ -25,7 +25,8 @@ from harness.errors import HarnessError
 from harness.executors import Executor, LocalProcessExecutor
 from harness.jobs import JobContext, make_jobs
 from harness.methods import get_method, training_settings
-from harness.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model, resolve_device_dtype
+from harness.models import (DEFAULT_MODEL, LoadedModel, check_model_name, check_quantize, load_model,
+                            resolve_device_dtype)
 from harness.spec import RunSpec, get_preset
 from harness.store import RunResult, Store
 from harness.tasks import Task, load_task
@@ -72,6 +73,8 @@ def plan(
     folder = resolve_data_dir(data_dir)
     check_model_name(model)
     dev, dt = resolve_device_dtype(device, dtype)
+    for info in infos:  # a quantized base (qlora) needs CUDA and bitsandbytes: say so before any model loads
+        check_quantize(info.quantize, dev.type, info.name)
     eval_limit = limit if limit is not None else preset_info.eval_limit
     settings_of = {}
     for info in infos:
@@ -251,7 +254,7 @@ def run(
     if skipped:
         log.info("skipping %d finished run(s) already in %s", skipped, db.path)
     executor.check(todo)
-    load = loader or (lambda s: load_model(s.load_from, s.device, s.dtype))
+    load = loader or (lambda s: load_model(s.load_from, s.device, s.dtype, quantize=get_method(s.method).quantize))
     produced: list[RunResult] = []
     written: set[str] = set()
     bar = tqdm(total=len(todo), disable=not progress, desc="runs", unit="run")

@@ -172,11 +172,32 @@ def check_model_name(name: str) -> None:
                            "a local Hugging Face folder, a .gguf file or a Hub id")
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode."""
+def check_quantize(quantize: str | None, device_type: str, method: str = "this method") -> None:
+    """One-line :class:`HarnessError` unless a ``quantize="nf4"`` base can be loaded here: 4-bit NF4 needs CUDA
+    and bitsandbytes (QLoRA). Called by :func:`harness.api.plan` before any model loads."""
+    import importlib.util
+
+    if quantize is None:
+        return
+    if quantize != "nf4":
+        raise HarnessError(f"{method}: unknown base quantization {quantize!r} (known: nf4)")
+    if device_type != "cuda":
+        raise HarnessError(f"{method} needs a CUDA device for its 4-bit NF4 base (bitsandbytes), the device here "
+                           f"is {device_type}: run it with --device cuda on a GPU machine, or use lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise HarnessError(f"{method} needs bitsandbytes for its 4-bit NF4 base: pip install bitsandbytes")
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               quantize: str | None = None) -> LoadedModel:
+    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode. ``quantize="nf4"``: the
+    base in 4-bit NormalFloat with double quantization, computing in ``dtype`` (QLoRA; CUDA and bitsandbytes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev, dt = resolve_device_dtype(device, dtype)
+    check_quantize(quantize, dev.type, f"quantize={quantize!r}")
+    if quantize is not None and name.startswith("random:"):
+        raise HarnessError("quantize: random models cannot be loaded quantized")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -189,10 +210,20 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     source, local = model_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=local)
+        if quantize is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=local)
+        else:
+            from transformers import BitsAndBytesConfig
+
+            nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=dt)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=local,
+                                                         quantization_config=nf4, device_map={"": dev.index or 0})
     except Exception as exc:
         where = "local folder" if local else "Hugging Face Hub id (needs network; or pass a local folder/.gguf)"
         raise HarnessError(f"could not load model {name!r} as {where}: {str(exc).splitlines()[0]}") from exc
+    if quantize is not None:  # bitsandbytes placed it; .to() is refused on 4-bit models
+        return LoadedModel(name, model.eval(), tok, dev, dt)
     _clear_quantization_flags(model)
     model.to(dev).eval()
     return LoadedModel(name, model, tok, dev, dt)

@@ -25,11 +25,14 @@ from harness.store import RunResult
 def _train_group(specs: list[RunSpec], data_dir, artifacts_dir: Path, batch_size: int, env: dict,
                  compile: str | bool | None) -> list[RunResult]:
     """Worker body: load the base model and train and evaluate one group (the serial path's code)."""
+    from harness.methods import get_method
     from harness.models import load_model
     from harness.peft_runner import run_peft_group
 
     first = specs[0]
-    return list(run_peft_group(lambda: load_model(first.load_from, first.device, first.dtype), first.load_task(),
+    quantize = get_method(first.method).quantize
+    return list(run_peft_group(lambda: load_model(first.load_from, first.device, first.dtype, quantize=quantize),
+                               first.load_task(),
                                specs, data_dir, artifacts_dir, batch_size=batch_size, progress=False, env=env,
                                compile=compile))
 

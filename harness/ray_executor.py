@@ -120,6 +120,7 @@ def harness_job(job: Job, rctx: RemoteContext) -> tuple[list[RunResult], dict[st
     import torch
 
     from harness.api import check_inputs
+    from harness.methods import get_method
     from harness.models import load_model
 
     torch.set_num_threads(max(1, int(rctx.cpus)))  # what the task asked for (Ray reuses worker processes)
@@ -128,7 +129,8 @@ def harness_job(job: Job, rctx: RemoteContext) -> tuple[list[RunResult], dict[st
     first = job.specs[0]
     env = _node_env(first.device) | rctx.env | {"ray_node": _node_name()}
     ctx = JobContext(folder, Path(rctx.artifacts_dir), batch_size=rctx.batch_size, compile=rctx.compile)
-    load = lambda: load_model(first.load_from, first.device, first.dtype)  # noqa: E731
+    load = lambda: load_model(first.load_from, first.device, first.dtype,  # noqa: E731
+                              quantize=get_method(first.method).quantize)
     if job.kind == "icl":
         return list(run_icl_job(load(), job, ctx, env)), {}
     ship = rctx.ship_artifacts

@@ -319,6 +319,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     if not params:
         raise HarnessError("the model has no trainable parameters; apply a method first")
     needs_right = method is not None and not get_method(method).position_ids
+    on_step = get_method(method).on_step if method is not None else None
     if padding not in PADDING_CHOICES:
         raise HarnessError(f"padding must be one of {', '.join(PADDING_CHOICES)}, got {padding!r}")
     if padding == "left" and needs_right:
@@ -386,6 +387,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
             if not math.isfinite(norm_value):
                 raise TrainingDiverged(step, norm_value, "the gradient norm")
             optimizer.step()
+            if on_step is not None:  # e.g. AdaLoRA's rank allocation, which reads the gradients
+                on_step(model, step)
             schedule.step()
             stats.losses.append(loss)
             for name, value in zip(settings["losses"], parts):

@@ -3,9 +3,10 @@
 Three kinds:
 
 - ``zeroshot`` / ``icl``: no training; scored by :mod:`harness.icl_runner` (registered here so names validate);
-- ``peft``: a module of this package each (``lora``, ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``,
-  ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``), plus ``peft:<type>`` for any other method peft implements
-  (``peft:loha``, ``peft:vera``, ``peft:boft``, ...), built from peft's own config class.
+- ``peft``: a module of this package each (``lora``, ``dora``, ``adalora``, ``vera``, ``lokr``, ``oft``, ``qlora``,
+  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``), plus
+  ``peft:<type>`` for any other method peft implements (``peft:loha``, ``peft:boft``, ...), built from peft's own
+  config class.
 
 Each PEFT method has a validated config dataclass (its own arguments plus its preferred training defaults,
 see :class:`harness.methods.base.TrainConfig`). :func:`training_settings` resolves preset + method defaults +
@@ -49,6 +50,10 @@ class MethodInfo:
     overhead (LoRA, (IA)3, BitFit; not adapters or soft prompts); ``mixed_batches``: one batch can hold examples of
     different tasks, each with its own trained parameters, without merging (T-Few section 3.3: (IA)3 and soft
     prompts do; selective methods and full fine-tuning change shared weights and cannot).
+
+    Optional hooks: ``on_step(model, step)`` runs after every optimizer step, gradients still in place (AdaLoRA's
+    rank allocation); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in
+    :func:`harness.api.plan` before any model loads.
     """
 
     name: str
@@ -63,10 +68,13 @@ class MethodInfo:
     family: str = "additive"
     merges: bool = False
     mixed_batches: bool = False
+    on_step: Callable | None = None
+    quantize: str | None = None
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         check(self.family in FAMILIES, f"method {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        check(self.quantize in (None, "nf4"), f"method {self.name!r}: quantize must be None or 'nf4'")
         check(self.artifact in ARTIFACTS, f"method {self.name!r}: artifact must be one of {ARTIFACTS}")
         if self.kind == "peft":
             check(self.config_cls is not None and self.apply is not None,
@@ -211,7 +219,10 @@ def apply_method(model, name: str, settings: dict):
     """Wrap/modify ``model`` so that only the parameters of method ``name`` are trainable; return the model
     to train (a ``PeftModel`` for peft methods, ``model`` itself for ``full`` and ``bitfit``)."""
     info = get_method(name)
-    return info.apply(model, method_config(name, settings))
+    cfg = method_config(name, settings)
+    if getattr(cfg, "total_step", 0) is None and settings.get("steps"):  # AdaLoRA's schedule spans the run
+        cfg.total_step = settings["steps"]
+    return info.apply(model, cfg)
 
 
 def method_overhead(model, name: str, settings: dict) -> Overhead:
@@ -227,13 +238,19 @@ register(MethodInfo("icl", "icl", "k-shot in-context learning: k demonstrations 
 
 # Built-in PEFT methods register themselves on import (each module imports no torch at import time).
 from harness.methods import (  # noqa: E402,F401
+    adalora,
     bitfit,
+    dora,
     full,
     ia3,
     ln_tuning,
+    lokr,
     lora,
+    oft,
     prefix_tuning,
     prompt_tuning,
     ptuning,
+    qlora,
     tfew,
+    vera,
 )

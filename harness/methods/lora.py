@@ -27,6 +27,7 @@ class LoraArgs(TrainConfig):
     """
 
     QUICK_DEFAULTS: ClassVar[dict] = {"lr": 2e-3}
+    NAME: ClassVar[str] = "lora"  # in error messages (subclasses: dora, qlora)
 
     r: int = 8
     alpha: float = 16.0
@@ -37,13 +38,14 @@ class LoraArgs(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(is_int(self.r) and self.r >= 1, f"lora: r must be a positive integer, got {self.r!r}")
-        check(is_number(self.alpha) and self.alpha > 0, f"lora: alpha must be a positive number, got {self.alpha!r}")
+        check(is_int(self.r) and self.r >= 1, f"{self.NAME}: r must be a positive integer, got {self.r!r}")
+        check(is_number(self.alpha) and self.alpha > 0,
+              f"{self.NAME}: alpha must be a positive number, got {self.alpha!r}")
         check(is_number(self.dropout) and 0 <= self.dropout < 1,
-              f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+              f"{self.NAME}: dropout must be in [0, 1), got {self.dropout!r}")
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
-        self.targets = as_names(self.targets, "lora: targets")
+        self.targets = as_names(self.targets, f"{self.NAME}: targets")
 
 
 def apply(model, cfg: LoraArgs):

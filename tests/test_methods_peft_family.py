@@ -1,0 +1,120 @@
+"""The peft-backed built-in methods of issue 13 (dora, adalora, vera, lokr, oft, qlora): trainable-parameter
+counts on the real SmolLM2-135M against each module's documented formula, a short real training whose adapter
+reloads to the same scores, and qlora's refusal off CUDA before any model loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.methods import apply_method, get_method, method_overhead, training_settings
+from harness.spec import RunSpec
+from tests.conftest import SHORT_CB
+
+LAYERS = 30
+Q, K, V, O = (576, 576), (576, 192), (576, 192), (576, 576)  # (d_in, d_out) of SmolLM2-135M
+GATE = UP = (576, 1536)
+DOWN = (1536, 576)
+ALL = (Q, K, V, O, GATE, UP, DOWN)
+
+
+def _lokr(d_in, d_out, r=8):
+    from peft.tuners.lokr.layer import factorization
+
+    u1, u2 = factorization(d_out, -1)
+    v1, v2 = factorization(d_in, -1)
+    w2 = r * (u2 + v2) if r < max(u2, v2) / 2 else u2 * v2
+    return u1 * v1 + w2
+
+
+EXPECTED = {  # each module docstring's formula
+    "dora": LAYERS * sum(8 * (i + o) + o for i, o in (Q, V)),
+    "adalora": LAYERS * sum(12 * (i + o + 1) for i, o in ALL),
+    "vera": LAYERS * sum(256 + o for _, o in (Q, V)),
+    "lokr": LAYERS * sum(_lokr(i, o) for i, o in (Q, V)),
+    "oft": LAYERS * sum((i // 32) * 32 * 31 // 2 for i, _ in (Q, V)),
+}
+DOCUMENTED = {"dora": 483_840, "adalora": 3_665_880, "vera": 38_400, "lokr": 47_040, "oft": 535_680}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_trainable_parameters_match_the_documented_formula(smollm, method):
+    settings = training_settings(method, "quick", {"steps": 3})
+    model = apply_method(copy.deepcopy(smollm.model), method, settings)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == EXPECTED[method] == DOCUMENTED[method]
+    assert method_overhead(model, method, settings).per_token > 0
+    info = get_method(method)
+    assert info.family == "reparametrization" and info.merges and info.artifact == "peft"
+
+
+def test_registry_imports_no_torch_or_peft():
+    import subprocess
+    import sys
+
+    code = ("import sys, harness.methods as m; m.get_method('qlora'); "
+            "assert 'torch' not in sys.modules and 'peft' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_qlora_refused_on_cpu_before_any_model_loads(monkeypatch):
+    import harness.models
+    from harness.api import plan
+
+    monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(HarnessError, match="qlora needs a CUDA device.*--device cuda"):
+        plan(["cb"], ["qlora"], seeds=[0], preset="quick", device="cpu", limit=2)
+    info = get_method("qlora")
+    assert info.quantize == "nf4" and not info.merges
+    assert training_settings("qlora", "paper", {})["r"] == 64
+    from harness.models import check_quantize
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(HarnessError, match="pip install bitsandbytes"):
+        check_quantize("nf4", "cuda", "qlora")
+
+
+def test_adalora_rejects_a_schedule_longer_than_the_run():
+    with pytest.raises(HarnessError, match="must exceed tinit"):
+        training_settings("adalora", "quick", {"method_args": "tinit=2,tfinal=2,total_step=3"})
+    with pytest.raises(HarnessError, match="target_r"):
+        training_settings("adalora", "quick", {"method_args": "target_r=16"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "adalora", "vera", "lokr", "oft"])
+def test_short_training_saves_an_adapter_that_reloads_to_the_same_scores(smollm, cb, tmp_path, data_dir, method):
+    from harness import costs
+    from harness.models import LoadedModel
+    from harness.peft_runner import eval_saved, run_peft_group
+
+    folder = tmp_path / "data" / "cb"
+    (folder / "few_shot").mkdir(parents=True)
+    valid = [json.loads(line) for line in open(data_dir / "cb" / "validation.jsonl")][:2]
+    for name, rows in (("train.jsonl", SHORT_CB), ("few_shot/0_seed.jsonl", SHORT_CB), ("validation.jsonl", valid)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def load_base():
+        return LoadedModel("smollm2-135m", copy.deepcopy(smollm.model), smollm.tokenizer, smollm.device, smollm.dtype)
+
+    settings = training_settings(method, "quick", {"steps": 3, "batch_size": 2, "n_train": 2, "warmup_ratio": 0.0,
+                                                   "train_template": "gpt3_style"})
+    spec = RunSpec(task="cb", method=method, template="gpt3_style", seed=0, k=0, model="smollm2-135m",
+                   preset="quick", limit=2, train=tuple(sorted(settings.items())))
+    (result,) = run_peft_group(load_base, cb, [spec], tmp_path / "data", tmp_path / "adapters", env={})
+    assert result.status == "finished", result.error
+    m = result.metrics
+    print(method, m["trainable_params"], m["total_params"], m["checkpoint_bytes"], m["loss_first"], m["loss_last"])
+    assert m["steps"] == 3 and m["loss_last"] != m["loss_first"]
+    assert m["trainable_params"] == EXPECTED[method]
+    assert m["checkpoint_bytes"] == costs.directory_bytes(result.artifact_path)
+    assert m["checkpoint_bytes"] == sum(p.stat().st_size for p in tmp_path.glob("adapters/*/**/*") if p.is_file())
+
+    run = {"run_id": result.run_id, "config": result.config, "artifact_path": result.artifact_path}
+    again = eval_saved(load_base, run, cb, tmp_path / "data")
+    for a, b in zip(result.examples, again.examples):
+        assert a.example_id == b.example_id
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
