@@ -48,7 +48,9 @@ def _existing_store(path: str) -> Store:
 @click.option("--tasks", default="rte,cb,copa,wic,wsc", show_default=True, help="Comma-separated tasks or task YAML paths.")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Embedded name (smollm2-135m, gemma3-270m), Hub id, local folder, .gguf file or random:NAME.")
-@click.option("--k", "k", default=32, show_default=True, type=int, help="Demonstrations for ICL (reduced to fit the context).")
+@click.option("--k", "k", default="32", show_default=True,
+              help="Demonstrations for ICL (reduced to fit the context); several, comma-separated (e.g. "
+                   "0,1,2,4,8,16,32), make a k-curve: one run per k, the demonstrations' KV cache encoded once.")
 @click.option("--seeds", default=None, help="Data seeds, comma-separated [default: 0,1,32,42,1024; quick preset: 0].")
 @click.option("--templates", default="all", show_default=True, help="Template names (comma-separated) or `all`.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N validation examples.")
@@ -107,7 +109,7 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
                  "train_template": train_template}
     specs = api.plan(
         parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds") if seeds is not None else None,
-        k=k, model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
+        k=_parse_k(k), model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
         kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})
     results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet,
@@ -124,6 +126,14 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
         click.echo(text_table(frame(_flat(r) for r in results)), nl=False)
     if failed:
         sys.exit(1)
+
+
+def _parse_k(text: str) -> int | list[int]:
+    """``--k``: one integer, or comma-separated integers (a k-curve)."""
+    values = parse_int_list(text, "--k")
+    if not values:
+        raise HarnessError("--k must be an integer or comma-separated integers, e.g. 32 or 0,1,2,4,8,16,32")
+    return values[0] if len(values) == 1 and "," not in str(text) else values
 
 
 def _flat(result) -> dict:

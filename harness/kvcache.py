@@ -38,6 +38,23 @@ class PrefixCache:
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
         return cls(list(ids), output_cache(out))
 
+    def head(self, n: int) -> "PrefixCache | None":
+        """The cache of the first ``n`` of these tokens (a cropped copy; this cache is left as it is), for a
+        shorter prefix (fewer demonstrations: :func:`harness.icl_runner.run_icl_curve`). None when this cache cannot
+        be cropped (a sliding-window layer that has already rolled over): then the prefix is encoded anew."""
+        if n <= 0 or self.past is None:
+            return PrefixCache([], None)
+        if n >= len(self.ids):
+            return self
+        try:
+            past = copy.deepcopy(self.past)
+            past.crop(n - len(self.ids))  # negative: remove that many (transformers 4.x and 5.x alike)
+        except Exception:  # noqa: BLE001 - e.g. a cache type without crop()
+            return None
+        if past.get_seq_length() != n:
+            return None
+        return PrefixCache(list(self.ids[:n]), past)
+
     def expand(self, batch: int):
         """A fresh copy of the prefix cache repeated ``batch`` times (None for an empty prefix)."""
         if self.past is None:
