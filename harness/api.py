@@ -47,6 +47,7 @@ def plan(
     device: str = "auto",
     dtype: str = "auto",
     kv_cache: bool = True,
+    calibrate: bool = False,
     method_args: dict | None = None,
     train_overrides: dict | None = None,
 ) -> list[RunSpec]:
@@ -59,7 +60,10 @@ def plan(
 
     ``k``: one number of demonstrations, or several (a k-curve, e.g. ``[0, 1, 2, 4, 8, 16, 32]``): one ICL run per
     k, each its own run id exactly as if planned alone; executed together they share one prefix cache
-    (:func:`harness.icl_runner.run_icl_curve`)."""
+    (:func:`harness.icl_runner.run_icl_curve`).
+
+    ``calibrate``: in-context runs also compute ``accuracy_calibrated`` and ``accuracy_mutual_info``
+    (:mod:`harness.calibration`); PEFT runs are not calibrated (their specs keep ``calibrate=False``)."""
     preset_info = get_preset(preset)
     tasks, methods = list(tasks), list(methods)
     seeds = list(preset_info.seeds if seeds is None else seeds)
@@ -76,6 +80,9 @@ def plan(
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise HarnessError(f"--k must be >= 0, got {value}")
     infos = [get_method(m) for m in methods]
+    if calibrate and all(info.kind == "peft" for info in infos):
+        raise HarnessError("--calibrate applies to in-context runs (methods icl, zeroshot); the methods given "
+                           f"({', '.join(info.name for info in infos)}) are all PEFT methods")
     loaded = _load_tasks(tasks)
     folder = resolve_data_dir(data_dir)
     check_model_name(model)
@@ -109,7 +116,7 @@ def plan(
                             k=run_k, template_fingerprint=template.fingerprint(),
                             train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
                             data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text,
-                            **common))
+                            calibrate=calibrate and info.kind != "peft", **common))
     return specs
 
 
@@ -257,7 +264,9 @@ def run(
     db = store if isinstance(store, Store) else Store(store)
     folder = resolve_data_dir(data_dir)
     done = db.finished_ids()
-    todo = [s for s in specs if s.run_id not in done]
+    calibrated = db.finished_ids(calibrated=True) if any(s.calibrate for s in specs) else set()
+    # a run stored without calibration is not finished for a spec that asks for it: it is re-run and replaced
+    todo = [s for s in specs if s.run_id not in (calibrated if s.calibrate else done)]
     skipped = len(specs) - len(todo)
     if skipped:
         log.info("skipping %d finished run(s) already in %s", skipped, db.path)

@@ -62,6 +62,9 @@ def _existing_store(path: str) -> Store:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Evaluation batch size (queries per batch).")
+@click.option("--calibrate", is_flag=True,
+              help="In-context runs: also store accuracy_calibrated (contextual calibration, Zhao et al. 2021) and "
+                   "accuracy_mutual_info (lm-eval's acc_mutual_info), their extra FLOPs counted apart.")
 @click.option("--no-kv-cache", is_flag=True, help="Score the full prompt for every query x choice (the naive path).")
 @click.option("--method-args", default=None, help="key=value,... for the PEFT methods (e.g. r=16,alpha=32).")
 @click.option("--steps", type=int, default=None, help="Training steps (PEFT; default from the preset).")
@@ -90,7 +93,7 @@ def _existing_store(path: str) -> Store:
               help="Ray: CPUs (and torch threads) each task asks for [default: 1].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
-        no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
+        calibrate, no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
         workers, executor_kind, ray_address, gpus_per_run, cpus_per_run, quiet):
     """Evaluate METHODS on TASKS for every template and seed; store one result per run.
 
@@ -110,7 +113,7 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
     specs = api.plan(
         parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds") if seeds is not None else None,
         k=_parse_k(k), model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
-        kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
+        kv_cache=not no_kv_cache, calibrate=calibrate, method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})
     results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet,
                       compile=compile_, executor=executor)

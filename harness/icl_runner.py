@@ -119,6 +119,13 @@ def _run_one(lm: LoadedModel, spec: RunSpec, data_dir, batch_size: int, progress
             "k_used": k_used,
             "prefix_tokens": out.prefix_tokens,
         }
+        if spec.calibrate:
+            from harness.calibration import calibrate
+
+            calibration = calibrate(lm, task, template, examples, prompts, prefix, out, use_cache=spec.kv_cache,
+                                    batch_size=batch_size)
+            base.extra = {"calibration": calibration.pop("calibration")}
+            metrics |= calibration
         if reuse is not None:  # part of a k-curve: what this run computed itself, the shared prefix not counted
             metrics["prefix_reused_tokens"] = out.reused_tokens
             metrics["infer_flops_per_example_shared"] = costs.forward_flops(dims, out.work) / n
