@@ -53,6 +53,13 @@ class PrefixCache:
             return None
         if past.get_seq_length() != n:
             return None
+        # crop() leaves views of the whole prefix's storage: give the head its own (each batch's expand() copies it)
+        for layer in getattr(past, "layers", None) or ():
+            if getattr(layer, "keys", None) is not None:
+                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+        if getattr(past, "layers", None) is None and hasattr(past, "key_cache"):  # older transformers
+            past.key_cache = [t.clone() for t in past.key_cache]
+            past.value_cache = [t.clone() for t in past.value_cache]
         return PrefixCache(list(self.ids[:n]), past)
 
     def expand(self, batch: int):
