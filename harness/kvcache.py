@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from harness.attention import SharedPrefix
-from harness.compat import output_cache
+from harness.compat import cache_kwargs, output_cache
 
 
 @dataclasses.dataclass
@@ -61,6 +61,20 @@ class PrefixCache:
             past.key_cache = [t.clone() for t in past.key_cache]
             past.value_cache = [t.clone() for t in past.value_cache]
         return PrefixCache(list(self.ids[:n]), past)
+
+    @torch.no_grad()
+    def extend(self, model, ids: list[int], copy_first: bool = False) -> "PrefixCache":
+        """This cache with ``ids`` encoded after it (in place unless ``copy_first``)."""
+        if not ids:
+            return self
+        if self.past is None:
+            return PrefixCache.encode(model, list(ids))
+        past = copy.deepcopy(self.past) if copy_first else self.past
+        device = next(model.parameters()).device
+        n = len(self.ids)
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.arange(n, n + len(ids),
+                    device=device).unsqueeze(0), **cache_kwargs(past), use_cache=True, logits_to_keep=1)
+        return PrefixCache(self.ids + list(ids), output_cache(out))
 
     def expand(self, batch: int):
         """A fresh copy of the prefix cache repeated ``batch`` times (None for an empty prefix)."""

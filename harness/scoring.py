@@ -226,17 +226,20 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
     """Prefix once; each query's own tokens once (batched); all its choices from the query's state.
 
     ``reuse``: a cache whose token ids begin like these rows' shared prefix (the demonstrations of a larger k):
-    its head (the common token prefix) is cropped and used instead of encoding it again; ``work`` then does not
-    count their encoding. Returns (scores, work, the prefix cache used, prefix tokens reused)."""
+    its head (the common token prefix) is cropped and used instead of encoding it again (the rest of this
+    prefix, if any, is encoded once onto it); ``work`` then does not count the reused tokens' encoding. Returns (scores, work, the prefix cache used, prefix tokens reused)."""
     device = next(model.parameters()).device
     n_prefix = shared_prefix_len(rows)
     cache, reused = None, 0
+    work = Work()
     if reuse is not None and rows:
         common = _common_prefix_len(reuse.ids, rows[0].context[:n_prefix])
         cache = reuse.head(common) if common > 0 else None
         if cache is not None:
-            n_prefix = reused = len(cache.ids)
-    work = Work()
+            reused = len(cache.ids)
+            if reused < n_prefix:  # the rest of this prefix (tokens that part from the reused ones): encoded once
+                cache = cache.extend(model, rows[0].context[reused:n_prefix], copy_first=cache is reuse)
+                work.add_tokens(n_prefix - reused, reused, dims.windows)
     if cache is None:
         cache = PrefixCache.encode(model, rows[0].context[:n_prefix] if rows else [])
         work.add_tokens(n_prefix, 0, dims.windows)

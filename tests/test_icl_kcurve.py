@@ -56,3 +56,23 @@ def test_jobs_keep_a_curve_together(data_dir):
         keys = {(s.template, s.seed) for s in job.specs}
         for key in keys:
             assert sum((s.template, s.seed) == key for s in job.specs) == 7
+
+
+def test_reused_head_then_own_tokens_equals_alone(data_dir, smollm, cb):
+    """A prefix that parts from the cached one after its first demonstration (not a literal head, as a seeded
+    sample that is not prefix-stable): the common head is reused, the rest encoded once onto it, same numbers."""
+    from harness.data import few_shot_examples, load_split
+    from harness.scoring import score_prompts
+
+    template = cb.template("gpt3_style")
+    prompts = [cb.render(template, ex) for ex in load_split(cb, cb.eval_split, data_dir)[:3]]
+    demos = few_shot_examples(cb, 0, data_dir, n=3)
+    big = score_prompts(smollm.model, smollm.tokenizer, prompts, cb.demonstrations(template, demos[:2]),
+                        batch_size=2)
+    other = cb.demonstrations(template, [demos[0], demos[2]])
+    alone = score_prompts(smollm.model, smollm.tokenizer, prompts, other, batch_size=2)
+    reused = score_prompts(smollm.model, smollm.tokenizer, prompts, other, batch_size=2, reuse=big.cache)
+    assert 0 < reused.reused_tokens < reused.prefix_tokens == alone.prefix_tokens
+    assert reused.work.tokens == alone.work.tokens - reused.reused_tokens
+    for a, b in zip(alone.examples, reused.examples):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
