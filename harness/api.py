@@ -40,7 +40,7 @@ def plan(
     *,
     templates: str | list[str] | None = "all",
     seeds: Iterable[int] | None = None,
-    k: int = 32,
+    k: int | Iterable[int] = 32,
     model: str = DEFAULT_MODEL,
     preset: str = "paper",
     limit: int | None = None,
@@ -48,6 +48,7 @@ def plan(
     device: str = "auto",
     dtype: str = "auto",
     kv_cache: bool = True,
+    calibrate: bool = False,
     method_args: dict | None = None,
     train_overrides: dict | None = None,
 ) -> list[RunSpec]:
@@ -56,7 +57,14 @@ def plan(
     Nothing here loads a model, yet every error that can be known before one loads is raised here: unknown
     names, missing or malformed data, and every template rendered on every evaluation, demonstration and
     training example the plan will use (the first failure is one line naming file, template, example and field).
-    Each spec carries the fingerprints of its inputs (:mod:`harness.identity`)."""
+    Each spec carries the fingerprints of its inputs (:mod:`harness.identity`).
+
+    ``k``: one number of demonstrations, or several (a k-curve, e.g. ``[0, 1, 2, 4, 8, 16, 32]``): one ICL run per
+    k, each its own run id exactly as if planned alone; executed together they share one prefix cache
+    (:func:`harness.icl_runner.run_icl_curve`).
+
+    ``calibrate``: in-context runs also compute ``accuracy_calibrated`` and ``accuracy_mutual_info``
+    (:mod:`harness.calibration`); PEFT runs are not calibrated (their specs keep ``calibrate=False``)."""
     preset_info = get_preset(preset)
     tasks, methods = list(tasks), list(methods)
     seeds = list(preset_info.seeds if seeds is None else seeds)
@@ -66,9 +74,16 @@ def plan(
         raise HarnessError("no method given; see `harness methods` for the list")
     if not seeds:
         raise HarnessError("no seed given; e.g. --seeds 0,1,32,42,1024")
-    if k < 0:
-        raise HarnessError(f"--k must be >= 0, got {k}")
+    ks = [k] if isinstance(k, int) else list(dict.fromkeys(k))
+    if not ks:
+        raise HarnessError("no k given; e.g. --k 32 or --k 0,1,2,4,8,16,32")
+    for value in ks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise HarnessError(f"--k must be >= 0, got {value}")
     infos = [get_method(m) for m in methods]
+    if calibrate and all(info.kind == "peft" for info in infos):
+        raise HarnessError("--calibrate applies to in-context runs (methods icl, zeroshot); the methods given "
+                           f"({', '.join(info.name for info in infos)}) are all PEFT methods")
     loaded = _load_tasks(tasks)
     folder = resolve_data_dir(data_dir)
     check_model_name(model)
@@ -82,7 +97,7 @@ def plan(
             resolved = training_settings(info.name, preset, {**(train_overrides or {}),
                                                               "method_args": method_args or {}})
             settings_of[info.name] = tuple(sorted(resolved.items(), key=lambda kv: kv[0]))
-    inputs = {task.name: _task_inputs(task, folder, eval_limit, seeds, infos, k, settings_of) for task in loaded}
+    inputs = {task.name: _task_inputs(task, folder, eval_limit, seeds, infos, ks, settings_of) for task in loaded}
     fingerprint = identity.model_fingerprint(model)  # after the data checks: a Hub id may need the network
     common = dict(model=identity.model_display_name(model), model_path=model, model_fingerprint=fingerprint,
                   preset=preset, limit=eval_limit, dtype=str(dt).removeprefix("torch."), device=dev.type,
@@ -96,13 +111,15 @@ def plan(
             # zero-shot does not depend on the data seed: one run per template, stored with the first seed
             run_seeds = seeds[:1] if info.kind == "zeroshot" else seeds
             for seed in run_seeds:
-                data_hash, train_hash = data.hashes(info, seed, k, settings)
                 for template in chosen:
-                    specs.append(RunSpec(
-                        task=task.name, method=info.name, template=template.name, seed=seed,
-                        k=k if info.kind == "icl" else 0, template_fingerprint=template.fingerprint(),
-                        train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
-                        data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text, **common))
+                    for run_k in (ks if info.kind == "icl" else [0]):
+                        data_hash, train_hash = data.hashes(info, seed, run_k, settings)
+                        specs.append(RunSpec(
+                            task=task.name, method=info.name, template=template.name, seed=seed,
+                            k=run_k, template_fingerprint=template.fingerprint(),
+                            train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
+                            data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text,
+                            calibrate=calibrate and info.kind != "peft", **common))
     return specs
 
 
@@ -159,12 +176,13 @@ class _TaskInputs:
         return identity.data_fingerprint(parts), train_hash
 
 
-def _task_inputs(task: Task, folder, limit, seeds, infos, k, settings_of) -> _TaskInputs:
+def _task_inputs(task: Task, folder, limit, seeds, infos, ks, settings_of) -> _TaskInputs:
     """Load and check every row the plan's runs of ``task`` will read (before any model loads)."""
     inputs = _TaskInputs(task, folder, limit)
     for info in infos:
         for seed in seeds:
-            inputs.hashes(info, seed, k, settings_of.get(info.name, ()))
+            for k in (ks if info.kind == "icl" else ks[:1]):
+                inputs.hashes(info, seed, k, settings_of.get(info.name, ()))
     return inputs
 
 
@@ -249,7 +267,9 @@ def run(
     db = store if isinstance(store, Store) else Store(store)
     folder = resolve_data_dir(data_dir)
     done = db.finished_ids()
-    todo = [s for s in specs if s.run_id not in done]
+    calibrated = db.finished_ids(calibrated=True) if any(s.calibrate for s in specs) else set()
+    # a run stored without calibration is not finished for a spec that asks for it: it is re-run and replaced
+    todo = [s for s in specs if s.run_id not in (calibrated if s.calibrate else done)]
     skipped = len(specs) - len(todo)
     if skipped:
         log.info("skipping %d finished run(s) already in %s", skipped, db.path)

@@ -48,7 +48,9 @@ def _existing_store(path: str) -> Store:
 @click.option("--tasks", default="rte,cb,copa,wic,wsc", show_default=True, help="Comma-separated tasks or task YAML paths.")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Embedded name (smollm2-135m, gemma3-270m), Hub id, local folder, .gguf file or random:NAME.")
-@click.option("--k", "k", default=32, show_default=True, type=int, help="Demonstrations for ICL (reduced to fit the context).")
+@click.option("--k", "k", default="32", show_default=True,
+              help="Demonstrations for ICL (reduced to fit the context); several, comma-separated (e.g. "
+                   "0,1,2,4,8,16,32), make a k-curve: one run per k, the demonstrations' KV cache encoded once.")
 @click.option("--seeds", default=None, help="Data seeds, comma-separated [default: 0,1,32,42,1024; quick preset: 0].")
 @click.option("--templates", default="all", show_default=True, help="Template names (comma-separated) or `all`.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N validation examples.")
@@ -60,6 +62,9 @@ def _existing_store(path: str) -> Store:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Evaluation batch size (queries per batch).")
+@click.option("--calibrate", is_flag=True,
+              help="In-context runs: also store accuracy_calibrated (contextual calibration, Zhao et al. 2021) and "
+                   "accuracy_mutual_info (lm-eval's acc_mutual_info), their extra FLOPs counted apart.")
 @click.option("--no-kv-cache", is_flag=True, help="Score the full prompt for every query x choice (the naive path).")
 @click.option("--method-args", default=None, help="key=value,... for the PEFT methods (e.g. r=16,alpha=32).")
 @click.option("--steps", type=int, default=None, help="Training steps (PEFT; default from the preset).")
@@ -88,7 +93,7 @@ def _existing_store(path: str) -> Store:
               help="Ray: CPUs (and torch threads) each task asks for [default: 1].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
-        no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
+        calibrate, no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
         workers, executor_kind, ray_address, gpus_per_run, cpus_per_run, quiet):
     """Evaluate METHODS on TASKS for every template and seed; store one result per run.
 
@@ -107,8 +112,8 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
                  "train_template": train_template}
     specs = api.plan(
         parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds") if seeds is not None else None,
-        k=k, model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
-        kv_cache=not no_kv_cache, method_args=parse_method_args(method_args),
+        k=_parse_k(k), model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
+        kv_cache=not no_kv_cache, calibrate=calibrate, method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})
     results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet,
                       compile=compile_, executor=executor)
@@ -124,6 +129,14 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
         click.echo(text_table(frame(_flat(r) for r in results)), nl=False)
     if failed:
         sys.exit(1)
+
+
+def _parse_k(text: str) -> int | list[int]:
+    """``--k``: one integer, or comma-separated integers (a k-curve)."""
+    values = parse_int_list(text, "--k")
+    if not values:
+        raise HarnessError("--k must be an integer or comma-separated integers, e.g. 32 or 0,1,2,4,8,16,32")
+    return values[0] if len(values) == 1 and "," not in str(text) else values
 
 
 def _flat(result) -> dict:

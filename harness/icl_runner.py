@@ -47,9 +47,44 @@ def fit_demonstrations(lm: LoadedModel, task: Task, template, demos: list[dict],
 def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, progress: bool = False,
             env: dict | None = None) -> RunResult:
     """One in-context run; any exception becomes a ``failed`` result (KeyboardInterrupt propagates)."""
+    return next(iter(run_icl_curve(lm, [spec], data_dir, batch_size=batch_size, progress=progress, env=env)))
+
+
+def curve_key(spec: RunSpec) -> tuple:
+    """Runs with one key differ only in k: their demonstrations are heads of one list (a k-curve)."""
+    return (spec.load_from, spec.task, spec.method, spec.template, spec.seed, spec.model_fingerprint, spec.dtype,
+            spec.device, spec.kv_cache, spec.limit, spec.task_hash, spec.preset)
+
+
+def run_icl_curve(lm: LoadedModel, specs: list[RunSpec], data_dir, *, batch_size: int = 8, progress: bool = False,
+                  env: dict | None = None):
+    """Yield one result per spec, largest k first; specs of one :func:`curve_key` share the prefix's KV cache.
+
+    The largest k's demonstration prefix is encoded once; a smaller k whose prompt tokens begin with the same
+    token ids (its demonstrations are the first k of the larger list, drawn for k alone and compared) uses the
+    head of that cache, cropped (:meth:`harness.kvcache.PrefixCache.head`). Only literally equal token ids are
+    reused, so each run scores what it would alone; where they differ (a seeded sample that is not
+    prefix-stable, a prefix reduced to fit the context) the differing part is encoded for that run. FLOPs:
+    ``infer_flops_per_example`` is what the run costs alone (the reused prefix counted as if encoded);
+    ``infer_flops_per_example_shared`` (extra) what this run computed (docs/metrics.md)."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(curve_key(spec), []).append(spec)
+    for group in groups.values():
+        reuse = None  # the largest prefix's cache so far (cached path only); dropped after its group
+        for spec in sorted(group, key=lambda s: -s.k):
+            result, prefix_cache = _run_one(lm, spec, data_dir, batch_size, progress, env, reuse)
+            if reuse is None and prefix_cache is not None and prefix_cache.past is not None and len(group) > 1:
+                reuse = prefix_cache
+            yield result
+
+
+def _run_one(lm: LoadedModel, spec: RunSpec, data_dir, batch_size: int, progress: bool, env: dict | None,
+             reuse) -> tuple[RunResult, object]:
     start = time.perf_counter()
     base = RunResult(run_id=spec.run_id, config=spec.config(), status="failed", env=env or {},
                      is_random=lm.is_random)
+    prefix_cache = None
     try:
         task = spec.load_task()
         template = task.template(spec.template)
@@ -63,11 +98,16 @@ def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, pr
             log.warning("%s/%s/%s: k reduced from %d to %d to fit the model's context of %d tokens",
                         spec.task, spec.template, spec.seed, spec.k, k_used, context_limit(lm))
         costs.reset_peak_memory(lm.device)
-        out = _score_with_backoff(lm, prompts, prefix, spec.kv_cache, batch_size, progress)
+        out = _score_with_backoff(lm, prompts, prefix, spec.kv_cache, batch_size, progress, reuse)
+        prefix_cache = out.cache
+        accuracy = metrics_from_examples(out.examples)  # first: a non-finite score fails the run here
         dims = costs.ModelDims.from_model(lm.model)
         n = max(out.n_examples, 1)
-        metrics = metrics_from_examples(out.examples) | {
-            "infer_flops_per_example": costs.forward_flops(dims, out.work) / n,
+        alone = costs.Work()
+        alone.add_tokens(out.reused_tokens, 0, dims.windows)  # the reused prefix, as if encoded for this run
+        alone.add(out.work)
+        metrics = accuracy | {
+            "infer_flops_per_example": costs.forward_flops(dims, alone) / n,
             "infer_flops_per_example_uncached": costs.forward_flops(dims, uncached_work(out.rows, dims)) / n,
             "train_flops": 0,
             "peak_memory_bytes": costs.peak_memory_bytes(lm.device),
@@ -79,6 +119,16 @@ def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, pr
             "k_used": k_used,
             "prefix_tokens": out.prefix_tokens,
         }
+        if spec.calibrate:
+            from harness.calibration import calibrate
+
+            calibration = calibrate(lm, task, template, examples, prompts, prefix, out, use_cache=spec.kv_cache,
+                                    batch_size=batch_size)
+            base.extra = {"calibration": calibration.pop("calibration")}
+            metrics |= calibration
+        if reuse is not None:  # part of a k-curve: what this run computed itself, the shared prefix not counted
+            metrics["prefix_reused_tokens"] = out.reused_tokens
+            metrics["infer_flops_per_example_shared"] = costs.forward_flops(dims, out.work) / n
         metrics["eval_seconds"] = metrics["seconds"] = time.perf_counter() - start
         base.status, base.metrics, base.examples = "finished", metrics, out.examples
     except KeyboardInterrupt:
@@ -87,15 +137,16 @@ def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, pr
         base.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         base.extra = {"traceback": traceback.format_exc(limit=8)}
         base.metrics = {"seconds": time.perf_counter() - start}
-    return base
+    return base, prefix_cache
 
 
-def _score_with_backoff(lm: LoadedModel, prompts, prefix: str, use_cache: bool, batch_size: int, progress: bool):
+def _score_with_backoff(lm: LoadedModel, prompts, prefix: str, use_cache: bool, batch_size: int, progress: bool,
+                        reuse=None):
     """Score; on out-of-memory halve the batch and try again (down to 1)."""
     while True:
         try:
             return score_prompts(lm.model, lm.tokenizer, prompts, prefix, use_cache=use_cache,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, reuse=reuse)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise

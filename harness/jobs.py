@@ -67,17 +67,33 @@ def make_jobs(todo: list[RunSpec], icl_batch: int = ICL_BATCH) -> list[Job]:
             groups.setdefault(spec.train_group, []).append(spec)
         else:
             in_context.setdefault((spec.load_from, spec.task), []).append(spec)
-    jobs = [Job("icl", tuple(specs[i:i + icl_batch])) for specs in in_context.values()
-            for i in range(0, len(specs), icl_batch)]
+    jobs = [Job("icl", tuple(chunk)) for specs in in_context.values() for chunk in _pack_curves(specs, icl_batch)]
     return jobs + [Job("peft", tuple(specs)) for specs in groups.values()]
+
+
+def _pack_curves(specs: list[RunSpec], icl_batch: int) -> list[list[RunSpec]]:
+    """Cut in-context specs into chunks of at most ``icl_batch``, never splitting a k-curve
+    (:func:`harness.icl_runner.curve_key`: its runs share one prefix cache), which may alone exceed it."""
+    from harness.icl_runner import curve_key
+
+    curves: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        curves.setdefault(curve_key(spec), []).append(spec)
+    chunks: list[list[RunSpec]] = []
+    for curve in curves.values():
+        if chunks and len(chunks[-1]) + len(curve) <= icl_batch:
+            chunks[-1].extend(curve)
+        else:
+            chunks.append(list(curve))
+    return chunks
 
 
 def run_icl_job(lm: LoadedModel, job: Job, ctx: JobContext, env: dict) -> Iterator[RunResult]:
     """Score every in-context run of ``job`` with the loaded model ``lm``."""
-    from harness.icl_runner import run_icl
+    from harness.icl_runner import run_icl_curve
 
-    for spec in job.specs:
-        yield run_icl(lm, spec, ctx.data_dir, batch_size=ctx.batch_size, progress=ctx.progress, env=env)
+    yield from run_icl_curve(lm, list(job.specs), ctx.data_dir, batch_size=ctx.batch_size, progress=ctx.progress,
+                             env=env)
 
 
 def run_peft_job(load_base: Callable[[], LoadedModel], job: Job, ctx: JobContext, env: dict,

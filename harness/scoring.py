@@ -88,6 +88,8 @@ class ScoreOutput:
     rows: list[Row]  # the token ids that were scored: one row per prompt, one per choice of a partial prompt
     work: Work  # everything the evaluation computed, prefix included
     prefix_tokens: int  # length of the cached prefix (0 without one)
+    cache: PrefixCache | None = None  # the prefix's KV cache (cached path), for a shorter prefix to reuse
+    reused_tokens: int = 0  # prefix tokens taken from a reused cache (their encoding is not in ``work``)
 
     @property
     def n_examples(self) -> int:
@@ -219,13 +221,28 @@ def use_shared_prefix(model) -> bool:
 
 @torch.no_grad()
 def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id: int, progress=False,
-                 budget: int | None = None, shared: bool = False) -> tuple[list[list[float]], Work, int]:
-    """Prefix once; each query's own tokens once (batched); all its choices from the query's state."""
+                 budget: int | None = None, shared: bool = False, reuse: PrefixCache | None = None,
+                 ) -> tuple[list[list[float]], Work, PrefixCache, int]:
+    """Prefix once; each query's own tokens once (batched); all its choices from the query's state.
+
+    ``reuse``: a cache whose token ids begin like these rows' shared prefix (the demonstrations of a larger k):
+    its head (the common token prefix) is cropped and used instead of encoding it again (the rest of this
+    prefix, if any, is encoded once onto it); ``work`` then does not count the reused tokens' encoding. Returns (scores, work, the prefix cache used, prefix tokens reused)."""
     device = next(model.parameters()).device
     n_prefix = shared_prefix_len(rows)
-    cache = PrefixCache.encode(model, rows[0].context[:n_prefix] if rows else [])
+    cache, reused = None, 0
     work = Work()
-    work.add_tokens(n_prefix, 0, dims.windows)
+    if reuse is not None and rows:
+        common = _common_prefix_len(reuse.ids, rows[0].context[:n_prefix])
+        cache = reuse.head(common) if common > 0 else None
+        if cache is not None:
+            reused = len(cache.ids)
+            if reused < n_prefix:  # the rest of this prefix (tokens that part from the reused ones): encoded once
+                cache = cache.extend(model, rows[0].context[reused:n_prefix], copy_first=cache is reuse)
+                work.add_tokens(n_prefix - reused, reused, dims.windows)
+    if cache is None:
+        cache = PrefixCache.encode(model, rows[0].context[:n_prefix] if rows else [])
+        work.add_tokens(n_prefix, 0, dims.windows)
     out = [[0.0] * len(r.continuations) for r in rows]
     # a query's width with its choices; the shared prefix adds no rows' width when it is not copied per row
     widths = [len(r.context) - n_prefix + max(len(c) for c in r.continuations) for r in rows]
@@ -242,7 +259,7 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
             work.add(batch_work)
             for i, s in zip(idx, scores):
                 out[i] = s
-    return out, work, n_prefix
+    return out, work, cache, reused
 
 
 def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts: list[list[list[int]]],
@@ -308,12 +325,13 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
 
 def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "", *, use_cache: bool = True,
                   batch_size: int = 8, progress: bool = False, budget: int | None | str = "auto",
-                  shared_prefix: bool | None = None) -> ScoreOutput:
+                  shared_prefix: bool | None = None, reuse: PrefixCache | None = None) -> ScoreOutput:
     """Score every choice of every prompt, with ``prefix`` (demonstrations) before each context.
 
     ``budget``: padded tokens per micro-batch ("auto": from free memory on CUDA, none on the CPU; None: exactly
     ``batch_size`` rows; always so for peft prompt learning). ``shared_prefix``: attend to one stored prefix instead of per-row copies (None: on CUDA
     where the architecture allows it). On CUDA out-of-memory the budget is halved and scoring restarts.
+    ``reuse``: the prefix cache of a longer prefix this one is the head of (:func:`score_cached`; cached path only).
     """
     dims = ModelDims.from_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -326,11 +344,13 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
         # Sliding-window layers (Gemma 3) count their window in cache slots; the padding gaps a batch of queries
         # leaves in the cache would shift it. One query per micro-batch keeps cached == naive (measured: 1e-5).
         batch_size, tokens = 1, None
+    cache, reused = None, 0
     while True:
         try:
             if use_cache:
-                scores, work, n_prefix = score_cached(model, rows, batch_size, dims, pad_id, progress, tokens,
-                                                      shared)
+                scores, work, cache, reused = score_cached(model, rows, batch_size, dims, pad_id, progress, tokens,
+                                                   shared, reuse)
+                n_prefix = len(cache.ids)
             else:
                 scores, work = score_naive(model, rows, batch_size, dims, pad_id, progress, tokens)
                 n_prefix = 0
@@ -355,7 +375,7 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
     # n_chars: the choice's characters without the target delimiter (the shared continuation's, partial)
     examples = [ExampleScore(p.example_id, p.label, lp, nt, list(p.n_chars))
                 for p, lp, nt in zip(prompts, logprobs, n_tokens)]
-    return ScoreOutput(examples, rows, work, n_prefix)
+    return ScoreOutput(examples, rows, work, n_prefix, cache, reused)
 
 
 def uncached_work(rows: list[Row], dims: ModelDims) -> Work:

@@ -70,6 +70,10 @@ class RunSpec:
     train_data_hash: str = ""  # the training rows alone (PEFT; shared by the group's templates)
     model_fingerprint: str = ""  # identity.model_fingerprint: weights, Hub revision or random config + seed
     scoring_version: int = SCORING_VERSION
+    # in-context runs: also compute accuracy_calibrated and accuracy_mutual_info (harness.calibration). Not hashed
+    # (it adds figures and changes none): a run stored without them is not finished for a --calibrate plan
+    # (Store.finished_ids(calibrated=True)), so it is re-run and replaced by one with them.
+    calibrate: bool = False
     # recorded, not hashed (NOT_HASHED):
     task_source: str = ""  # the task file's YAML text, so eval/report never need to find the file again
     model_path: str = ""  # the --model string the weights are loaded from (``model`` is its display name)
@@ -115,7 +119,7 @@ class RunSpec:
                 self.task_hash, self.train_data_hash, self.model_fingerprint, self.scoring_version)
 
 
-NOT_HASHED = ("task_source", "model_path", "data_source")
+NOT_HASHED = ("task_source", "model_path", "data_source", "calibrate")
 
 
 def parse_int_list(text: str | None, what: str) -> list[int]:

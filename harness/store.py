@@ -302,9 +302,13 @@ class Store:
         """Folder for artifacts (adapters) beside the database: ``<store>.artifacts/``."""
         return self.path.with_name(self.path.stem + ".artifacts")
 
-    def finished_ids(self) -> set[str]:
+    def finished_ids(self, calibrated: bool = False) -> set[str]:
+        """Ids of finished runs; ``calibrated``: only those run with ``calibrate`` (their calibrated figures)."""
+        sql = "SELECT run_id FROM runs WHERE status='finished'"
+        if calibrated:
+            sql += " AND json_extract(config_json, '$.calibrate') = 1"
         with self._connect() as db:
-            return {r[0] for r in db.execute("SELECT run_id FROM runs WHERE status='finished'")}
+            return {r[0] for r in db.execute(sql)}
 
     def write(self, result: RunResult) -> None:
         """Write one run and its examples atomically, replacing any earlier (failed) attempt."""

@@ -69,7 +69,7 @@ def test_icl_runner_records_a_nan_score_as_a_failed_run(monkeypatch, data_dir):
     from harness.scoring import ScoreOutput
     from harness.spec import RunSpec
 
-    def fake_score(lm, prompts, prefix, use_cache, batch_size, progress):
+    def fake_score(lm, prompts, prefix, use_cache, batch_size, progress, reuse=None):
         exs = [ExampleScore(p.example_id, p.label, [-1.0] * len(p.choices), [1] * len(p.choices),
                             [len(c) for c in p.choices]) for p in prompts]
         exs[1].logprobs[0] = math.nan

@@ -39,6 +39,9 @@ def test_every_command_has_help(path):
     (["run", "--methods", "icl", "--tasks", "cb", "--preset", "quik"], "Did you mean 'quick'"),
     (["run", "--methods", "icl", "--tasks", "cb", "--device", "tpu"], "unknown --device"),
     (["run", "--methods", "lora", "--tasks", "cb", "--workers", "0"], "--workers must be >= 1"),
+    (["run", "--methods", "icl", "--tasks", "cb", "--k", "4,x"], "--k must be comma-separated integers"),
+    (["run", "--methods", "icl", "--tasks", "cb", "--k", "0,-2"], "--k must be >= 0"),
+    (["run", "--methods", "lora", "--tasks", "cb", "--calibrate"], "--calibrate applies to in-context runs"),
     (["results", "--store", "/nonexistent/store.sqlite"], "no results store"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from harness.report import stats
 from harness.report.breakeven import break_even, cost_groups, fmt_count, total_cost
 from harness.report.format import fmt_bytes, fmt_flops
-from harness.report.tables import groups, is_in_context
+from harness.report.tables import extra_metric, groups, is_in_context
 from harness.results import frame
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
@@ -122,6 +122,11 @@ def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
         err = [[m.median - m.q25 for m in ms], [m.q75 - m.median for m in ms]]
         label = f"{task} ({model})" if several else task
         ax.errorbar(ks, med, yerr=err, marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", capsize=3, label=label)
+        calibrated = extra_metric(line, "accuracy_calibrated")
+        if metric == "accuracy" and calibrated.notna().any():  # runs with --calibrate: their calibrated line
+            ck = [(int(k), 100 * stats.median(v)) for k, v in calibrated.groupby(line["k"]) if v.notna().any()]
+            ax.plot([k for k, _ in ck], [v for _, v in ck], linestyle="--", marker=MARKERS[i % len(MARKERS)],
+                    color=f"C{i % 10}", alpha=0.6, label=f"{label}, calibrated")
     all_k = sorted(int(k) for k in icl["k"].unique())
     ax.set_xticks(all_k)
     ax.set_xlabel("k (demonstrations in the prompt; k = 0 is zero-shot)")

@@ -80,7 +80,12 @@ def experiment_key(config: dict | None) -> str:
     """A run's config without :data:`INPUT_FIELDS`: equal for re-runs of one experiment with changed inputs."""
     import json
 
-    return json.dumps({k: v for k, v in (config or {}).items() if k not in INPUT_FIELDS}, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in (config or {}).items() if k not in INPUT_FIELDS and k not in RUN_OPTIONS},
+                      sort_keys=True, default=str)
+
+
+# Config fields that add figures to a run without changing its others (``calibrate``): not part of an experiment.
+RUN_OPTIONS = ("calibrate",)
 
 
 def latest_runs(runs: Iterable[dict] | pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -238,6 +243,68 @@ def cost_table(runs: Iterable[dict] | pd.DataFrame) -> Table:
                  ("Model", "Method", "Trainable params", "Trainable share", "Peak memory", "Training time",
                   "Evaluation time", "Runs"),
                  tuple(rows), "llrrrrrr", notes, "tab:costs")
+
+
+def extra_metric(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A figure stored beside a run (its ``extra`` dict), as float64 (NaN where missing)."""
+    return pd.to_numeric(runs["extra"].map(lambda e: (e or {}).get(name)), errors="coerce").astype("float64")
+
+
+def k_curve_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy") -> Table | None:
+    """ICL ``metric`` per task and k (median, IQR over templates and seeds), zero-shot as k = 0; None unless some
+    (model, task) has k-shot runs with two or more k (a k-curve, ``--k 0,1,2,...``)."""
+    _check_metric(metric)
+    runs = frame(runs)
+    icl = runs[runs["method"].map(is_in_context) & runs["k"].notna()]
+    shot = icl[icl["method"].map(is_icl)]
+    if shot.empty or shot.groupby(["model", "task"])["k"].nunique().max() < 2:
+        return None
+    rows = []
+    for (model, task, k), rs in icl.groupby(["model", "task", "k"], sort=True):
+        vals = rs[metric].dropna().tolist()
+        m = stats.median_iqr(vals) if vals else None
+        used = rs["extra"].map(lambda e: (e or {}).get("k_used")).dropna()
+        reduced = f" (k used: {', '.join(sorted({str(int(u)) for u in used}))})" if (used != k).any() else ""
+        rows.append((str(task), str(model), f"{int(k)}{reduced}", fmt_acc(m.median if m else None),
+                     fmt_interval(m.q25, m.q75) if m else fmt_acc(None), str(len(vals))))
+    notes = (*metric_notes(runs, metric),
+             f"{metric} in percent over the runs of each cell (templates x seeds); k = 0 holds zero-shot runs and "
+             "k-shot runs with k = 0. A k whose demonstrations were reduced to fit the context says the k used. The "
+             "figure 'ICL accuracy vs k' draws the same numbers.")
+    return Table(f"ICL {metric} per task and number of demonstrations k",
+                 ("Task", "Model", "k", f"{metric} median", "IQR", "Runs"), tuple(rows), "llrrrr", notes,
+                 "tab:kcurve")
+
+
+def calibration_table(runs: Iterable[dict] | pd.DataFrame) -> Table | None:
+    """Per task x (model, method variant): accuracy, contextually calibrated accuracy and mutual-information
+    accuracy (medians over the runs with calibration, ``--calibrate``); None when no run has them."""
+    runs = frame(runs)
+    runs = runs.assign(accuracy_calibrated=extra_metric(runs, "accuracy_calibrated"),
+                       accuracy_mutual_info=extra_metric(runs, "accuracy_mutual_info"),
+                       calibration_flops_per_example=extra_metric(runs, "calibration_flops_per_example"))
+    calibrated = runs[runs["accuracy_mutual_info"].notna() | runs["accuracy_calibrated"].notna()]
+    if calibrated.empty:
+        return None
+    rows = []
+    for (task,), g, rs in groups(calibrated, by=("task",)):
+        m = rs[["accuracy", "accuracy_calibrated", "accuracy_mutual_info", "infer_flops_per_example",
+                "calibration_flops_per_example"]].agg(stats.median)
+        rows.append((str(task), g.model, g.label, fmt_acc(m["accuracy"]), fmt_acc(m["accuracy_calibrated"]),
+                     fmt_acc(m["accuracy_mutual_info"]), fmt_flops(m["infer_flops_per_example"]),
+                     fmt_flops(m["calibration_flops_per_example"]), str(len(rs))))
+    notes = (
+        "accuracy_calibrated: contextual calibration (Zhao et al. 2021): argmax of p(choice | x) / p_cf(choice), "
+        "p_cf from the content-free inputs 'N/A', '' and '[MASK]' in the same prompt; none for tasks with "
+        "per-example choices. accuracy_mutual_info: lm-evaluation-harness's acc_mutual_info, argmax of "
+        "log p(choice | context) - log p(choice | empty context). docs/metrics.md.",
+        "Medians in percent over the runs with calibration (templates x seeds). Calibration FLOPs/example: the "
+        "extra forward passes of both, per evaluated example, not included in the inference FLOPs.",
+    )
+    return Table("Calibrated accuracy per task and method",
+                 ("Task", "Model", "Method", "accuracy", "accuracy_calibrated", "accuracy_mutual_info",
+                  "Inference FLOPs/example", "Calibration FLOPs/example", "Runs"),
+                 tuple(rows), "lllrrrrrr", notes, "tab:calibration")
 
 
 def settings_lines(runs: Iterable[dict] | pd.DataFrame) -> list[str]:
