@@ -227,7 +227,10 @@ register(MethodInfo("icl", "icl", "k-shot in-context learning: k demonstrations 
 
 # Built-in PEFT methods register themselves on import (each module imports no torch at import time).
 from harness.methods import (  # noqa: E402,F401
+    adapter,
+    adapter_pfeiffer,
     bitfit,
+    compacter,
     full,
     ia3,
     ln_tuning,
