@@ -235,6 +235,7 @@ from harness.methods import (  # noqa: E402,F401
     ia3,
     ln_tuning,
     lora,
+    mam,
     prefix_tuning,
     prompt_tuning,
     ptuning,

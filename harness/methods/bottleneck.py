@@ -96,9 +96,11 @@ def count_sites(model, places, method: str) -> int:
     return len(layers) * len(places)
 
 
-def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | None = None):
+def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | None = None,
+                 parallel: float | None = None):
     """Freeze ``model`` and add one trainable adapter at each of ``places`` (``attn``, ``ffn``) of every decoder
-    layer; ``phm``: use PHM layers with that ``n`` (Compacter). Returns ``model``."""
+    layer; ``phm``: use PHM layers with that ``n`` (Compacter); ``parallel``: a parallel adapter with that scale
+    instead (He et al. 2022: ``sublayer(x) + s * up(f(down(x)))`` from the sublayer's input). Returns ``model``."""
     classes = _torch_classes()
     count_sites(model, places, method)
     d = hidden_size(model)
@@ -110,14 +112,17 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
         for place in places:
             name = f"adapter_{place}"
             check(not hasattr(layer, name), f"{method}: the model already has adapters (apply a method once)")
-            if phm:
+            if parallel is not None:
+                module = classes["Parallel"](d, m, cfg.nonlinearity, cfg.init_std, cfg.zero_up, parallel)
+            elif phm:
                 module = classes["PHMBottleneck"](d, m, phm, cfg.nonlinearity, cfg.zero_up)
             else:
                 module = classes["Bottleneck"](d, m, cfg.nonlinearity, cfg.init_std, cfg.zero_up)
             module.to(device=param.device, dtype=param.dtype)
             layer.add_module(name, module)
             sub = getattr(layer, attn if place == "attn" else "mlp")
-            sub.register_forward_hook(functools.partial(_apply_hook, module))
+            sub.register_forward_hook(functools.partial(_parallel_hook if parallel is not None else _apply_hook,
+                                                        module))
     assert all(p.requires_grad for n, p in model.named_parameters() if ".adapter_" in n)
     return model
 
@@ -126,6 +131,13 @@ def _apply_hook(adapter, _module, _args, output):
     if isinstance(output, tuple):
         return (adapter(output[0]),) + tuple(output[1:])
     return adapter(output)
+
+
+def _parallel_hook(adapter, _module, args, output):
+    x = args[0]
+    if isinstance(output, tuple):
+        return (output[0] + adapter(x),) + tuple(output[1:])
+    return output + adapter(x)
 
 
 def bottleneck_params(d: int, m: int) -> int:
@@ -167,6 +179,16 @@ def _torch_classes() -> dict:
         def forward(self, y):
             return y + self.up(self.act(self.down(y)))
 
+    class Parallel(Bottleneck):
+        """``s * up(f(down(x)))``, added to the sublayer's output by the hook (He et al. 2022's parallel adapter)."""
+
+        def __init__(self, d, m, nonlinearity, init_std, zero_up, scale):
+            super().__init__(d, m, nonlinearity, init_std, zero_up)
+            self.scale = scale
+
+        def forward(self, x):
+            return self.scale * self.up(self.act(self.down(x)))
+
     class PHMLinear(nn.Module):
         """``x @ H + b`` with ``H = sum_i kron(A_i, W_left_i @ W_right_i)`` (Compacter's factorized PHM layer, rank
         1): A (the "rule") is n x n x n, W_left n x d_in/n x 1, W_right n x 1 x d_out/n."""
@@ -204,4 +226,4 @@ def _torch_classes() -> dict:
         def forward(self, y):
             return y + self.up(self.act(self.down(y)))
 
-    return {"Bottleneck": Bottleneck, "PHMLinear": PHMLinear, "PHMBottleneck": PHMBottleneck}
+    return {"Bottleneck": Bottleneck, "Parallel": Parallel, "PHMLinear": PHMLinear, "PHMBottleneck": PHMBottleneck}
