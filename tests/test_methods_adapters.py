@@ -27,6 +27,8 @@ def expected_params(method: str) -> int:
         return L * bottleneck_params(D, 36)
     if method == "mam":  # parallel adapter m = 576 // 2 on the FFN + prefix l=30 (keys and values, 3 kv heads x 64)
         return L * bottleneck_params(D, 288) + 30 * L * 2 * 192
+    if method == "unipelt":  # gated adapter (m=36, gate d+1) + gated LoRA r=8 on q (576->576), v (576->192) + prefix 10
+        return L * (bottleneck_params(D, 36) + D + 1) + L * (8 * (D + D) + 8 * (D + 192) + 2 * (D + 1)) + 10 * L * 384
     m = 20  # 576 // 32 = 18, rounded up to a multiple of n = 4
     return L * (phm_params(D, m, 4) + phm_params(m, D, 4))
 
@@ -48,12 +50,16 @@ def test_registry_imports_no_torch_and_validates():
         training_settings("compacter", "quick", {"method_args": {"n": 0}})
 
 
-def test_mam_params_match_formula(smollm):
+def test_mam_and_unipelt_params_match_formula(smollm):
     settings = training_settings("mam", "quick", {})
     model = apply_method(copy.deepcopy(smollm.model), "mam", settings)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_params("mam")
     over = method_overhead(model, "mam", settings)
     assert over.per_token == L * 2 * D * 288 * 2 and over.prefix_keys == 30
+    settings = training_settings("unipelt", "quick", {})
+    model = apply_method(copy.deepcopy(smollm.model), "unipelt", settings)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_params("unipelt")
+    assert method_overhead(model, "unipelt", settings).prefix_keys == 10
 
 
 def test_params_match_formula_and_zero_up_is_the_identity(smollm):
@@ -84,7 +90,7 @@ def test_params_match_formula_and_zero_up_is_the_identity(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS + ("mam",))
+@pytest.mark.parametrize("method", METHODS + ("mam", "unipelt"))
 def test_training_moves_the_loss_and_the_saved_tensors_reload(method, smollm, cb, tmp_path, data_dir):
     from harness.methods.artifacts import TENSORS_FILE
     from harness.models import LoadedModel
@@ -108,7 +114,7 @@ def test_training_moves_the_loss_and_the_saved_tensors_reload(method, smollm, cb
     assert result.status == "finished", (result.error, result.extra.get("traceback"))
     m = result.metrics
     assert m["trainable_params"] == expected_params(method)
-    if method == "mam":  # the random prefix (peft: N(0, 1)) starts far from the base model; the loss moves
+    if method in ("mam", "unipelt"):  # the random prefix (peft: N(0, 1)) starts far from the base model; the loss moves
         assert m["loss_last"] != m["loss_first"]
     else:
         assert m["loss_last"] < m["loss_first"], (m["loss_first"], m["loss_last"])

@@ -4,7 +4,8 @@ Three kinds:
 
 - ``zeroshot`` / ``icl``: no training; scored by :mod:`harness.icl_runner` (registered here so names validate);
 - ``peft``: a module of this package each (``lora``, ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``,
-  ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``), plus ``peft:<type>`` for any other method peft implements
+  ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``; the bottleneck adapters ``adapter``, ``adapter_pfeiffer``,
+  ``compacter``, ``mam`` and ``unipelt``, hand-written in :mod:`harness.methods.bottleneck`), plus ``peft:<type>`` for any other method peft implements
   (``peft:loha``, ``peft:vera``, ``peft:boft``, ...), built from peft's own config class.
 
 Each PEFT method has a validated config dataclass (its own arguments plus its preferred training defaults,
@@ -240,4 +241,5 @@ from harness.methods import (  # noqa: E402,F401
     prompt_tuning,
     ptuning,
     tfew,
+    unipelt,
 )

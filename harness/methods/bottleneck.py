@@ -1,4 +1,4 @@
-"""Bottleneck adapters written by hand, shared by ``adapter``, ``adapter_pfeiffer`` and ``compacter``.
+"""Bottleneck adapters written by hand, shared by ``adapter``, ``adapter_pfeiffer``, ``compacter`` and ``mam``.
 
 AdapterHub's ``adapters`` package (1.3.0, the newest) was measured against the harness's environment and does not
 import: it pins ``transformers~=4.57.6`` and imports ``HfFolder``, which ``huggingface_hub`` 1.x removed
@@ -10,6 +10,7 @@ adapters are written here:
 - a bottleneck ``y + up(f(down(y)))`` (Houlsby et al. 2019, arXiv 1902.00751, section 2.1 and figure 2) or,
   for ``compacter``, the same with PHM layers (Karimi Mahabadi et al. 2021, arXiv 2106.04647) in place of
   ``down``/``up``;
+- a parallel adapter ``sublayer(x) + s * up(f(down(x)))`` for ``mam`` (He et al. 2022, arXiv 2110.04366);
 - :func:`add_adapters`: placement. A decoder layer is a module with an attention child (``self_attn`` in
   llama/gemma/qwen/mistral, ``attn`` in gpt2) and an ``mlp`` child; the adapter is a child of the decoder layer
   (``adapter_attn`` / ``adapter_ffn``, so its tensors have stable names for the ``tensors`` artifact) and is
@@ -97,7 +98,7 @@ def count_sites(model, places, method: str) -> int:
 
 
 def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | None = None,
-                 parallel: float | None = None):
+                 parallel: float | None = None, gated: bool = False):
     """Freeze ``model`` and add one trainable adapter at each of ``places`` (``attn``, ``ffn``) of every decoder
     layer; ``phm``: use PHM layers with that ``n`` (Compacter); ``parallel``: a parallel adapter with that scale
     instead (He et al. 2022: ``sublayer(x) + s * up(f(down(x)))`` from the sublayer's input). Returns ``model``."""
@@ -114,6 +115,8 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
             check(not hasattr(layer, name), f"{method}: the model already has adapters (apply a method once)")
             if parallel is not None:
                 module = classes["Parallel"](d, m, cfg.nonlinearity, cfg.init_std, cfg.zero_up, parallel)
+            elif gated:
+                module = classes["GatedBottleneck"](d, m, cfg.nonlinearity, cfg.init_std, cfg.zero_up)
             elif phm:
                 module = classes["PHMBottleneck"](d, m, phm, cfg.nonlinearity, cfg.zero_up)
             else:
@@ -125,6 +128,28 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
                                                         module))
     assert all(p.requires_grad for n, p in model.named_parameters() if ".adapter_" in n)
     return model
+
+
+def add_gated_lora(model, targets, r: int, alpha: float, method: str):
+    """A gated LoRA (trainable) beside each ``targets`` projection (llama-style ``q_proj``/``v_proj`` Linears) of
+    every decoder layer, applied by a forward hook on the projection; the base stays as it is."""
+    classes = _torch_classes()
+    param = next(model.parameters())
+    for attn, layer in decoder_layers(model):
+        sub = getattr(layer, attn)
+        for t in targets:
+            proj = getattr(sub, t, None)
+            check(proj is not None and type(proj).__name__ == "Linear",
+                  f"{method}: no Linear {attn}.{t} in {type(layer).__name__} (gated LoRA needs llama-style q_proj/v_proj)")
+            module = classes["GatedLora"](proj.in_features, proj.out_features, r, alpha)
+            module.to(device=param.device, dtype=param.dtype)
+            layer.add_module(f"adapter_lora_{t}", module)
+            proj.register_forward_hook(functools.partial(_lora_hook, module))
+    return model
+
+
+def _lora_hook(lora, _module, args, output):
+    return output + lora(args[0])
 
 
 def _apply_hook(adapter, _module, _args, output):
@@ -189,6 +214,33 @@ def _torch_classes() -> dict:
         def forward(self, x):
             return self.scale * self.up(self.act(self.down(x)))
 
+    class GatedBottleneck(Bottleneck):
+        """``y + sigmoid(gate(y)) * up(f(down(y)))`` (UniPELT's gated adapter, Mao et al. 2022 section 3)."""
+
+        def __init__(self, d, m, nonlinearity, init_std, zero_up):
+            super().__init__(d, m, nonlinearity, init_std, zero_up)
+            self.gate = nn.Linear(d, 1)
+
+        def forward(self, y):
+            return y + torch.sigmoid(self.gate(y)) * self.up(self.act(self.down(y)))
+
+    class GatedLora(nn.Module):
+        """``sigmoid(gate(x)) * (alpha/r) * B(A(x))``, added to a projection's output (UniPELT's gated LoRA); B starts
+        at zero."""
+
+        def __init__(self, d_in, d_out, r, alpha):
+            super().__init__()
+            self.A = nn.Linear(d_in, r, bias=False)
+            self.B = nn.Linear(r, d_out, bias=False)
+            self.gate = nn.Linear(d_in, 1)
+            self.scaling = alpha / r
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.A.weight, a=5 ** 0.5)  # peft's LoRA init
+                self.B.weight.zero_()
+
+        def forward(self, x):
+            return torch.sigmoid(self.gate(x)) * self.scaling * self.B(self.A(x))
+
     class PHMLinear(nn.Module):
         """``x @ H + b`` with ``H = sum_i kron(A_i, W_left_i @ W_right_i)`` (Compacter's factorized PHM layer, rank
         1): A (the "rule") is n x n x n, W_left n x d_in/n x 1, W_right n x 1 x d_out/n."""
@@ -226,4 +278,4 @@ def _torch_classes() -> dict:
         def forward(self, y):
             return y + self.up(self.act(self.down(y)))
 
-    return {"Bottleneck": Bottleneck, "Parallel": Parallel, "PHMLinear": PHMLinear, "PHMBottleneck": PHMBottleneck}
+    return {"Bottleneck": Bottleneck, "Parallel": Parallel, "GatedBottleneck": GatedBottleneck, "GatedLora": GatedLora, "PHMLinear": PHMLinear, "PHMBottleneck": PHMBottleneck}
