@@ -233,9 +233,10 @@ def eval_saved(load_base: Callable[[], LoadedModel], run: dict, task, data_dir, 
     lm = load_base()
     costs.reset_peak_memory(lm.device)
     dims = ModelDims.from_model(lm.model)
-    if info.artifact == "tensors":  # hand-written methods: re-apply (freezing), then load the trained tensors
-        apply_method(lm.model, config["method"], settings)
-    model = load_trained(lm.model, info, path)
+    model = lm.model
+    if info.artifact == "tensors":  # hand-written methods: re-apply (freezing, maybe wrapping), then load the tensors
+        model = apply_method(model, config["method"], settings)
+    model = load_trained(model, info, path)
     overhead = method_overhead(model, config["method"], settings)
     metrics, examples = evaluate(model, lm.tokenizer, info, task, spec, data_dir, dims, overhead,
                                  batch_size=batch_size, progress=progress)

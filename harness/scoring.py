@@ -338,7 +338,10 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
     rows, owners = _tokenize(tokenizer, prompts, prefix)
     device = next(model.parameters()).device
     # prompt learning is scored with exactly batch_size rows (its callers ask for one row: padding shifts positions)
-    tokens = token_budget(model, dims, device) if budget == "auto" and not _prompt_learning(model) else budget
+    if budget == "auto":  # (prompt learning: no budget, exactly batch_size rows; "auto" is not a number)
+        tokens = None if _prompt_learning(model) else token_budget(model, dims, device)
+    else:
+        tokens = budget
     shared = use_shared_prefix(model) if shared_prefix is None else shared_prefix
     if use_cache and any(dims.windows):
         # Sliding-window layers (Gemma 3) count their window in cache slots; the padding gaps a batch of queries

@@ -4,9 +4,10 @@ Three kinds:
 
 - ``zeroshot`` / ``icl``: no training; scored by :mod:`harness.icl_runner` (registered here so names validate);
 - ``peft``: a module of this package each (``lora``, ``dora``, ``adalora``, ``vera``, ``lokr``, ``oft``, ``qlora``,
-  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``), plus
-  ``peft:<type>`` for any other method peft implements (``peft:loha``, ``peft:boft``, ...), built from peft's own
-  config class.
+  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``; the
+  bottleneck adapters ``adapter``, ``adapter_pfeiffer``, ``compacter``, ``mam`` and ``unipelt``, hand-written in
+  :mod:`harness.methods.bottleneck`), plus ``peft:<type>`` for any other method peft implements (``peft:loha``,
+  ``peft:boft``, ...), built from peft's own config class.
 
 Each PEFT method has a validated config dataclass (its own arguments plus its preferred training defaults,
 see :class:`harness.methods.base.TrainConfig`). :func:`training_settings` resolves preset + method defaults +
@@ -239,18 +240,23 @@ register(MethodInfo("icl", "icl", "k-shot in-context learning: k demonstrations 
 # Built-in PEFT methods register themselves on import (each module imports no torch at import time).
 from harness.methods import (  # noqa: E402,F401
     adalora,
+    adapter,
+    adapter_pfeiffer,
     bitfit,
+    compacter,
     dora,
     full,
     ia3,
     ln_tuning,
     lokr,
     lora,
+    mam,
     oft,
     prefix_tuning,
     prompt_tuning,
     ptuning,
     qlora,
     tfew,
+    unipelt,
     vera,
 )
