@@ -102,4 +102,4 @@ def overhead(model, cfg: AdaLoraArgs) -> Overhead:
 register(MethodInfo(
     "adalora", "peft", "AdaLoRA (Zhang et al. 2023): SVD-form LoRA on all linears, rank budget 12 -> 8 pruned",
     config_cls=AdaLoraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=False, on_step=on_step))
+    mixed_batches=True, on_step=on_step))

@@ -6,9 +6,8 @@ row, trainable, initialised to the row norms of W) and a direction updated by Lo
 Trainable parameters: LoRA's plus the magnitude vector, per adapted layer ``r (d_in + d_out) + d_out``
 (SmolLM2-135M, q,v at r=8: 30 x (8 x (576+576) + 576 + 8 x (576+192) + 192) = 483,840).
 
-``mixed_batches`` is False: the method would allow per-row adapters in principle (per-example LoRA and magnitude),
-but peft 0.21 refuses mixed adapter batches (``adapter_names``) with DoRA, and the harness has no scorer of its own
-for it (the same holds for VeRA, LoKr, OFT and AdaLoRA: peft implements mixed batches for LoRA only).
+``mixed_batches`` is a property of the method (per-example LoRA and magnitude); peft 0.21 itself refuses mixed
+adapter batches (``adapter_names``) with DoRA.
 """
 
 from __future__ import annotations
@@ -53,4 +52,4 @@ def overhead(model, cfg: DoraArgs) -> Overhead:
 register(MethodInfo(
     "dora", "peft", "DoRA (Liu et al. 2024): LoRA on the direction + trainable magnitude (q,v, r=8)",
     config_cls=DoraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=False))
+    mixed_batches=True))

@@ -71,4 +71,4 @@ def overhead(model, cfg: LokrArgs) -> Overhead:
 register(MethodInfo(
     "lokr", "peft", "LoKr (KronA / LyCORIS): Kronecker-product updates of q,v (r=8), AdamW 1e-3",
     config_cls=LokrArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=False))
+    mixed_batches=True))

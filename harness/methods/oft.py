@@ -72,4 +72,4 @@ def overhead(model, cfg: OftArgs) -> Overhead:
 register(MethodInfo(
     "oft", "peft", "OFT (Qiu et al. 2023): block-diagonal orthogonal rotations of q,v inputs (block 32)",
     config_cls=OftArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=False))
+    mixed_batches=True))

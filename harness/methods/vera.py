@@ -72,4 +72,4 @@ def overhead(model, cfg: VeraArgs) -> Overhead:
 register(MethodInfo(
     "vera", "peft", "VeRA (Kopiczko et al. 2024): shared frozen random A,B; trained vectors b,d (q,v, r=256)",
     config_cls=VeraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=False))
+    mixed_batches=True))
