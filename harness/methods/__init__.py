@@ -49,6 +49,11 @@ class MethodInfo:
     overhead (LoRA, (IA)3, BitFit; not adapters or soft prompts); ``mixed_batches``: one batch can hold examples of
     different tasks, each with its own trained parameters, without merging (T-Few section 3.3: (IA)3 and soft
     prompts do; selective methods and full fine-tuning change shared weights and cannot).
+
+    Data-dependent methods (FishMask): ``prepare(model, tokenizer, train_examples, task, settings, seed) -> Work``
+    runs after ``apply`` and before training (the runner adds its forward + backward FLOPs, with every parameter's
+    gradient, to ``train_flops``); ``restore(model, state)`` rebuilds the method's structure from a saved
+    ``tensors`` artifact before its tensors are loaded.
     """
 
     name: str
@@ -63,6 +68,8 @@ class MethodInfo:
     family: str = "additive"
     merges: bool = False
     mixed_batches: bool = False
+    prepare: Callable | None = None
+    restore: Callable | None = None
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
@@ -228,6 +235,7 @@ register(MethodInfo("icl", "icl", "k-shot in-context learning: k demonstrations 
 # Built-in PEFT methods register themselves on import (each module imports no torch at import time).
 from harness.methods import (  # noqa: E402,F401
     bitfit,
+    fishmask,
     full,
     ia3,
     ln_tuning,
