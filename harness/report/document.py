@@ -13,13 +13,14 @@ import pandas as pd
 from harness.report.breakeven import break_even_table
 from harness.report.format import Table, latex_escape, to_latex, to_markdown
 from harness.report.plots import PlotResult
-from harness.report.tables import cost_table, settings_lines, summary_table, task_table
+from harness.report.tables import cost_table, family_table, settings_lines, summary_table, task_table
 
 TITLE = "When does PEFT beat in-context learning? Results report"
 
 
 def report_tables(runs: pd.DataFrame, metric: str = "accuracy") -> list[Table]:
-    return [summary_table(runs, metric), task_table(runs, metric), cost_table(runs), break_even_table(runs)]
+    return [summary_table(runs, metric), task_table(runs, metric), cost_table(runs), break_even_table(runs),
+            family_table(runs, metric)]
 
 
 def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[PlotResult, str | None]]:
