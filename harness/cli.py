@@ -201,13 +201,20 @@ def tasks_command(names, data_dir):
 
 
 @main.command(name="methods")
-def methods_command():
-    """List the methods: in-context (zeroshot, icl) and PEFT, one line each."""
-    from harness.methods import list_methods
+@click.option("--model", default=None, help="Count trainable parameters and FLOPs/token overhead on this model "
+                                            "(loads it; default with --params: smollm2-135m).")
+@click.option("--params", is_flag=True, help="Count trainable parameters and overhead on the default model.")
+def methods_command(model, params):
+    """List the methods: family, merges, mixed-task batches (with a model: trainable parameters, overhead)."""
+    from harness.methods.describe import describe_methods
 
-    for info in list_methods():
-        click.echo(f"{info.name:<15} {info.kind:<9} {info.description}")
-    click.echo("peft:<type>     peft      any other peft method by its type name, e.g. peft:loha, with --method-args")
+    loaded = None
+    if model or params:
+        from harness.models import DEFAULT_MODEL, load_model
+
+        model = model or DEFAULT_MODEL
+        loaded = load_model(model, "cpu", "float32").model
+    click.echo(describe_methods(loaded, model))
 
 
 @main.command(name="eval")

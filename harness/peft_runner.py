@@ -11,7 +11,8 @@ Cost metrics (definitions of the base terms in :mod:`harness.costs`):
 - ``train_flops``: ``costs.train_flops(base dims, training work, trainable params)`` over every processed token
   of every choice row (virtual tokens of prompt tuning/p-tuning included; prefix keys counted as attended keys),
   plus 3x (forward + backward) the method's own FLOPs: unmerged LoRA matmuls, IA3 scalings, and per row the
-  prefix-tuning MLP / p-tuning prompt encoder;
+  prefix-tuning MLP / p-tuning prompt encoder; plus, for a method with a ``prepare`` step (FishMask's Fisher),
+  ``costs.train_flops(base dims, its work, total params)``: forward + backward with every parameter's gradient;
 - ``infer_flops_per_example``: ``forward_flops(base dims, evaluation work) / n_eval`` plus, per example,
   the method's additions to that work: LoRA ``2 r (d_in + d_out)`` per token and adapted layer (scored unmerged);
   IA3 one multiply per scaled element per token; prompt tuning/p-tuning the virtual tokens' own forward once per
@@ -156,10 +157,15 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         dims = ModelDims.from_model(lm.model)  # the base model's, before any adapter
         torch.manual_seed(first.seed)  # adapter initialisation (LoRA A, prompt embeddings, ...)
         model = apply_method(lm.model, first.method, settings)
+        train_examples = few_shot_examples(task, first.seed, data_dir, n=settings["n_train"])
+        prepare_flops = 0
+        if info.prepare is not None:  # data-dependent methods (FishMask's Fisher): every gradient, fwd + bwd
+            base_total = count_params(model)[1]
+            prepare_work = info.prepare(model, lm.tokenizer, train_examples, task, settings, first.seed)
+            prepare_flops = costs.train_flops(dims, prepare_work, base_total)
         overhead = method_overhead(model, first.method, settings)
         trainable, total = count_params(model)
         trainable_vocab = costs.trainable_vocab_params(model)
-        train_examples = few_shot_examples(task, first.seed, data_dir, n=settings["n_train"])
         stats = train(model, lm.tokenizer, train_examples, task, settings, first.seed, progress, method=first.method,
                       compile=compile)
         model.eval()
@@ -177,7 +183,8 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
     shared = {
         "trainable_params": trainable,
         "total_params": total,
-        "train_flops": costs.train_flops(dims, stats.work, trainable, *trainable_vocab) + stats.overhead_flops,
+        "train_flops": (costs.train_flops(dims, stats.work, trainable, *trainable_vocab) + stats.overhead_flops
+                        + prepare_flops),
         "train_seconds": train_seconds,
         "checkpoint_bytes": checkpoint_bytes,
         "steps": stats.steps,

@@ -108,3 +108,27 @@ def test_end_to_end_icl_and_zeroshot_on_real_cb(tmp_path, data_dir):
     for r in runs:
         mine = [x for x in lines if x["run_id"] == r["run_id"]]
         assert sum(x["prediction"] == x["label"] for x in mine) / 8 == r["accuracy"]
+
+
+def test_methods_lists_family_merges_and_mixed_batches():
+    from harness.methods import list_methods
+
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0].split()
+    assert header[:3] == ["method", "kind", "family"] and "merges" in header
+    for info in list_methods():
+        line = next(line for line in result.output.splitlines() if line.split()[:1] == [info.name])
+        assert info.family in line
+    assert "peft:<type>" in result.output and "--params" in result.output
+
+
+@pytest.mark.slow
+def test_methods_with_a_model_counts_trainable_parameters_or_says_why_not(smollm):
+    from harness.methods.describe import describe_methods
+
+    text = describe_methods(smollm.model, "smollm2-135m")
+    rows = {line.split()[0]: line for line in text.splitlines()[2:] if line.strip()}
+    assert "n/a (" in rows["bitfit"] and "bias" in rows["bitfit"]
+    assert "460.8K (0.343%)" in rows["lora"] and "134.5M (100%)" in rows["full"]
+    assert "269.0K (0.2%)" in rows["fishmask"]

@@ -309,7 +309,8 @@ def test_plots_skip_without_icl(tmp_path):
     assert results["accuracy_vs_flops"].paths and results["accuracy_vs_checkpoint"].paths
     assert not results["icl_accuracy_vs_k"].paths and "no ICL" in results["icl_accuracy_vs_k"].notes[0]
     assert not results["break_even"].paths and results["break_even"].notes
-    bare = select_runs(store.runs()).assign(infer_flops_per_example=None, checkpoint_bytes=None)
+    assert results["accuracy_vs_params"].paths
+    bare = select_runs(store.runs()).assign(infer_flops_per_example=None, checkpoint_bytes=None, trainable_params=None)
     assert all(not p.paths and p.notes for p in make_plots(bare, tmp_path / "bare"))
 
 
@@ -482,3 +483,19 @@ def test_missing_store_and_baseline_are_user_errors(tmp_path):
         res = invoke(*args, "--store", missing)
         assert res.exit_code == 2 and ("no results store" in res.output or "no baseline file" in res.output)
     assert not missing.exists()
+
+
+def test_family_table_groups_by_the_registry_and_unknown_methods_are_other(tmp_path):
+    from harness.report.tables import family_table, method_family
+
+    assert method_family("lora") == "reparametrization" and method_family("fishmask") == "selective"
+    assert method_family("icl") == "in-context" and method_family("no_such_method") == "other"
+    store = build_store(tmp_path / "s.sqlite", methods=("lora",), extras=False)
+    runs = select_runs(store.runs())
+    table = family_table(runs)
+    assert table.columns[:3] == ("Family", "Model", "Method")
+    assert {r[0] for r in table.rows} <= {"in-context", "reparametrization"}
+    lora = next(r for r in table.rows if r[2] == "lora")
+    assert lora[0] == "reparametrization" and lora[5] == "yes"
+    renamed = runs.assign(method=["mystery" if m == "lora" else m for m in runs["method"]])
+    assert any(r[0] == "other" and r[2] == "mystery" and r[5] == "n/a" for r in family_table(renamed).rows)

@@ -55,6 +55,10 @@ class MethodInfo:
     Optional hooks: ``on_step(model, step)`` runs after every optimizer step, gradients still in place (AdaLoRA's
     rank allocation); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in
     :func:`harness.api.plan` before any model loads.
+    Data-dependent methods (FishMask): ``prepare(model, tokenizer, train_examples, task, settings, seed) -> Work``
+    runs after ``apply`` and before training (the runner adds its forward + backward FLOPs, with every parameter's
+    gradient, to ``train_flops``); ``restore(model, state)`` rebuilds the method's structure from a saved
+    ``tensors`` artifact before its tensors are loaded.
     """
 
     name: str
@@ -71,6 +75,8 @@ class MethodInfo:
     mixed_batches: bool = False
     on_step: Callable | None = None
     quantize: str | None = None
+    prepare: Callable | None = None
+    restore: Callable | None = None
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
@@ -245,6 +251,7 @@ from harness.methods import (  # noqa: E402,F401
     bitfit,
     compacter,
     dora,
+    fishmask,
     full,
     ia3,
     ln_tuning,

@@ -18,6 +18,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 TENSORS_FILE = "trainable.safetensors"
+SAVED_BUFFER_PREFIX = "saved_"  # buffers named saved_* (FishMask's indices) are saved with the trainable tensors
 
 
 def save_trained(model, info, directory: str | os.PathLike) -> Path:
@@ -32,6 +33,8 @@ def save_trained(model, info, directory: str | os.PathLike) -> Path:
             from safetensors.torch import save_file
 
             tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            tensors |= {n: b.detach().cpu().contiguous() for n, b in model.named_buffers()
+                        if n.rsplit(".", 1)[-1].startswith(SAVED_BUFFER_PREFIX)}
             save_file(tensors, str(tmp / TENSORS_FILE))
         if directory.exists():
             shutil.rmtree(directory)
@@ -41,7 +44,7 @@ def save_trained(model, info, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _load_state(model, files: list[Path], directory: Path) -> None:
+def _load_state(model, files: list[Path], directory: Path, restore=None) -> None:
     from safetensors.torch import load_file
 
     if not files:
@@ -49,6 +52,8 @@ def _load_state(model, files: list[Path], directory: Path) -> None:
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    if restore is not None:
+        restore(model, state)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise HarnessError(f"{directory}: tensors not in the model: {', '.join(result.unexpected_keys[:5])}")
@@ -75,7 +80,8 @@ def load_trained(base_model, info, directory: str | os.PathLike):
             raise HarnessError(f"{directory}: the saved model lacks {', '.join(missing[:5])}")
         model = base_model
     else:
-        _load_state(base_model, [directory / TENSORS_FILE] if (directory / TENSORS_FILE).exists() else [], directory)
+        _load_state(base_model, [directory / TENSORS_FILE] if (directory / TENSORS_FILE).exists() else [], directory,
+                    info.restore)
         model = base_model
     model.eval()
     return model

@@ -1,7 +1,7 @@
 """Report figures (matplotlib, Agg canvas, PNG and PDF); the break-even arithmetic is in :mod:`.breakeven`.
 
 Figures: accuracy vs inference FLOPs per example (T-Few's figure), ICL accuracy vs k, accuracy vs checkpoint
-size, and the break-even of each PEFT method against ICL: total cost ``train FLOPs + n x inference FLOPs per
+size, accuracy vs trainable parameters (Houlsby et al. 2019's figure), and the break-even of each PEFT method against ICL: total cost ``train FLOPs + n x inference FLOPs per
 example`` vs the number of queries ``n``. A figure whose data the store lacks is skipped with a note, never an
 error. Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot, no global state) and saved
 without timestamps or version strings that would make two reports of one store differ.
@@ -107,6 +107,22 @@ def plot_accuracy_vs_checkpoint(runs, out_dir: Path, metric: str = "accuracy") -
     return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
 
 
+def plot_accuracy_vs_params(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
+    """Accuracy vs trainable parameters (log x), one point per method per model, IQR error bars over templates x
+    seeds: the figure of Houlsby et al. 2019 (fig. 1). In-context methods (nothing trained) are not drawn."""
+    name, title = "accuracy_vs_params", f"{metric} vs trainable parameters"
+    df = frame(runs)
+    trained = df[[not is_in_context(m) for m in df["method"]]] if len(df) else df
+    points, notes, n_models = _acc_points(trained, "trainable_params", metric, positive_only=True)
+    if not points:
+        return PlotResult(name, title, notes=("skipped: no trained run has trainable parameters and accuracy",))
+    fig, (ax,) = _figure(title)
+    _scatter(ax, points, n_models)
+    ax.set_xlabel("Trainable parameters (log scale, median over runs)")
+    ax.set_ylabel(f"{metric} (%): median, IQR error bars")
+    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+
+
 def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
     name, title = "icl_accuracy_vs_k", f"ICL {metric} vs number of demonstrations k"
     df = frame(runs)
@@ -188,4 +204,5 @@ def make_plots(runs, out_dir: Path, metric: str = "accuracy") -> list[PlotResult
         plot_icl_vs_k(runs, out_dir, metric),
         plot_accuracy_vs_checkpoint(runs, out_dir, metric),
         plot_break_even(runs, out_dir),
+        plot_accuracy_vs_params(runs, out_dir, metric),
     ]
