@@ -172,9 +172,29 @@ def check_model_name(name: str) -> None:
                            "a local Hugging Face folder, a .gguf file or a Hub id")
 
 
+def is_seq2seq(model) -> bool:
+    """An encoder-decoder model (T5, T0, Flan-T5): scored by :mod:`harness.seq2seq`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+
+
+def model_class(source: str, local: bool):
+    """``AutoModelForSeq2SeqLM`` when the config says ``is_encoder_decoder`` (T5 family), else causal."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if not source.endswith(".gguf"):
+        try:
+            if getattr(AutoConfig.from_pretrained(source, local_files_only=local), "is_encoder_decoder", False):
+                return AutoModelForSeq2SeqLM
+        except (OSError, ValueError):
+            pass  # the causal load below reports the error
+    return AutoModelForCausalLM
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode; encoder-decoder
+    checkpoints (``config.is_encoder_decoder``: T5, T0, Flan-T5) as ``AutoModelForSeq2SeqLM``."""
+    from transformers import AutoTokenizer
 
     dev, dt = resolve_device_dtype(device, dtype)
     from transformers.utils import logging as hf_logging
@@ -189,7 +209,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     source, local = model_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=local)
+        model = model_class(source, local).from_pretrained(source, dtype=dt, local_files_only=local)
     except Exception as exc:
         where = "local folder" if local else "Hugging Face Hub id (needs network; or pass a local folder/.gguf)"
         raise HarnessError(f"could not load model {name!r} as {where}: {str(exc).splitlines()[0]}") from exc

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import attention
+from harness import seq2seq as _seq2seq
 from harness.compat import cache_kwargs, is_prompt_learning, output_cache, peft_legacy_calls
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
@@ -326,9 +327,14 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
         # Sliding-window layers (Gemma 3) count their window in cache slots; the padding gaps a batch of queries
         # leaves in the cache would shift it. One query per micro-batch keeps cached == naive (measured: 1e-5).
         batch_size, tokens = 1, None
+    from harness.models import is_seq2seq
+
     while True:
         try:
-            if use_cache:
+            if is_seq2seq(model):  # T5 family: encoder once per query (use_cache) or per choice (naive)
+                scores, work = _seq2seq.score_seq2seq(model, rows, batch_size, dims, pad_id, progress, use_cache)
+                n_prefix = 0
+            elif use_cache:
                 scores, work, n_prefix = score_cached(model, rows, batch_size, dims, pad_id, progress, tokens,
                                                       shared)
             else:

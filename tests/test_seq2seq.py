@@ -1,0 +1,68 @@
+"""Encoder-decoder backbones (issue 17: T5 / T0 / Flan-T5): model kind, rank classification with the encoder run
+once per query (== the naive path), PEFT training steps, FLOPs, and a CLI run, on a tiny random T5."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.costs import ModelDims
+from harness.models import is_seq2seq, load_model
+from harness.scoring import score_prompts
+from harness.templates import Prompt
+
+TINY_T5 = {"model_type": "t5", "is_encoder_decoder": True, "d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128,
+           "num_layers": 2, "num_decoder_layers": 2, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
+           "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False,
+           "relative_attention_num_buckets": 32, "dropout_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t5") / "config.json"
+    path.write_text(json.dumps(TINY_T5))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tiny_t5_config):
+    return load_model(f"random:{tiny_t5_config}", "cpu", "float32")
+
+
+PROMPTS = [
+    Prompt("Premise: the cat sat.\nQuestion: did it sit? Answer:", (" yes", " no", " maybe not"), 0, "a"),
+    Prompt("Premise: a long day at the office went by slowly.\nQuestion: was it quick?", (" true", " false"), 1, "b"),
+    Prompt("Q: two plus two?", (" four", " five and more", " three"), 0, "c"),
+]
+
+
+def test_model_kind_is_detected(tiny_t5, tmp_path):
+    assert is_seq2seq(tiny_t5.model) and type(tiny_t5.model).__name__ == "T5ForConditionalGeneration"
+    tiny_t5.model.save_pretrained(tmp_path)
+    tiny_t5.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), "cpu", "float32")  # a local folder: the kind comes from its config
+    assert is_seq2seq(lm.model) and type(lm.model).__name__ == "T5ForConditionalGeneration"
+    assert len(tiny_t5.tokenizer) == 32128  # the cut SmolLM2 BPE fallback, T5's vocabulary size
+
+
+@pytest.mark.parametrize("prefix", ["", "Premise: demo.\nQuestion: ok? Answer: yes\n\n"])
+def test_shared_encoder_equals_naive(tiny_t5, prefix):
+    lm = tiny_t5
+    shared = score_prompts(lm.model, lm.tokenizer, PROMPTS, prefix, use_cache=True, batch_size=2)
+    naive = score_prompts(lm.model, lm.tokenizer, PROMPTS, prefix, use_cache=False, batch_size=3)
+    diff = max(abs(a - b) for x, y in zip(shared.examples, naive.examples) for a, b in zip(x.logprobs, y.logprobs))
+    print(f"max |shared - naive| = {diff:.3g}")
+    assert diff < 1e-4
+    assert shared.work.tokens < naive.work.tokens  # the prompt is encoded once per query, not per choice
+    # a choice's score is the sum of its tokens' log-probs under teacher forcing: check one by hand
+    row = shared.rows[0]
+    ids = torch.tensor([row.context])
+    c = row.continuations[1]
+    dec = torch.tensor([[0] + c[:-1]])
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(input_ids=ids, decoder_input_ids=dec).logits[0], -1)
+    by_hand = sum(lp[t, tok].item() for t, tok in enumerate(c))
+    assert abs(by_hand - shared.examples[0].logprobs[1]) < 1e-4
+    assert shared.examples[0].n_tokens[1] == len(c)
