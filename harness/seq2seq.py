@@ -57,21 +57,73 @@ def decoder_tensors(choices: Sequence[Sequence[int]], start: int, pad_id: int):
     return dec_in, targets, mask
 
 
-def choice_logprobs(model, enc_ids, enc_mask, owners, choices, start: int, pad_id: int, encoder_outputs=None):
-    """Summed log-prob [R] of each choice given its owner's prompt; the encoder runs once per prompt row
-    (``owners`` maps each choice to a row of ``enc_ids``) unless ``encoder_outputs`` is given. Differentiable."""
+def token_logprobs(model, enc_ids, enc_mask, owners, choices, start: int, pad_id: int):
+    """Per-token log-probs [R, Lc] (zero at padding) and the token mask [R, Lc] of each choice given its owner's
+    prompt; the encoder runs once per prompt row (``owners`` maps each choice to a row of ``enc_ids``), except
+    under peft prompt learning, whose virtual tokens enter through the full forward (once per choice).
+    Differentiable."""
+    from harness.compat import is_prompt_learning
+
     device = next(model.parameters()).device
     owner_t = torch.tensor(owners, dtype=torch.long, device=device)
     enc_ids, enc_mask = enc_ids.to(device), enc_mask.to(device)
-    if encoder_outputs is None:
-        encoder_outputs = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
-    hidden = encoder_outputs[0].index_select(0, owner_t)  # [R, L, d]: a view per choice of its prompt's states
     dec_in, targets, tmask = decoder_tensors(choices, start, pad_id)
-    logits = model(encoder_outputs=(hidden,), attention_mask=enc_mask.index_select(0, owner_t),
-                   decoder_input_ids=dec_in.to(device), decoder_attention_mask=tmask.to(device),
-                   use_cache=False).logits  # [R, Lc, V]
+    dec = {"decoder_input_ids": dec_in.to(device), "decoder_attention_mask": tmask.to(device), "use_cache": False}
+    if is_prompt_learning(model):
+        logits = model(input_ids=enc_ids.index_select(0, owner_t), attention_mask=enc_mask.index_select(0, owner_t),
+                       **dec).logits
+    else:
+        encoder_outputs = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
+        hidden = encoder_outputs[0].index_select(0, owner_t)  # [R, L, d]: each choice's prompt states
+        logits = model(encoder_outputs=(hidden,), attention_mask=enc_mask.index_select(0, owner_t),
+                       **dec).logits  # [R, Lc, V]
+    tmask = tmask.to(device)
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
-    return (lp * tmask.to(device)).sum(-1)
+    return lp * tmask, tmask.bool()
+
+
+def choice_logprobs(model, enc_ids, enc_mask, owners, choices, start: int, pad_id: int):
+    """Summed log-prob [R] of each choice (:func:`token_logprobs`)."""
+    lp, _ = token_logprobs(model, enc_ids, enc_mask, owners, choices, start, pad_id)
+    return lp.sum(-1)
+
+
+def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhead):
+    """:func:`harness.training.choice_logprobs`'s fields for an encoder-decoder: token_logprobs [B, C, T],
+    token_mask [B, C, T], labels [B], work, rows; the same quantities, so L_LM, L_UL and L_LN (T-Few) apply
+    unchanged (L_LM = the cross-entropy of the gold choice given the prompt, as T5's ``labels=`` loss)."""
+    from harness.errors import HarnessError
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    contexts, owners, choices, slots = [], [], [], []
+    work = Work()
+    for b, p in enumerate(prompts):
+        if p.label < 0:
+            raise HarnessError(f"training example {p.example_id!r} has no label")
+        for c, (context, choice) in enumerate(p.pairs()):
+            ctx, cont = encode(context, choice)
+            if not cont:
+                raise HarnessError(f"example {p.example_id!r}: choice {choice!r} encodes to no tokens")
+            if max_length is not None and len(ctx) > max_length:
+                ctx = ctx[-max_length:]
+            if not contexts or contexts[-1] != ctx or slots[-1][0] != b:
+                contexts.append(ctx)
+                _record(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
+            owners.append(len(contexts) - 1)
+            choices.append(cont)
+            slots.append((b, c))
+            _record(work, overhead.virtual_tokens + len(ctx), len(cont), encode=False)
+    enc_ids, enc_mask = _right_pad(contexts, pad_id)
+    lp, mask = token_logprobs(model, enc_ids, enc_mask, owners, choices, start_id(model), pad_id)
+    B, C, T = len(prompts), max(len(p.choices) for p in prompts), lp.shape[1]
+    bi = torch.tensor([b for b, _ in slots], device=device)
+    ci = torch.tensor([c for _, c in slots], device=device)
+    token_lp = lp.new_zeros((B, C, T)).index_put((bi, ci), lp)
+    token_mask = torch.zeros((B, C, T), dtype=torch.bool, device=device)
+    token_mask[bi, ci] = mask
+    labels = torch.tensor([p.label for p in prompts], dtype=torch.long, device=device)
+    return token_lp, token_mask, labels, work, len(slots)
 
 
 def _record(work: Work, n_ctx: int, n_choice: int, encode: bool) -> None:

@@ -66,3 +66,31 @@ def test_shared_encoder_equals_naive(tiny_t5, prefix):
     by_hand = sum(lp[t, tok].item() for t, tok in enumerate(c))
     assert abs(by_hand - shared.examples[0].logprobs[1]) < 1e-4
     assert shared.examples[0].n_tokens[1] == len(c)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "tfew", "prompt_tuning"])
+def test_peft_training_step_on_t5(tiny_t5_config, cb, method):
+    from harness.methods import apply_method, training_settings
+    from harness.random_models import build_random_model
+    from harness.training import train
+    from tests.conftest import SHORT_CB, assert_every_tensor_moved, trainable_snapshot
+
+    model, tok = build_random_model(str(tiny_t5_config), torch.float32, device="cpu")
+    settings = training_settings(method, "quick", {"steps": 3, "batch_size": 2, "n_train": 2, "warmup_ratio": 0.0,
+                                                   "train_template": "gpt3_style"})
+    model = apply_method(model, method, settings)
+    assert type(model).__name__ == "PeftModelForSeq2SeqLM"
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if method == "ia3" or method == "tfew":  # T-Few: k, v and the feed-forward (wo's input = wi_1's output)
+        assert {n.split(".")[-3] for n in names} == {"k", "v", "wo"}
+        ff = [p for n, p in model.named_parameters() if p.requires_grad and ".wo." in n]
+        assert all(p.shape == (1, 128) for p in ff)  # wo's input (d_ff) scaled, not its output
+    if method == "lora":
+        assert {n.split(".")[-4] for n in names} == {"q", "v"}
+    before = trainable_snapshot(model)
+    stats = train(model, tok, SHORT_CB, cb, settings, seed=0, method=method)
+    assert stats.steps == 3 and all(torch.isfinite(torch.tensor(stats.losses)))
+    assert stats.losses[-1] != stats.losses[0]
+    assert_every_tensor_moved(model, before)
+    if method == "tfew":
+        assert set(stats.components) == {"lm", "ul", "ln"}
