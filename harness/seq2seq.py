@@ -129,7 +129,10 @@ def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhea
 def _record(work: Work, n_ctx: int, n_choice: int, encode: bool) -> None:
     if encode:  # bidirectional: every prompt token attends to all n_ctx
         work.tokens += n_ctx
+        work.enc_tokens += n_ctx
         work.full_keys += n_ctx * n_ctx
+        return
+    work.cross_tokens += n_ctx  # the cross-attention K/V of the prompt's states, once per decoder row
     work.tokens += n_choice  # decoder: causal self-attention plus cross-attention to the prompt
     work.full_keys += n_choice * (n_choice + 1) // 2 + n_choice * n_ctx
     work.logit_positions += n_choice
@@ -158,7 +161,9 @@ def score_seq2seq(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_
                 owners.append(b)
                 choices.append(c)
                 slots.append((i, jj))
-                _record(work, len(rows[i].context), len(c), encode=j is not None or jj == 0)
+                if j is not None or jj == 0:
+                    _record(work, len(rows[i].context), 0, encode=True)
+                _record(work, len(rows[i].context), len(c), encode=False)
         sums = choice_logprobs(model, enc_ids, enc_mask, owners, choices, start, pad_id)
         for (i, jj), s in zip(slots, sums.tolist()):
             out[i][jj] = s

@@ -94,3 +94,25 @@ def test_peft_training_step_on_t5(tiny_t5_config, cb, method):
     assert_every_tensor_moved(model, before)
     if method == "tfew":
         assert set(stats.components) == {"lm", "ul", "ln"}
+
+
+def test_flops_formula_matches_the_flop_counter(tiny_t5):
+    """costs.forward_flops on the recorded work == torch's FlopCounterMode within 15% (no padding: one query per
+    batch, choices of one token each; encoder x prompt tokens + decoder x choice tokens + cross-attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.costs import forward_flops
+
+    lm = tiny_t5
+    prompts = [Prompt("Premise: the cat sat on the mat all day long.\nQuestion: did it sit? Answer:",
+                      (" yes", " no"), 0, "a")]
+    dims = ModelDims.from_model(lm.model)
+    assert 0 < dims.enc_params < dims.body_params and dims.cross_kv_params == 2 * 2 * 64 * 64
+    for use_cache in (True, False):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = score_prompts(lm.model, lm.tokenizer, prompts, use_cache=use_cache, batch_size=1)
+        assert all(len(c) == 1 for c in out.rows[0].continuations)
+        ours, measured = forward_flops(dims, out.work), counter.get_total_flops()
+        print(f"use_cache={use_cache}: formula {ours:.4g}, FlopCounterMode {measured:.4g}")
+        assert abs(ours - measured) / measured < 0.15
