@@ -367,6 +367,12 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
 def uncached_work(rows: list[Row], dims: ModelDims) -> Work:
     """The work the naive path would do on these rows (for ``infer_flops_per_example_uncached``)."""
     work = Work()
+    if dims.enc_params:  # encoder-decoder: the prompt re-encoded for every choice (harness.seq2seq)
+        for r in rows:
+            for c in r.continuations:
+                _seq2seq._record(work, len(r.context), 0, encode=True)
+                _seq2seq._record(work, len(r.context), len(c), encode=False)
+        return work
     for r in rows:
         for c in r.continuations:
             work.add_tokens(len(r.context) + len(c), 0, dims.windows)

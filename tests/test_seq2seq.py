@@ -116,3 +116,29 @@ def test_flops_formula_matches_the_flop_counter(tiny_t5):
         ours, measured = forward_flops(dims, out.work), counter.get_total_flops()
         print(f"use_cache={use_cache}: formula {ours:.4g}, FlopCounterMode {measured:.4g}")
         assert abs(ours - measured) / measured < 0.15
+
+
+def test_uncached_work_counts_the_prompt_per_choice(tiny_t5):
+    out = score_prompts(tiny_t5.model, tiny_t5.tokenizer, PROMPTS, use_cache=False, batch_size=3)
+    from harness.scoring import uncached_work
+
+    dims = ModelDims.from_model(tiny_t5.model)
+    assert uncached_work(out.rows, dims) == out.work
+
+
+@pytest.mark.slow
+def test_cli_run_zeroshot_icl_tfew_on_a_random_t5(tmp_path, tiny_t5_config, data_dir):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.store import Store
+
+    store = tmp_path / "s.sqlite"
+    args = ["run", "--methods", "zeroshot,icl,tfew", "--tasks", "cb", "--seeds", "0", "--templates", "gpt3_style",
+            "--k", "2", "--limit", "3", "--steps", "2", "--preset", "quick", "--model", f"random:{tiny_t5_config}",
+            "--device", "cpu", "--store", str(store), "--data-dir", str(data_dir), "--quiet"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    runs = Store(store).runs()
+    assert sorted(r["method"] for r in runs) == ["icl", "tfew", "zeroshot"]
+    assert all(r["status"] == "finished" and r["is_random"] for r in runs)
