@@ -142,3 +142,20 @@ def test_cli_run_zeroshot_icl_tfew_on_a_random_t5(tmp_path, tiny_t5_config, data
     runs = Store(store).runs()
     assert sorted(r["method"] for r in runs) == ["icl", "tfew", "zeroshot"]
     assert all(r["status"] == "finished" and r["is_random"] for r in runs)
+
+
+@pytest.mark.parametrize("name,params,layers", [
+    ("t5-small", 60_506_624, 6),  # google-t5/t5-small: 60.5M
+    ("t5-base", 222_903_552, 12),  # google-t5/t5-base: 223M
+    ("t0-3b", 2_783_959_040, 24),  # T0_3B: 2.85B published; transformers 5 ties its lm_head (configs/t0-3b.json)
+])
+def test_named_t5_architectures(name, params, layers):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from harness.random_models import load_config
+
+    cfg = load_config(name)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(cfg)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert cfg.is_encoder_decoder and cfg.vocab_size == 32128 and cfg.num_layers == layers
