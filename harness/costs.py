@@ -45,6 +45,8 @@ class ModelDims:
     body_params: int  # N_body: all parameters minus input embedding and output projection
     windows: tuple[int | None, ...]  # per layer: sliding window size, or None for full attention
     total_params: int
+    enc_params: int = 0  # encoder-decoder (T5): the encoder's share of body_params (0: a causal model)
+    cross_kv_params: int = 0  # the decoder's cross-attention K/V weights, applied to encoder states
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ModelDims":
@@ -67,7 +69,12 @@ class ModelDims:
         layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers
         window = getattr(cfg, "sliding_window", None)
         windows = tuple(window if t == "sliding_attention" and window else None for t in layer_types)
-        return cls(n_layers, cfg.hidden_size, n_heads, head_dim, emb.shape[0], body, windows, total)
+        enc = cross_kv = 0
+        if getattr(cfg, "is_encoder_decoder", False) and hasattr(base, "get_encoder"):
+            enc = sum(p.numel() for n, p in base.get_encoder().named_parameters() if p.data_ptr() != emb.data_ptr())
+            cross_kv = sum(p.numel() for n, p in base.named_parameters()
+                           if "EncDecAttention." in n and n.rsplit(".", 2)[-2] in ("k", "v"))
+        return cls(n_layers, cfg.hidden_size, n_heads, head_dim, emb.shape[0], body, windows, total, enc, cross_kv)
 
 
 @dataclasses.dataclass
@@ -78,6 +85,8 @@ class Work:
     full_keys: int = 0  # sum over tokens of attended keys on a full-attention layer
     window_keys: dict[int, int] = dataclasses.field(default_factory=dict)  # window -> sum of min(keys, window)
     logit_positions: int = 0  # positions projected to the vocabulary
+    enc_tokens: int = 0  # encoder-decoder: the part of ``tokens`` that went through the encoder
+    cross_tokens: int = 0  # encoder-decoder: encoder states projected to cross-attention K/V (per decoder row)
 
     def add_tokens(self, n_new: int, n_cached: int, windows: tuple[int | None, ...]) -> None:
         """Record ``n_new`` tokens processed causally after ``n_cached`` tokens already in the cache."""
@@ -94,6 +103,8 @@ class Work:
         self.tokens += other.tokens
         self.full_keys += other.full_keys
         self.logit_positions += other.logit_positions
+        self.enc_tokens += other.enc_tokens
+        self.cross_tokens += other.cross_tokens
         for w, v in other.window_keys.items():
             self.window_keys[w] = self.window_keys.get(w, 0) + v
 
@@ -107,8 +118,15 @@ def attention_flops(dims: ModelDims, work: Work) -> int:
 
 
 def matmul_flops(dims: ModelDims, work: Work) -> int:
-    """FLOPs of the weight matrices: the body at every token, the output projection at projected positions."""
-    return 2 * dims.body_params * work.tokens + 2 * dims.d_model * dims.vocab * work.logit_positions
+    """FLOPs of the weight matrices: the body at every token, the output projection at projected positions.
+    Encoder-decoder (T5): encoder weights x encoder tokens + decoder weights x decoder tokens, the decoder's
+    cross-attention K/V weights x the encoder states they project (once per decoder row)."""
+    logits = 2 * dims.d_model * dims.vocab * work.logit_positions
+    if dims.enc_params:
+        dec = dims.body_params - dims.enc_params
+        return (2 * dims.enc_params * work.enc_tokens + 2 * (dec - dims.cross_kv_params)
+                * (work.tokens - work.enc_tokens) + 2 * dims.cross_kv_params * work.cross_tokens + logits)
+    return 2 * dims.body_params * work.tokens + logits
 
 
 def forward_flops(dims: ModelDims, work: Work) -> int:

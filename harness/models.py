@@ -188,11 +188,31 @@ def check_quantize(quantize: str | None, device_type: str, method: str = "this m
         raise HarnessError(f"{method} needs bitsandbytes for its 4-bit NF4 base: pip install bitsandbytes")
 
 
+def is_seq2seq(model) -> bool:
+    """An encoder-decoder model (T5, T0, Flan-T5): scored by :mod:`harness.seq2seq`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+
+
+def model_class(source: str, local: bool):
+    """``AutoModelForSeq2SeqLM`` when the config says ``is_encoder_decoder`` (T5 family), else causal."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if not source.endswith(".gguf"):
+        try:
+            if getattr(AutoConfig.from_pretrained(source, local_files_only=local), "is_encoder_decoder", False):
+                return AutoModelForSeq2SeqLM
+        except (OSError, ValueError):
+            pass  # the causal load below reports the error
+    return AutoModelForCausalLM
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                quantize: str | None = None) -> LoadedModel:
-    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode. ``quantize="nf4"``: the
-    base in 4-bit NormalFloat with double quantization, computing in ``dtype`` (QLoRA; CUDA and bitsandbytes)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode; encoder-decoder
+    checkpoints (``config.is_encoder_decoder``: T5, T0, Flan-T5) as ``AutoModelForSeq2SeqLM``. ``quantize="nf4"``:
+    the base in 4-bit NormalFloat with double quantization, computing in ``dtype`` (QLoRA; CUDA and bitsandbytes)."""
+    from transformers import AutoTokenizer
 
     dev, dt = resolve_device_dtype(device, dtype)
     check_quantize(quantize, dev.type, f"quantize={quantize!r}")
@@ -210,15 +230,16 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     source, local = model_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model_cls = model_class(source, local)
         if quantize is None:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=local)
+            model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local)
         else:
             from transformers import BitsAndBytesConfig
 
             nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                      bnb_4bit_compute_dtype=dt)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=local,
-                                                         quantization_config=nf4, device_map={"": dev.index or 0})
+            model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local, quantization_config=nf4,
+                                              device_map={"": dev.index or 0})
     except Exception as exc:
         where = "local folder" if local else "Hugging Face Hub id (needs network; or pass a local folder/.gguf)"
         raise HarnessError(f"could not load model {name!r} as {where}: {str(exc).splitlines()[0]}") from exc

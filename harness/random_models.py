@@ -7,7 +7,11 @@
   tied embeddings, llama3 RoPE with theta 500,000);
 - ``qwen2.5-0.5b``: Qwen2.5-0.5B dimensions (24 layers, d=896, 14 heads / 2 KV heads, MLP 4864, vocab 151,936,
   tied embeddings, q/k/v biases);
-- a path to a ``config.json`` (or a folder holding one) of any causal LM transformers knows.
+- ``t5-small``, ``t5-base``: T5 (encoder-decoder, ReLU feed-forward, tied embeddings, vocab 32,128);
+- ``t0-3b``: T0-3B (T5-XL dims: 24+24 layers, d=2048, 32 heads, gated-GELU feed-forward 5120, untied output),
+  the T-Few paper's backbone;
+- a path to a ``config.json`` (or a folder holding one) of any causal or encoder-decoder LM transformers knows
+  (``is_encoder_decoder`` in the config selects ``AutoModelForSeq2SeqLM``).
 
 The three named configurations are stored beside this module (``harness/configs/*.json``), copied from the
 published ``config.json`` files. Weights do not change speed, so throughput, memory and FLOPs of these models are
@@ -19,7 +23,12 @@ Tokenizer: SmolLM2's real tokenizer (vocab 49,152), taken from the embedded mode
 only that folder. Llama 3's and Qwen 2.5's tokenizers cannot be had offline: their models are built with their
 real vocabulary sizes (the embedding and output matrices, and so the FLOPs and memory, are the real ones) but
 read text through SmolLM2's tokenizer, so token ids stay below 49,152 and prompts are a few percent longer or
-shorter in tokens than with the real tokenizers. A ``config.json`` whose folder holds tokenizer files uses those.
+shorter in tokens than with the real tokenizers. T5's SentencePiece tokenizer cannot be had offline either
+(no ``spiece.model``, no ``sentencepiece``): random T5 models read text through SmolLM2's byte-level BPE cut to
+its first 32,128 tokens (merges whose result lies beyond dropped; its merges are in id order, so the cut
+tokenizer is a valid BPE), kept under ``$HARNESS_CACHE_DIR/tokenizers/smollm2-135m-32128``; the model's
+vocabulary size (32,128) is the real one, the token counts are SmolLM2-like (a few percent more than a 49k
+BPE's), never T5's. Token 0 (``<|endoftext|>``) is the pad and decoder start token, as T5's ``<pad>``. A ``config.json`` whose folder holds tokenizer files uses those.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ import torch
 from harness.errors import HarnessError, suggest
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-RANDOM_NAMES = ("smollm2-135m", "llama-1b", "qwen2.5-0.5b")
+RANDOM_NAMES = ("smollm2-135m", "llama-1b", "qwen2.5-0.5b", "t5-small", "t5-base", "t0-3b")
+T5_VOCAB = 32128
 DEFAULT_SEED = 0
 TOKENIZER_NAME = "smollm2-135m"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -87,12 +97,40 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in _TOKENIZER_FILES)
 
 
+def cut_tokenizer(source: Path, vocab: int) -> Path:
+    """SmolLM2's byte-level BPE cut to its first ``vocab`` tokens (for random T5 models; module docstring)."""
+    from harness.models import cache_dir
+
+    kept = cache_dir() / "tokenizers" / f"{TOKENIZER_NAME}-{vocab}"
+    if _has_tokenizer(kept):
+        return kept
+    data = json.loads((source / "tokenizer.json").read_text())
+    model = data["model"]
+    model["vocab"] = {t: i for t, i in model["vocab"].items() if i < vocab}
+    model["merges"] = [m for m in model["merges"]
+                       if model["vocab"].get("".join(m) if isinstance(m, list) else m.replace(" ", ""), vocab) < vocab]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab]
+    tmp = kept.with_name(f".{kept.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.update(pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token=None)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config))
+    try:
+        tmp.replace(kept)
+    except OSError:  # another process kept it first
+        pass
+    return kept if _has_tokenizer(kept) else tmp
+
+
 def tokenizer_folder(name: str) -> Path:
     """Where the tokenizer of ``random:NAME`` is read from (see the module docstring)."""
     if name not in RANDOM_NAMES:
         own = config_path(name).parent
         if _has_tokenizer(own):
             return own
+    if name != TOKENIZER_NAME and getattr(load_config(name), "is_encoder_decoder", False):
+        return cut_tokenizer(tokenizer_folder(TOKENIZER_NAME), T5_VOCAB)
     from harness.models import cache_dir
 
     kept = cache_dir() / "tokenizers" / TOKENIZER_NAME
@@ -122,7 +160,7 @@ def build_random_model(name: str, dtype: torch.dtype = torch.float32, seed: int 
     the CPU takes tens of seconds); the same seed gives the same weights on the same kind of device. The caller's
     random state is left untouched (the draw happens inside ``torch.random.fork_rng``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     config = load_config(name)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_folder(name)), local_files_only=True)
@@ -135,6 +173,9 @@ def build_random_model(name: str, dtype: torch.dtype = torch.float32, seed: int 
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), dev:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if getattr(config, "is_encoder_decoder", False):  # T5 has no SDPA path: its relative position bias
+            model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     return model, tok

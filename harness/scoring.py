@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import attention
+from harness import seq2seq as _seq2seq
 from harness.compat import cache_kwargs, is_prompt_learning, output_cache, peft_legacy_calls
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
@@ -347,12 +348,17 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
         # Sliding-window layers (Gemma 3) count their window in cache slots; the padding gaps a batch of queries
         # leaves in the cache would shift it. One query per micro-batch keeps cached == naive (measured: 1e-5).
         batch_size, tokens = 1, None
+    from harness.models import is_seq2seq
+
     cache, reused = None, 0
     while True:
         try:
-            if use_cache:
+            if is_seq2seq(model):  # T5 family: encoder once per query (use_cache) or per choice (naive)
+                scores, work = _seq2seq.score_seq2seq(model, rows, batch_size, dims, pad_id, progress, use_cache)
+                n_prefix = 0
+            elif use_cache:
                 scores, work, cache, reused = score_cached(model, rows, batch_size, dims, pad_id, progress, tokens,
-                                                   shared, reuse)
+                                                           shared, reuse)
                 n_prefix = len(cache.ids)
             else:
                 scores, work = score_naive(model, rows, batch_size, dims, pad_id, progress, tokens)
@@ -384,6 +390,12 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
 def uncached_work(rows: list[Row], dims: ModelDims) -> Work:
     """The work the naive path would do on these rows (for ``infer_flops_per_example_uncached``)."""
     work = Work()
+    if dims.enc_params:  # encoder-decoder: the prompt re-encoded for every choice (harness.seq2seq)
+        for r in rows:
+            for c in r.continuations:
+                _seq2seq._record(work, len(r.context), 0, encode=True)
+                _seq2seq._record(work, len(r.context), len(c), encode=False)
+        return work
     for r in rows:
         for c in r.continuations:
             work.add_tokens(len(r.context) + len(c), 0, dims.windows)

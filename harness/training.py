@@ -112,6 +112,12 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     """
     overhead = overhead or Overhead()
     encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
+    from harness.models import is_seq2seq
+
+    if is_seq2seq(model):  # T5 family (issue 17): the encoder reads the context, the decoder the choice
+        from harness.seq2seq import train_choice_logprobs
+
+        return ChoiceLogprobs(*train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhead))
     windows = dims.windows if dims is not None else ()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -166,8 +166,12 @@ FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     # gpt2-style: fused qkv (Conv1D c_attn), attention and MLP outputs both called c_proj
     "gpt2": {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",),
              "ffn_in": ("c_fc",), "ffn_out": ("mlp.c_proj",)},
+    # t5 / t0 / flan-t5 (issue 17): T-Few's lora_modules ".*SelfAttention|.*EncDecAttention|.*DenseReluDense";
+    # its IA3 "k|v|wi_1.*" scales wi_1's output, i.e. wo's input: ffn_out "wo" with feedforward= (input scaled)
+    "t5": {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "ffn_in": ("wi", "wi_0", "wi_1"),
+           "ffn_out": ("wo",)},
 }
-FAMILY_MARKERS = {"llama": "q_proj", "gpt2": "c_attn"}
+FAMILY_MARKERS = {"llama": "q_proj", "gpt2": "c_attn", "t5": "EncDecAttention"}
 
 
 def module_names(model) -> list[str]:
@@ -194,6 +198,8 @@ def resolve_targets(model, roles: Iterable[str], explicit: tuple[str, ...] | Non
                 f"{method}: cannot tell which modules to adapt in {type(model).__name__} (neither llama-style "
                 f"q_proj/v_proj nor gpt2-style c_attn found); pass targets=NAME|NAME in --method-args")
         targets = list(dict.fromkeys(t for role in roles for t in FAMILIES[family][role]))
+        if family == "t5":  # ReLU T5 has wi, gated T5 (v1.1, T0, Flan-T5) wi_0 and wi_1: keep those present
+            targets = [t for t in targets if any(n.endswith("." + t) for n in names)]
     else:
         targets = list(explicit)
     for t in targets:
@@ -266,6 +272,8 @@ def wrap_peft(model, peft_config, method: str):
 
     from harness.compat import peft_legacy_calls
 
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and peft_config.task_type == "CAUSAL_LM":
+        peft_config.task_type = "SEQ_2_SEQ_LM"  # T5 family (issue 17): prompt tuning prepends to the encoder
     try:
         with peft_legacy_calls():  # PeftModel.__init__ reads model.is_gradient_checkpointing
             return get_peft_model(model, peft_config)
