@@ -36,7 +36,7 @@ def test_sections_only_with_such_runs(tmp_path):
     _write(plain, "zeroshot", 0, 3)
     runs = select_runs(plain.runs())
     assert k_curve_table(runs) is None and calibration_table(runs) is None
-    assert len(report_tables(runs)) == 4
+    assert len(report_tables(runs)) == 5  # summary, task, cost, break-even, methods by family
 
     curve = Store(tmp_path / "curve.sqlite")
     for k, c in ((0, 3), (1, 4), (4, 6), (8, 7)):
