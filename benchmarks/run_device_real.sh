@@ -144,7 +144,7 @@ print('model', embedded_gguf('smollm2-135m'), model_fingerprint('smollm2-135m'),
 print('converted', model_source('smollm2-135m')[0])") || exit 1
       command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       ;;
-    grid|grid[0-9])
+    grid|grid[0-9]|grid[0-9][0-9])
       jobs_text=$(plan "$stage")
       mkdir -p "$(dirname "$STORE")"
       if [ ! -f "$STORE" ] && [ -f "$G/store/paper.sqlite.gz" ]; then gunzip -c "$G/store/paper.sqlite.gz" > "$STORE"; fi
