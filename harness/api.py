@@ -24,6 +24,7 @@ from harness.data import few_shot_examples, few_shot_path, load_split, resolve_d
 from harness.errors import HarnessError
 from harness.executors import Executor, LocalProcessExecutor
 from harness.jobs import JobContext, make_jobs
+from harness.master_weights import LOW_PRECISION
 from harness.methods import get_method, training_settings
 from harness.models import (DEFAULT_MODEL, LoadedModel, check_model_name, check_quantize, load_model,
                             resolve_device_dtype)
@@ -119,7 +120,8 @@ def plan(
                             k=run_k, template_fingerprint=template.fingerprint(),
                             train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
                             data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text,
-                            calibrate=calibrate and info.kind != "peft", **common))
+                            calibrate=calibrate and info.kind != "peft",
+                            master_weights=info.trains_model_dtype and dt in LOW_PRECISION, **common))
     return specs
 
 

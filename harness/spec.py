@@ -70,6 +70,11 @@ class RunSpec:
     train_data_hash: str = ""  # the training rows alone (PEFT; shared by the group's templates)
     model_fingerprint: str = ""  # identity.model_fingerprint: weights, Hub revision or random config + seed
     scoring_version: int = SCORING_VERSION
+    # PEFT runs in bfloat16/float16 of a method that trains parameters in the model's dtype
+    # (MethodInfo.trains_model_dtype): trained through float32 master weights (harness.master_weights). Hashed
+    # only when True, so every other run keeps its id; runs of such methods made before the master weights
+    # (parameters updated in bfloat16, most updates rounded away) never match a new plan.
+    master_weights: bool = False
     # in-context runs: also compute accuracy_calibrated and accuracy_mutual_info (harness.calibration). Not hashed
     # (it adds figures and changes none): a run stored without them is not finished for a --calibrate plan
     # (Store.finished_ids(calibrated=True)), so it is re-run and replaced by one with them.
@@ -93,7 +98,10 @@ class RunSpec:
 
     def identity(self) -> dict:
         """The fields the run id hashes: :meth:`config` without :data:`NOT_HASHED`."""
-        return {key: value for key, value in self.config().items() if key not in NOT_HASHED}
+        out = {key: value for key, value in self.config().items() if key not in NOT_HASHED}
+        if not out["master_weights"]:
+            del out["master_weights"]  # run ids made before the field existed stay the same
+        return out
 
     @property
     def run_id(self) -> str:

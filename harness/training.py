@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from harness import costs
 from harness.compat import is_prompt_learning, peft_legacy_calls
+from harness.master_weights import MasterWeights
 from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
@@ -343,7 +344,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     rng = random.Random(seed)
     torch.manual_seed(seed)
     sampler = _Sampler(len(train_examples), rng)
-    optimizer = make_optimizer(params, settings, fused=device.type == "cuda")
+    masters = MasterWeights(params)  # float32 copies of bfloat16/float16 trainable parameters
+    optimizer = make_optimizer(masters.params, settings, fused=device.type == "cuda")
     schedule = make_schedule(optimizer, settings)
     if not any(schedule.lr_lambdas[0](s) > 0 for s in range(settings["steps"])):
         log.warning("no training step has a learning rate above 0 (%d step(s), warmup_ratio %g: the warmup's first "
@@ -365,6 +367,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
             batch = [task.render(rng.choice(templates), train_examples[i]) for i in sampler.take(effective)]
             while True:
                 optimizer.zero_grad(set_to_none=True)
+                masters.zero_grad()
                 try:
                     values, weights, work, rows = _forward_backward(forward_model, tokenizer, batch, micro, settings,
                                                                     dims, overhead, right_pad, encode, logit_index)
@@ -373,6 +376,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                     if micro == 1:
                         raise
                     optimizer.zero_grad(set_to_none=True)
+                    masters.zero_grad()
                     micro = (micro + 1) // 2
                     accum = math.ceil(effective / micro)
                     if device.type == "cuda":
@@ -385,14 +389,16 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                                 str(exc).strip().splitlines()[0] if str(exc).strip() else "")
                     uncompile_blocks(compiled)
                     compiled, forward_model, stats.compiled = [], model, False
+            masters.pull_grads()
             clip = settings.get("max_grad_norm")
-            norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
+            norm = torch.nn.utils.clip_grad_norm_(masters.params, clip) if clip else None
             (loss, *parts), norm_value = _step_values(values, weights, norm)
             if not math.isfinite(loss):
                 raise TrainingDiverged(step, loss)
             if not math.isfinite(norm_value):
                 raise TrainingDiverged(step, norm_value, "the gradient norm")
             optimizer.step()
+            masters.push()
             if on_step is not None:  # e.g. AdaLoRA's rank allocation, which reads the gradients
                 on_step(model, step)
             schedule.step()
@@ -408,6 +414,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         uncompile_blocks(compiled)
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
+        masters.zero_grad()
     stats.steps = len(stats.losses)
     stats.seconds = time.perf_counter() - start
     stats.overhead_flops = 3 * (overhead.per_token * stats.work.tokens + overhead.train_per_row * stats.rows)

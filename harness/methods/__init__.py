@@ -52,6 +52,10 @@ class MethodInfo:
     different tasks, each with its own trained parameters, without merging (T-Few section 3.3: (IA)3 and soft
     prompts do; selective methods and full fine-tuning change shared weights and cannot).
 
+    ``trains_model_dtype``: the method trains parameters in the model's own dtype (the base weights, or modules it
+    adds in that dtype) rather than float32 adapters as peft makes; in bfloat16/float16 those are trained through
+    float32 master weights (:mod:`harness.master_weights`), which the run id records (``RunSpec.master_weights``).
+
     Optional hooks: ``on_step(model, step)`` runs after every optimizer step, gradients still in place (AdaLoRA's
     rank allocation); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in
     :func:`harness.api.plan` before any model loads.
@@ -77,6 +81,7 @@ class MethodInfo:
     quantize: str | None = None
     prepare: Callable | None = None
     restore: Callable | None = None
+    trains_model_dtype: bool = False
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")

@@ -45,4 +45,4 @@ def overhead_for(places):
 register(MethodInfo(
     "adapter", "peft", "Houlsby adapters (Houlsby et al. 2019): bottleneck (d/16) after attention and feed-forward",
     config_cls=AdapterArgs, apply=apply, overhead=overhead_for(PLACES), artifact="tensors",
-    family="additive", merges=False, mixed_batches=True))
+    family="additive", merges=False, mixed_batches=True, trains_model_dtype=True))

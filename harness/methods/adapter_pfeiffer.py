@@ -35,4 +35,4 @@ def apply(model, cfg: PfeifferArgs):
 register(MethodInfo(
     "adapter_pfeiffer", "peft", "Pfeiffer adapters (Pfeiffer et al. 2021): bottleneck (d/16) after the feed-forward",
     config_cls=PfeifferArgs, apply=apply, overhead=overhead_for(PLACES), artifact="tensors",
-    family="additive", merges=False, mixed_batches=True))
+    family="additive", merges=False, mixed_batches=True, trains_model_dtype=True))

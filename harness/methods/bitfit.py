@@ -38,4 +38,4 @@ def apply(model, cfg: BitFitArgs):
 register(MethodInfo(
     "bitfit", "peft", "BitFit (Ben Zaken et al. 2022): train only bias terms (needs a model with biases)",
     config_cls=BitFitArgs, apply=apply, overhead=lambda model, cfg: Overhead(), artifact="tensors",
-    family="selective", merges=True))
+    family="selective", merges=True, trains_model_dtype=True))

@@ -56,4 +56,4 @@ def apply(model, cfg: CompacterArgs):
 register(MethodInfo(
     "compacter", "peft", "Compacter++ (Karimi Mahabadi et al. 2021): PHM (n=4, rank 1) bottleneck after the FFN",
     config_cls=CompacterArgs, apply=apply, overhead=overhead_for(PLACES), artifact="tensors",
-    family="hybrid", merges=False, mixed_batches=True))
+    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True))

@@ -176,4 +176,4 @@ def trainable_params(model, cfg: FishMaskArgs) -> int:
 register(MethodInfo(
     "fishmask", "peft", "FishMask (Sung et al. 2021): the 0.2% entries of largest empirical Fisher, fixed sparse mask",
     config_cls=FishMaskArgs, apply=apply, overhead=lambda model, cfg: Overhead(), artifact="tensors",
-    family="selective", merges=True, prepare=prepare, restore=restore))
+    family="selective", merges=True, prepare=prepare, restore=restore, trains_model_dtype=True))

@@ -27,4 +27,4 @@ def apply(model, cfg: FullArgs):
 register(MethodInfo(
     "full", "peft", "full fine-tuning: all parameters, AdamW 1e-5 (saves the whole model)",
     config_cls=FullArgs, apply=apply, overhead=lambda model, cfg: Overhead(), artifact="model",
-    family="full", merges=True))
+    family="full", merges=True, trains_model_dtype=True))

@@ -22,6 +22,9 @@ PEFT_FAMILIES = {
                           "lora", "miss", "oft", "randlora", "road", "tinylora", "vblora", "vera", "waveft"),
     "hybrid": ("glora", "poly", "xlora"),
 }
+# peft types whose trainable parameters keep the model's dtype (peft casts the others' adapters to float32):
+# copies of the model's own modules (LayerNorm tuning) or rows of its embedding (tests/test_master_weights.py)
+MODEL_DTYPE_TYPES = frozenset({"ln_tuning", "trainable_tokens"})
 MERGEABLE = set(PEFT_FAMILIES["reparametrization"]) | {"ia3", "ln_tuning", "shira"}
 
 
@@ -90,4 +93,5 @@ def generic_method(type_name: str) -> MethodInfo:
         f"peft:{key}", "peft", f"peft's {peft_cls.__name__} (arguments via --method-args)", config_cls=args_cls,
         supports_kv_cache=not prompt_learning, apply=apply,
         position_ids=not prompt_learning or key in ("prefix_tuning", "cartridge"),
-        family=peft_family(key), merges=key in MERGEABLE, mixed_batches=prompt_learning)
+        family=peft_family(key), merges=key in MERGEABLE, mixed_batches=prompt_learning,
+        trains_model_dtype=key in MODEL_DTYPE_TYPES)

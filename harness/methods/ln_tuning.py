@@ -53,4 +53,4 @@ def overhead(model, cfg: LNTuningArgs) -> Overhead:
 
 register(MethodInfo(
     "ln_tuning", "peft", "LayerNorm tuning: train only the normalization layers (peft LN tuning), Adafactor 3e-4",
-    config_cls=LNTuningArgs, apply=apply, overhead=overhead, family="selective", merges=True))
+    config_cls=LNTuningArgs, apply=apply, overhead=overhead, family="selective", merges=True, trains_model_dtype=True))
