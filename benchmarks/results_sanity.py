@@ -62,9 +62,11 @@ def main(path: str) -> None:
               f"{span([v[1] for v in vals if v[1] is not None])} | {span([v[2] for v in vals if v[2] is not None])} | "
               f"{min(v[3] for v in vals):.0f} to {max(v[3] for v in vals):.0f} |")
 
-    bad = db.execute("SELECT task, method, template, seed, status, substr(error, 1, 200) FROM runs "
-                     "WHERE status != 'finished'").fetchall()
-    print(f"\nRuns not finished: {len(bad)}." + "".join(f"\n- {r}" for r in bad))
+    bad = db.execute("SELECT task, method, status, COUNT(*), substr(error, 1, 300) FROM runs "
+                     "WHERE status != 'finished' GROUP BY task, method, status, error ORDER BY task, method").fetchall()
+    total = sum(r[3] for r in bad)
+    print(f"\nRuns not finished (left out of every table above): {total}."
+          + "".join(f"\n- {task} {method}: {n} run(s) {status}: {error}" for task, method, status, n, error in bad))
     commits = sorted(str(r[0]) for r in db.execute("SELECT DISTINCT json_extract(env_json, '$.git_commit') FROM runs"))
     envs = db.execute("SELECT DISTINCT json_extract(env_json, '$.gpu'), json_extract(env_json, '$.python'), "
                       "json_extract(env_json, '$.packages') FROM runs").fetchall()

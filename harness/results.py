@@ -15,7 +15,7 @@ dtype (``str`` from pandas 3, ``object`` before); a missing value is NaN (float,
 
 ====================================  =======  ==============================================================
 run_id                                text     the run's id: a hash of every input that can change its numbers
-status                                text     ``finished`` or ``failed`` (then ``error`` says why)
+status                                text     ``finished``, ``failed`` or ``withdrawn`` (then ``error`` says why)
 task, method, model, template         text     the grid cell (``model``: the name given to ``--model``)
 seed                                  Int64    data seed (zero-shot runs once per template, with the first seed)
 k                                     Int64    demonstrations asked for (ICL; 0 for zero-shot and trained methods)

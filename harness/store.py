@@ -6,6 +6,8 @@ Guarantees:
 - finished runs are found by ``run_id`` (the config hash) and skipped;
 - WAL mode and a generous busy timeout let several processes write one store without losing rows;
 - failed runs are stored with status ``failed`` and their reason; they are retried on the next invocation;
+- runs found wrong after the fact are marked ``withdrawn`` with the reason (``benchmarks/withdraw_runs.py``): kept, never
+  reported, and never matched by a new plan (a fix that changes numbers changes the run ids).
 - a ``finished`` run never holds a NaN or infinite log-prob (:meth:`ExampleScore.check_finite`).
 
 Per choice we keep the summed log-probability, its token count and its character count, so any normalization
