@@ -79,7 +79,9 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     grid6) echo "--methods lora --tasks cb,rte --workers 10" ;;
     grid7) echo "--methods lora --tasks copa,wsc --workers 10" ;;
     grid8) echo "--methods lora --tasks wic --workers 5" ;;
-    # round 2 (2026-12-03) ran grid5-grid8 and ln_tuning on wic; what is left of the SmolLM2 grid:
+    # round 2 (2026-12-03) ran grid5-grid8 and ln_tuning on wic; round 3 ran grid9, grid12, grid14 and ln_tuning on
+    # copa, then withdrew every full and ln_tuning run (bfloat16 rounding, fixed in b3431cc): .gpu/src must be at
+    # b3431cc or later; re-run grid11-grid15 and ln_tuning on wic. What is left of the SmolLM2 grid:
     grid9) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
     grid10) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
     grid11) echo "--methods prompt_tuning --tasks wic --workers 5; --methods ln_tuning --tasks wsc --workers 5" ;;
