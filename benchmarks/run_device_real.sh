@@ -33,6 +33,12 @@
 #   call C: carry .gpu/run_device_real.sh .gpu/src .gpu/data .gpu/whl .gpu/store .gpu/parts/gguf.part.ac:
 #           bash .gpu/run_device_real.sh part ac assemble grid5
 #   calls D...: the same carry without the part:                    bash .gpu/run_device_real.sh grid6
+# Round 4 (2026-12-03, commit f776e02): tree + src + store + data left no room for a 33 MB part, so four parts of
+# 25 MB (split -b 25M: aa..ad), one call each carrying only the script and its part, then
+#   carry .gpu/run_device_real.sh .gpu/src .gpu/data .gpu/whl .gpu/store:   bash .gpu/run_device_real.sh assemble grid14
+# (446 s), then the same for grid12 (369 s) and, on a fresh machine after a take-back, the parts again and
+#   GRID_JOBS="--methods full --tasks copa,wsc --workers 10; --methods ln_tuning --tasks copa --workers 5" \
+#     bash .gpu/run_device_real.sh assemble grid          (422 s: 15 trainings side by side, 320-339 s each)
 # A machine can be taken back mid-call ("taken back for other work"): the call's runs are lost, the store carried
 # in is not; start again with call A (round 2 lost one call this way, about 10 s of device time).
 # Files under /tmp survive between calls only while the machine stays warm (30 s after a call): make the part,
@@ -82,6 +88,7 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # round 2 (2026-12-03) ran grid5-grid8 and ln_tuning on wic; round 3 ran grid9, grid12, grid14 and ln_tuning on
     # copa, then withdrew every full and ln_tuning run (bfloat16 rounding, fixed in b3431cc): .gpu/src must be at
     # b3431cc or later; re-run grid11-grid15 and ln_tuning on wic. What is left of the SmolLM2 grid:
+    # round 4 ran grid12, grid14, grid15 and ln_tuning on copa; left: grid10, grid11 and full on wic.
     grid9) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
     grid10) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
     grid11) echo "--methods prompt_tuning --tasks wic --workers 5; --methods ln_tuning --tasks wsc --workers 5" ;;
