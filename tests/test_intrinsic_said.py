@@ -137,3 +137,15 @@ def test_trains_on_smollm_and_reloads_to_the_same_scores(smollm, cb, tmp_path):
                          training_settings("intrinsic_said", "quick", {"method_args": "projection_seed=1"}))
     with pytest.raises(HarnessError, match="projection seed"):
         load_trained(other, info, folder)
+
+
+def test_bad_arguments_exit_2_before_any_model_loads(tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    for args, message in (("intrinsic_dim=1", "intrinsic_dim must be an integer >= 2"),
+                          ("intrinsic_dims=5", "Did you mean 'intrinsic_dim'")):
+        result = CliRunner().invoke(main, ["run", "--methods", "intrinsic_said", "--method-args", args, "--tasks",
+                                           "cb", "--preset", "quick", "--store", str(tmp_path / "s.sqlite")])
+        assert result.exit_code == 2 and message in result.output, result.output
