@@ -114,15 +114,15 @@ def test_trains_on_smollm_and_reloads_to_the_same_scores(smollm, cb, tmp_path):
     from harness.methods.artifacts import load_trained, save_trained
     from harness.training import train
 
-    settings = training_settings("intrinsic_said", "quick", {"steps": 3, "batch_size": 1, "n_train": 1,
+    settings = training_settings("intrinsic_said", "quick", {"steps": 2, "batch_size": 1, "n_train": 1,
                                                              "warmup_ratio": 0.0, "train_template": "gpt3_style"})
     prompts = [cb.render(cb.template("gpt3_style"), SHORT_CB[0])]
     base_scores = choice_scores(smollm.model, smollm.tokenizer, prompts)
     model = apply_method(copy.deepcopy(smollm.model), "intrinsic_said", settings)
     assert torch.equal(choice_scores(model, smollm.tokenizer, prompts), base_scores)
     stats = train(model, smollm.tokenizer, SHORT_CB[:1], cb, settings, seed=0, method="intrinsic_said")
-    assert stats.losses[0] != stats.losses[-1] and stats.forwards == 3
-    assert stats.overhead_flops == 3 * 3 * method_overhead(model, "intrinsic_said", settings).train_per_forward + \
+    assert stats.losses[0] != stats.losses[-1] and stats.forwards == 2
+    assert stats.overhead_flops == 3 * 2 * method_overhead(model, "intrinsic_said", settings).train_per_forward + \
         3 * method_overhead(model, "intrinsic_said", settings).train_per_token * stats.work.tokens
     model.eval()
     trained = choice_scores(model, smollm.tokenizer, prompts)
@@ -133,10 +133,25 @@ def test_trains_on_smollm_and_reloads_to_the_same_scores(smollm, cb, tmp_path):
     fresh = apply_method(copy.deepcopy(smollm.model), "intrinsic_said", settings)
     reloaded = load_trained(fresh, info, folder)
     assert torch.equal(choice_scores(reloaded, smollm.tokenizer, prompts), trained)
-    other = apply_method(copy.deepcopy(smollm.model), "intrinsic_said",
-                         training_settings("intrinsic_said", "quick", {"method_args": "projection_seed=1"}))
+
+
+def test_a_checkpoint_reloads_only_with_its_projection_seed(tmp_path):
+    from harness.methods.artifacts import load_trained, save_trained
+
+    info = get_method("intrinsic_said")
+    model = apply_method(_tiny(), "intrinsic_said", _settings())
+    with torch.no_grad():
+        model.intrinsic_said.theta.normal_()
+    folder = save_trained(model, info, tmp_path / "said")
+    ids = torch.tensor([[1, 5, 9]])
+    same = load_trained(apply_method(_tiny(), "intrinsic_said", _settings()), info, folder)
+    with torch.no_grad():
+        assert torch.equal(same(ids).logits, model(ids).logits)
     with pytest.raises(HarnessError, match="projection seed"):
-        load_trained(other, info, folder)
+        load_trained(apply_method(_tiny(), "intrinsic_said", _settings("intrinsic_dim=300,projection_seed=1")), info,
+                     folder)
+    with pytest.raises(HarnessError, match="shape"):
+        load_trained(apply_method(_tiny(), "intrinsic_said", _settings("intrinsic_dim=400")), info, folder)
 
 
 def test_bad_arguments_exit_2_before_any_model_loads(tmp_path):
