@@ -40,7 +40,8 @@ the 20,000 entries of ``theta`` make rank-1 changes as large as the weights.
 
 Costs (:class:`harness.methods.base.Overhead`): training pays, per forward, one Fastfood projection per tensor, two
 Walsh-Hadamard transforms of ``L log2 L`` additions and ``2 L`` multiplies plus ``D_i`` scalings (``O(L log L)``,
-``train_per_forward``), and per token ``2 (d_in + d_out)`` per adapted matrix for the rank-1 hook
+``train_per_forward``; the algorithm's count: the transforms here run as Kronecker products of 32 x 32
+Hadamard matmuls, ~6x those additions as FLOPs but a few BLAS calls instead of 15 passes), and per token ``2 (d_in + d_out)`` per adapted matrix for the rank-1 hook
 (``train_per_token``). Inference: zero per token: the change folds into the weights (:func:`merge` does it), so a
 deployed model is the base model's size and speed (we score unmerged; the hooks' FLOPs are not counted there).
 
