@@ -131,7 +131,9 @@ def _state_cls():
         """``theta``, the lambdas, and per tensor the seeded Fastfood factors (not saved: rebuilt from the seed).
 
         All rays are computed together, once per forward (:meth:`rays`), and kept until ``theta`` or the lambdas
-        change, the grad mode changes, or a backward pass has gone through them (then their graph is freed)."""
+        change (their version counters: optimizer steps and ``load_state_dict`` bump them; a write through
+        ``.data`` does not and is not seen), the grad mode changes, or a backward pass has gone through them (then
+        their graph is freed)."""
 
         def __init__(self, sizes: list[int], n_theta: int, seed: int, device):
             super().__init__()
