@@ -56,8 +56,8 @@ class ModelDims:
         n_layers = cfg.num_hidden_layers
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-        emb = base.get_input_embeddings().weight
-        out = base.get_output_embeddings().weight
+        emb = weight_source(base.get_input_embeddings())[0]
+        out = weight_source(base.get_output_embeddings())[0]
         seen: set[int] = set()
         total = 0
         for p in base.parameters():
@@ -147,13 +147,35 @@ def train_flops(dims: ModelDims, work: Work, trainable_params: int, trainable_in
     return 2 * matmul_flops(dims, work) + 3 * attention_flops(dims, work) + weight_grads
 
 
+def weight_source(module: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the stored weight of ``module``, its trainable tensors).
+
+    A plain weight is its own source, trainable or not. A weight under a ``torch.nn.utils.parametrize``
+    parametrization (FishMask's sparse delta, intrinsic SAID's norms) is computed on every access: the stored
+    tensor is the parametrization's frozen ``original``, and what trains are the parametrization's own parameters
+    (FishMask: one value per masked entry), not the whole matrix the computed weight's ``requires_grad`` suggests.
+    """
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        return plist.original, list({id(p): p for p in plist.parameters() if p.requires_grad}.values())
+    weight = module.weight
+    return weight, [weight] if weight.requires_grad else []
+
+
 def trainable_vocab_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable input-embedding params, trainable output-projection params); tied weights count as output."""
+    """(trainable input-embedding params, trainable output-projection params); tied weights count as output.
+
+    Parametrized weights (:func:`weight_source`) count their parametrization's trainable tensors: a FishMask
+    mask of 1,000 entries in the tied SmolLM2 embedding is 1,000 trainable output-projection parameters, not the
+    28M of the matrix."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    emb, out = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    emb, emb_trainable = weight_source(base.get_input_embeddings())
+    out, out_trainable = weight_source(base.get_output_embeddings())
     tied = emb is out or emb.data_ptr() == out.data_ptr()
-    n_out = out.numel() if out.requires_grad else 0
-    n_in = 0 if tied else (emb.numel() if emb.requires_grad else 0)
+    n_out = sum(p.numel() for p in out_trainable)
+    n_in = 0 if tied else sum(p.numel() for p in emb_trainable)
     return n_in, n_out
 
 

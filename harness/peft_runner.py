@@ -11,7 +11,8 @@ Cost metrics (definitions of the base terms in :mod:`harness.costs`):
 - ``train_flops``: ``costs.train_flops(base dims, training work, trainable params)`` over every processed token
   of every choice row (virtual tokens of prompt tuning/p-tuning included; prefix keys counted as attended keys),
   plus 3x (forward + backward) the method's own FLOPs: unmerged LoRA matmuls, IA3 scalings, and per row the
-  prefix-tuning MLP / p-tuning prompt encoder; plus, for a method with a ``prepare`` step (FishMask's Fisher),
+  prefix-tuning MLP / p-tuning prompt encoder, per forward call intrinsic SAID's Fastfood projections and per token
+  its rank-1 hooks (training only: merged for inference); plus, for a method with a ``prepare`` step (FishMask's Fisher),
   ``costs.train_flops(base dims, its work, total params)``: forward + backward with every parameter's gradient;
 - ``infer_flops_per_example``: ``forward_flops(base dims, evaluation work) / n_eval`` plus, per example,
   the method's additions to that work: LoRA ``2 r (d_in + d_out)`` per token and adapted layer (scored unmerged);

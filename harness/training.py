@@ -205,6 +205,7 @@ class TrainStats:
     compiled: bool = False  # the training forwards ran under torch.compile
     step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each step (first: compile)
     step_tokens: list[int] = dataclasses.field(default_factory=list)  # tokens processed by each step
+    forwards: int = 0  # forward calls (micro-batches) of the counted steps
 
 
 def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torch.optim.Optimizer:
@@ -407,6 +408,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                 stats.components[name].append(value)
             stats.work.add(work)
             stats.rows += rows
+            stats.forwards += math.ceil(len(batch) / micro)
             stats.step_seconds.append(time.perf_counter() - step_start)
             stats.step_tokens.append(work.tokens)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -417,7 +419,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         masters.zero_grad()
     stats.steps = len(stats.losses)
     stats.seconds = time.perf_counter() - start
-    stats.overhead_flops = 3 * (overhead.per_token * stats.work.tokens + overhead.train_per_row * stats.rows)
+    stats.overhead_flops = 3 * ((overhead.per_token + overhead.train_per_token) * stats.work.tokens
+                                + overhead.train_per_row * stats.rows + overhead.train_per_forward * stats.forwards)
     stats.peak_memory_bytes = costs.peak_memory_bytes(device)
     stats.micro_batch, stats.grad_accum = micro, accum
     return stats

@@ -52,3 +52,30 @@ def test_only_the_masked_entries_train_and_the_fisher_work_is_returned(smollm, c
                 assert moved <= index  # nothing outside the mask moves
                 changed += len(moved)
     assert 0 < changed
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_masked_vocabulary_matrix_counts_its_masked_entries_not_the_matrix(tied):
+    """costs.trainable_vocab_params once counted a parametrized embedding as a whole trainable matrix (its computed
+    weight requires grad): train_flops then subtracted the 28M-entry matrix from a ~270k-parameter mask and added
+    its output-projection gradient at every projected position. A tiny llama with tied or untied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness import costs
+    from harness.methods.fishmask import _attach, _owners
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config)
+    dims_before = costs.ModelDims.from_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    owners = _owners(model)
+    _attach(model, model.get_input_embeddings().weight, torch.arange(5), owners)
+    if not tied:
+        _attach(model, model.get_output_embeddings().weight, torch.arange(7), owners)
+    assert model.get_input_embeddings().weight.requires_grad  # the computed weight: what misled the count
+    assert costs.trainable_vocab_params(model) == ((0, 5) if tied else (5, 7))
+    # the matrices are subtracted once each (not a computed copy as a second, untied matrix); the mask's values
+    # stay in N_body, as any method's added parameters
+    assert costs.ModelDims.from_model(model).body_params == dims_before.body_params + (5 if tied else 12)

@@ -4,7 +4,8 @@ Three kinds:
 
 - ``zeroshot`` / ``icl``: no training; scored by :mod:`harness.icl_runner` (registered here so names validate);
 - ``peft``: a module of this package each (``lora``, ``dora``, ``adalora``, ``vera``, ``lokr``, ``oft``, ``qlora``,
-  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``full``; the
+  ``ia3``, ``tfew``, ``prompt_tuning``, ``prefix_tuning``, ``ptuning``, ``ln_tuning``, ``bitfit``, ``fishmask``,
+  ``intrinsic_said``, ``full``; the
   bottleneck adapters ``adapter``, ``adapter_pfeiffer``, ``compacter``, ``mam`` and ``unipelt``, hand-written in
   :mod:`harness.methods.bottleneck`), plus ``peft:<type>`` for any other method peft implements (``peft:loha``,
   ``peft:boft``, ...), built from peft's own config class.
@@ -259,6 +260,7 @@ from harness.methods import (  # noqa: E402,F401
     fishmask,
     full,
     ia3,
+    intrinsic_said,
     ln_tuning,
     lokr,
     lora,

@@ -224,13 +224,19 @@ class Overhead:
     - ``train_per_row``: training-only FLOPs per forward row of an input-independent reparameterization
       (prefix tuning's MLP, p-tuning's prompt encoder); inference computes it once, so it is not counted there;
     - ``virtual_tokens``: input positions prepended to every sequence (prompt tuning, p-tuning);
-    - ``prefix_keys``: extra key/value positions every token attends to on every layer (prefix tuning).
+    - ``prefix_keys``: extra key/value positions every token attends to on every layer (prefix tuning);
+    - ``train_per_token``: training-only FLOPs per processed token, for a method that runs unmerged only while
+      training (intrinsic SAID's rank-1 hooks; merged for inference, so not in ``per_token``);
+    - ``train_per_forward``: training-only FLOPs per forward call, independent of its rows and tokens (intrinsic
+      SAID's Fastfood projections, computed once per forward).
     """
 
     per_token: int = 0
     train_per_row: int = 0
     virtual_tokens: int = 0
     prefix_keys: int = 0
+    train_per_token: int = 0
+    train_per_forward: int = 0
 
 
 def linear_layers(model):
