@@ -114,8 +114,13 @@ def spread_table(runs, metric: str = "accuracy") -> Table | None:
 
 
 def _noise_cells(runs, metric: str) -> pd.DataFrame:
+    """Original-order k-shot runs of the (task, template, seed, demos) cells that hold a label-noise run, so every
+    level is averaged over the same cells."""
     df = _k_shot(runs)
-    return df[df["order"] == 0]
+    df = df[df["order"] == 0]
+    cell = ["model", "task", "method", "k", "template", "seed", "demos"]
+    noisy = df.groupby(cell, dropna=False)["noise"].transform(lambda s: bool((s != 0.0).any())).astype(bool)
+    return df[noisy]
 
 
 def label_noise_table(runs, metric: str = "accuracy") -> Table | None:
@@ -136,7 +141,8 @@ def label_noise_table(runs, metric: str = "accuracy") -> Table | None:
             cells.append(f"{fmt_acc(vals.mean())} ({len(vals)})" if len(vals) else "n/a")
         rows.append((str(task), g.model, g.label, str(demos), *cells))
     notes = (*metric_notes(df, metric),
-             f"Mean {metric} in percent over templates and seeds (runs in parentheses), original order. p: the "
+             f"Mean {metric} in percent over the (template, seed) cells with label-noise runs (runs in parentheses), "
+             "original order. p: the "
              "fraction of demonstrations given a random other label (1 = every label wrong); random: every label "
              "drawn uniformly from all labels (Min et al. 2022). The figure 'ICL accuracy vs label noise' draws the "
              "same numbers.")
@@ -158,15 +164,16 @@ def demos_table(runs, metric: str = "accuracy") -> Table | None:
         per = rs.pivot_table(index=["template", "seed"], columns="demos", values=metric, aggfunc="mean")
         if "balanced" not in per:
             continue
-        tfew = per["tfew"] if "tfew" in per else pd.Series(dtype=float)
-        both = per.dropna(subset=[c for c in ("tfew", "balanced") if c in per])
-        diff = (both["balanced"] - both["tfew"]).mean() if "tfew" in per and len(both) else float("nan")
-        rows.append((str(task), g.model, g.label, fmt_acc(tfew.mean()), fmt_acc(per["balanced"].mean()),
+        if "tfew" not in per:
+            per["tfew"] = float("nan")
+        both = per.dropna(subset=["tfew", "balanced"])
+        diff = (both["balanced"] - both["tfew"]).mean() if len(both) else float("nan")
+        rows.append((str(task), g.model, g.label, fmt_acc(both["tfew"].mean()), fmt_acc(both["balanced"].mean()),
                      "n/a" if diff != diff else f"{100 * diff:+.1f}", str(len(both))))
-    notes = (f"Mean {metric} in percent over templates and seeds (gold labels, original order). tfew: the first k "
+    notes = (f"Mean {metric} in percent over the (template, seed) pairs holding both (gold labels, original "
+             "order). tfew: the first k "
              "rows of the seed's T-Few 32-shot subset; balanced: k train rows drawn class-balanced with the seed "
-             "(--demos balanced). Difference: balanced - tfew, in points, over the (template, seed) pairs holding "
-             "both.",)
+             "(--demos balanced). Difference: balanced - tfew, in points.",)
     return Table(f"ICL {metric}: T-Few demonstrations vs class-balanced demonstrations",
                  ("Task", "Model", "Method", "tfew", "balanced", "Difference", "Pairs"),
                  tuple(rows), "lllrrrr", notes, "tab:balanced_demos")
