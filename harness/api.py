@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from harness import environment, identity
 from harness.data import few_shot_examples, few_shot_path, load_split, resolve_data_dir
+from harness.demos import balanced_examples, check_noise, check_source, n_orders, parse_source_list
 from harness.errors import HarnessError
 from harness.executors import Executor, LocalProcessExecutor
 from harness.jobs import JobContext, make_jobs
@@ -52,6 +53,9 @@ def plan(
     calibrate: bool = False,
     method_args: dict | None = None,
     train_overrides: dict | None = None,
+    demos: str | Iterable[str] = "tfew",
+    orders: int = 1,
+    label_noise: float | str | None | Iterable[float | str | None] = None,
 ) -> list[RunSpec]:
     """Validate every name and every input, and build the grid of :class:`RunSpec`.
 
@@ -65,7 +69,12 @@ def plan(
     (:func:`harness.icl_runner.run_icl_curve`).
 
     ``calibrate``: in-context runs also compute ``accuracy_calibrated`` and ``accuracy_mutual_info``
-    (:mod:`harness.calibration`); PEFT runs are not calibrated (their specs keep ``calibrate=False``)."""
+    (:mod:`harness.calibration`); PEFT runs are not calibrated (their specs keep ``calibrate=False``).
+
+    ``demos`` (``"tfew"``, ``"balanced"`` or both), ``orders`` (N: the original order and N - 1 seeded
+    permutations, at most k! for each k) and ``label_noise`` (levels: None or 0 for gold labels, p in (0, 1],
+    ``"random"``): every k-shot ICL run (k > 0) is planned once per combination, each its own run
+    (:mod:`harness.demos`); zero-shot, k = 0 and PEFT runs keep the defaults."""
     preset_info = get_preset(preset)
     tasks, methods = list(tasks), list(methods)
     seeds = list(preset_info.seeds if seeds is None else seeds)
@@ -81,7 +90,11 @@ def plan(
     for value in ks:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise HarnessError(f"--k must be >= 0, got {value}")
+    sources, noises = _variants(demos, orders, label_noise)
     infos = [get_method(m) for m in methods]
+    if (sources != ["tfew"] or orders != 1 or noises != [None]) and not any(info.kind == "icl" for info in infos):
+        raise HarnessError("--demos, --orders and --label-noise apply to k-shot in-context runs (method icl); "
+                           f"the methods given ({', '.join(info.name for info in infos)}) include none")
     if calibrate and all(info.kind == "peft" for info in infos):
         raise HarnessError("--calibrate applies to in-context runs (methods icl, zeroshot); the methods given "
                            f"({', '.join(info.name for info in infos)}) are all PEFT methods")
@@ -98,7 +111,8 @@ def plan(
             resolved = training_settings(info.name, preset, {**(train_overrides or {}),
                                                               "method_args": method_args or {}})
             settings_of[info.name] = tuple(sorted(resolved.items(), key=lambda kv: kv[0]))
-    inputs = {task.name: _task_inputs(task, folder, eval_limit, seeds, infos, ks, settings_of) for task in loaded}
+    inputs = {task.name: _task_inputs(task, folder, eval_limit, seeds, infos, ks, settings_of, sources)
+              for task in loaded}
     fingerprint = identity.model_fingerprint(model)  # after the data checks: a Hub id may need the network
     common = dict(model=identity.model_display_name(model), model_path=model, model_fingerprint=fingerprint,
                   preset=preset, limit=eval_limit, dtype=str(dt).removeprefix("torch."), device=dev.type,
@@ -114,15 +128,39 @@ def plan(
             for seed in run_seeds:
                 for template in chosen:
                     for run_k in (ks if info.kind == "icl" else [0]):
-                        data_hash, train_hash = data.hashes(info, seed, run_k, settings)
-                        specs.append(RunSpec(
-                            task=task.name, method=info.name, template=template.name, seed=seed,
-                            k=run_k, template_fingerprint=template.fingerprint(),
-                            train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
-                            data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text,
-                            calibrate=calibrate and info.kind != "peft",
-                            master_weights=info.trains_model_dtype and dt in LOW_PRECISION, **common))
+                        for source, noise, order in _variant_grid(info.kind == "icl" and run_k > 0, sources,
+                                                                   noises, orders, run_k):
+                            data_hash, train_hash = data.hashes(info, seed, run_k, settings, source)
+                            specs.append(RunSpec(
+                                task=task.name, method=info.name, template=template.name, seed=seed,
+                                k=run_k, template_fingerprint=template.fingerprint(),
+                                train=_freeze(settings), task_hash=task.fingerprint(), task_source=task.source,
+                                data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text,
+                                calibrate=calibrate and info.kind != "peft",
+                                master_weights=info.trains_model_dtype and dt in LOW_PRECISION,
+                                demos=source, order=order, label_noise=noise, **common))
     return specs
+
+
+def _variants(demos, orders, label_noise) -> tuple[list[str], list]:
+    """The checked demonstration sources and label-noise levels of a plan (:mod:`harness.demos`)."""
+    sources = parse_source_list(demos) if isinstance(demos, str) else [check_source(s) for s in demos]
+    if not sources:
+        raise HarnessError("--demos needs a source: tfew or balanced")
+    if isinstance(orders, bool) or not isinstance(orders, int) or orders < 1:
+        raise HarnessError(f"--orders must be an integer >= 1, got {orders!r}")
+    levels = [label_noise] if label_noise is None or isinstance(label_noise, (int, float, str)) else list(label_noise)
+    noises = list(dict.fromkeys(check_noise(p) or None for p in levels))  # 0 is the clean run
+    if not noises:
+        raise HarnessError("--label-noise needs a level: a fraction in [0, 1] or 'random'")
+    return list(dict.fromkeys(sources)), noises
+
+
+def _variant_grid(k_shot: bool, sources: list[str], noises: list, orders: int, k: int):
+    """(demos, label_noise, order) of each run of one k-shot cell; only the defaults for other runs."""
+    if not k_shot:
+        return [("tfew", None, 0)]
+    return [(s, p, o) for s in sources for p in noises for o in range(n_orders(k, orders))]
 
 
 def _load_tasks(names: list[str]) -> list[Task]:
@@ -152,11 +190,16 @@ class _TaskInputs:
         self.source = ({"kind": "local"} if folder is not None
                        else {"kind": "hub", "path": task.hub_path, "config": task.hub_config})
         self.source_text = str(folder / task.name) if folder is not None else f"hub:{task.hub_path}/{task.hub_config}"
-        self._few_shot: dict[tuple[int, int], tuple[str, str]] = {}
+        self._few_shot: dict[tuple, tuple[str, str]] = {}
 
-    def few_shot(self, seed: int, n: int, role: str) -> tuple[str, str]:
-        """(rows sha256, origin) of the first ``n`` few-shot rows of ``seed``, checked once per (seed, n)."""
-        key = (seed, n)
+    def few_shot(self, seed: int, n: int, role: str, source: str = "tfew") -> tuple[str, str]:
+        """(rows sha256, origin) of the first ``n`` few-shot rows of ``seed`` (``source`` balanced: the ``n``
+        class-balanced train rows, :func:`harness.demos.balanced_examples`), checked once per (seed, n, source)."""
+        key = (seed, n) if source == "tfew" else (seed, n, source)
+        if key not in self._few_shot and source != "tfew":
+            rows = balanced_examples(self.task, seed, self.folder, n)
+            _check_examples(self.task, rows, role)
+            self._few_shot[key] = (identity.rows_sha256(rows), "balanced-train")
         if key not in self._few_shot:
             rows = few_shot_examples(self.task, seed, self.folder, n=n)
             _check_examples(self.task, rows, role)
@@ -165,12 +208,12 @@ class _TaskInputs:
             self._few_shot[key] = (identity.rows_sha256(rows), origin)
         return self._few_shot[key]
 
-    def hashes(self, info, seed: int, k: int, settings: tuple) -> tuple[str, str]:
-        """(data_hash, train_data_hash) of one method and seed."""
+    def hashes(self, info, seed: int, k: int, settings: tuple, demos: str = "tfew") -> tuple[str, str]:
+        """(data_hash, train_data_hash) of one method and seed (``demos``: the ICL demonstrations' source)."""
         parts = {"source": self.source, "eval": self.eval_hash}
         train_hash = ""
         if info.kind == "icl" and k > 0:
-            parts["demos"] = self.few_shot(seed, k, "demonstration")
+            parts["demos"] = self.few_shot(seed, k, "demonstration", demos)
         elif info.kind == "peft":
             rows_hash = self.few_shot(seed, dict(settings)["n_train"], "training")
             train_hash = identity.data_fingerprint({"source": self.source, "train": rows_hash})
@@ -178,13 +221,14 @@ class _TaskInputs:
         return identity.data_fingerprint(parts), train_hash
 
 
-def _task_inputs(task: Task, folder, limit, seeds, infos, ks, settings_of) -> _TaskInputs:
+def _task_inputs(task: Task, folder, limit, seeds, infos, ks, settings_of, sources=("tfew",)) -> _TaskInputs:
     """Load and check every row the plan's runs of ``task`` will read (before any model loads)."""
     inputs = _TaskInputs(task, folder, limit)
     for info in infos:
         for seed in seeds:
             for k in (ks if info.kind == "icl" else ks[:1]):
-                inputs.hashes(info, seed, k, settings_of.get(info.name, ()))
+                for source in (sources if info.kind == "icl" and k > 0 else ["tfew"]):
+                    inputs.hashes(info, seed, k, settings_of.get(info.name, ()), source)
     return inputs
 
 
@@ -230,7 +274,7 @@ def check_inputs(specs: list[RunSpec], data_dir: Path | None) -> None:
         key = (spec.task_source or spec.task, spec.limit)
         if key not in inputs:
             inputs[key] = _TaskInputs(spec.load_task(), data_dir, spec.limit)
-        data_hash, _ = inputs[key].hashes(get_method(spec.method), spec.seed, spec.k, spec.train)
+        data_hash, _ = inputs[key].hashes(get_method(spec.method), spec.seed, spec.k, spec.train, spec.demos)
         if data_hash != spec.data_hash:
             raise HarnessError(f"the {spec.task} rows read here ({inputs[key].source_text}) differ from the ones "
                                f"the runs were planned with (data hash {data_hash} != {spec.data_hash}): give every "

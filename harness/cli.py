@@ -65,6 +65,16 @@ def _existing_store(path: str) -> Store:
 @click.option("--calibrate", is_flag=True,
               help="In-context runs: also store accuracy_calibrated (contextual calibration, Zhao et al. 2021) and "
                    "accuracy_mutual_info (lm-eval's acc_mutual_info), their extra FLOPs counted apart.")
+@click.option("--demos", "demos", default="tfew", show_default=True,
+              help="ICL demonstrations: tfew (the seed's T-Few few-shot subset) or balanced (class-balanced, seeded, "
+                   "from the train split); both, comma-separated, plan each.")
+@click.option("--orders", default="1", show_default=True,
+              help="ICL: N orders of the same demonstrations per (task, template, seed): the original and N-1 "
+                   "seeded permutations (at most k!), each its own run.")
+@click.option("--label-noise", default=None,
+              help="ICL: label-noise levels, comma-separated: a fraction p in [0, 1] of the demonstrations gets a "
+                   "random other label (1.0: all wrong), 'random': uniformly random labels (Min et al. 2022); "
+                   "e.g. 0,0.5,1.0,random [default: gold labels].")
 @click.option("--no-kv-cache", is_flag=True, help="Score the full prompt for every query x choice (the naive path).")
 @click.option("--method-args", default=None, help="key=value,... for the PEFT methods (e.g. r=16,alpha=32).")
 @click.option("--steps", type=int, default=None, help="Training steps (PEFT; default from the preset).")
@@ -93,13 +103,14 @@ def _existing_store(path: str) -> Store:
               help="Ray: CPUs (and torch threads) each task asks for [default: 1].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
-        calibrate, no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
+        calibrate, demos, orders, label_noise, no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
         workers, executor_kind, ray_address, gpus_per_run, cpus_per_run, quiet):
     """Evaluate METHODS on TASKS for every template and seed; store one result per run.
 
     Finished runs already in the store are skipped, so an interrupted command resumes where it stopped.
     """
     from harness import api
+    from harness.demos import parse_noise_list
     from harness.executors import make_executor
     from harness.methods import parse_method_args
 
@@ -113,7 +124,8 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
     specs = api.plan(
         parse_name_list(tasks), parse_name_list(methods), templates=templates, seeds=parse_int_list(seeds, "--seeds") if seeds is not None else None,
         k=_parse_k(k), model=model, preset=preset, limit=limit, data_dir=data_dir, device=device, dtype=dtype,
-        kv_cache=not no_kv_cache, calibrate=calibrate, method_args=parse_method_args(method_args),
+        kv_cache=not no_kv_cache, calibrate=calibrate, demos=demos, orders=_parse_orders(orders),
+        label_noise=parse_noise_list(label_noise), method_args=parse_method_args(method_args),
         train_overrides={k_: v for k_, v in overrides.items() if v is not None})
     results = api.run(specs, store=store, data_dir=data_dir, batch_size=batch_size, progress=not quiet,
                       compile=compile_, executor=executor)
@@ -137,6 +149,14 @@ def _parse_k(text: str) -> int | list[int]:
     if not values:
         raise HarnessError("--k must be an integer or comma-separated integers, e.g. 32 or 0,1,2,4,8,16,32")
     return values[0] if len(values) == 1 and "," not in str(text) else values
+
+
+def _parse_orders(text: str) -> int:
+    """``--orders``: one integer >= 1."""
+    values = parse_int_list(text, "--orders")
+    if len(values) != 1 or values[0] < 1:
+        raise HarnessError(f"--orders must be one integer >= 1, got {text!r}")
+    return values[0]
 
 
 def _flat(result) -> dict:

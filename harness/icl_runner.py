@@ -1,7 +1,9 @@
 """In-context learning runs: zero-shot (k = 0) and k-shot with the demonstrations cached once.
 
-For a spec (task, template, seed, k): the first k examples of the seed's few-shot subset become the
-demonstrations, rendered with the same template and joined by the task's delimiter; every validation example is
+For a spec (task, template, seed, k): the first k examples of the seed's few-shot subset (or k class-balanced train
+rows, ``--demos balanced``) become the demonstrations, with their labels (or noisy ones, ``--label-noise``) and in
+their order (or a seeded permutation, ``--orders``: :mod:`harness.demos`), rendered with the same template and
+joined by the task's delimiter; every validation example is
 scored with that prefix by :func:`harness.scoring.score_prompts`. When the longest prompt would not fit the
 model's context, k is reduced (with a warning and ``k_used`` stored beside the requested k).
 """
@@ -15,7 +17,8 @@ import traceback
 import torch
 
 from harness import costs
-from harness.data import few_shot_examples, load_split
+from harness.data import load_split
+from harness.demos import arrange, select_examples
 from harness.models import LoadedModel
 from harness.scoring import encode_pair, metrics_from_examples, score_prompts, uncached_work
 from harness.spec import RunSpec
@@ -31,13 +34,15 @@ def context_limit(lm: LoadedModel) -> int:
     return int(getattr(cfg, "max_position_embeddings", 2048))
 
 
-def fit_demonstrations(lm: LoadedModel, task: Task, template, demos: list[dict], prompts) -> tuple[str, int]:
-    """The demonstration prefix with as many of ``demos`` as fit the model's context for every prompt."""
+def fit_demonstrations(lm: LoadedModel, task: Task, template, demos: list[dict], prompts,
+                       labels: list[int] | None = None) -> tuple[str, int]:
+    """The demonstration prefix with as many of ``demos`` (shown with ``labels`` when given) as fit the model's
+    context for every prompt."""
     limit = context_limit(lm)
     longest = max(prompts, key=lambda p: len(p.context) + max(len(c) for c in p.choices))
     k = len(demos)
     while True:
-        prefix = task.demonstrations(template, demos[:k])
+        prefix = task.demonstrations(template, demos[:k], None if labels is None else labels[:k])
         ctx, cont = encode_pair(lm.tokenizer, prefix + longest.context, max(longest.choices, key=len))
         if len(ctx) + len(cont) <= limit or k == 0:
             return prefix, k
@@ -53,7 +58,8 @@ def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, pr
 def curve_key(spec: RunSpec) -> tuple:
     """Runs with one key differ only in k: their demonstrations are heads of one list (a k-curve)."""
     return (spec.load_from, spec.task, spec.method, spec.template, spec.seed, spec.model_fingerprint, spec.dtype,
-            spec.device, spec.kv_cache, spec.limit, spec.task_hash, spec.preset)
+            spec.device, spec.kv_cache, spec.limit, spec.task_hash, spec.preset, spec.demos, spec.order,
+            spec.label_noise)
 
 
 def run_icl_curve(lm: LoadedModel, specs: list[RunSpec], data_dir, *, batch_size: int = 8, progress: bool = False,
@@ -92,8 +98,9 @@ def _run_one(lm: LoadedModel, spec: RunSpec, data_dir, batch_size: int, progress
         if spec.limit is not None:
             examples = examples[: spec.limit]
         prompts = [task.render(template, ex) for ex in examples]
-        demos = few_shot_examples(task, spec.seed, data_dir, n=spec.k) if spec.k else []
-        prefix, k_used = fit_demonstrations(lm, task, template, demos, prompts)
+        rows = select_examples(task, spec.seed, data_dir, spec.k, spec.demos)
+        demos, labels = arrange(task, template, rows, seed=spec.seed, order=spec.order, label_noise=spec.label_noise)
+        prefix, k_used = fit_demonstrations(lm, task, template, demos, prompts, labels)
         if k_used < spec.k:
             log.warning("%s/%s/%s: k reduced from %d to %d to fit the model's context of %d tokens",
                         spec.task, spec.template, spec.seed, spec.k, k_used, context_limit(lm))

@@ -79,6 +79,13 @@ class RunSpec:
     # (it adds figures and changes none): a run stored without them is not finished for a --calibrate plan
     # (Store.finished_ids(calibrated=True)), so it is re-run and replaced by one with them.
     calibrate: bool = False
+    # in-context demonstrations (harness.demos, issue 15): where they come from ("tfew": the seed's few-shot
+    # subset; "balanced": class-balanced from the train split), their permutation (0: the source's order) and
+    # their label noise (None: gold labels; a fraction p in (0, 1]; "random"). Each is hashed only when it is not
+    # its default (VARIANT_DEFAULTS), so every run made before the fields existed keeps its id.
+    demos: str = "tfew"
+    order: int = 0
+    label_noise: float | str | None = None
     # recorded, not hashed (NOT_HASHED):
     task_source: str = ""  # the task file's YAML text, so eval/report never need to find the file again
     model_path: str = ""  # the --model string the weights are loaded from (``model`` is its display name)
@@ -89,6 +96,14 @@ class RunSpec:
             raise HarnessError(f"k must be >= 0, got {self.k}")
         if self.limit is not None and self.limit <= 0:
             raise HarnessError(f"--limit must be a positive integer, got {self.limit}")
+        from harness.demos import check_noise, check_source
+
+        check_source(self.demos)
+        check_noise(self.label_noise)
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 0:
+            raise HarnessError(f"order must be an integer >= 0, got {self.order!r}")
+        if self.label_noise == 0:
+            object.__setattr__(self, "label_noise", None)  # p = 0 is the clean run: one id for both
 
     def config(self) -> dict:
         """All fields as a JSON-ready dict (``train`` as a dict)."""
@@ -101,6 +116,9 @@ class RunSpec:
         out = {key: value for key, value in self.config().items() if key not in NOT_HASHED}
         if not out["master_weights"]:
             del out["master_weights"]  # run ids made before the field existed stay the same
+        for key, default in VARIANT_DEFAULTS.items():  # likewise (issue 15)
+            if out[key] == default:
+                del out[key]
         return out
 
     @property
@@ -126,6 +144,9 @@ class RunSpec:
         return (self.task, self.method, self.seed, self.model, self.preset, self.dtype, self.device, self.train,
                 self.task_hash, self.train_data_hash, self.model_fingerprint, self.scoring_version)
 
+
+# RunSpec fields of the demonstration variants (harness.demos) and their defaults: hashed only when different.
+VARIANT_DEFAULTS = {"demos": "tfew", "order": 0, "label_noise": None}
 
 NOT_HASHED = ("task_source", "model_path", "data_source", "calibrate")
 

@@ -129,16 +129,17 @@ class Task:
                             f"{prompt.example_id!r}: field {self.label_field!r} is unlabelled (-1); "
                             f"{role} examples need a label")
 
-    def demonstrations(self, template: Template, examples: list[dict]) -> str:
+    def demonstrations(self, template: Template, examples: list[dict], labels: list[int] | None = None) -> str:
         """The k-shot prefix: each example's context plus its correct choice (for partial scoring: the correct
         choice's context plus the shared continuation), joined by and ending with the few-shot delimiter, so that
-        a k-shot context is ``prefix + prompt.context``. "" for no examples."""
+        a k-shot context is ``prefix + prompt.context``. "" for no examples. ``labels`` (one per example) shows
+        those choices instead of the correct ones (label noise, :mod:`harness.demos`)."""
         demos = []
-        for example in examples:
+        for i, example in enumerate(examples):
             prompt = self.render(template, example, role="demonstration")
             if prompt.label < 0:
                 raise self._unlabelled(template, prompt, "demonstration")
-            context, continuation = prompt.pairs()[prompt.label]
+            context, continuation = prompt.pairs()[prompt.label if labels is None else labels[i]]
             demos.append(context + continuation)
         return "".join(demo + self.fewshot_delimiter for demo in demos)
 

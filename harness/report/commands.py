@@ -157,15 +157,23 @@ def _correct(examples, runs, metric: str):
 @click.option("--k-a", type=int, default=None, help="Only runs of METHOD_A with this k.")
 @click.option("--k-b", type=int, default=None, help="Only runs of METHOD_B with this k.")
 @click.option("--preset", default=None, help="Only runs of this preset.")
+@click.option("--variant-a", default=None,
+              help="ICL demonstration variant of METHOD_A's runs, e.g. order=2, label_noise=0.5 or random, "
+                   "demos=balanced (comma-separated; default: T-Few demonstrations, original order, gold labels).")
+@click.option("--variant-b", default=None, help="The same for METHOD_B (e.g. icl icl --variant-b label_noise=1.0).")
 @store_option
-def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
+def compare(method_a, method_b, task, metric, k_a, k_b, preset, variant_a, variant_b, store_path):
     """Compare two methods on the same examples: paired bootstrap CI and McNemar's test.
 
-    Predictions are paired on (model, task, template, seed, example id).
+    Predictions are paired on (model, task, template, seed, example id). Each side holds the runs of one
+    demonstration variant (--variant-a/-b), so one method can be compared with itself under another variant.
     """
+    from harness.report.variants import parse_variant, select_variant
     from harness.report.tables import select_runs
     from harness.results import examples, runs as runs_frame
 
+    with user_errors():
+        chosen_a, chosen_b = parse_variant(variant_a), parse_variant(variant_b)
     store = open_store(store_path)
     runs = select_runs(runs_frame(store))
     for column, value in (("task", task), ("preset", preset)):
@@ -176,7 +184,8 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
         if m not in methods:
             raise UserError(f"no finished runs of method {m!r}" + (f" on task {task!r}" if task else "")
                             + f"; methods in the store: {', '.join(methods) or 'none'}")
-    cells_a, cells_b = _runs_by_cell(runs, method_a, k_a), _runs_by_cell(runs, method_b, k_b)
+    cells_a = _runs_by_cell(select_variant(runs, chosen_a), method_a, k_a)
+    cells_b = _runs_by_cell(select_variant(runs, chosen_b), method_b, k_b)
     common = cells_a[CELL].merge(cells_b[CELL])
     if common.empty:
         raise UserError(f"{method_a!r} and {method_b!r} share no (model, task, template, seed) cell")
@@ -187,6 +196,8 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, store_path):
     a, b = pairs["correct_a"].to_numpy(), pairs["correct_b"].to_numpy()
     if not len(a):
         raise UserError(f"{method_a!r} and {method_b!r} share no evaluated example")
+    if variant_a or variant_b:  # name the variants in the output
+        method_a, method_b = (f"{m} [{v or 'default'}]" for m, v in ((method_a, variant_a), (method_b, variant_b)))
     diff = stats.paired_bootstrap_diff(a, b)
     test = stats.mcnemar(a, b)
     click.echo(f"{method_a} vs {method_b}: {metric}" + (f" on {task}" if task else " on all tasks"))

@@ -13,6 +13,7 @@ import pandas as pd
 from harness.report.breakeven import break_even_table
 from harness.report.format import Table, latex_escape, to_latex, to_markdown
 from harness.report.plots import PlotResult
+from harness.report.variants import default_runs, variant_tables
 from harness.report.tables import (calibration_table, cost_table, family_table, k_curve_table, settings_lines,
                                    summary_table, task_table)
 
@@ -20,10 +21,13 @@ TITLE = "When does PEFT beat in-context learning? Results report"
 
 
 def report_tables(runs: pd.DataFrame, metric: str = "accuracy") -> list[Table]:
+    variants = runs
+    runs = default_runs(runs)  # demonstration variants (order, label noise, balanced) only in their own sections
     tables = [summary_table(runs, metric), task_table(runs, metric), cost_table(runs), break_even_table(runs),
               family_table(runs, metric)]
-    # only when the store holds such runs: a k-curve, runs with calibration (issue 15)
-    return tables + [t for t in (k_curve_table(runs, metric), calibration_table(runs)) if t is not None]
+    # only when the store holds such runs: a k-curve, runs with calibration, demonstration variants (issue 15)
+    return (tables + [t for t in (k_curve_table(runs, metric), calibration_table(runs)) if t is not None]
+            + variant_tables(variants, metric))
 
 
 def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[PlotResult, str | None]]:

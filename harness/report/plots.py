@@ -1,7 +1,8 @@
 """Report figures (matplotlib, Agg canvas, PNG and PDF); the break-even arithmetic is in :mod:`.breakeven`.
 
 Figures: accuracy vs inference FLOPs per example (T-Few's figure), ICL accuracy vs k, accuracy vs checkpoint
-size, accuracy vs trainable parameters (Houlsby et al. 2019's figure), and the break-even of each PEFT method against ICL: total cost ``train FLOPs + n x inference FLOPs per
+size, accuracy vs trainable parameters (Houlsby et al. 2019's figure), the demonstration variants' figures
+(:mod:`.variants`, only when the store holds such runs), and the break-even of each PEFT method against ICL: total cost ``train FLOPs + n x inference FLOPs per
 example`` vs the number of queries ``n``. A figure whose data the store lacks is skipped with a note, never an
 error. Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot, no global state) and saved
 without timestamps or version strings that would make two reports of one store differ.
@@ -198,11 +199,15 @@ def plot_break_even(runs, out_dir: Path) -> PlotResult:
 
 def make_plots(runs, out_dir: Path, metric: str = "accuracy") -> list[PlotResult]:
     """Write every figure under ``out_dir`` (PNG and PDF); figures lacking data come back with a skip note."""
+    from harness.report.variants import default_runs, variant_plots
+
     out_dir = Path(out_dir)
+    every, runs = runs, default_runs(runs)  # demonstration variants only in their own figures (issue 15)
     return [
         plot_accuracy_vs_flops(runs, out_dir, metric),
         plot_icl_vs_k(runs, out_dir, metric),
         plot_accuracy_vs_checkpoint(runs, out_dir, metric),
         plot_break_even(runs, out_dir),
         plot_accuracy_vs_params(runs, out_dir, metric),
+        *variant_plots(every, out_dir, metric),
     ]

@@ -80,7 +80,11 @@ def experiment_key(config: dict | None) -> str:
     """A run's config without :data:`INPUT_FIELDS`: equal for re-runs of one experiment with changed inputs."""
     import json
 
-    return json.dumps({k: v for k, v in (config or {}).items() if k not in INPUT_FIELDS and k not in RUN_OPTIONS},
+    from harness.spec import VARIANT_DEFAULTS
+
+    # a field at its default counts as absent: a run stored before the field existed is the same experiment
+    return json.dumps({k: v for k, v in (config or {}).items() if k not in INPUT_FIELDS and k not in RUN_OPTIONS
+                       and not (k in VARIANT_DEFAULTS and v == VARIANT_DEFAULTS[k])},
                       sort_keys=True, default=str)
 
 
