@@ -26,6 +26,9 @@ Schema versions (``PRAGMA user_version``; a file of schema 1 has 0 there, it pre
    task's may not be ``" "``), so subtracting it would be a guess. The one exception is a run whose config says
    ``scoring_version >= 2`` (its scorer already left the delimiter out): its figures are computed from its
    stored per-choice numbers. Nothing else is changed; every run and example row keeps its values.
+3. the ``mixed_runs`` table (issue 16, ``harness mixed``): one row per (mixed run, method, serving mode) with the
+   throughput, latency, memory and FLOPs of serving several tasks' queries in mixed batches, task by task, or from
+   merged weights (:mod:`harness.mixed.records`). Migrating adds the empty table; no other row changes.
 
 Opening a store migrates it to :data:`SCHEMA_VERSION` in one transaction (all steps or none), so a crash
 mid-migration leaves the old schema intact. A store of a NEWER schema than this code knows is refused with a
@@ -64,7 +67,7 @@ METRIC_COLUMNS = (
     "eval_seconds",
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The tables of a new store, at SCHEMA_VERSION. An older store gets the same columns through MIGRATIONS.
 SCHEMA = f"""
@@ -96,7 +99,20 @@ CREATE TABLE IF NOT EXISTS examples (
     PRIMARY KEY (run_id, position)
 );
 CREATE INDEX IF NOT EXISTS runs_cell ON runs(task, method, model);
-"""
+""" + "\n{};\n"  # the mixed_runs table, below
+
+# Schema 3: serving figures of ``harness mixed`` (columns described in harness.mixed.records).
+MIXED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mixed_runs (
+    mixed_id TEXT NOT NULL, method TEXT NOT NULL, mode TEXT NOT NULL,
+    tasks TEXT NOT NULL, n_tasks INTEGER NOT NULL, model TEXT, device TEXT, dtype TEXT,
+    batch_size INTEGER NOT NULL, n_examples INTEGER NOT NULL,
+    examples_per_second REAL, latency_mean_s REAL, latency_p90_s REAL, seconds REAL, setup_seconds REAL,
+    peak_memory_bytes INTEGER, state_bytes INTEGER, flops_per_example REAL, tasks_per_batch REAL,
+    max_abs_diff REAL, run_ids_json TEXT NOT NULL, config_json TEXT NOT NULL, env_json TEXT, created_at REAL,
+    PRIMARY KEY (mixed_id, method, mode)
+)"""
+SCHEMA = SCHEMA.format(MIXED_SCHEMA.strip())
 
 
 @dataclasses.dataclass
@@ -232,8 +248,13 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
             db.execute("UPDATE runs SET accuracy_norm_char=? WHERE run_id=?", (correct / len(rows), run_id))
 
 
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Add the (empty) ``mixed_runs`` table."""
+    db.execute(MIXED_SCHEMA)
+
+
 # MIGRATIONS[v] takes a store from schema v to v + 1, inside the caller's transaction.
-MIGRATIONS = {1: _migrate_1_to_2}
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
 
 

@@ -73,8 +73,9 @@ def test_v1_store_migrates_with_nothing_lost(v1):
     runs_before = _rows(v1, "runs", V1_RUN_COLUMNS)
     examples_before = _rows(v1, "examples", V1_EXAMPLE_COLUMNS)
     store = Store(v1)
-    assert _user_version(v1) == SCHEMA_VERSION == 2
+    assert _user_version(v1) == SCHEMA_VERSION == 3
     assert {"accuracy_norm_char", "n_chars_with_delimiter"} <= _columns(v1, "runs")
+    assert {"mixed_id", "method", "mode", "examples_per_second"} <= _columns(v1, "mixed_runs")  # schema 3
     assert "prediction_norm_char" in _columns(v1, "examples")
     # every old column of every row has its old value
     assert _rows(v1, "runs", V1_RUN_COLUMNS) == runs_before
@@ -180,7 +181,7 @@ def test_newer_store_is_refused_untouched(tmp_path):
     db.commit()
     db.close()
     before = path.read_bytes()
-    with pytest.raises(HarnessError, match=r"schema version 3, newer than this harness knows \(2\); upgrade harness"):
+    with pytest.raises(HarnessError, match=r"schema version 4, newer than this harness knows \(3\); upgrade harness"):
         Store(path)
     assert path.read_bytes() == before
 
@@ -196,3 +197,31 @@ def test_newer_store_is_refused_untouched(tmp_path):
         command = next(c for c in COMMANDS if c.name == name)
         res = CliRunner().invoke(command, [*args, "--store", str(path)])
         assert res.exit_code == 2 and "upgrade harness" in res.output, res.output
+
+
+def test_v2_store_gets_the_mixed_runs_table(tmp_path):
+    """A schema-2 store (today's tables without mixed_runs) migrates to 3: the empty table added, nothing else
+    changed; mixed rows can then be written and read back."""
+    from harness.mixed.records import mixed_rows, write_mixed
+
+    path = tmp_path / "v2.sqlite"
+    store = Store(path)
+    store.write(RunResult("r1", {"task": "cb", "method": "lora", "model": "m"}, "finished", {"accuracy": 0.5},
+                          [ExampleScore("1", 0, [-1.0, -2.0], [1, 1], [3, 2])]))
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE mixed_runs")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    runs_before = _rows(path, "runs", V1_RUN_COLUMNS)
+    assert "mixed_runs" not in {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+    store = Store(path)
+    assert _user_version(path) == SCHEMA_VERSION == 3
+    assert _rows(path, "runs", V1_RUN_COLUMNS) == runs_before and mixed_rows(store) == []
+    row = {"mixed_id": "x", "method": "lora", "mode": "mixed", "tasks": "cb,rte", "n_tasks": 2, "batch_size": 4,
+           "n_examples": 8, "examples_per_second": 10.0, "run_ids": {"cb": "r1"}, "config": {"limit": 4}}
+    write_mixed(store, [row, row | {"mode": "task_by_task", "examples_per_second": 5.0}])
+    write_mixed(store, [row | {"examples_per_second": 12.0}])  # the same (id, method, mode) is replaced
+    got = {r["mode"]: r for r in mixed_rows(store)}
+    assert got["mixed"]["examples_per_second"] == 12.0 and got["task_by_task"]["examples_per_second"] == 5.0
+    assert got["mixed"]["run_ids"] == {"cb": "r1"} and got["mixed"]["config"] == {"limit": 4}
