@@ -68,6 +68,32 @@ def train_table(*datas: dict) -> str:
                          "MFU (989 TFLOP/s)", "peak GiB"])
 
 
+VS_LMEVAL_TARGETS = {0: 3.0, 8: 12.0, 32: 25.0}  # issue 14: harness >= this many times faster at K
+
+
+def vs_lmeval_table(data: dict) -> str:
+    """benchmarks/vs_lmeval.py: both whole commands per K, the ratios of that one run, per-example agreement."""
+    by = {(r["tool"], r["k"]): r for r in data["results"]}
+    rows = []
+    for c in data.get("comparison", []):
+        k = c["k"]
+        lm, ours = by[("lmeval", k)], by[("harness", k)]
+        target = VS_LMEVAL_TARGETS.get(k)
+        speed_ok = "met" if target and c["speedup"] >= target else "missed"
+        rss_ok = "met" if c["rss_ratio"] <= 0.2 else "missed"
+        rows.append([k, f"{lm['seconds']:.1f}", f"{ours['seconds']:.1f}",
+                     f"**{c['speedup']:.1f}x** (target {target:g}x: {speed_ok})" if target else f"{c['speedup']:.1f}x",
+                     f"{lm['peak_rss_bytes'] / 1e9:.2f}", f"{ours['peak_rss_bytes'] / 1e9:.2f}",
+                     f"{c['rss_ratio']:.2f} (target 0.20: {rss_ok})",
+                     f"{c['max_abs_dloglik']:.1e}" if c["max_abs_dloglik"] is not None else "-",
+                     f"{c['same_prediction']}/{c['n_compared']}", f"{c['same_context']}/{c['n_compared']}",
+                     f"{lm.get('accuracy', 0):.3f} / {ours.get('accuracy', 0):.3f}",
+                     f"{lm['load_before'][0]:.2f} / {ours['load_before'][0]:.2f}"])
+    return _table(rows, ["K", "lm-eval s", "harness s", "harness faster by", "lm-eval peak RSS GB",
+                         "harness peak RSS GB", "RSS harness / lm-eval", "max abs d loglik", "same prediction",
+                         "same context text", "accuracy lm-eval / harness", "load avg (1 min) at start"])
+
+
 def probe_table(data: dict) -> str:
     rows = [[r["method"], r["seed"], r["padding"], r["diverged_at"] if r["diverged_at"] is not None else "-",
              f"{r['loss_last']:.2f}" if r.get("loss_last") is not None else "-"] for r in data["results"]]
@@ -99,6 +125,8 @@ def main(argv=None) -> None:
              if d]
     if later:
         print(train_table(*later), "\n")
+    if vs := load("vs_lmeval_cpu.json"):
+        print(vs_lmeval_table(vs), "\n")
     if probe := load("nan_probe.json"):
         print(probe_table(probe), "\n")
     if paper := load("paper.json"):

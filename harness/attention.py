@@ -12,8 +12,10 @@ Instead, softmax attention over the concatenation [prefix keys ; own keys] is sp
 which is the same function as attention over the concatenation (up to float rounding). Part 1 needs no mask (every
 query sees the whole prefix), so the batch's queries are folded into one long sequence of batch 1, per KV head
 (grouped-query attention needs no repeat of K/V): on CUDA in half precision this is one flash-attention call that
-also returns the log-sum-exp; elsewhere an explicit computation in chunks. Part 2 is small (own keys only) and is
-computed explicitly in float32.
+also returns the log-sum-exp; on the CPU torch's fused CPU attention kernel, which returns it too; elsewhere (CUDA
+in float32, or where a kernel refuses) an explicit computation in chunks. Part 2 is small (own keys only): fused
+causal attention where rows carry no mask (flash on CUDA in half precision, the CPU kernel), else explicit in
+float32.
 
 Use: :func:`shared_prefix_attention` switches a model to this attention function for a ``with`` block, and each
 forward passes ``shared_prefix=SharedPrefix(...)``. Forwards without that argument (the prefix's own encoding)
@@ -146,11 +148,27 @@ def prefix_part(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: floa
                 out = lse = None
         except (RuntimeError, NotImplementedError):  # no flash kernel for this device/shape: explicit below
             out = lse = None
+    elif not q.is_cuda:
+        out, lse = _cpu_flash(flat, pk, pv, scale, causal=False)
     if out is None:
         out, lse = _explicit_prefix(flat[0], pk[0], pv[0], scale)
         out, lse = out.unsqueeze(0), lse.unsqueeze(0)
     out = out.reshape(Hkv, B, G, Lq, D).permute(1, 0, 2, 3, 4)
     lse = lse.float().reshape(Hkv, B, G, Lq).permute(1, 0, 2, 3)
+    return out, lse
+
+
+def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """torch's fused CPU attention with its log-sum-exp: q [b, h, N, D], k, v [b, h, P, D] -> out [b, h, N, D],
+    lse [b, h, N]; (None, None) where the kernel is unavailable (then the explicit computation runs). One pass
+    over the keys per block of queries, no float32 score matrix in memory, all threads."""
+    try:
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None, None
+    out, lse = res[0], res[1]
+    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != tuple(q.shape[:3]):
+        return None, None
     return out, lse
 
 
@@ -178,7 +196,7 @@ def own_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_
     """
     B, Hkv, G, Lq, D = q.shape
     Lk = key.shape[2]
-    if attention_mask is None and Lq == Lk and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if attention_mask is None and Lq == Lk and (not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)):
         flash = _flash_causal(q, key, value, scale)  # rows without padding: one fused kernel
         if flash is not None:
             return flash
@@ -198,6 +216,11 @@ def _flash_causal(q, key, value, scale: float):
     B, Hkv, G, L, D = q.shape
     k = key[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hkv * G, L, D)
     v = value[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hkv * G, L, D)
+    if not q.is_cuda:
+        out, lse = _cpu_flash(q.reshape(B, Hkv * G, L, D), k, v, scale, causal=True)
+        if out is None:
+            return None
+        return out.reshape(B, Hkv, G, L, D), lse.float().reshape(B, Hkv, G, L)
     try:
         res = torch.ops.aten._scaled_dot_product_flash_attention(q.reshape(B, Hkv * G, L, D), k, v, 0.0, True,
                                                                  False, scale=scale)

@@ -11,7 +11,7 @@ Two paths give the same numbers (within float noise, asserted by a test):
 
 - **cached** (default): the shared prefix (the k demonstrations) is encoded once into a KV cache
   (:mod:`harness.kvcache`); each query's own tokens are encoded once from that state, in batches; then all its
-  answer choices are scored together from the query's state. No work is repeated per choice. On CUDA (for plain
+  answer choices are scored together from the query's state. No work is repeated per choice. On CUDA and the CPU (for plain
   causal architectures) the batch attends to the ONE stored prefix through :mod:`harness.attention` instead of a
   copy of it per row.
 - **naive** (``use_cache=False``): every (query, choice) row is the full token sequence, scored on its own.
@@ -215,9 +215,10 @@ def _prompt_learning(model) -> bool:
 
 
 def use_shared_prefix(model) -> bool:
-    """Default for the cached path: shared-prefix attention on CUDA where the architecture allows it."""
+    """Default for the cached path: shared-prefix attention (CUDA and CPU) where the architecture allows it. On the
+    CPU it replaced per-row copies of the prefix cache (benchmarks/vs_lmeval.py, docs/benchmarks.md)."""
     device = next(model.parameters()).device
-    return device.type == "cuda" and not _prompt_learning(model) and attention.supports(model)
+    return device.type in ("cuda", "cpu") and not _prompt_learning(model) and attention.supports(model)
 
 
 @torch.no_grad()
@@ -331,7 +332,7 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
 
     ``budget``: padded tokens per micro-batch ("auto": from free memory on CUDA, none on the CPU; None: exactly
     ``batch_size`` rows; always so for peft prompt learning). ``shared_prefix``: attend to one stored prefix instead of per-row copies (None: on CUDA
-    where the architecture allows it). On CUDA out-of-memory the budget is halved and scoring restarts.
+    and the CPU where the architecture allows it). On CUDA out-of-memory the budget is halved and scoring restarts.
     ``reuse``: the prefix cache of a longer prefix this one is the head of (:func:`score_cached`; cached path only).
     """
     dims = ModelDims.from_model(model)

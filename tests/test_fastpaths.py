@@ -103,6 +103,24 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation(mask_ki
     assert torch.allclose((out.transpose(1, 2) * seen).double(), ref * seen, atol=1e-5)
 
 
+def test_cpu_fused_prefix_and_causal_parts_equal_the_explicit_ones():
+    """On the CPU the prefix part (and the unmasked own part) run torch's fused CPU attention kernel; it must give
+    the explicit computation's output and log-sum-exp."""
+    gen = torch.Generator().manual_seed(1)
+    Hkv, N, P, D = 3, 37, 300, 16
+    q, pk, pv = (torch.randn(1, Hkv, n, D, generator=gen) for n in (N, P, P))
+    out, lse = attention._cpu_flash(q, pk, pv, 0.25, causal=False)
+    assert out is not None, "the fused CPU attention kernel is unavailable"
+    ref_out, ref_lse = attention._explicit_prefix(q[0], pk[0], pv[0], 0.25)
+    assert torch.allclose(out[0], ref_out, atol=1e-5) and torch.allclose(lse[0].float(), ref_lse, atol=1e-5)
+    B, G, L = 2, 2, 9
+    q5 = torch.randn(B, Hkv, G, L, D, generator=gen)
+    k, v = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
+    fused = attention.own_part(q5, k, v, None, 0.25)
+    explicit = attention._own_rows(q5, k, v, None, 0.25)
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(fused, explicit))
+
+
 def test_context_manager_restores_the_attention_implementation(tmp_path):
     from harness.random_models import build_random_model
 
