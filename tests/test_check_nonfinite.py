@@ -76,7 +76,7 @@ def test_icl_runner_records_a_nan_score_as_a_failed_run(monkeypatch, data_dir):
         return ScoreOutput(exs, [], None, 0)
 
     monkeypatch.setattr(icl_runner, "_score_with_backoff", fake_score)
-    monkeypatch.setattr(icl_runner, "fit_demonstrations", lambda lm, task, template, demos, prompts: ("", 0))
+    monkeypatch.setattr(icl_runner, "fit_demonstrations", lambda lm, task, template, demos, prompts, labels=None: ("", 0))
     import torch
 
     monkeypatch.setattr(icl_runner.costs.ModelDims, "from_model", staticmethod(lambda model: None))
