@@ -80,7 +80,8 @@ def _fmt_points(x: float) -> str:
 
 def _k_shot(runs) -> pd.DataFrame:
     df = with_variants(runs)
-    return df[df["method"].map(is_icl) & (df["k"].fillna(0) > 0) & df["status"].eq("finished")]
+    keep = df["method"].map(is_icl).astype(bool) & (df["k"].fillna(0) > 0) & df["status"].eq("finished")
+    return df[keep]
 
 
 def spread_table(runs, metric: str = "accuracy") -> Table | None:
@@ -88,7 +89,7 @@ def spread_table(runs, metric: str = "accuracy") -> Table | None:
     run has a permuted order (``--orders``)."""
     _check_metric(metric)
     df = _k_shot(runs)
-    df = df[df["noise"].map(lambda p: p == 0.0)]
+    df = df[df["noise"].map(lambda p: p == 0.0).astype(bool)]  # astype: an empty map is object, read as columns
     if not (df["order"] > 0).any():
         return None
     rows = []
@@ -156,7 +157,7 @@ def demos_table(runs, metric: str = "accuracy") -> Table | None:
     seed); None unless some run has ``--demos balanced``."""
     _check_metric(metric)
     df = _k_shot(runs)
-    df = df[(df["order"] == 0) & df["noise"].map(lambda p: p == 0.0)]
+    df = df[(df["order"] == 0) & df["noise"].map(lambda p: p == 0.0).astype(bool)]
     if not (df["demos"] == "balanced").any():
         return None
     rows = []
