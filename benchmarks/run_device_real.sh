@@ -88,7 +88,8 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # round 2 (2026-12-03) ran grid5-grid8 and ln_tuning on wic; round 3 ran grid9, grid12, grid14 and ln_tuning on
     # copa, then withdrew every full and ln_tuning run (bfloat16 rounding, fixed in b3431cc): .gpu/src must be at
     # b3431cc or later; re-run grid11-grid15 and ln_tuning on wic. What is left of the SmolLM2 grid:
-    # round 4 ran grid12, grid14, grid15 and ln_tuning on copa; left: grid10, grid11 and full on wic.
+    # round 4 ran grid12, grid14, grid15 and ln_tuning on copa; round 5 (2026-12-04) ran grid10 (255 s);
+    # left: grid11, full on wic (the wic half of grid13) and ln_tuning on wic.
     grid9) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
     grid10) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
     grid11) echo "--methods prompt_tuning --tasks wic --workers 5; --methods ln_tuning --tasks wsc --workers 5" ;;
