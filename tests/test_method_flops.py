@@ -74,8 +74,8 @@ ELEMENTWISE = {
     "tfew": _elementwise_ia3,
     "dora": lambda model, method, settings: sum(
         d_out for _, _, d_out in _adapted(model, method, settings, ("q", "v"))),  # magnitude rescaling
-    "adalora": lambda model, method, settings: sum(
-        settings["init_r"] for _ in _adapted(model, method, settings, ("q", "k", "v", "o", "ffn_in", "ffn_out"))),  # * E
+    "adalora": lambda model, method, settings: settings["init_r"] * len(
+        _adapted(model, method, settings, ("q", "k", "v", "o", "ffn_in", "ffn_out"))),  # * E
     "vera": lambda model, method, settings: sum(
         settings["r"] + d_out for _, _, d_out in _adapted(model, method, settings, ("q", "v"))),  # * d, * b
 }
@@ -90,8 +90,8 @@ PER_FORWARD = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_llama():
+    """The test model (module docstring), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -102,6 +102,11 @@ def tiny():
         model = LlamaForCausalLM(config)
     model.set_attn_implementation("eager")  # attention as matmuls the counter sees
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
 
 
 def counted(model, rows: int) -> int:
@@ -163,18 +168,12 @@ def test_every_builtin_method_is_checked():
     assert set(ELEMENTWISE) <= set(METHODS) and set(PER_FORWARD) <= set(METHODS)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_inference_flops_formula_matches_flop_counter(tiny, method):
-    if method == "qlora":
-        pytest.skip("qlora needs a 4-bit NF4 base: CUDA and bitsandbytes")
-    settings = training_settings(method, "paper", {"steps": 10})  # steps: AdaLoRA's schedule
+def prepared(tiny, method: str, settings: dict):
+    """A copy of ``tiny`` with ``method`` applied as it is scored (eval mode), every trainable tensor nudged."""
     model = copy.deepcopy(tiny)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = apply_method(model, method, settings)
-    except HarnessError as exc:
-        pytest.skip(f"{method} refuses the test model: {exc}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_method(model, method, settings)
     if method == "fishmask":  # the mask comes from the Fisher of training data; restore() attaches a given one
         from harness.methods.fishmask import restore
 
@@ -190,7 +189,18 @@ def test_inference_flops_formula_matches_flop_counter(tiny, method):
         from harness.methods.intrinsic_said import merge
 
         merge(model)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inference_flops_formula_matches_flop_counter(tiny, method):
+    if method == "qlora":
+        pytest.skip("qlora needs a 4-bit NF4 base: CUDA and bitsandbytes")
+    settings = training_settings(method, "paper", {"steps": 10})  # steps: AdaLoRA's schedule
+    try:
+        model = prepared(tiny, method, settings)
+    except HarnessError as exc:
+        pytest.skip(f"{method} refuses the test model: {exc}")
 
     per_row, per_forward = measure(model, tiny)
     formula, comparable = expected_per_row(model, tiny, method, settings)
