@@ -4,14 +4,16 @@ Two measurements per (model, method), each on a fresh copy of the random-initial
 applied by the harness (:func:`harness.methods.apply_method`, paper-preset settings, the method's own optimizer
 from :func:`harness.training.make_optimizer`):
 
-- ``synthetic``: eager, with the unfused optimizer (the first round's step; ``train()`` on CUDA now fuses it);
-  the fixed shape of the target, batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at
-  every position (transformers' loss), backward, gradient clipping at 1, optimizer step. ``--steps`` timed steps
-  after ``--warmup`` untimed ones.
+- ``synthetic``: eager, ``train()``'s own step (:func:`harness.training.training_step`: float32 masters, gradient
+  clipping at the settings' ``max_grad_norm``, one device read of loss and norm, the optimizer of
+  :func:`harness.training.make_optimizer`, fused on CUDA as ``train()`` does) on the fixed shape of the target,
+  batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at every position (transformers' loss) through
+  :func:`harness.training.training_forward` (``use_cache=False``, as every training forward). ``--steps`` timed
+  steps after ``--warmup`` untimed ones. Until issue 14 this was a step of its own (unfused optimizer, clipping at
+  1, and the model called with its KV cache on, which made the compiled blocks recompile per layer).
 - ``compiled``: the synthetic step as ``--compile on`` trains: the transformer blocks compiled by
-  :func:`harness.compiling.compile_blocks` (regional ``torch.compile``, dynamic shapes) and the fused optimizer
-  of :func:`harness.training.make_optimizer` (fused AdamW; the multi-tensor Adafactor of :mod:`harness.optim`);
-  ``compiled_model``: the whole model under ``torch.compile`` (``--compile model``), fused optimizer.
+  :func:`harness.compiling.compile_blocks` (regional ``torch.compile``, dynamic shapes);
+  ``compiled_model``: the whole model under ``torch.compile`` (``--compile model``).
 - ``harness``: the harness's own T-Few training loop (:func:`harness.training.train` with ``--compile on``: compiled
   blocks) on the task's few-shot set (all choices of a batch of 8 examples per step, logits only where a choice
   is scored), ``--harness-warmup`` + ``--harness-steps`` steps in one call; the step rate is over the last
@@ -46,7 +48,8 @@ from harness.methods import apply_method, method_overhead, training_settings
 from harness.models import load_model
 from harness.tasks import load_task
 from harness.compiling import compile_mode, for_training, uncompile_blocks
-from harness.training import make_optimizer, train
+from harness.master_weights import MasterWeights
+from harness.training import make_optimizer, train, training_forward, training_step
 
 GIB = 2**30
 
@@ -79,7 +82,8 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
     model = apply_method(copy.deepcopy(base), method, settings)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings, fused=compile != "off")
+    masters = MasterWeights(params)  # as train() does (float32 masters of bfloat16 trainable parameters)
+    optimizer = make_optimizer(masters.params, settings, fused=device.type == "cuda")  # as train() does
     dims = costs.ModelDims.from_model(model)
     overhead = method_overhead(model, method, settings)
     trainable = trainable_count(model)
@@ -88,13 +92,13 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
     vocab_in = 49152  # ids of the tokenizer actually used
     batches = [torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
 
-    def step(x):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    def step(x):  # train()'s step (harness.training.training_step), causal-LM loss on the fixed-shape batch
+        def backward():
+            loss = training_forward(model, input_ids=x, labels=x).loss  # use_cache=False, as train()'s forwards
+            loss.backward()
+            return loss.detach().float().reshape(1, 1), [1.0]
+
+        return training_step(backward, optimizer, masters, settings)[1]
 
     for i in range(args.warmup):
         step(batches[i % len(batches)])
@@ -119,7 +123,7 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
     if args.profile and method in ("lora", "full"):
         out["profile"] = profile(lambda: step(batches[0]), device)
     uncompile_blocks(blocks)
-    del model, optimizer
+    del model, optimizer, masters
     return out
 
 

@@ -97,6 +97,19 @@ class ChoiceLogprobs:
     rows: int  # forward rows (one per choice)
 
 
+def training_forward(model, **kwargs):
+    """The model call of every training forward (:func:`choice_logprobs`, and ``benchmarks/train_throughput.py``'s
+    synthetic kinds): ``use_cache=False``, so no KV-cache object enters the decoder layers.
+
+    With a cache (transformers' default in training mode too), a compiled block's graph is guarded on its layer's
+    cache entry (``cache.layers[i]``): dynamo traces one graph per layer, and past 8 layers the blocks hit its
+    recompile limit and run eagerly (issue 14; ``tests/test_compile_recompiles.py``). Without one, every block
+    reuses the same graph for every sequence length.
+    """
+    with peft_legacy_calls(is_prompt_learning(model)):  # peft's prefix tuning passes its prefix as past_key_values=
+        return model(**kwargs, use_cache=False)
+
+
 def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
                     dims: ModelDims | None = None, overhead: Overhead | None = None,
                     encode=None, logit_index: bool = False) -> ChoiceLogprobs:
@@ -156,12 +169,10 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
         column = {position: position - (W - keep) for position in range(W - keep, W)}
     ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
     mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False,
-              "logits_to_keep": keep}
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "logits_to_keep": keep}
     if not right_pad:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    with peft_legacy_calls(is_prompt_learning(model)):  # peft's prefix tuning passes its prefix as past_key_values=
-        logits = model(**kwargs).logits  # [R, U, V]: U kept positions
+    logits = training_forward(model, **kwargs).logits  # [R, U, V]: U kept positions
     if not logit_index:
         logits = logits[:, -keep:]
     T = max(len(cont) for *_, cont in rows)
@@ -305,6 +316,32 @@ def _step_values(values: torch.Tensor, weights: list[float], norm: torch.Tensor 
     return summed, (host[-1] if norm is not None else 0.0)
 
 
+def training_step(backward, optimizer, masters: MasterWeights, settings: dict, step: int = 0):
+    """One optimizer step, as :func:`train` runs it (and ``benchmarks/train_throughput.py``'s synthetic kinds).
+
+    Zeroes the gradients, calls ``backward()`` (the forwards and backwards of the batch's micro-batches, through
+    :func:`training_forward`; it returns ``(values, weights, ...)`` as :func:`_forward_backward` does), copies the
+    gradients to the float32 masters, clips them at ``settings["max_grad_norm"]`` (if set), reads the losses and
+    the norm from the device once, raises :class:`TrainingDiverged` on a non-finite value, then steps the optimizer
+    and copies the masters back. Returns (``backward()``'s result, total loss, per-loss values).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    masters.zero_grad()
+    out = backward()
+    values, weights = out[0], out[1]
+    masters.pull_grads()
+    clip = settings.get("max_grad_norm")
+    norm = torch.nn.utils.clip_grad_norm_(masters.params, clip) if clip else None
+    (loss, *parts), norm_value = _step_values(values, weights, norm)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(step, loss)
+    if not math.isfinite(norm_value):
+        raise TrainingDiverged(step, norm_value, "the gradient norm")
+    optimizer.step()
+    masters.push()
+    return out, loss, parts
+
+
 PADDING_CHOICES = ("auto", "left", "right")  # auto: right on CUDA (see train), left elsewhere
 
 
@@ -366,40 +403,35 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         for step in bar:
             step_start = time.perf_counter()
             batch = [task.render(rng.choice(templates), train_examples[i]) for i in sampler.take(effective)]
-            while True:
-                optimizer.zero_grad(set_to_none=True)
-                masters.zero_grad()
-                try:
-                    values, weights, work, rows = _forward_backward(forward_model, tokenizer, batch, micro, settings,
-                                                                    dims, overhead, right_pad, encode, logit_index)
-                    break
-                except torch.OutOfMemoryError:
-                    if micro == 1:
-                        raise
-                    optimizer.zero_grad(set_to_none=True)
-                    masters.zero_grad()
-                    micro = (micro + 1) // 2
-                    accum = math.ceil(effective / micro)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    log.warning("out of memory at step %d: micro-batch %d x %d accumulation steps", step, micro, accum)
-                except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
-                    if not stats.compiled or step > 0:
-                        raise
-                    log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__,
-                                str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-                    uncompile_blocks(compiled)
-                    compiled, forward_model, stats.compiled = [], model, False
-            masters.pull_grads()
-            clip = settings.get("max_grad_norm")
-            norm = torch.nn.utils.clip_grad_norm_(masters.params, clip) if clip else None
-            (loss, *parts), norm_value = _step_values(values, weights, norm)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(step, loss)
-            if not math.isfinite(norm_value):
-                raise TrainingDiverged(step, norm_value, "the gradient norm")
-            optimizer.step()
-            masters.push()
+
+            def backward():
+                nonlocal micro, accum, compiled, forward_model
+                while True:
+                    try:
+                        return _forward_backward(forward_model, tokenizer, batch, micro, settings, dims, overhead,
+                                                 right_pad, encode, logit_index)
+                    except torch.OutOfMemoryError:
+                        if micro == 1:
+                            raise
+                        optimizer.zero_grad(set_to_none=True)
+                        masters.zero_grad()
+                        micro = (micro + 1) // 2
+                        accum = math.ceil(effective / micro)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        log.warning("out of memory at step %d: micro-batch %d x %d accumulation steps", step, micro,
+                                    accum)
+                    except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
+                        if not stats.compiled or step > 0:
+                            raise
+                        log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__,
+                                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                        optimizer.zero_grad(set_to_none=True)
+                        masters.zero_grad()
+                        uncompile_blocks(compiled)
+                        compiled, forward_model, stats.compiled = [], model, False
+
+            (_, weights, work, rows), loss, parts = training_step(backward, optimizer, masters, settings, step)
             if on_step is not None:  # e.g. AdaLoRA's rank allocation, which reads the gradients
                 on_step(model, step)
             schedule.step()

@@ -1,0 +1,116 @@
+"""Issue 14: a compiled training step compiles once; after warm-up no step traces a new graph.
+
+A tiny random llama (4 layers, hidden 64, SmolLM2's tokenizer) with LoRA applied by the harness runs the harness's
+own step (:func:`harness.training.training_step` around :func:`harness.training._forward_backward`, the choice
+loss path of :func:`harness.training.train`, and the causal-LM path of ``benchmarks/train_throughput.py``'s
+synthetic kinds) under the ``--compile`` modes, on batches of different sequence lengths. Dynamo's counters must
+not move after the warm-up steps, and compiled blocks must share one graph (not one per layer: with a KV cache in
+the forward, each block's graph was guarded on its layer's cache entry, ``cache.layers[i]``, and past 8 layers
+the blocks hit dynamo's recompile limit).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from harness.compiling import compile_mode, for_training, uncompile_blocks
+from harness.costs import ModelDims
+from harness.master_weights import MasterWeights
+from harness.methods import apply_method, method_overhead, training_settings
+from harness.scoring import encode_pair
+from harness.templates import Prompt
+from harness.training import _forward_backward, make_optimizer, training_forward, training_step
+
+LAYERS = 4
+WORDS = "the cat sat on a mat while it rained and nobody came to see what happened next in town".split()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from harness.random_models import TOKENIZER_NAME, tokenizer_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(TOKENIZER_NAME)), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def prompts(step: int) -> list[Prompt]:
+    """Two prompts whose lengths change from step to step (the dynamic sequence dimension)."""
+    n = 3 + 2 * step
+    return [Prompt(" ".join(WORDS[i:i + n + k]), (" yes", " no way"), k % 2, f"{step}-{k}") for i, k in ((0, 0), (1, 1))]
+
+
+def graphs() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+
+
+def run(tiny, how: str, path: str, warmup: int = 2, steps: int = 3) -> tuple[list[tuple[int, int]], list[float]]:
+    """Dynamo's (unique graphs, recompiles) after each step, and the losses."""
+    model, tokenizer = tiny
+    settings = training_settings("lora", "quick", {"steps": warmup + steps, "batch_size": 2, "lr": 1e-2})
+    model = apply_method(copy.deepcopy(model), "lora", settings)
+    model.train()
+    masters = MasterWeights([p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(masters.params, settings)
+    forward_model, blocks = for_training(model, compile_mode(how))
+    dims, overhead = ModelDims.from_model(model), method_overhead(model, "lora", settings)
+    encode = functools.cache(lambda context, choice: encode_pair(tokenizer, context, choice))
+    gen = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    seen, losses = [], []
+    try:
+        for step in range(warmup + steps):
+            if path == "choices":  # train()'s forward and loss
+                def backward():
+                    return _forward_backward(forward_model, tokenizer, prompts(step), 2, settings, dims, overhead,
+                                             False, encode)
+            else:  # the benchmark's synthetic step: causal-LM loss on random tokens
+                x = torch.randint(0, 1000, (2, 6 + 5 * step), generator=gen)
+
+                def backward():
+                    loss = training_forward(forward_model, input_ids=x, labels=x).loss
+                    loss.backward()
+                    return loss.detach().float().reshape(1, 1), [1.0]
+
+            _, loss, _ = training_step(backward, optimizer, masters, settings, step)
+            losses.append(loss)
+            seen.append(graphs())
+    finally:
+        uncompile_blocks(blocks)
+        torch._dynamo.reset()
+    return seen, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, path", [("on", "choices"), ("on", "lm"), ("model", "choices")])
+def test_compiled_step_does_not_recompile_after_warmup(tiny, how, path):
+    warmup = 2
+    seen, losses = run(tiny, how, path, warmup=warmup)
+    assert seen[0][0] >= 1, "dynamo captured no graph"
+    assert seen[warmup:] == [seen[warmup - 1]] * (len(seen) - warmup), f"new graphs after warm-up: {seen}"
+    if how == "on":  # the blocks share their graphs (2 on the CPU here, for any depth), not one per layer
+        assert seen[-1][0] < LAYERS, f"compiled blocks traced {seen[-1][0]} graphs for {LAYERS} layers"
+    assert all(loss == loss for loss in losses)
+
+
+def test_training_forward_turns_the_cache_off():
+    calls = []
+
+    def model(**kwargs):
+        calls.append(kwargs)
+
+    training_forward(model, input_ids=1)
+    assert calls == [{"input_ids": 1, "use_cache": False}]
