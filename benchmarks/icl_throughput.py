@@ -31,7 +31,7 @@ from benchmarks import lmeval_loop
 from benchmarks.common import model_id
 from benchmarks.common import Timer, environment, peak_bytes, peak_reset, print_table, profile, write_json
 from harness import api, costs
-from harness.data import few_shot_examples, load_split
+from harness.data import few_shot_examples, load_split, resolve_data_dir
 from harness.icl_runner import fit_demonstrations, run_icl
 from harness.models import load_model
 from harness.scoring import argmax_first, score_prompts
@@ -42,6 +42,7 @@ GIB = 2**30
 
 def prompts_and_prefix(lm, task, template, seed: int, k: int, limit: int | None, data_dir):
     """What the ICL runner scores for (task, template, seed, k): prompts, demonstration prefix, k used."""
+    data_dir = resolve_data_dir(data_dir)  # default: the embedded data ('hub': None)
     examples = load_split(task, task.eval_split, data_dir)
     examples = examples[:limit] if limit else examples
     prompts = [task.render(template, ex) for ex in examples]
@@ -65,7 +66,7 @@ def run_path(lm, path: str, spec, prompts, prefix, data_dir, batch_size: int) ->
     """One timed evaluation; returns seconds, peak bytes, per-example log-probs and FLOPs."""
     dev = lm.device
     if path in ("cached", "naive"):
-        res = run_icl(lm, spec, data_dir, batch_size=batch_size)
+        res = run_icl(lm, spec, resolve_data_dir(data_dir), batch_size=batch_size)
         if res.status != "finished":
             raise RuntimeError(f"{path}: {res.error}\n{res.extra.get('traceback', '')}")
         m = res.metrics

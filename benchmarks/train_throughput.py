@@ -43,7 +43,7 @@ from benchmarks.common import model_id
 from benchmarks.common import (H100_BF16_PEAK, Timer, environment, peak_bytes, peak_reset, print_table, profile,
                                write_json)
 from harness import costs
-from harness.data import few_shot_examples
+from harness.data import few_shot_examples, resolve_data_dir
 from harness.methods import apply_method, method_overhead, training_settings
 from harness.models import load_model
 from harness.tasks import load_task
@@ -137,7 +137,7 @@ def _work(batch: int, n: int) -> costs.Work:
 
 def harness_loop(base, tokenizer, method: str, args, device, compile: str = "on") -> dict:
     task = load_task(args.task)
-    examples = few_shot_examples(task, 0, args.data_dir)
+    examples = few_shot_examples(task, 0, resolve_data_dir(args.data_dir))  # default: the embedded data
     warm = max(args.harness_warmup, 1)
     settings = training_settings(method, "paper", {"steps": warm + args.harness_steps})
     model = apply_method(copy.deepcopy(base), method, settings)
