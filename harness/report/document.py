@@ -12,7 +12,7 @@ import pandas as pd
 
 from harness.report.breakeven import break_even_table
 from harness.report.format import Table, latex_escape, to_latex, to_markdown
-from harness.report.plots import PlotResult
+from harness.report.canvas import PlotResult
 from harness.report.variants import default_runs, variant_tables
 from harness.report.tables import (calibration_table, cost_table, family_table, k_curve_table, settings_lines,
                                    summary_table, task_table)

@@ -10,50 +10,16 @@ without timestamps or version strings that would make two reports of one store d
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from harness.report import stats
+from harness.report.canvas import MARKERS, PlotResult, new_figure, save_figure
 from harness.report.breakeven import break_even, cost_groups, fmt_count, total_cost
 from harness.report.format import fmt_bytes, fmt_flops
 from harness.report.tables import extra_metric, groups, is_in_context
+from harness.report.variants import default_runs, variant_plots
 from harness.results import frame
-
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
-METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None}}
-
-
-@dataclasses.dataclass(frozen=True)
-class PlotResult:
-    """One figure: the files written, or (``paths`` empty) why it was skipped; ``notes`` list partial skips."""
-
-    name: str
-    title: str
-    paths: tuple[Path, ...] = ()
-    notes: tuple[str, ...] = ()
-
-
-def _save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, ...]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{name}.{ext}"
-        fig.savefig(path, format=ext, dpi=150, metadata=METADATA[ext])
-        paths.append(path)
-    return tuple(paths)
-
-
-def _figure(title: str, ncols: int = 1) -> tuple[Figure, list]:
-    fig = Figure(figsize=(7.5 * ncols if ncols > 1 else 7.5, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    fig.suptitle(title)
-    return fig, axes
-
 
 def _legend_name(group, n_models: int) -> str:
     return f"{group.model}: {group.label}" if n_models > 1 else group.label
@@ -87,11 +53,11 @@ def plot_accuracy_vs_flops(runs, out_dir: Path, metric: str = "accuracy") -> Plo
     points, notes, n_models = _acc_points(runs, "infer_flops_per_example", metric, positive_only=True)
     if not points:
         return PlotResult(name, title, notes=("skipped: no run has both inference FLOPs and accuracy",))
-    fig, (ax,) = _figure(title)
+    fig, (ax,) = new_figure(title)
     _scatter(ax, points, n_models)
     ax.set_xlabel("Inference FLOPs per example (log scale)")
     ax.set_ylabel(f"{metric} (%): median, IQR error bars")
-    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+    return PlotResult(name, title, save_figure(fig, out_dir, name), tuple(notes))
 
 
 def plot_accuracy_vs_checkpoint(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
@@ -99,13 +65,13 @@ def plot_accuracy_vs_checkpoint(runs, out_dir: Path, metric: str = "accuracy") -
     points, notes, n_models = _acc_points(runs, "checkpoint_bytes", metric, positive_only=True)
     if not points:
         return PlotResult(name, title, notes=("skipped: no run has a non-zero checkpoint size and accuracy",))
-    fig, (ax,) = _figure(title)
+    fig, (ax,) = new_figure(title)
     _scatter(ax, points, n_models)
     for g, x, m in points:
         ax.annotate(fmt_bytes(x), (x, m.median), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlabel("Checkpoint size in bytes (log scale, median over runs)")
     ax.set_ylabel(f"{metric} (%): median, IQR error bars")
-    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+    return PlotResult(name, title, save_figure(fig, out_dir, name), tuple(notes))
 
 
 def plot_accuracy_vs_params(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
@@ -117,11 +83,11 @@ def plot_accuracy_vs_params(runs, out_dir: Path, metric: str = "accuracy") -> Pl
     points, notes, n_models = _acc_points(trained, "trainable_params", metric, positive_only=True)
     if not points:
         return PlotResult(name, title, notes=("skipped: no trained run has trainable parameters and accuracy",))
-    fig, (ax,) = _figure(title)
+    fig, (ax,) = new_figure(title)
     _scatter(ax, points, n_models)
     ax.set_xlabel("Trainable parameters (log scale, median over runs)")
     ax.set_ylabel(f"{metric} (%): median, IQR error bars")
-    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+    return PlotResult(name, title, save_figure(fig, out_dir, name), tuple(notes))
 
 
 def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
@@ -131,7 +97,7 @@ def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
     if icl.empty:
         return PlotResult(name, title, notes=("skipped: the store holds no ICL runs",))
     several = icl["model"].nunique() > 1
-    fig, (ax,) = _figure(title)
+    fig, (ax,) = new_figure(title)
     # one line per (model, task); zero-shot runs are the k = 0 point of their task's line
     for i, ((model, task), line) in enumerate(icl.groupby(["model", "task"])):
         ks, ms = zip(*((int(k), stats.median_iqr(100 * acc)) for k, acc in line.groupby("k")[metric]))
@@ -150,7 +116,7 @@ def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
     ax.set_ylabel(f"{metric} (%): median over templates and seeds, IQR")
     ax.grid(True, alpha=0.3)
     ax.legend(title="task", fontsize=9)
-    return PlotResult(name, title, _save(fig, out_dir, name))
+    return PlotResult(name, title, save_figure(fig, out_dir, name))
 
 
 def plot_break_even(runs, out_dir: Path) -> PlotResult:
@@ -162,7 +128,7 @@ def plot_break_even(runs, out_dir: Path) -> PlotResult:
             notes.append(f"{m}: skipped (needs both ICL and PEFT runs with FLOPs)")
     if not models:
         return PlotResult(name, title, notes=("skipped: needs ICL and PEFT runs of one model with FLOPs", *notes))
-    fig, axes = _figure(title, ncols=len(models))
+    fig, axes = new_figure(title, ncols=len(models))
     for ax, model in zip(axes, models):
         sides = per_model[model]
         pairs = [(p, i, break_even(p[1], p[2], i[1], i[2], p[0].label, i[0].label))
@@ -194,12 +160,11 @@ def plot_break_even(runs, out_dir: Path) -> PlotResult:
         ax.set_title(model, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    return PlotResult(name, title, _save(fig, out_dir, name), tuple(notes))
+    return PlotResult(name, title, save_figure(fig, out_dir, name), tuple(notes))
 
 
 def make_plots(runs, out_dir: Path, metric: str = "accuracy") -> list[PlotResult]:
     """Write every figure under ``out_dir`` (PNG and PDF); figures lacking data come back with a skip note."""
-    from harness.report.variants import default_runs, variant_plots
 
     out_dir = Path(out_dir)
     every, runs = runs, default_runs(runs)  # demonstration variants only in their own figures (issue 15)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from harness.demos import RANDOM_LABELS
 from harness.report.format import Table, fmt_acc
+from harness.report.canvas import MARKERS, PlotResult, new_figure, save_figure
 from harness.report.tables import _check_metric, groups, is_icl, metric_notes
 from harness.results import frame
 from harness.spec import VARIANT_DEFAULTS
@@ -224,13 +225,12 @@ def variant_tables(runs, metric: str = "accuracy") -> list[Table]:
 def plot_label_noise(runs, out_dir: Path, metric: str = "accuracy"):
     """Mean accuracy vs label-noise level per (task, method); ``random`` drawn right of p = 1. None without
     label-noise runs."""
-    from harness.report.plots import MARKERS, PlotResult, _figure, _save
 
     name, title = "icl_accuracy_vs_label_noise", f"ICL {metric} vs demonstration label noise"
     df = _noise_cells(runs, metric)
     if not (df["noise"] != 0.0).any():
         return None
-    fig, (ax,) = _figure(title)
+    fig, (ax,) = new_figure(title)
     x_random = 1.25
     for i, ((task, demos), g, rs) in enumerate(groups(df, by=("task", "demos"))):
         if not (rs["noise"] != 0.0).any():
@@ -248,18 +248,17 @@ def plot_label_noise(runs, out_dir: Path, metric: str = "accuracy"):
     ax.set_ylabel(f"{metric} (%): mean over templates and seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
-    return PlotResult(name, title, _save(fig, out_dir, name))
+    return PlotResult(name, title, save_figure(fig, out_dir, name))
 
 
 def plot_spread(runs, out_dir: Path, metric: str = "accuracy"):
     """Bars: SD due to order, seed and template per task (from :func:`spread_table`). None without orders."""
-    from harness.report.plots import PlotResult, _figure, _save
 
     table = spread_table(runs, metric)
     if table is None or not table.rows:
         return None
     name, title = "icl_order_spread", f"ICL {metric}: spread due to order, demonstration set and template"
-    fig, (ax,) = _figure(title)
+    fig, (ax,) = new_figure(title)
     labels = [f"{r[0]}: {r[2]}" + ("" if r[3] == "tfew" else f" ({r[3]})") for r in table.rows]
     x = np.arange(len(labels))
     for j, (col, what) in enumerate(((4, "order"), (7, "demonstration set (seed)"), (10, "template"))):
@@ -269,7 +268,7 @@ def plot_spread(runs, out_dir: Path, metric: str = "accuracy"):
     ax.set_ylabel(f"SD of {metric} (points), mean over groups")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(title="varied alone")
-    return PlotResult(name, title, _save(fig, out_dir, name))
+    return PlotResult(name, title, save_figure(fig, out_dir, name))
 
 
 def variant_plots(runs, out_dir: Path, metric: str = "accuracy") -> list:
