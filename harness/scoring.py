@@ -39,6 +39,7 @@ from harness.compat import cache_kwargs, is_prompt_learning, output_cache, peft_
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.kvcache import PrefixCache
+from harness.choice import argmax_first  # noqa: F401  (re-exported: callers import it from here)
 from harness.store import ExampleScore
 from harness.templates import Prompt
 from harness.tokenization import Row, _tokenize, bos_ids, encode_batch, encode_pair, split_point, tokenize_prompts
@@ -48,24 +49,6 @@ __all__ = [  # with the tokenization names re-exported from harness.tokenization
     "plan_batches", "score_cached", "score_naive", "score_prompts", "shared_prefix_len", "split_point",
     "token_budget", "tokenize_prompts", "uncached_work", "use_shared_prefix",
 ]
-
-
-def argmax_first(values: Sequence[float], example_id: str | None = None) -> int:
-    """Index of the largest value; ties break to the lowest index, deterministically (as ``np.argmax``).
-
-    A NaN or infinite value raises :class:`HarnessError` naming the choice (and ``example_id`` when given): a
-    prediction from an overflowed score would look like a real one, so the run must fail instead.
-    """
-    from harness.errors import HarnessError
-    from harness.store import non_finite_message
-
-    best, best_i = -math.inf, 0
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            raise HarnessError(non_finite_message("?" if example_id is None else example_id, i, v))
-        if v > best:
-            best, best_i = v, i
-    return best_i
 
 
 def metrics_from_examples(examples: Sequence[ExampleScore]) -> dict:

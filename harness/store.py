@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from harness.choice import argmax_first, non_finite_message
 from harness.errors import HarnessError
 
 DEFAULT_STORE = Path("results") / "harness.sqlite"
@@ -139,14 +140,11 @@ class ExampleScore:
     @property
     def prediction(self) -> int:
         """argmax of the summed log-prob."""
-        from harness.scoring import argmax_first
-
         return argmax_first(self.logprobs, example_id=self.example_id)
 
     @property
     def prediction_norm(self) -> int:
         """argmax of the per-token mean log-prob (T-Few)."""
-        from harness.scoring import argmax_first
 
         self.check_finite()
         return argmax_first([lp / max(n, 1) for lp, n in zip(self.logprobs, self.n_tokens)],
@@ -155,16 +153,9 @@ class ExampleScore:
     @property
     def prediction_norm_char(self) -> int:
         """argmax of the log-prob per character of the choice without the delimiter (lm-eval ``acc_norm``)."""
-        from harness.scoring import argmax_first
 
         self.check_finite()
         return argmax_first(norm_char_scores(self.logprobs, self.n_chars), example_id=self.example_id)
-
-
-def non_finite_message(example_id, choice: int, value) -> str:
-    return (f"non-finite log-prob {value} for example {example_id!r}, choice {choice}: the model's scores "
-            "overflowed or are NaN (a low-precision dtype? try --dtype float32); the run fails instead of "
-            "predicting from them")
 
 
 def norm_char_scores(logprobs: list[float], n_chars: list[int]) -> list[float]:
@@ -238,8 +229,6 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
             lps, ncs = json.loads(lps_json), json.loads(ncs_json)
             if not all(math.isfinite(x) for x in lps):
                 continue  # a finished run never has these; a failed one keeps NULL
-            from harness.scoring import argmax_first
-
             pred = argmax_first(norm_char_scores(lps, ncs))
             correct += pred == label
             db.execute("UPDATE examples SET prediction_norm_char=? WHERE run_id=? AND position=?",
