@@ -29,6 +29,7 @@ from harness.master_weights import LOW_PRECISION
 from harness.methods import get_method, training_settings
 from harness.models import (DEFAULT_MODEL, LoadedModel, check_model_name, check_quantize, load_model,
                             resolve_device_dtype)
+from harness.scoring import gpu_share
 from harness.spec import RunSpec, get_preset
 from harness.store import RunResult, Store
 from harness.tasks import Task, load_task
@@ -101,6 +102,7 @@ def plan(
     loaded = _load_tasks(tasks)
     folder = resolve_data_dir(data_dir)
     check_model_name(model)
+    gpu_share()  # a malformed $HARNESS_GPU_SHARE fails here, before any model loads
     dev, dt = resolve_device_dtype(device, dtype)
     for info in infos:  # a quantized base (qlora) needs CUDA and bitsandbytes: say so before any model loads
         check_quantize(info.quantize, dev.type, info.name)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from harness.jobs import failed_results
+from harness.scoring import GPU_SHARE_ENV, gpu_share
 from harness.spec import RunSpec
 from harness.store import RunResult
 
@@ -37,6 +39,11 @@ def _train_group(specs: list[RunSpec], data_dir, artifacts_dir: Path, batch_size
                                compile=compile))
 
 
+def _set_gpu_share(share: int) -> None:
+    """Worker initializer: this worker shares the GPU with ``share`` processes (:func:`harness.scoring.gpu_share`)."""
+    os.environ[GPU_SHARE_ENV] = str(share)
+
+
 def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_dir: Path, *, batch_size: int,
                envs: list[dict], compile: str | bool | None = "auto") -> Iterator[RunResult]:
     """Yield the results of every group, trained ``workers`` at a time in spawned processes, as groups finish.
@@ -47,7 +54,9 @@ def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_di
     KeyboardInterrupt the queued groups are cancelled and the running ones stopped; finished ones stay stored.
     """
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
-    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    share = max(workers, gpu_share())  # each worker's evaluation batches take 1/share of the free GPU memory
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_set_gpu_share,
+                                       initargs=(share,))
     try:
         pending = {pool.submit(_train_group, group, data_dir, artifacts_dir, batch_size, env, compile): (group, env)
                    for group, env in zip(groups, envs)}

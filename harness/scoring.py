@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -46,7 +47,7 @@ from harness.tokenization import Row, _tokenize, bos_ids, encode_batch, encode_p
 
 __all__ = [  # with the tokenization names re-exported from harness.tokenization
     "Row", "ScoreOutput", "argmax_first", "bos_ids", "encode_batch", "encode_pair", "metrics_from_examples",
-    "plan_batches", "score_cached", "score_naive", "score_prompts", "shared_prefix_len", "split_point",
+    "gpu_share", "plan_batches", "score_cached", "score_naive", "score_prompts", "shared_prefix_len", "split_point",
     "token_budget", "tokenize_prompts", "uncached_work", "use_shared_prefix",
 ]
 
@@ -95,11 +96,28 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
 
 # --------------------------------------------------------------------------------------------- micro-batches
 
+GPU_SHARE_ENV = "HARNESS_GPU_SHARE"  # processes sharing one GPU (set by `--workers N` in its workers)
+
+
+def gpu_share() -> int:
+    """How many processes share this GPU: ``$HARNESS_GPU_SHARE`` (a positive integer), else 1."""
+    text = os.environ.get(GPU_SHARE_ENV, "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise HarnessError(f"{GPU_SHARE_ENV} must be a positive integer (processes sharing one GPU), got {text!r}")
+    return int(text)
+
+
 def token_budget(model, dims: ModelDims, device: torch.device, fraction: float = 0.25) -> int | None:
-    """Padded tokens per micro-batch on CUDA: ``fraction`` of the free memory over the activation bytes of one
-    token in one layer (hidden states, attention projections, MLP), clamped to [2048, 65536]; None on the CPU."""
+    """Padded tokens per micro-batch on CUDA: ``fraction`` of the free memory, divided among the processes that
+    share the GPU (:func:`gpu_share`), over the activation bytes of one token in one layer (hidden states,
+    attention projections, MLP), clamped to [2048, 65536]; None on the CPU. Without the division every process of
+    ``--workers N`` (or of jobs side by side) sized its batches to a quarter of the memory free when it looked:
+    nine Gemma 3 processes on one H200 ran it out (docs/benchmarks.md (d), round 6)."""
     if device.type != "cuda":
         return None
+    fraction /= gpu_share()
     cfg = getattr(model.config, "text_config", model.config)
     inter = getattr(cfg, "intermediate_size", None) or 4 * dims.d_model
     elem = next(model.parameters()).element_size()
