@@ -1,0 +1,144 @@
+"""Packed training (``harness run --pack N``, :mod:`harness.packed`): every adapter trained in a pack equals its
+separately trained twin (CPU float32: the same losses within 1e-5, the same scores within 1e-4), and a CLI run with
+``--pack 2`` stores what ``--pack 1`` stores, under the same run ids."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import SHORT_CB, choice_scores
+from harness.cli import main
+from harness.data import few_shot_examples
+from harness.methods import apply_method, training_settings
+from harness.packed import PackedAdapters, PackMember, group_initial_tensors, pack_refusal, train_packed
+from harness.store import Store
+from harness.tasks import load_task
+from harness.training import train
+
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 4096,
+        "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def _members(data_dir):
+    """Three groups: cb seeds 0 and 1, rte seed 32 (another task: two choices instead of three, other lengths)."""
+    cb, rte = load_task("cb"), load_task("rte")
+    return [PackMember(cb, few_shot_examples(cb, 0, data_dir, n=32)[:6], 0),
+            PackMember(cb, few_shot_examples(cb, 1, data_dir, n=32)[:6], 1),
+            PackMember(rte, few_shot_examples(rte, 32, data_dir, n=32)[:6], 32)]
+
+
+def _probe(member):
+    """Fixed prompts to score a trained adapter on: two rows of the member's task, its first template."""
+    rows = SHORT_CB if member.task.name == "cb" else member.train_examples[:2]
+    return [member.task.render(member.task.templates[0], ex) for ex in rows]
+
+
+@pytest.mark.parametrize("method", ["ia3", "tfew", "lora"])
+def test_each_packed_adapter_equals_its_separately_trained_twin(tiny, smollm, data_dir, method):
+    # no warmup and a large rate: every step moves the weights (LoRA's A from the second step on)
+    settings = training_settings(method, "quick", {"steps": 3, "batch_size": 2, "grad_accum": 2, "lr": 3e-2,
+                                                   "warmup_ratio": 0.0})
+    members = _members(data_dir)
+    tok = smollm.tokenizer
+    alone = []
+    for m in members:
+        torch.manual_seed(m.seed)
+        model = apply_method(copy.deepcopy(tiny), method, settings)
+        stats = train(model, tok, m.train_examples, m.task, settings, m.seed, method=method)
+        alone.append((stats, choice_scores(model, tok, _probe(m)),
+                      [p.detach().clone() for p in model.parameters() if p.requires_grad]))
+
+    base = copy.deepcopy(tiny)
+    initial = [group_initial_tensors(base, method, settings, m.seed) for m in members]
+    torch.manual_seed(members[0].seed)
+    model = apply_method(base, method, settings)
+    packed = PackedAdapters(model, initial)
+    outcomes = train_packed(model, tok, packed, members, settings, method=method)
+    model.eval()
+    for g, (m, out, (stats, scores, weights)) in enumerate(zip(members, outcomes, alone)):
+        assert out.steps == stats.steps == 3
+        assert out.losses == pytest.approx(stats.losses, rel=1e-5, abs=1e-5)
+        for name in settings["losses"]:
+            assert out.components[name] == pytest.approx(stats.components[name], rel=1e-5, abs=1e-5)
+        assert out.work == stats.work and out.rows == stats.rows and out.forwards == stats.forwards
+        moved = [not torch.equal(p, t) for p, t in zip(packed.params[g], initial[g])]
+        assert all(moved), f"group {g}: {moved.count(False)} tensors did not move"
+        for p, w in zip(packed.params[g], weights):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-5)
+        packed.load_group(g)
+        got = choice_scores(model, tok, _probe(m))
+        assert (got - scores).abs().max().item() < 1e-4
+    # the peft model's own adapter layers are enabled again, its tensors trainable
+    assert all(p.requires_grad for n, p in model.named_parameters() if "ia3_l" in n or "lora_" in n)
+
+
+def test_what_packs():
+    assert pack_refusal("ia3", {}) is None and pack_refusal("tfew", {}) is None
+    assert pack_refusal("lora", {"dropout": 0.0}) is None
+    assert "dropout" in pack_refusal("lora", {"dropout": 0.1})
+    assert "no packed trainer" in pack_refusal("bitfit", {})
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_pack_must_be_a_positive_integer(value):
+    result = CliRunner().invoke(main, ["run", "--methods", "ia3", "--tasks", "cb", "--pack", value])
+    assert result.exit_code == 2
+    assert "--pack" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _stored(store: Store) -> dict:
+    runs = {r["run_id"]: r for r in store.runs()}
+    examples = {}
+    for e in store.examples(list(runs)):
+        examples.setdefault(e["run_id"], []).append([c["logprob"] for c in e["choices"]])
+    return {rid: (r["status"], r["accuracy"], r.get("loss_last"), examples.get(rid)) for rid, r in runs.items()}
+
+
+def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
+    config = tmp_path / "tiny" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TINY))
+    args = ["run", "--methods", "ia3,lora,ln_tuning", "--tasks", "cb", "--seeds", "0,1", "--templates", "gpt3_style",
+            "--preset", "quick", "--steps", "3", "--method-args", "warmup_ratio=0", "--lr", "0.03",
+            "--train-batch-size", "2", "--limit", "4", "--model", f"random:{config}", "--device", "cpu",
+            "--data-dir", str(data_dir), "--quiet"]
+    stored = {}
+    for pack in (1, 2):
+        store = tmp_path / f"pack{pack}.sqlite"
+        with caplog.at_level("INFO", logger="harness"):
+            result = CliRunner().invoke(main, args + ["--store", str(store), "--pack", str(pack)],
+                                        catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        stored[pack] = Store(store)
+    assert "not packed: ln_tuning has no packed trainer" in caplog.text
+    one, two = _stored(stored[1]), _stored(stored[2])
+    assert len(one) == 6 and set(one) == set(two)  # the same run ids
+    for rid, (status, accuracy, loss, scores) in one.items():
+        status2, accuracy2, loss2, scores2 = two[rid]
+        assert status == status2 == "finished"
+        assert accuracy == accuracy2
+        assert loss == pytest.approx(loss2, rel=1e-5, abs=1e-5)
+        assert torch.allclose(torch.tensor(scores), torch.tensor(scores2), atol=1e-4)
+    packs = {r["method"]: r["env"].get("pack") for r in stored[2].runs()}
+    assert packs == {"ia3": 2, "lora": 2, "ln_tuning": None}
+    # the packed adapters were saved as the unpacked run saves them
+    for r in stored[2].runs():
+        if r["method"] != "ln_tuning":
+            assert sorted(p.name for p in __import__("pathlib").Path(r["artifact_path"]).iterdir()) == \
+                ["README.md", "adapter_config.json", "adapter_model.safetensors"]
