@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import SHORT_CB, choice_scores
+from tests.conftest import SHORT_CB, assert_scores_moved, choice_scores
 from harness.cli import main
 from harness.data import few_shot_examples
 from harness.methods import apply_method, training_settings
@@ -84,8 +84,39 @@ def test_each_packed_adapter_equals_its_separately_trained_twin(tiny, smollm, da
         packed.load_group(g)
         got = choice_scores(model, tok, _probe(m))
         assert (got - scores).abs().max().item() < 1e-4
+        assert_scores_moved(got, choice_scores(tiny, tok, _probe(m)), min_diff=2e-4)  # twins differ by ~1e-6
     # the peft model's own adapter layers are enabled again, its tensors trainable
     assert all(p.requires_grad for n, p in model.named_parameters() if "ia3_l" in n or "lora_" in n)
+
+
+@pytest.mark.slow
+def test_packed_tfew_on_the_real_model_equals_separate_training(smollm):
+    """The embedded SmolLM2-135M (float32, CPU): three T-Few groups (seeds 0, 1, 32: each its own draws of
+    templates and order) on cb's two shortest training rows, two steps."""
+    settings = training_settings("tfew", "quick", {"steps": 2, "batch_size": 1, "lr": 1e-2, "warmup_ratio": 0.0})
+    cb = load_task("cb")
+    members = [PackMember(cb, SHORT_CB, seed) for seed in (0, 1, 32)]
+    tok = smollm.tokenizer
+    prompts = [cb.render(cb.template("gpt3_style"), ex) for ex in SHORT_CB]
+    alone = []
+    for m in members:
+        torch.manual_seed(m.seed)
+        model = apply_method(copy.deepcopy(smollm.model), "tfew", settings)
+        stats = train(model, tok, m.train_examples, m.task, settings, m.seed, method="tfew")
+        alone.append((stats.losses, choice_scores(model, tok, prompts)))
+        del model
+    base = copy.deepcopy(smollm.model)
+    initial = [group_initial_tensors(base, "tfew", settings, m.seed) for m in members]
+    model = apply_method(base, "tfew", settings)
+    packed = PackedAdapters(model, initial)
+    outcomes = train_packed(model, tok, packed, members, settings, method="tfew")
+    model.eval()
+    for g, (out, (losses, scores)) in enumerate(zip(outcomes, alone)):
+        assert out.losses == pytest.approx(losses, rel=1e-5, abs=1e-5)
+        packed.load_group(g)
+        got = choice_scores(model, tok, prompts)
+        assert (got - scores).abs().max().item() < 1e-4
+        assert_scores_moved(got, choice_scores(smollm.model, tok, prompts))
 
 
 def test_what_packs():
