@@ -114,6 +114,8 @@ class LocalProcessExecutor:
         from harness.packed_runner import make_packs
 
         packs = [[list(j.specs) for j in pack] for pack in make_packs(trained, self.pack)]
+        if ctx.compile in ("on", "model", True) and any(len(p) > 1 for p in packs):
+            log.info("packed trainings run eagerly (--compile %s applies to the groups trained alone)", ctx.compile)
         envs = [env_of(p[0][0].model, resolve_device_dtype(p[0][0].device)[0])
                 | ({"workers": self.workers} if self.workers > 1 else {}) for p in packs]
         if self.workers > 1:

@@ -18,7 +18,7 @@ from harness.methods import apply_method, training_settings
 from harness.packed import PackedAdapters, PackMember, group_initial_tensors, pack_refusal, train_packed
 from harness.store import Store
 from harness.tasks import load_task
-from harness.training import train
+from harness.training import TrainingDiverged, train
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 4096,
@@ -117,6 +117,24 @@ def test_packed_tfew_on_the_real_model_equals_separate_training(smollm):
         got = choice_scores(model, tok, prompts)
         assert (got - scores).abs().max().item() < 1e-4
         assert_scores_moved(got, choice_scores(smollm.model, tok, prompts))
+
+
+def test_a_diverging_group_fails_alone(tiny, smollm, data_dir):
+    settings = training_settings("ia3", "quick", {"steps": 2, "batch_size": 2, "lr": 3e-2, "warmup_ratio": 0.0})
+    members = _members(data_dir)
+    base = copy.deepcopy(tiny)
+    initial = [group_initial_tensors(base, "ia3", settings, m.seed) for m in members]
+    initial[1][0].fill_(float("nan"))  # group 1's first vector: its loss is NaN from the first step
+    model = apply_method(base, "ia3", settings)
+    packed = PackedAdapters(model, initial)
+    outcomes = train_packed(model, smollm.tokenizer, packed, members, settings, method="ia3")
+    assert isinstance(outcomes[1], TrainingDiverged) and outcomes[1].step == 0
+    torch.manual_seed(members[2].seed)
+    twin = apply_method(copy.deepcopy(tiny), "ia3", settings)
+    stats = train(twin, smollm.tokenizer, members[2].train_examples, members[2].task, settings, members[2].seed,
+                  method="ia3")
+    assert outcomes[0].steps == outcomes[2].steps == 2
+    assert outcomes[2].losses == pytest.approx(stats.losses, rel=1e-5, abs=1e-5)
 
 
 def test_what_packs():
