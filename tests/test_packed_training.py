@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,14 +160,42 @@ def _stored(store: Store) -> dict:
     return {rid: (r["status"], r["accuracy"], r.get("loss_last"), examples.get(rid)) for rid, r in runs.items()}
 
 
-def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
+def _args(tmp_path, data_dir, methods: str) -> list[str]:
     config = tmp_path / "tiny" / "config.json"
-    config.parent.mkdir()
+    config.parent.mkdir(exist_ok=True)
     config.write_text(json.dumps(TINY))
-    args = ["run", "--methods", "ia3,lora,ln_tuning", "--tasks", "cb", "--seeds", "0,1", "--templates", "gpt3_style",
+    return ["run", "--methods", methods, "--tasks", "cb", "--seeds", "0,1", "--templates", "gpt3_style",
             "--preset", "quick", "--steps", "3", "--method-args", "warmup_ratio=0", "--lr", "0.03",
             "--train-batch-size", "2", "--limit", "4", "--model", f"random:{config}", "--device", "cpu",
             "--data-dir", str(data_dir), "--quiet"]
+
+
+def _same_runs(one: dict, two: dict) -> None:
+    assert set(one) == set(two)  # the same run ids
+    for rid, (status, accuracy, loss, scores) in one.items():
+        status2, accuracy2, loss2, scores2 = two[rid]
+        assert status == status2 == "finished"
+        assert accuracy == accuracy2
+        assert loss == pytest.approx(loss2, rel=1e-5, abs=1e-5)
+        assert torch.allclose(torch.tensor(scores), torch.tensor(scores2), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_packs_in_worker_processes_store_what_one_process_stores(tmp_path, data_dir):
+    """``--pack 2 --workers 2``: the two packs (ia3, lora) train in spawned processes (harness.parallel.run_packs)."""
+    args = _args(tmp_path, data_dir, "ia3,lora")
+    stored = {}
+    for name, extra in (("serial", ["--pack", "1"]), ("workers", ["--pack", "2", "--workers", "2"])):
+        store = tmp_path / f"{name}.sqlite"
+        result = CliRunner().invoke(main, args + ["--store", str(store)] + extra, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        stored[name] = Store(store)
+    _same_runs(_stored(stored["serial"]), _stored(stored["workers"]))
+    assert {(r["env"].get("pack"), r["env"].get("workers")) for r in stored["workers"].runs()} == {(2, 2)}
+
+
+def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
+    args = _args(tmp_path, data_dir, "ia3,lora,ln_tuning")
     stored = {}
     for pack in (1, 2):
         store = tmp_path / f"pack{pack}.sqlite"
@@ -177,17 +206,12 @@ def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
         stored[pack] = Store(store)
     assert "not packed: ln_tuning has no packed trainer" in caplog.text
     one, two = _stored(stored[1]), _stored(stored[2])
-    assert len(one) == 6 and set(one) == set(two)  # the same run ids
-    for rid, (status, accuracy, loss, scores) in one.items():
-        status2, accuracy2, loss2, scores2 = two[rid]
-        assert status == status2 == "finished"
-        assert accuracy == accuracy2
-        assert loss == pytest.approx(loss2, rel=1e-5, abs=1e-5)
-        assert torch.allclose(torch.tensor(scores), torch.tensor(scores2), atol=1e-4)
+    assert len(one) == 6
+    _same_runs(one, two)
     packs = {r["method"]: r["env"].get("pack") for r in stored[2].runs()}
     assert packs == {"ia3": 2, "lora": 2, "ln_tuning": None}
-    # the packed adapters were saved as the unpacked run saves them
+    # the packed adapters were saved as the unpacked run saves them: the same files
     for r in stored[2].runs():
         if r["method"] != "ln_tuning":
-            assert sorted(p.name for p in __import__("pathlib").Path(r["artifact_path"]).iterdir()) == \
+            assert sorted(p.name for p in Path(r["artifact_path"]).iterdir()) == \
                 ["README.md", "adapter_config.json", "adapter_model.safetensors"]
