@@ -7,11 +7,14 @@ kernels serve N trainings.
 
 Exactness: every group keeps what its own :func:`harness.training.train` would have:
 
-- its own trainable tensors, copies of the peft model's (the same names, shapes and order, so Adafactor factors
-  them alike), initialised as its separate run initialises them (``torch.manual_seed(seed)`` then
+- its own trainable tensors: slice g of one stacked ``[N, *shape]`` leaf per tensor of the peft model (the same
+  names, shapes and order), initialised as its separate run initialises them (``torch.manual_seed(seed)`` then
   ``apply_method``: :func:`group_initial_tensors`);
-- its own optimizer and schedule (:func:`harness.training.make_optimizer` / ``make_schedule``), its own gradient
-  clipping and divergence check; a group that diverges stops (its runs fail) and the others go on;
+- its own optimizer state and update: one optimizer over the stacked leaves that updates every slice as the
+  group's own optimizer would (:mod:`harness.packed_optim`: AdamW is elementwise; Adafactor's factored moments,
+  update clipping and parameter scaling are taken per slice), one schedule (every group steps together), its own
+  gradient clipping (:func:`harness.packed_optim.clip_per_group`) and divergence check; a group that diverges
+  stops (its runs fail, its slices are no longer updated) and the others go on;
 - its own sampler and template choices (``random.Random(seed)``, the same draws in the same order);
 - its own losses: L_LM, L_UL and L_LN are computed on its rows only (token means per group and micro-batch).
 
@@ -22,7 +25,7 @@ float32 a packed group's losses and scores equal its separately trained twin's w
 
 How rows get their adapter (:class:`PackedAdapters`): while training, the peft model's own adapter layers are
 disabled (they call their base layer alone) and hooks on those base layers apply each row's group's tensors,
-stacked per step into [N, ...] and gathered per row: (IA)3 multiplies the outputs (keys, values) or inputs
+gathered per row from the stacked leaves: (IA)3 multiplies the outputs (keys, values) or inputs
 (feed-forward) by ``vectors[group[b]]``, as peft's ``IA3Layer.forward`` does; LoRA adds
 ``scaling * B[group[b]] A[group[b]] x`` as peft's ``lora.Linear.forward`` does (dropout 0, no variant). After
 training, :meth:`PackedAdapters.load_group` copies a group's tensors into the peft model, which is then saved and
@@ -47,8 +50,9 @@ from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
 from harness.methods.base import Overhead
 from harness.scoring import encode_pair
+from harness.packed_optim import clip_per_group, make_sliced_optimizer
 from harness.training import (LOSS_FUNCTIONS, PADDING_CHOICES, TrainingDiverged, TrainStats, _Sampler,
-                              choice_logprobs, make_optimizer, make_schedule)
+                              choice_logprobs, make_schedule)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,9 @@ class PackedAdapters:
         for tensors in initial:
             if [t.shape for t in tensors] != shapes:
                 raise HarnessError("packed training: a group's tensors do not match the model's trainable ones")
-        self.params = [[torch.nn.Parameter(t.detach().clone()) for t in tensors] for tensors in initial]
+        # one leaf per trainable tensor: [N, *shape], slice g = group g's tensor
+        self.stacked = [torch.nn.Parameter(torch.stack([tensors[i].detach() for tensors in initial]).clone())
+                        for i in range(len(shapes))]
         index = {name: i for i, name in enumerate(self.names)}
         self.layers = []  # (layer, kind, [param indices])
         for name, layer in _adapter_layers(model):
@@ -123,16 +129,18 @@ class PackedAdapters:
                 self.layers.append((layer, "lora", [index[f"{name}.lora_A.default.weight"],
                                                     index[f"{name}.lora_B.default.weight"]]))
         self._rows: torch.Tensor | None = None  # [R] group of each row, for one forward
-        self._stacked: dict = {}  # param index -> [N, ...] stacked tensors of this forward
 
     @property
     def n(self) -> int:
-        return len(self.params)
+        return self.stacked[0].shape[0]
+
+    @property
+    def params(self) -> list[list[torch.Tensor]]:
+        """Per group, its tensors (views of the stacked leaves), in the order of the model's trainable ones."""
+        return [[s[g] for s in self.stacked] for g in range(self.n)]
 
     def _stack(self, i: int) -> torch.Tensor:
-        if i not in self._stacked:
-            self._stacked[i] = torch.stack([group[i] for group in self.params])  # [N, *shape]
-        return self._stacked[i]
+        return self.stacked[i]  # [N, *shape]
 
     def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
         if self._rows is None or self._rows.shape[0] != x.shape[0]:
@@ -180,18 +188,18 @@ class PackedAdapters:
     @contextlib.contextmanager
     def rows(self, groups: torch.Tensor):
         """One forward whose row r belongs to group ``groups[r]`` ([R] long)."""
-        self._rows, self._stacked = groups, {}
+        self._rows = groups
         try:
             yield
         finally:
-            self._rows, self._stacked = None, {}
+            self._rows = None
 
     @torch.no_grad()
     def load_group(self, g: int) -> None:
         """Copy group ``g``'s tensors into the peft model's own adapter (to save or evaluate it)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for p, trained in zip(params, self.params[g]):
-            p.copy_(trained)
+        for p, stacked in zip(params, self.stacked):
+            p.copy_(stacked[g])
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -239,18 +247,17 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
     dims = ModelDims.from_model(model)
     encode = functools.cache(lambda context, choice: encode_pair(tokenizer, context, choice))
     samplers, rngs, templates = [], [], []
-    masters, optimizers, schedules = [], [], []
-    for m, params in zip(members, packed.params):
+    for m in members:
         rng = random.Random(m.seed)
         rngs.append(rng)
         samplers.append(_Sampler(len(m.train_examples), rng))
         templates.append([m.task.template(settings["train_template"])] if settings.get("train_template")
                          else list(m.task.templates))
-        master = MasterWeights(params)
-        masters.append(master)
-        optimizers.append(make_optimizer(master.params, settings, fused=device.type == "cuda"))
-        schedules.append(make_schedule(optimizers[-1], settings))
-    if not any(schedules[0].lr_lambdas[0](s) > 0 for s in range(settings["steps"])):
+    # one optimizer and schedule for all groups, each slice of a stacked tensor updated as its group's alone
+    masters = MasterWeights(packed.stacked)
+    optimizer = make_sliced_optimizer(masters.params, settings, fused=device.type == "cuda")
+    schedule = make_schedule(optimizer, settings)
+    if not any(schedule.lr_lambdas[0](s) > 0 for s in range(settings["steps"])):
         log.warning("no training step has a learning rate above 0: the adapters are not trained")
     n = len(members)
     micro, accum = settings["batch_size"], settings["grad_accum"]
@@ -272,9 +279,8 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                 batches = {g: [members[g].task.render(rngs[g].choice(templates[g]), members[g].train_examples[i])
                                for i in samplers[g].take(effective)] for g in active}
                 while True:
-                    for g in active:
-                        optimizers[g].zero_grad(set_to_none=True)
-                        masters[g].zero_grad()
+                    optimizer.zero_grad(set_to_none=True)
+                    masters.zero_grad()
                     try:
                         values = _forward_backward(model, tokenizer, packed, batches, micro, settings, dims,
                                                    overhead, right_pad, logit_index, encode)
@@ -288,11 +294,10 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                             torch.cuda.empty_cache()
                         log.warning("out of memory at packed step %d: micro-batch %d x %d accumulation steps "
                                     "(token means now per smaller micro-batch)", step, micro, accum)
-                norms = {}
-                for g in active:
-                    masters[g].pull_grads()
-                    norms[g] = torch.nn.utils.clip_grad_norm_(masters[g].params, clip) if clip else None
+                masters.pull_grads()
+                norms = clip_per_group(masters.params, clip)  # [N] or None
                 host = _read(values, norms)  # one device read per step
+                stepped = []
                 for g in list(active):
                     (loss, *parts), norm = host[g]
                     bad = (TrainingDiverged(step, loss) if not math.isfinite(loss) else
@@ -301,12 +306,8 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                         log.warning("packed group %d (seed %d) diverged: %s", g, members[g].seed, bad)
                         outcome[g] = bad
                         active.remove(g)
-                        optimizers[g].zero_grad(set_to_none=True)
-                        masters[g].zero_grad()
                         continue
-                    optimizers[g].step()
-                    masters[g].push()
-                    schedules[g].step()
+                    stepped.append(g)
                     s = stats[g]
                     s.losses.append(loss)
                     for name, value in zip(settings["losses"], parts):
@@ -316,14 +317,23 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                     s.rows += rows
                     s.forwards += math.ceil(effective / micro)
                     s.step_tokens.append(work.tokens)
+                if len(stepped) < n:  # groups stopped (now or before) take no update: their gradients are zeroed
+                    with torch.no_grad():
+                        dead = torch.tensor([g for g in range(n) if g not in stepped], device=device)
+                        for p in masters.params:
+                            if p.grad is not None:
+                                p.grad[dead] = 0
+                if stepped:
+                    optimizer.step()
+                    masters.push()
+                    schedule.step()
                 step_seconds = (time.perf_counter() - step_start) / n
                 for g in active:
                     stats[g].step_seconds.append(step_seconds)
     finally:
         model.train(was_training)
-        for g in range(n):
-            optimizers[g].zero_grad(set_to_none=True)
-            masters[g].zero_grad()
+        optimizer.zero_grad(set_to_none=True)
+        masters.zero_grad()
     seconds = time.perf_counter() - start
     peak = costs.peak_memory_bytes(device)
     for s in stats:
@@ -367,13 +377,12 @@ def _forward_backward(model, tokenizer, packed: PackedAdapters, batches: dict, m
     return values
 
 
-def _read(values: dict, norms: dict) -> dict:
-    """Per group ((total, per loss) summed over micro-batches by weight, gradient norm), in one device read."""
-    flat = []
-    for g, items in values.items():
-        flat.extend(v for v, _ in items)
-        flat.append((norms[g] if norms[g] is not None else torch.zeros(())).detach().float().reshape(1)
-                    .to(items[0][0].device))
+def _read(values: dict, norms: torch.Tensor | None) -> dict:
+    """Per group ((total, per loss) summed over micro-batches by weight, gradient norm or 0.0 without clipping,
+    as :func:`harness.training._step_values`), in one device read."""
+    flat = [v for items in values.values() for v, _ in items]
+    if norms is not None:
+        flat.append(norms.detach().float().to(flat[0].device))
     host = torch.cat(flat).tolist()
     out, pos = {}, 0
     for g, items in values.items():
@@ -383,6 +392,6 @@ def _read(values: dict, norms: dict) -> dict:
             for j in range(k):
                 summed[j] += host[pos + j] * w
             pos += k
-        out[g] = (summed, host[pos])
-        pos += 1
-    return out
+        out[g] = summed
+    n_norms = len(host) - pos
+    return {g: (summed, host[pos + g] if n_norms else 0.0) for g, summed in out.items()}

@@ -215,3 +215,35 @@ def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
         if r["method"] != "ln_tuning":
             assert sorted(p.name for p in Path(r["artifact_path"]).iterdir()) == \
                 ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("scale_parameter", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_sliced_adafactor_updates_each_slice_as_transformers_adafactor(scale_parameter, weight_decay):
+    from transformers.optimization import Adafactor
+
+    from harness.packed_optim import SlicedAdafactor, clip_per_group
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 1), (1, 5), (4, 3), (7,)]  # IA3's 2-D vectors, a LoRA-like matrix, a 1-D tensor
+    n = 3
+    alone = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes] for _ in range(n)]
+    stacked = [torch.nn.Parameter(torch.stack([alone[g][i].detach() for g in range(n)]).clone())
+               for i in range(len(shapes))]
+    options = dict(lr=1e-2, weight_decay=weight_decay, scale_parameter=scale_parameter)
+    references = [Adafactor(params, relative_step=False, warmup_init=False, **options) for params in alone]
+    sliced = SlicedAdafactor(stacked, **options)
+    for _ in range(4):
+        grads = [[torch.randn(s, generator=gen) * 3 for s in shapes] for _ in range(n)]
+        for g in range(n):
+            for p, grad in zip(alone[g], grads[g]):
+                p.grad = grad.clone()
+            torch.nn.utils.clip_grad_norm_(alone[g], 1.0)
+            references[g].step()
+        for i, p in enumerate(stacked):
+            p.grad = torch.stack([grads[g][i] for g in range(n)])
+        clip_per_group(stacked, 1.0)
+        sliced.step()
+        for i, p in enumerate(stacked):
+            for g in range(n):
+                torch.testing.assert_close(p[g].detach(), alone[g][i].detach(), rtol=1e-6, atol=1e-7)
