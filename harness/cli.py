@@ -91,7 +91,7 @@ def _existing_store(path: str) -> Store:
               help="Local executor: PEFT trainings run at once, one process each (several small-model trainings "
                    "share a GPU) [default: 1]. Ray without --ray-address: runs at once on the local Ray instance "
                    "[default: one per CPU].")
-@click.option("--pack", default="1", show_default=True,
+@click.option("--pack", default="1", show_default=True, metavar="N",
               help="Local executor: train up to N PEFT groups of one method (ia3, tfew, lora; different seeds or "
                    "tasks) in one model at once, one forward and backward for all (same results; other methods "
                    "train alone). Combines with --workers.")

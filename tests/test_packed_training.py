@@ -152,6 +152,11 @@ def test_pack_must_be_a_positive_integer(value):
     assert "--pack" in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_pack_needs_the_local_executor():
+    result = CliRunner().invoke(main, ["run", "--methods", "ia3", "--tasks", "cb", "--executor", "ray", "--pack", "2"])
+    assert result.exit_code == 2 and "--pack needs --executor local" in result.output
+
+
 def _stored(store: Store) -> dict:
     runs = {r["run_id"]: r for r in store.runs()}
     examples = {}
