@@ -294,6 +294,7 @@ def run(
     compile: str | bool | None = "auto",
     workers: int = 1,
     executor: Executor | None = None,
+    pack: int = 1,
 ) -> list[RunResult]:
     """Execute the specs not yet finished in ``store``; return the results produced by this call.
 
@@ -302,12 +303,13 @@ def run(
     the jobs: by default ``LocalProcessExecutor(workers)``, where ``workers`` PEFT training groups run at once, one
     process each (:mod:`harness.parallel`); ``executors.make_executor("ray", ...)`` runs every job as a Ray task.
     Results equal a serial run's (on CPU with as many torch threads); this process alone writes the store, one
-    result at a time as jobs finish.
-    Neither option is part of a run's identity."""
+    result at a time as jobs finish. ``pack`` (local executor): up to ``pack`` training groups of one packable
+    method train together in one model (:mod:`harness.packed_runner`; the same results within float32 rounding).
+    None of these options is part of a run's identity."""
     if executor is None:
-        executor = LocalProcessExecutor(workers)
-    elif workers != 1:
-        raise HarnessError("give either workers or an executor (the local executor takes workers itself)")
+        executor = LocalProcessExecutor(workers, pack)
+    elif workers != 1 or pack != 1:
+        raise HarnessError("give either workers/pack or an executor (the local executor takes them itself)")
     if loader is not None and not executor.accepts_loader:
         what = ("workers > 1 load models in their own processes" if executor.name == "local"
                 else f"the {executor.name} executor loads models in its workers")

@@ -91,6 +91,10 @@ def _existing_store(path: str) -> Store:
               help="Local executor: PEFT trainings run at once, one process each (several small-model trainings "
                    "share a GPU) [default: 1]. Ray without --ray-address: runs at once on the local Ray instance "
                    "[default: one per CPU].")
+@click.option("--pack", default="1", show_default=True, metavar="N",
+              help="Local executor: train up to N PEFT groups of one method (ia3, tfew, lora; different seeds or "
+                   "tasks) in one model at once, one forward and backward for all (same results; other methods "
+                   "train alone). Combines with --workers.")
 @click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine (--workers); ray: every training group and in-context batch is a Ray task "
                    "(pip install 'harness[ray]').")
@@ -104,7 +108,7 @@ def _existing_store(path: str) -> Store:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, store, device, dtype, batch_size,
         calibrate, demos, orders, label_noise, no_kv_cache, method_args, steps, train_batch_size, grad_accum, lr, losses, n_train, train_template, compile_,
-        workers, executor_kind, ray_address, gpus_per_run, cpus_per_run, quiet):
+        workers, pack, executor_kind, ray_address, gpus_per_run, cpus_per_run, quiet):
     """Evaluate METHODS on TASKS for every template and seed; store one result per run.
 
     Finished runs already in the store are skipped, so an interrupted command resumes where it stopped.
@@ -117,7 +121,7 @@ def run(methods, tasks, model, k, seeds, templates, limit, preset, data_dir, sto
     if batch_size < 1:
         raise HarnessError("--batch-size must be >= 1")
     executor = make_executor(executor_kind, workers=workers, ray_address=ray_address, gpus_per_run=gpus_per_run,
-                             cpus_per_run=cpus_per_run)
+                             cpus_per_run=cpus_per_run, pack=_parse_pack(pack))
     overrides = {"steps": steps, "batch_size": train_batch_size, "grad_accum": grad_accum, "lr": lr,
                  "losses": parse_name_list(losses) if losses else None, "n_train": n_train,
                  "train_template": train_template}
@@ -149,6 +153,17 @@ def _parse_k(text: str) -> int | list[int]:
     if not values:
         raise HarnessError("--k must be an integer or comma-separated integers, e.g. 32 or 0,1,2,4,8,16,32")
     return values[0] if len(values) == 1 and "," not in str(text) else values
+
+
+def _parse_pack(text: str) -> int:
+    """``--pack``: one integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise HarnessError(f"--pack must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _parse_orders(text: str) -> int:

@@ -8,7 +8,8 @@ the next one skips them by run id, whichever executor ran them.
 
 - :class:`LocalProcessExecutor` (``--workers N``, the default ``--executor local``): in-context jobs in this process
   with one loaded model per model; PEFT groups in this process too (``workers == 1``, the serial path, which alone
-  accepts a custom model loader) or ``workers`` at a time in spawned processes (:mod:`harness.parallel`).
+  accepts a custom model loader) or ``workers`` at a time in spawned processes (:mod:`harness.parallel`); with
+  ``--pack N``, up to N groups of one packable method train together in one model (:mod:`harness.packed_runner`).
 - :class:`~harness.ray_executor.RayExecutor` (``--executor ray``): every job is a Ray task with a resource request
   (``--cpus-per-run``, ``--gpus-per-run``), on a local Ray instance or a cluster (``--ray-address``); a task whose
   worker or node dies is retried.
@@ -61,10 +62,12 @@ class LocalProcessExecutor:
 
     name = "local"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, pack: int = 1):
         if workers < 1:
             raise HarnessError(f"--workers must be >= 1, got {workers}")
+        check_pack(pack)
         self.workers = workers
+        self.pack = pack
 
     @property
     def accepts_loader(self) -> bool:
@@ -85,6 +88,9 @@ class LocalProcessExecutor:
         trained = [j for j in jobs if j.kind == "peft"]
         if not trained:
             return
+        if self.pack > 1:
+            yield from self._execute_packs(trained, ctx, load, env_of)
+            return
         if self.workers > 1:
             import torch
 
@@ -102,28 +108,68 @@ class LocalProcessExecutor:
                                     env_of(first.model, resolve_device_dtype(first.device)[0]))
 
 
+    def _execute_packs(self, trained: list[Job], ctx: JobContext, load: Loader, env_of: EnvOf) -> Iterator[RunResult]:
+        """``--pack N``: up to N groups of one packable method per training (:mod:`harness.packed_runner`), the
+        packs in this process (``workers == 1``) or ``workers`` at a time in spawned processes."""
+        from harness.packed_runner import make_packs
+
+        packs = [[list(j.specs) for j in pack] for pack in make_packs(trained, self.pack)]
+        if ctx.compile in ("on", "model", True) and any(len(p) > 1 for p in packs):
+            log.info("packed trainings run eagerly (--compile %s applies to the groups trained alone)", ctx.compile)
+        envs = [env_of(p[0][0].model, resolve_device_dtype(p[0][0].device)[0])
+                | ({"workers": self.workers} if self.workers > 1 else {}) for p in packs]
+        if self.workers > 1:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            yield from parallel.run_packs(packs, self.workers, ctx.data_dir, ctx.artifacts_dir,
+                                          batch_size=ctx.batch_size, envs=envs, compile=ctx.compile)
+            return
+        from harness.packed_runner import run_pack
+
+        for pack, env in zip(packs, envs):
+            first = pack[0][0]
+            if len(pack) == 1:
+                yield from run_peft_job(lambda: load(first), Job("peft", tuple(pack[0])), ctx, env)
+            else:
+                yield from run_pack(lambda: load(first), pack, ctx.data_dir, ctx.artifacts_dir,
+                                    batch_size=ctx.batch_size, progress=ctx.progress, env=env)
+
+
+def check_pack(pack) -> None:
+    """``--pack N``: an integer >= 1 (one-line :class:`HarnessError` otherwise)."""
+    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+        raise HarnessError(f"--pack must be an integer >= 1, got {pack!r}")
+
+
 def ray_available() -> bool:
     """Whether ``import ray`` would work (without importing it)."""
     return importlib.util.find_spec("ray") is not None
 
 
 def make_executor(kind: str = "local", *, workers: int | None = None, ray_address: str | None = None,
-                  gpus_per_run: float | None = None, cpus_per_run: float | None = None) -> Executor:
+                  gpus_per_run: float | None = None, cpus_per_run: float | None = None, pack: int = 1) -> Executor:
     """The executor the ``harness run`` options ask for, every option checked (one-line :class:`HarnessError`).
 
     ``workers``: local: PEFT groups at once (default 1); Ray without an address: the size of the local Ray
     instance, in runs (``num_cpus = workers * cpus_per_run``; default: every CPU). ``ray_address``: ``auto`` or
-    ``HOST:PORT`` of a running cluster. ``gpus_per_run``/``cpus_per_run``: each Ray task's resource request."""
+    ``HOST:PORT`` of a running cluster. ``gpus_per_run``/``cpus_per_run``: each Ray task's resource request.
+    ``pack``: local: training groups of one packable method trained N at a time in one model
+    (:mod:`harness.packed_runner`); the Ray executor does not pack."""
     if kind not in EXECUTORS:
         raise HarnessError(f"unknown --executor {kind!r}; use {' or '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
         raise HarnessError(f"--workers must be >= 1, got {workers}")
+    check_pack(pack)
+    if kind != "local" and pack > 1:
+        raise HarnessError("--pack needs --executor local (Ray tasks train one group each)")
     if kind == "local":
         for given, option in ((ray_address, "--ray-address"), (gpus_per_run, "--gpus-per-run"),
                               (cpus_per_run, "--cpus-per-run")):
             if given is not None:
                 raise HarnessError(f"{option} needs --executor ray (the local executor's option is --workers N)")
-        return LocalProcessExecutor(workers or 1)
+        return LocalProcessExecutor(workers or 1, pack)
     if gpus_per_run is not None and (gpus_per_run <= 0 or (gpus_per_run > 1 and gpus_per_run != int(gpus_per_run))):
         raise HarnessError(f"--gpus-per-run must be a fraction in (0, 1] or a whole number of GPUs, got {gpus_per_run}")
     if cpus_per_run is not None and cpus_per_run <= 0:

@@ -44,6 +44,26 @@ def _set_gpu_share(share: int) -> None:
     os.environ[GPU_SHARE_ENV] = str(share)
 
 
+def _train_pack(groups: list[list[RunSpec]], data_dir, artifacts_dir: Path, batch_size: int, env: dict,
+                compile: str | bool | None) -> list[RunResult]:
+    """Worker body of ``--pack``: one group as :func:`_train_group`, several in one packed training."""
+    if len(groups) == 1:
+        return _train_group(groups[0], data_dir, artifacts_dir, batch_size, env, compile)
+    from harness.models import load_model
+    from harness.packed_runner import run_pack
+
+    first = groups[0][0]
+    return list(run_pack(lambda: load_model(first.load_from, first.device, first.dtype), groups, data_dir,
+                         artifacts_dir, batch_size=batch_size, progress=False, env=env))
+
+
+def run_packs(packs: list[list[list[RunSpec]]], workers: int, data_dir, artifacts_dir: Path, *, batch_size: int,
+              envs: list[dict], compile: str | bool | None = "auto") -> Iterator[RunResult]:
+    """:func:`run_groups` for packs of groups (``--pack N --workers M``): each pack trains in one worker process."""
+    yield from _pool(_train_pack, packs, [[s for g in pack for s in g] for pack in packs], workers, data_dir,
+                     artifacts_dir, batch_size, envs, compile)
+
+
 def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_dir: Path, *, batch_size: int,
                envs: list[dict], compile: str | bool | None = "auto") -> Iterator[RunResult]:
     """Yield the results of every group, trained ``workers`` at a time in spawned processes, as groups finish.
@@ -53,13 +73,19 @@ def run_groups(groups: list[list[RunSpec]], workers: int, data_dir, artifacts_di
     then is recorded failed with a one-line error, and running the command again redoes just those. On
     KeyboardInterrupt the queued groups are cancelled and the running ones stopped; finished ones stay stored.
     """
+    yield from _pool(_train_group, groups, groups, workers, data_dir, artifacts_dir, batch_size, envs, compile)
+
+
+def _pool(body, units: list, specs_of: list[list[RunSpec]], workers: int, data_dir, artifacts_dir: Path,
+          batch_size: int, envs: list[dict], compile) -> Iterator[RunResult]:
+    """Run ``body(unit, ...)`` for every unit in ``workers`` spawned processes; ``specs_of[i]``: unit i's specs."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     share = max(workers, gpu_share())  # each worker's evaluation batches take 1/share of the free GPU memory
     pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_set_gpu_share,
                                        initargs=(share,))
     try:
-        pending = {pool.submit(_train_group, group, data_dir, artifacts_dir, batch_size, env, compile): (group, env)
-                   for group, env in zip(groups, envs)}
+        pending = {pool.submit(body, unit, data_dir, artifacts_dir, batch_size, env, compile): (group, env)
+                   for unit, group, env in zip(units, specs_of, envs)}
         for done in futures.as_completed(pending):
             group, env = pending[done]
             try:

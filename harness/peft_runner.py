@@ -171,7 +171,6 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
                       compile=compile)
         model.eval()
         folder = save_trained(model, info, Path(artifacts_dir) / group_hash(first))
-        checkpoint_bytes = costs.directory_bytes(folder)
     except Exception as exc:  # noqa: BLE001 - recorded; the other groups go on
         error, tb = _one_line(exc), traceback.format_exc(limit=8)
         log.warning("training %s/%s/seed %s failed: %s", first.task, first.method, first.seed, error)
@@ -180,6 +179,21 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
                             metrics={"seconds": time.perf_counter() - start}, extra={"traceback": tb},
                             is_random=is_random)
         return
+    yield from group_results(model, lm, info, task, specs, data_dir, dims, overhead, stats, folder, env,
+                             params=(trainable, total, trainable_vocab), prepare_flops=prepare_flops,
+                             batch_size=batch_size, progress=progress, is_random=is_random)
+
+
+def group_results(model, lm: LoadedModel, info, task, specs: list[RunSpec], data_dir, dims: ModelDims,
+                  overhead: Overhead, stats, folder: Path, env: dict, *, params: tuple, prepare_flops: int = 0,
+                  batch_size: int = 8, progress: bool = False, is_random: bool = False,
+                  extra: dict | None = None) -> Iterator[RunResult]:
+    """Score the trained ``model`` (adapter saved in ``folder``) on every spec's template and yield one result per
+    spec: what :func:`run_peft_group` and the packed runner (:mod:`harness.packed_runner`) store alike.
+    ``params``: (trainable, total, trainable vocabulary params) of ``model``; ``extra`` joins each run's extras."""
+    trainable, total, trainable_vocab = params
+    first = specs[0]
+    checkpoint_bytes = costs.directory_bytes(folder)
     train_seconds = stats.seconds
     shared = {
         "trainable_params": trainable,
@@ -197,7 +211,7 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         "grad_accum": stats.grad_accum,
     }
     extra = {"losses": stats.losses, "loss_components": stats.components, "overhead": dataclasses.asdict(overhead),
-             "group": group_hash(first), "compiled": stats.compiled}
+             "group": group_hash(first), "compiled": stats.compiled} | (extra or {})
     for spec in specs:
         try:
             metrics, examples = evaluate(model, lm.tokenizer, info, task, spec, data_dir, dims, overhead,

@@ -1,0 +1,130 @@
+"""Packed training (``harness run --pack N``, :mod:`harness.packed`) against N separate trainings: steps/s.
+
+For each method and each N, the same N training groups (one task, seeds 0, 1, 32, 42, 1024, then 2, 3, ...: the
+paper's five T-Few subsets, then seeded samples of the train split) are trained twice on one loaded model:
+
+- ``separate``: one after another, each by :func:`harness.training.train` (the serial path of ``harness run``),
+  its adapter applied to the base and taken off again (``unload``) before the next;
+- ``packed``: all N in one :func:`harness.packed.train_packed` (one forward and backward per step for all).
+
+Each training runs ``--warmup`` untimed steps, then ``--steps`` timed ones (``train``'s own per-step clock; a
+device synchronize is part of every step, which reads the losses). The figure is training steps per second
+over all N groups (N x steps / seconds) and the speedup of packing. One untimed training per method comes first;
+each (method, N) is measured ``--repeats`` times, alternating which of the two goes first, and the fastest of
+each is kept (a shared machine's other load only ever slows a measurement down). Settings: the ``paper`` preset (batch 8)
+with the method's defaults, the number of steps overridden.
+
+    python -m benchmarks.packed_training --device cpu --out benchmarks/results/packed_training_cpu.json
+    python -m benchmarks.packed_training --device cuda --steps 20 --warmup 3 --out $OUT/packed_training_cuda.json
+
+On a CPU the step is compute-bound and packing gains little; on a GPU a small model's step is launch-bound
+(issue 16), which packing is for. Recorded results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import environment, print_table, write_json
+from harness.data import few_shot_examples, resolve_data_dir
+from harness.methods import apply_method, training_settings
+from harness.models import load_model
+from harness.packed import PackedAdapters, PackMember, group_initial_tensors, train_packed
+from harness.tasks import load_task
+from harness.training import train
+
+SEEDS = [0, 1, 32, 42, 1024, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def separate(lm, members, method: str, settings: dict, warmup: int) -> dict:
+    """N trainings one after another; seconds of their timed steps."""
+    seconds, losses = 0.0, []
+    for m in members:
+        torch.manual_seed(m.seed)
+        model = apply_method(lm.model, method, settings)
+        stats = train(model, lm.tokenizer, m.train_examples, m.task, settings, m.seed, method=method)
+        seconds += sum(stats.step_seconds[warmup:])
+        losses.append(stats.losses[-1])
+        model.unload()
+    return {"seconds": seconds, "last_losses": losses}
+
+
+def packed(lm, members, method: str, settings: dict, warmup: int) -> dict:
+    """The N trainings in one packed training; seconds of its timed steps."""
+    initial = [group_initial_tensors(lm.model, method, settings, m.seed) for m in members]
+    model = apply_method(lm.model, method, settings)
+    adapters = PackedAdapters(model, initial)
+    outcomes = train_packed(model, lm.tokenizer, adapters, members, settings, method=method)
+    model.unload()
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    if failed:
+        raise failed[0]
+    # each group's step_seconds is its share (the pack's step wall time / N)
+    seconds = sum(outcomes[0].step_seconds[warmup:]) * len(members)
+    return {"seconds": seconds, "last_losses": [o.losses[-1] for o in outcomes]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random:smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--methods", default="ia3,lora", help="comma-separated packable methods")
+    parser.add_argument("--task", default="rte")
+    parser.add_argument("--ns", default="1,2,5,10", help="pack sizes N, comma-separated")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per training")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per training, before the timed ones")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default: the paper preset's 8)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="measure each (method, N) this many times, alternating the order; keep the fastest")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (CPU; default: torch's); 1 is steadier on a machine others share")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model(args.model, args.device, args.dtype)
+    task = load_task(args.task)
+    folder = resolve_data_dir(args.data_dir)
+    rows = []
+    for method in args.methods.split(","):
+        settings = training_settings(method, "paper", {"steps": args.warmup + args.steps, "batch_size": args.batch})
+        for n in (int(x) for x in args.ns.split(",")):
+            members = [PackMember(task, few_shot_examples(task, seed, folder, n=settings["n_train"]), seed)
+                       for seed in SEEDS[:n]]
+            start = time.perf_counter()
+            if not rows or rows[-1]["method"] != method:  # untimed: the method's first training warms caches up
+                separate(lm, members[:1], method, settings, args.warmup)
+            ones, togethers = [], []
+            for r in range(args.repeats):  # alternating which goes first, the fastest of each kept
+                if r % 2:
+                    togethers.append(packed(lm, members, method, settings, args.warmup))
+                ones.append(separate(lm, members, method, settings, args.warmup))
+                if not r % 2:
+                    togethers.append(packed(lm, members, method, settings, args.warmup))
+            one = min(ones, key=lambda x: x["seconds"])
+            together = min(togethers, key=lambda x: x["seconds"])
+            drift = max(abs(a - b) for a, b in zip(one["last_losses"], together["last_losses"]))
+            row = {"method": method, "n": n, "steps": args.steps,
+                   "separate_steps_per_s": n * args.steps / one["seconds"],
+                   "packed_steps_per_s": n * args.steps / together["seconds"],
+                   "last_loss_max_diff": drift, "wall_s": time.perf_counter() - start}
+            row["speedup"] = row["packed_steps_per_s"] / row["separate_steps_per_s"]
+            rows.append(row)
+            print_table([row], list(row))
+    payload = {"benchmark": "packed_training", "model": args.model, "task": args.task, "dtype": str(lm.dtype),
+               "settings": {"batch_size": settings["batch_size"], "warmup": args.warmup, "steps": args.steps,
+                            "repeats": args.repeats, "threads": torch.get_num_threads()},
+               "environment": environment(lm.device), "rows": rows}
+    print_table(rows, list(rows[0]))
+    if args.out:
+        write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()

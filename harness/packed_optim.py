@@ -1,0 +1,118 @@
+"""The optimizer step of a packed training (:mod:`harness.packed`): N groups' tensors stacked as [N, ...], each
+slice updated exactly as its group's own optimizer would update it alone, in one pass for all groups.
+
+- AdamW (LoRA) is elementwise: ``torch.optim.AdamW`` over the stacked tensors is N separate AdamWs (the step count
+  is shared: every group steps together).
+- Adafactor (IA3, T-Few) is not: its second moments are factored over a tensor's last two dimensions and its update
+  clipping and ``scale_parameter`` step size use the RMS of the whole tensor. :class:`SlicedAdafactor` is
+  transformers' ``Adafactor`` (T-Few's configuration: ``relative_step=False, warmup_init=False, beta1=None``) op
+  for op with every reduction taken per slice: the same update as N transformers Adafactors, within float32
+  rounding (``tests/test_packed_training.py`` compares with separate trainings).
+- :func:`clip_per_group`: ``torch.nn.utils.clip_grad_norm_`` per group (the norm of the per-tensor norms of the
+  group's slices), for all groups at once.
+
+So a packed step's optimizer, clipping and norm costs do not grow with N (per adapted tensor, not per group and
+tensor: on a GPU, where a small model's step is bound by kernel launches, that is what packing is for).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.errors import HarnessError
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _slice_rms(t: torch.Tensor) -> torch.Tensor:
+    """Per slice of t [N, ...]: ``norm(2) / sqrt(numel)`` as transformers' ``Adafactor._rms``, shaped [N, 1, ...]."""
+    dims = tuple(range(1, t.dim()))
+    rms = torch.linalg.vector_norm(t, 2, dim=dims) / (math.prod(t.shape[1:]) ** 0.5)  # [N]
+    return rms.view(-1, *([1] * (t.dim() - 1)))
+
+
+class SlicedAdafactor(torch.optim.Optimizer):
+    """transformers' Adafactor (relative_step=False, warmup_init=False, beta1=None) on stacked [N, ...] tensors, each
+    slice its own parameter (module docstring)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, scale_parameter: bool = True,
+                 eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8):
+        defaults = dict(lr=lr, weight_decay=weight_decay, scale_parameter=scale_parameter, eps=eps,
+                        clip_threshold=clip_threshold, decay_rate=decay_rate)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise HarnessError("SlicedAdafactor takes no closure")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad  # [N, *slice]
+                factored = grad.dim() - 1 >= 2  # as transformers decides for one slice
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if factored:
+                        state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1]).to(grad)  # [N, ..., rows]
+                        state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:]).to(grad)
+                    else:
+                        state["exp_avg_sq"] = torch.zeros_like(grad)
+                p32 = p.float() if p.dtype in _LOW_PRECISION else p
+                state["step"] += 1
+                lr = group["lr"]
+                if group["scale_parameter"]:  # max(eps[1], RMS(p)) x lr, per slice
+                    lr = _slice_rms(p32).clamp(min=group["eps"][1]) * lr  # [N, 1, ...]
+                beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+                update = (grad**2) + group["eps"][0]
+                if factored:
+                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                    row.mul_(beta2t).add_(update.mean(dim=-1), alpha=(1.0 - beta2t))
+                    col.mul_(beta2t).add_(update.mean(dim=-2), alpha=(1.0 - beta2t))
+                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+                    c_factor = col.unsqueeze(-2).rsqrt()
+                    update = torch.mul(r_factor, c_factor)
+                    update.mul_(grad)
+                else:
+                    exp_avg_sq = state["exp_avg_sq"]
+                    exp_avg_sq.mul_(beta2t).add_(update, alpha=(1.0 - beta2t))
+                    update = exp_avg_sq.rsqrt().mul_(grad)
+                update.div_((_slice_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+                update.mul_(lr)
+                if group["weight_decay"] != 0:
+                    p32.add_(p32 * (-group["weight_decay"] * lr))
+                p32.add_(-update)
+                if p.dtype in _LOW_PRECISION:
+                    p.copy_(p32)
+
+
+def make_sliced_optimizer(params: list[torch.Tensor], settings: dict, *, fused: bool = False):
+    """The optimizer of ``settings`` (:func:`harness.training.make_optimizer`'s) for stacked [N, ...] tensors."""
+    from harness.training import make_optimizer
+
+    if settings["optimizer"] == "adafactor":
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], settings)  # the same checks of the options
+        return SlicedAdafactor(params, lr=settings["lr"], weight_decay=settings["weight_decay"],
+                               scale_parameter=settings["scale_parameter"])
+    if settings["optimizer"] == "adamw":
+        return make_optimizer(params, settings, fused=fused)
+    raise HarnessError(f"packed training has no sliced {settings['optimizer']!r} optimizer (adafactor, adamw)")
+
+
+@torch.no_grad()
+def clip_per_group(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor | None:
+    """Each group's gradient norm [N] (the norm of its slices' norms, as ``clip_grad_norm_`` computes one group's)
+    and, with ``max_norm``, each group's slices scaled by ``clamp(max_norm / (norm + 1e-6), max=1)``; None without
+    ``max_norm`` (no clipping, as :func:`harness.training.training_step`)."""
+    if not max_norm:
+        return None
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([torch.linalg.vector_norm(g, 2, dim=tuple(range(1, g.dim()))) for g in grads], dim=1)
+    total = torch.linalg.vector_norm(norms, 2, dim=1)  # [N]
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # [N]
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    return total
