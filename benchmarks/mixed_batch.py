@@ -1,24 +1,27 @@
 """Mixed-task batches (issue 16): examples/s and memory against the number of tasks served at once.
 
 For each method (``ia3``, ``lora``, ``prompt_tuning``, ``icl``) and each number of tasks N (``--ns``, default
-1,2,5,20,100), one stream of ``max(--queries, N)`` queries of one task's validation split (``--task``, template
-``--template``; a query's task is its position modulo N, the queries cycled when the split is shorter) is served
+1,2,5,20,100), one stream of ``--queries`` queries of one task's validation split (``--task``, template
+``--template``; query j belongs to task j mod N, so with N >= queries every query has a task of its own) is served
 
-- ``mixed``: every task's adapter (or demonstrations) loaded at once, batches of ``--batch-size`` rows of
-  different tasks (:func:`harness.mixed.modes.serve_mixed`, the code of ``harness mixed``);
-- ``task_by_task``: each task's queries together, one adapter loaded at a time
+- ``mixed``: all N tasks' adapters (or demonstrations) loaded at once, batches of ``--batch-size`` rows of
+  different tasks (:func:`harness.mixed.modes.serve_mixed`, the code of ``harness mixed``); a task without a
+  query in the stream still holds its adapter or soft prompt (ICL: no cache for it);
+- ``task_by_task``: each task's queries together, one adapter loaded at a time, tasks without queries skipped
   (:func:`harness.mixed.modes.serve_task_by_task`).
 
 The N tasks are synthetic: one adapter per method is initialised on the model (peft's initialisation, its
-trainable tensors moved by seeded noise so that it changes the scores) and saved; tasks 1..N-1 are seeded random
+trainable tensors moved by seeded noise of about a trained adapter's size, ``--init-noise``, so that it changes the
+scores; far larger noise makes the model's logits huge and float32 rounding alone then moves log-probs) and saved; tasks 1..N-1 are seeded random
 perturbations of it (``--noise`` x the tensor's standard deviation), saved beside it. ICL's N tasks differ by their
 demonstrations: k (``--k``) rows of the train split drawn with seed i. Examples/s count the batches' wall time
 (loading adapters, encoding the per-task prefixes apart); memory is the mode's peak (CUDA max allocated; on the
 CPU the resident high-water mark, reset before each mode) and ``state_bytes``, the per-task tensors held at once
 (adapters, soft prompts, prefix KV caches). ``max_abs_diff`` is the largest |log-prob| difference between the
-two modes (float32: <= 1e-4 expected).
+two modes (float32: <= 1e-4 expected). With ``--repeats R`` the two modes alternate R times and each keeps its
+fastest repeat (on a machine shared with other work, the least disturbed one).
 
-    python -m benchmarks.mixed_batch --device cpu --queries 24 --ns 1,2,5,20,100     # the embedded model
+    python -m benchmarks.mixed_batch --device cpu --queries 16 --ns 1,2,5,20,100     # the embedded model
     python -m benchmarks.mixed_batch --model random:llama-1b --device cuda --dtype bfloat16 \\
         --out $OUT/mixed_batch_cuda.json --plot $OUT/mixed_batch_cuda.png
 
@@ -60,10 +63,10 @@ def make_adapters(args, method: str, n: int, folder: Path) -> list[Path]:
     lm = load_model(args.model, args.device, args.dtype)  # a copy of its own: peft wraps it in place
     torch.manual_seed(args.seed)
     model = apply_method(lm.model, method, training_settings(method, "quick"))
-    with torch.no_grad():
+    with torch.no_grad():  # about what training moves them by (LoRA's B from zero, (IA)3's vectors from one)
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * (2.0 if method == "prompt_tuning" else 0.5))
+                p.add_(torch.randn_like(p) * (0.5 * float(p.std()) if method == "prompt_tuning" else args.init_noise))
     first = save_trained(model, get_method(method), folder / f"{method}-0")
     del model, lm
     state = load_file(str(first / ADAPTER_FILE))
@@ -90,8 +93,7 @@ def stream(args, lm, method: str, n: int, folders: list[Path] | None) -> list[Ta
     task = load_task(args.task)
     template = task.template(args.template) if args.template else task.templates[0]
     prompts = [task.render(template, ex) for ex in load_split(task, task.eval_split, data_dir)]
-    total = max(args.queries, n)
-    queries = [prompts[j % len(prompts)] for j in range(total)]
+    queries = [prompts[j % len(prompts)] for j in range(args.queries)]
     train = load_split(task, task.train_split, data_dir) if method == "icl" else []
     tasks = []
     for i in range(n):
@@ -106,12 +108,16 @@ def measure(args, lm, method: str, n: int, folders) -> list[dict]:
     tasks = stream(args, lm, method, n, folders)
     per_token = 0 if method == "icl" else method_overhead(lm.model, method, training_settings(method, "quick")).per_token
     results = {}
-    for mode, serve in (("mixed", serve_mixed), ("task_by_task", serve_task_by_task)):
-        start = time.perf_counter()
-        results[mode] = serve(lm.model, lm.tokenizer, kind, tasks, args.batch_size, dims, per_token)
-        results[mode].wall = time.perf_counter() - start
+    for _ in range(args.repeats):  # the modes alternate, so a burst of load from other processes hits both
+        for mode, serve in (("mixed", serve_mixed), ("task_by_task", serve_task_by_task)):
+            start = time.perf_counter()
+            served = tasks if mode == "mixed" else [t for t in tasks if t.prompts]
+            r = serve(lm.model, lm.tokenizer, kind, served, args.batch_size, dims, per_token)
+            r.wall = time.perf_counter() - start
+            if mode not in results or sum(r.latencies) < sum(results[mode].latencies):
+                results[mode] = r  # the fastest repeat: the least disturbed by other processes
     expected = [{e.example_id: e.logprobs for e in task} for task in results["task_by_task"].examples]
-    diff = max_abs_diff(results["mixed"].examples, expected)
+    diff = max_abs_diff([ex for ex in results["mixed"].examples if ex], expected)
     rows = []
     n_queries = sum(len(t.prompts) for t in tasks)
     for mode, r in results.items():
@@ -182,12 +188,15 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ns", default="1,2,5,20,100", help="numbers of tasks")
-    ap.add_argument("--queries", type=int, default=24, help="queries per stream (at least N)")
+    ap.add_argument("--queries", type=int, default=16, help="queries per stream")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--task", default="rte")
+    ap.add_argument("--task", default="wic")
     ap.add_argument("--template", default="gpt3_style")
     ap.add_argument("--k", type=int, default=4, help="ICL demonstrations per task")
+    ap.add_argument("--init-noise", type=float, default=0.02,
+                    help="LoRA/(IA)3: noise added to the initialised adapter (absolute; soft prompts: 0.5 x std)")
     ap.add_argument("--noise", type=float, default=0.1, help="perturbation of the adapter copies (x std)")
+    ap.add_argument("--repeats", type=int, default=1, help="measure each mode this often, keep the fastest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "mixed_batch_cpu.json"))

@@ -2,9 +2,9 @@
 different tasks (rank classification, the same numbers as :func:`harness.scoring.score_prompts` per task).
 
 Per task, once: its prompts are tokenized as :mod:`harness.scoring` does (``_tokenize``, the task's demonstrations
-before each context), and the task's prefix (its soft prompt, if any, then the token prefix all its rows share:
-the demonstrations and what the template's contexts share) is encoded with the task's own parameters into a
-prefix cache (one per task, shared by its rows).
+before each context), and the task's prefix (its soft prompt, if any, then the demonstrations' tokens its rows
+share: :func:`known_prefix_len`, never a query's own tokens, which a server cannot know before the query comes) is
+encoded with the task's own parameters into a prefix cache (one per task, shared by its rows).
 
 Per batch of ``batch_size`` consecutive rows of the stream (arrival order, no sorting by length: a server cannot
 wait for the rest of the stream): the rows' task prefixes are gathered into one cache, each right-aligned to the
@@ -29,10 +29,10 @@ from harness.compat import cache_kwargs, output_cache
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.mixed.serving import Serving
-from harness.scoring import _left_pad, score_choices, shared_prefix_len
+from harness.scoring import _common_prefix_len, _left_pad, score_choices, shared_prefix_len
 from harness.store import ExampleScore
 from harness.templates import Prompt
-from harness.tokenization import Row, _tokenize
+from harness.tokenization import Row, _encode, _tokenize, bos_ids
 
 
 @dataclasses.dataclass
@@ -58,6 +58,16 @@ class MixedOutput:
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
     """(task, prompt) pairs round-robin over tasks: t0 p0, t1 p0, ..., t0 p1, ... (a task that runs out drops)."""
     return [(t, i) for i in range(max(counts, default=0)) for t, n in enumerate(counts) if i < n]
+
+
+def known_prefix_len(tokenizer, rows: list[Row], prefix: str) -> int:
+    """Tokens of a task's rows to encode once into its prefix cache: those all its rows share, but no more than the
+    tokens of ``prefix`` (the demonstrations) they begin with. A server knows a task's demonstrations before its
+    queries arrive, never what its queries will share (of one query, everything but its last token)."""
+    if not prefix or not rows:
+        return 0
+    known = bos_ids(tokenizer) + _encode(tokenizer, prefix)
+    return min(shared_prefix_len(rows), _common_prefix_len(known, rows[0].context))
 
 
 def _sync(device: torch.device) -> None:
@@ -167,7 +177,7 @@ def score_mixed(serving: Serving, tokenizer, tasks: list[TaskQueries], batch_siz
         by_prompt: list[list[int]] = [[] for _ in tq.prompts]
         for r, i in enumerate(owners):
             by_prompt[i].append(r)
-        n = shared_prefix_len(rows)
+        n = known_prefix_len(tokenizer, rows, tq.prefix)
         soft = serving.soft_prompt(t)
         prefixes.append(_encode_prefix(serving, t, rows[0].context[:n] if rows else [], soft))
         lengths.append(n + (0 if soft is None else soft.shape[0]))
