@@ -280,5 +280,14 @@ def _add_report_commands() -> None:
 
 _add_report_commands()
 
+
+def _add_mixed_command() -> None:
+    from harness.mixed.command import mixed
+
+    main.add_command(mixed)
+
+
+_add_mixed_command()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

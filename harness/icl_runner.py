@@ -49,6 +49,14 @@ def fit_demonstrations(lm: LoadedModel, task: Task, template, demos: list[dict],
         k = max(0, k - max(1, k // 8))
 
 
+def run_prefix(lm: LoadedModel, spec: RunSpec, task: Task, template, prompts, data_dir) -> tuple[str, int]:
+    """(the demonstration prefix of ``spec``, k used): its demonstrations (source, order, label noise) fitted to
+    the model's context for every one of ``prompts`` (the run's evaluated prompts)."""
+    rows = select_examples(task, spec.seed, data_dir, spec.k, spec.demos)
+    demos, labels = arrange(task, template, rows, seed=spec.seed, order=spec.order, label_noise=spec.label_noise)
+    return fit_demonstrations(lm, task, template, demos, prompts, labels)
+
+
 def run_icl(lm: LoadedModel, spec: RunSpec, data_dir, *, batch_size: int = 8, progress: bool = False,
             env: dict | None = None) -> RunResult:
     """One in-context run; any exception becomes a ``failed`` result (KeyboardInterrupt propagates)."""
@@ -98,9 +106,7 @@ def _run_one(lm: LoadedModel, spec: RunSpec, data_dir, batch_size: int, progress
         if spec.limit is not None:
             examples = examples[: spec.limit]
         prompts = [task.render(template, ex) for ex in examples]
-        rows = select_examples(task, spec.seed, data_dir, spec.k, spec.demos)
-        demos, labels = arrange(task, template, rows, seed=spec.seed, order=spec.order, label_noise=spec.label_noise)
-        prefix, k_used = fit_demonstrations(lm, task, template, demos, prompts, labels)
+        prefix, k_used = run_prefix(lm, spec, task, template, prompts, data_dir)
         if k_used < spec.k:
             log.warning("%s/%s/%s: k reduced from %d to %d to fit the model's context of %d tokens",
                         spec.task, spec.template, spec.seed, spec.k, k_used, context_limit(lm))

@@ -293,37 +293,54 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
                     **cache_kwargs(past), use_cache=True, logits_to_keep=1, **extra)
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
         past = output_cache(res)
-    # 2) every choice of every query, right-padded, from that query's state: [R, Lc]
+    # 2) every choice of every query, right-padded, from that query's state
+
+    def forward(ids, mask_, pos, past_, owner_t):
+        return model(input_ids=ids, attention_mask=mask_, position_ids=pos, **cache_kwargs(past_), use_cache=True,
+                     **extra).logits
+
+    n_ctx = [n_prefix + len(q) for q in queries]
+    out = score_choices(forward, last_logprobs, past if lc > 1 else None, mask if lc > 1 else None, conts, n_ctx,
+                        pad_id, device, dims, work)
+    return out, work
+
+
+def score_choices(forward, last_logprobs: torch.Tensor, past, mask: torch.Tensor | None, conts: list[list[list[int]]],
+                  n_ctx: list[int], pad_id: int, device, dims: ModelDims, work: Work) -> list[list[float]]:
+    """Summed log-prob of every choice of every query from that query's state: the first token from
+    ``last_logprobs`` [B, V], the rest through one forward of all choices, right-padded, [R, Lc], after their
+    query's cache ``past`` (rows selected per choice) with ``mask`` [B, P] (the query's attention mask so far).
+
+    ``forward(input_ids, attention_mask, position_ids, past, owners)`` runs the model (``owners`` [R]: the query
+    of each choice row) and returns logits; ``n_ctx[b]``: query b's context length (positions continue there).
+    The choices' work is added to ``work`` (the last token of a choice needs no forward of its own)."""
     owners = [b for b, cs in enumerate(conts) for _ in cs]
     flat = [c for cs in conts for c in cs]
-    R = len(flat)
+    R, lc = len(flat), max(len(c) for c in flat)
     c_ids = torch.full((R, lc), pad_id, dtype=torch.long)
     c_mask = torch.zeros((R, lc), dtype=torch.long)
     for r, c in enumerate(flat):
         c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
         c_mask[r, :len(c)] = 1
     owner_t = torch.tensor(owners, dtype=torch.long)
-    n_ctx = [n_prefix + len(queries[b]) for b in owners]
-    c_pos = torch.tensor(n_ctx).unsqueeze(1) + torch.arange(lc).unsqueeze(0)
-    first = _gather_logprobs(last_logprobs[owner_t.to(device)],
-                             torch.tensor([c[0] for c in flat], device=device))  # [R]
-    sums = first
+    ctx = [n_ctx[b] for b in owners]
+    sums = _gather_logprobs(last_logprobs[owner_t.to(device)],
+                            torch.tensor([c[0] for c in flat], device=device))  # [R]
     if lc > 1:
+        c_pos = torch.tensor(ctx).unsqueeze(1) + torch.arange(lc).unsqueeze(0)  # [R, Lc]
         past.batch_select_indices(owner_t.to(device))
-        full_mask = torch.cat([mask[owner_t], c_mask], dim=1)
-        logits = model(input_ids=c_ids[:, :-1].to(device), attention_mask=full_mask[:, :-1].to(device),
-                       position_ids=c_pos[:, :-1].to(device), **cache_kwargs(past), use_cache=True,
-                       **extra).logits  # [R, lc-1, V]
-        lp = _gather_logprobs(logits, c_ids[:, 1:].to(device))  # [R, lc-1]
+        full_mask = torch.cat([mask[owner_t], c_mask], dim=1)  # [R, P + Lc]
+        logits = forward(c_ids[:, :-1].to(device), full_mask[:, :-1].to(device), c_pos[:, :-1].to(device), past,
+                         owner_t)  # [R, Lc-1, V]
+        lp = _gather_logprobs(logits, c_ids[:, 1:].to(device))  # [R, Lc-1]
         sums = sums + (lp * c_mask[:, 1:].to(device)).sum(-1)
     for r, c in enumerate(flat):
-        # the last continuation token needs no forward of its own
-        work.add_tokens(len(c) - 1, n_ctx[r], dims.windows)
+        work.add_tokens(len(c) - 1, ctx[r], dims.windows)
         work.logit_positions += len(c) - 1
-    out: list[list[float]] = [[] for _ in range(B)]
-    for b, s in zip(owners, sums.tolist()):
-        out[b].append(s)
-    return out, work
+    out: list[list[float]] = [[] for _ in conts]
+    for b, v in zip(owners, sums.tolist()):
+        out[b].append(v)
+    return out
 
 
 def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "", *, use_cache: bool = True,

@@ -29,6 +29,8 @@ Schema versions (``PRAGMA user_version``; a file of schema 1 has 0 there, it pre
 3. the ``mixed_runs`` table (issue 16, ``harness mixed``): one row per (mixed run, method, serving mode) with the
    throughput, latency, memory and FLOPs of serving several tasks' queries in mixed batches, task by task, or from
    merged weights (:mod:`harness.mixed.records`). Migrating adds the empty table; no other row changes.
+4. ``mixed_runs.latency_median_s`` (the median batch latency, beside the mean and the 90th percentile).
+   Migrating adds the column (NULL in rows written before); no other row changes.
 
 Opening a store migrates it to :data:`SCHEMA_VERSION` in one transaction (all steps or none), so a crash
 mid-migration leaves the old schema intact. A store of a NEWER schema than this code knows is refused with a
@@ -37,6 +39,7 @@ mid-migration leaves the old schema intact. A store of a NEWER schema than this 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,7 +71,7 @@ METRIC_COLUMNS = (
     "eval_seconds",
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The tables of a new store, at SCHEMA_VERSION. An older store gets the same columns through MIGRATIONS.
 SCHEMA = f"""
@@ -102,7 +105,9 @@ CREATE TABLE IF NOT EXISTS examples (
 CREATE INDEX IF NOT EXISTS runs_cell ON runs(task, method, model);
 """ + "\n{};\n"  # the mixed_runs table, below
 
-# Schema 3: serving figures of ``harness mixed`` (columns described in harness.mixed.records).
+# Schema 3: serving figures of ``harness mixed`` (columns described in harness.mixed.records); schema 4 adds
+# latency_median_s (MIXED_COLUMNS_4), in a new store's table as in a migrated one.
+MIXED_COLUMNS_4 = ("latency_median_s REAL",)
 MIXED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS mixed_runs (
     mixed_id TEXT NOT NULL, method TEXT NOT NULL, mode TEXT NOT NULL,
@@ -113,7 +118,8 @@ CREATE TABLE IF NOT EXISTS mixed_runs (
     max_abs_diff REAL, run_ids_json TEXT NOT NULL, config_json TEXT NOT NULL, env_json TEXT, created_at REAL,
     PRIMARY KEY (mixed_id, method, mode)
 )"""
-SCHEMA = SCHEMA.format(MIXED_SCHEMA.strip())
+SCHEMA = SCHEMA.format(MIXED_SCHEMA.strip()) + "".join(f"ALTER TABLE mixed_runs ADD COLUMN {c};\n"
+                                                       for c in MIXED_COLUMNS_4)
 
 
 @dataclasses.dataclass
@@ -242,8 +248,14 @@ def _migrate_2_to_3(db: sqlite3.Connection) -> None:
     db.execute(MIXED_SCHEMA)
 
 
+def _migrate_3_to_4(db: sqlite3.Connection) -> None:
+    """Add ``mixed_runs.latency_median_s``."""
+    for column in MIXED_COLUMNS_4:
+        db.execute(f"ALTER TABLE mixed_runs ADD COLUMN {column}")
+
+
 # MIGRATIONS[v] takes a store from schema v to v + 1, inside the caller's transaction.
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
 
 
@@ -309,6 +321,21 @@ class Store:
         db.execute("PRAGMA foreign_keys=ON")
         return db
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside one IMMEDIATE transaction: committed when the block ends, rolled back (and the
+        exception raised again) when it raises."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
     @property
     def folder(self) -> Path:
         """Folder for artifacts (adapters) beside the database: ``<store>.artifacts/``."""
@@ -338,9 +365,7 @@ class Store:
         if result.status == "finished":  # a finished run never holds a NaN/inf score: this raises HarnessError
             for ex in result.examples:
                 ex.check_finite()
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self.transaction() as db:
             db.execute("DELETE FROM examples WHERE run_id=?", (result.run_id,))
             db.execute("DELETE FROM runs WHERE run_id=?", (result.run_id,))
             db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
@@ -351,12 +376,6 @@ class Store:
                 "prediction_norm_char, logprobs_json, n_tokens_json, n_chars_json) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
 
     def runs(self, status: str | None = None, include_random: bool = True) -> list[dict]:
         """Runs as flat dicts: columns plus ``config`` (dict), ``env`` and ``extra`` fields merged in."""

@@ -73,9 +73,10 @@ def test_v1_store_migrates_with_nothing_lost(v1):
     runs_before = _rows(v1, "runs", V1_RUN_COLUMNS)
     examples_before = _rows(v1, "examples", V1_EXAMPLE_COLUMNS)
     store = Store(v1)
-    assert _user_version(v1) == SCHEMA_VERSION == 3
+    assert _user_version(v1) == SCHEMA_VERSION == 4
     assert {"accuracy_norm_char", "n_chars_with_delimiter"} <= _columns(v1, "runs")
     assert {"mixed_id", "method", "mode", "examples_per_second"} <= _columns(v1, "mixed_runs")  # schema 3
+    assert "latency_median_s" in _columns(v1, "mixed_runs")  # schema 4
     assert "prediction_norm_char" in _columns(v1, "examples")
     # every old column of every row has its old value
     assert _rows(v1, "runs", V1_RUN_COLUMNS) == runs_before
@@ -181,7 +182,7 @@ def test_newer_store_is_refused_untouched(tmp_path):
     db.commit()
     db.close()
     before = path.read_bytes()
-    with pytest.raises(HarnessError, match=r"schema version 4, newer than this harness knows \(3\); upgrade harness"):
+    with pytest.raises(HarnessError, match=r"schema version 5, newer than this harness knows \(4\); upgrade harness"):
         Store(path)
     assert path.read_bytes() == before
 
@@ -200,8 +201,8 @@ def test_newer_store_is_refused_untouched(tmp_path):
 
 
 def test_v2_store_gets_the_mixed_runs_table(tmp_path):
-    """A schema-2 store (today's tables without mixed_runs) migrates to 3: the empty table added, nothing else
-    changed; mixed rows can then be written and read back."""
+    """A schema-2 store (today's tables without mixed_runs) migrates to 3 and 4: the empty table added, nothing
+    else changed; mixed rows can then be written and read back."""
     from harness.mixed.records import mixed_rows, write_mixed
 
     path = tmp_path / "v2.sqlite"
@@ -216,8 +217,9 @@ def test_v2_store_gets_the_mixed_runs_table(tmp_path):
     runs_before = _rows(path, "runs", V1_RUN_COLUMNS)
     assert "mixed_runs" not in {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
     store = Store(path)
-    assert _user_version(path) == SCHEMA_VERSION == 3
+    assert _user_version(path) == SCHEMA_VERSION == 4
     assert _rows(path, "runs", V1_RUN_COLUMNS) == runs_before and mixed_rows(store) == []
+    assert "latency_median_s" in _columns(path, "mixed_runs")
     row = {"mixed_id": "x", "method": "lora", "mode": "mixed", "tasks": "cb,rte", "n_tasks": 2, "batch_size": 4,
            "n_examples": 8, "examples_per_second": 10.0, "run_ids": {"cb": "r1"}, "config": {"limit": 4}}
     write_mixed(store, [row, row | {"mode": "task_by_task", "examples_per_second": 5.0}])
@@ -225,3 +227,30 @@ def test_v2_store_gets_the_mixed_runs_table(tmp_path):
     got = {r["mode"]: r for r in mixed_rows(store)}
     assert got["mixed"]["examples_per_second"] == 12.0 and got["task_by_task"]["examples_per_second"] == 5.0
     assert got["mixed"]["run_ids"] == {"cb": "r1"} and got["mixed"]["config"] == {"limit": 4}
+
+
+def test_v3_store_gets_the_median_latency(tmp_path):
+    """A schema-3 store (mixed_runs without latency_median_s) migrates to 4: the column added, NULL in the rows
+    written before; the same columns as a new store's table."""
+    from harness.mixed.records import mixed_rows, write_mixed
+    from harness.store import MIXED_SCHEMA
+
+    path = tmp_path / "v3.sqlite"
+    Store(path)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE mixed_runs")
+    db.execute(MIXED_SCHEMA)
+    db.execute("INSERT INTO mixed_runs (mixed_id, method, mode, tasks, n_tasks, batch_size, n_examples, "
+               "latency_mean_s, run_ids_json, config_json) VALUES ('x', 'ia3', 'mixed', 'cb', 1, 2, 4, 0.5, '{}', '{}')")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    store = Store(path)
+    Store(tmp_path / "new.sqlite")
+    assert _user_version(path) == 4
+    assert _columns(path, "mixed_runs") == _columns(tmp_path / "new.sqlite", "mixed_runs")
+    old = mixed_rows(store)[0]
+    assert old["latency_mean_s"] == 0.5 and old["latency_median_s"] is None
+    write_mixed(store, [{"mixed_id": "y", "method": "ia3", "mode": "mixed", "tasks": "cb", "n_tasks": 1,
+                         "batch_size": 2, "n_examples": 4, "latency_median_s": 0.25, "run_ids": {}, "config": {}}])
+    assert {r["mixed_id"]: r["latency_median_s"] for r in mixed_rows(store)} == {"x": None, "y": 0.25}

@@ -118,4 +118,4 @@ def test_per_character_figures_round_trip(tmp_path):
     assert run["n_chars_with_delimiter"] is False
     row = next(store.examples(["r"]))
     assert (row["prediction"], row["prediction_norm"], row["prediction_norm_char"]) == (0, 1, 1)
-    assert sqlite3.connect(tmp_path / "s.sqlite").execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(tmp_path / "s.sqlite").execute("PRAGMA user_version").fetchone()[0] == 4

@@ -2,9 +2,9 @@
 different tasks (rank classification, the same numbers as :func:`harness.scoring.score_prompts` per task).
 
 Per task, once: its prompts are tokenized as :mod:`harness.scoring` does (``_tokenize``, the task's demonstrations
-before each context), and the task's prefix (its soft prompt, if any, then the token prefix all its rows share:
-the demonstrations and what the template's contexts share) is encoded with the task's own parameters into a
-prefix cache (one per task, shared by its rows).
+before each context), and the task's prefix (its soft prompt, if any, then the demonstrations' tokens its rows
+share: :func:`known_prefix_len`, never a query's own tokens, which a server cannot know before the query comes) is
+encoded with the task's own parameters into a prefix cache (one per task, shared by its rows).
 
 Per batch of ``batch_size`` consecutive rows of the stream (arrival order, no sorting by length: a server cannot
 wait for the rest of the stream): the rows' task prefixes are gathered into one cache, each right-aligned to the
@@ -29,10 +29,10 @@ from harness.compat import cache_kwargs, output_cache
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.mixed.serving import Serving
-from harness.scoring import _gather_logprobs, _left_pad, shared_prefix_len
+from harness.scoring import _common_prefix_len, _left_pad, score_choices, shared_prefix_len
 from harness.store import ExampleScore
 from harness.templates import Prompt
-from harness.tokenization import Row, _tokenize
+from harness.tokenization import Row, _encode, _tokenize, bos_ids
 
 
 @dataclasses.dataclass
@@ -58,6 +58,16 @@ class MixedOutput:
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
     """(task, prompt) pairs round-robin over tasks: t0 p0, t1 p0, ..., t0 p1, ... (a task that runs out drops)."""
     return [(t, i) for i in range(max(counts, default=0)) for t, n in enumerate(counts) if i < n]
+
+
+def known_prefix_len(tokenizer, rows: list[Row], prefix: str) -> int:
+    """Tokens of a task's rows to encode once into its prefix cache: those all its rows share, but no more than the
+    tokens of ``prefix`` (the demonstrations) they begin with. A server knows a task's demonstrations before its
+    queries arrive, never what its queries will share (of one query, everything but its last token)."""
+    if not prefix or not rows:
+        return 0
+    known = bos_ids(tokenizer) + _encode(tokenizer, prefix)
+    return min(shared_prefix_len(rows), _common_prefix_len(known, rows[0].context))
 
 
 def _sync(device: torch.device) -> None:
@@ -134,35 +144,14 @@ def _score_batch(serving: Serving, prefixes, lengths, tasks: list[int], queries:
         res = serving.model(input_ids=q_ids.to(device), attention_mask=mask.to(device), position_ids=q_pos.to(device),
                             **cache_kwargs(past), use_cache=True, logits_to_keep=1, **extra)
     last = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
-    past = output_cache(res)
-    # every choice of every query, right-padded, from its query's state: [R, Lc]
-    owners = [b for b, cs in enumerate(conts) for _ in cs]
-    flat = [c for cs in conts for c in cs]
-    R, lc = len(flat), max(len(c) for c in flat)
-    c_ids = torch.full((R, lc), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((R, lc), dtype=torch.long)
-    for r, c in enumerate(flat):
-        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[r, :len(c)] = 1
-    owner_t = torch.tensor(owners, dtype=torch.long)
-    n_ctx = [lengths[tasks[b]] + len(queries[b]) for b in owners]
-    sums = _gather_logprobs(last[owner_t.to(device)], torch.tensor([c[0] for c in flat], device=device))  # [R]
-    if lc > 1:
-        past.batch_select_indices(owner_t.to(device))
-        full_mask = torch.cat([mask[owner_t], c_mask], dim=1)  # [R, P_max + Lq + Lc]
-        c_pos = torch.tensor(n_ctx).unsqueeze(1) + torch.arange(lc).unsqueeze(0)  # [R, Lc]
-        with serving.select(task_t[owner_t]) as extra:
-            logits = serving.model(input_ids=c_ids[:, :-1].to(device), attention_mask=full_mask[:, :-1].to(device),
-                                   position_ids=c_pos[:, :-1].to(device), **cache_kwargs(past), use_cache=True,
-                                   **extra).logits  # [R, Lc-1, V]
-        lp = _gather_logprobs(logits, c_ids[:, 1:].to(device))  # [R, Lc-1]
-        sums = sums + (lp * c_mask[:, 1:].to(device)).sum(-1)
-    for r, c in enumerate(flat):
-        work.add_tokens(len(c) - 1, n_ctx[r], dims.windows)
-        work.logit_positions += len(c) - 1
-    out: list[list[float]] = [[] for _ in range(B)]
-    for b, s in zip(owners, sums.tolist()):
-        out[b].append(s)
+
+    def forward(ids, mask_, pos, past, owners):
+        with serving.select(task_t[owners]) as extra:
+            return serving.model(input_ids=ids, attention_mask=mask_, position_ids=pos, **cache_kwargs(past),
+                                 use_cache=True, **extra).logits
+
+    n_ctx = [lengths[tasks[b]] + len(queries[b]) for b in range(B)]
+    out = score_choices(forward, last, output_cache(res), mask, conts, n_ctx, pad_id, device, dims, work)
     return out
 
 
@@ -188,7 +177,7 @@ def score_mixed(serving: Serving, tokenizer, tasks: list[TaskQueries], batch_siz
         by_prompt: list[list[int]] = [[] for _ in tq.prompts]
         for r, i in enumerate(owners):
             by_prompt[i].append(r)
-        n = shared_prefix_len(rows)
+        n = known_prefix_len(tokenizer, rows, tq.prefix)
         soft = serving.soft_prompt(t)
         prefixes.append(_encode_prefix(serving, t, rows[0].context[:n] if rows else [], soft))
         lengths.append(n + (0 if soft is None else soft.shape[0]))

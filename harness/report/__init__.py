@@ -1,8 +1,8 @@
 """Results report: tables (Markdown, LaTeX), figures, paired method comparisons and accuracy baselines.
 
 Modules: :mod:`~harness.report.stats` (statistics), :mod:`~harness.report.format` (number formatting, table
-rendering), :mod:`~harness.report.tables`, :mod:`~harness.report.plots`, :mod:`~harness.report.document`,
-:mod:`~harness.report.check` and :mod:`~harness.report.commands` (click). ``COMMANDS`` lists the commands for the
+rendering), :mod:`~harness.report.tables`, :mod:`~harness.report.mixed` (mixed-task serving),
+:mod:`~harness.report.plots`, :mod:`~harness.report.document`, :mod:`~harness.report.check` and :mod:`~harness.report.commands` (click). ``COMMANDS`` lists the commands for the
 main CLI group.
 """
 

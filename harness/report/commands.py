@@ -71,7 +71,11 @@ def report(fmt, out_dir, store_path, metric, include_random, no_plots, task_name
     from harness.report.tables import select_runs
     from harness.results import runs as runs_frame
 
-    every = runs_frame(open_store(store_path))
+    from harness.mixed.records import mixed_rows
+
+    store = open_store(store_path)
+    every = runs_frame(store)
+    mixed = mixed_rows(store)  # harness mixed (issue 16): the section "Mixed-task batches" when there are rows
     runs = select_runs(every, include_random=include_random, tasks=_task_names(task_names))
     if runs.empty:
         raise UserError(f"no finished runs in {store_path}" + ("" if include_random else
@@ -93,11 +97,11 @@ def report(fmt, out_dir, store_path, metric, include_random, no_plots, task_name
     n_excluded = len(every) - len(runs)
     if fmt in ("md", "both"):
         path = out_dir / "report.md"
-        path.write_text(render_markdown(runs, n_excluded, plots, out_dir, metric))
+        path.write_text(render_markdown(runs, n_excluded, plots, out_dir, metric, mixed))
         written.insert(0, path)
     if fmt in ("latex", "both"):
         path = out_dir / "report.tex"
-        path.write_text(render_latex(runs, n_excluded, plots, out_dir, metric))
+        path.write_text(render_latex(runs, n_excluded, plots, out_dir, metric, mixed))
         written.insert(1 if fmt == "both" else 0, path)
     for path in written:
         click.echo(str(path))

@@ -1,7 +1,7 @@
 """Assemble the report files: ``report.md`` (Markdown) and ``report.tex`` (a LaTeX document that compiles).
 
-Both are pure functions of the runs (the frame of :func:`harness.report.tables.select_runs`) and the plot results,
-without timestamps, so one store always gives the same bytes.
+Both are pure functions of the runs (the frame of :func:`harness.report.tables.select_runs`), the store's
+``mixed_runs`` rows and the plot results, without timestamps, so one store always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pandas as pd
 from harness.report.breakeven import break_even_table
 from harness.report.format import Table, latex_escape, to_latex, to_markdown
 from harness.report.canvas import PlotResult
+from harness.report.mixed import mixed_table
 from harness.report.variants import default_runs, variant_tables
 from harness.report.tables import (calibration_table, cost_table, family_table, k_curve_table, settings_lines,
                                    summary_table, task_table)
@@ -20,14 +21,17 @@ from harness.report.tables import (calibration_table, cost_table, family_table, 
 TITLE = "When does PEFT beat in-context learning? Results report"
 
 
-def report_tables(runs: pd.DataFrame, metric: str = "accuracy") -> list[Table]:
+def report_tables(runs: pd.DataFrame, metric: str = "accuracy", mixed: list[dict] | None = None) -> list[Table]:
+    """Every table of the report; ``mixed``: the store's ``mixed_runs`` rows (issue 16; none, no section)."""
     variants = runs
     runs = default_runs(runs)  # demonstration variants (order, label noise, balanced) only in their own sections
     tables = [summary_table(runs, metric), task_table(runs, metric), cost_table(runs), break_even_table(runs),
               family_table(runs, metric)]
-    # only when the store holds such runs: a k-curve, runs with calibration, demonstration variants (issue 15)
+    # only when the store holds such runs: a k-curve, runs with calibration, demonstration variants (issue 15),
+    # mixed-task serving (issue 16)
     return (tables + [t for t in (k_curve_table(runs, metric), calibration_table(runs)) if t is not None]
-            + variant_tables(variants, metric))
+            + variant_tables(variants, metric)
+            + [t for t in (mixed_table(mixed or [], runs["method"].unique()),) if t is not None])
 
 
 def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[PlotResult, str | None]]:
@@ -40,11 +44,11 @@ def _plot_lines(plots: list[PlotResult] | None, out_dir: Path) -> list[tuple[Plo
 
 
 def render_markdown(runs: pd.DataFrame, n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
-                    metric: str = "accuracy") -> str:
+                    metric: str = "accuracy", mixed: list[dict] | None = None) -> str:
     parts = [f"# {TITLE}\n", f"Finished runs: {len(runs)} ({n_excluded} other runs left out: unfinished, "
              "random-init models, other tasks, or superseded by a later run of the same experiment).\n",
              "\n".join(f"- {line}" for line in settings_lines(runs)) + "\n"]
-    parts += [to_markdown(t) for t in report_tables(runs, metric)]
+    parts += [to_markdown(t) for t in report_tables(runs, metric, mixed)]
     if plots is not None:
         lines = ["## Figures", ""]
         for p, png in _plot_lines(plots, out_dir):
@@ -60,7 +64,7 @@ def render_markdown(runs: pd.DataFrame, n_excluded: int, plots: list[PlotResult]
 
 
 def render_latex(runs: pd.DataFrame, n_excluded: int, plots: list[PlotResult] | None, out_dir: Path,
-                 metric: str = "accuracy") -> str:
+                 metric: str = "accuracy", mixed: list[dict] | None = None) -> str:
     lines = [
         r"\documentclass[10pt]{article}",
         r"\usepackage[margin=2cm,landscape]{geometry}",
@@ -76,7 +80,7 @@ def render_latex(runs: pd.DataFrame, n_excluded: int, plots: list[PlotResult] | 
         *[rf"\item {latex_escape(line)}" for line in settings_lines(runs)],
         r"\end{itemize}",
     ]
-    for t in report_tables(runs, metric):
+    for t in report_tables(runs, metric, mixed):
         lines.append(to_latex(t).rstrip("\n"))
     for p, png in _plot_lines(plots, out_dir):
         pdf = png[: -len(".png")] + ".pdf" if png else None
