@@ -15,7 +15,7 @@ statistic differently, and decays weights by ``1 - lr * weight_decay``. Its seco
 ``beta2_t = 1 - t**-0.8``.
 
 ``transformers.optimization.Adafactor`` loops over parameters in Python and launches ~20-30 small CUDA kernels per
-parameter per step; with (IA)^3 on a 30-layer model (90 tiny 1-D vectors) the training step is host-bound. This
+parameter per step; with many small parameters the training step is host-bound. This
 class computes the same update for T-Few's configuration (``relative_step=False, warmup_init=False, beta1=None``,
 ``scale_parameter`` either way), but the unfactored (< 2-D) parameters of a group that share device, dtype and
 step count are updated together: laid end to end in flat buffers (their ``exp_avg_sq`` states are views of one),
@@ -23,7 +23,11 @@ with per-parameter RMS from one ``torch._foreach_norm`` and the result written b
 The number of ops of one step does not depend on how many such parameters there are (18 ops, 20 for 16-bit
 parameters; ``scale_parameter=True`` adds 8 for the parameters' RMS, 11 with weight decay: counted in
 ``tests/test_optim.py``). Factored
-(>= 2-D) parameters, few in PEFT, keep a per-tensor loop (HF's ops minus the unused ones).
+(>= 2-D) parameters keep a per-tensor loop (HF's ops minus the unused ones). Note that peft stores (IA)^3's
+vectors as 2-D (``[d_out, 1]`` for keys/values, ``[1, d_in]`` for the feed-forward), so HF, T-Few's setting and
+this class all factor them (the factored estimate of a ``[d, 1]`` tensor equals the unfactored one up to
+rounding): the 90 vectors of SmolLM2-135M take the per-tensor loop, not the flat buffers. Treating them as 1-D
+would save launches but change the numbers at rounding level, and with them every stored (IA)^3 result.
 
 The numerics follow HF op for op: float32 compute and moments for 16-bit parameters, ``beta2t = 1 -
 step**decay_rate``, a second moment of ``grad**2 + eps[0]`` (factored into row/column means for >= 2-D
