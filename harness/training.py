@@ -2,7 +2,8 @@
 
 Every step samples a batch of training examples (shuffled epochs, seeded), renders each with a random template
 (or ``settings["train_template"]``), scores every answer choice with :func:`choice_logprobs` (the same tokens as
-evaluation, via :func:`harness.scoring.encode_pair`) and minimises the sum of the chosen losses:
+evaluation, via :func:`harness.scoring.encode_pair`) and minimises the sum of the chosen losses (both in
+:mod:`harness.losses`, re-exported here):
 
 - ``lm`` L_LM: cross-entropy of the correct choice's tokens, averaged over all of them in the batch;
 - ``ul`` L_UL: unlikelihood of the wrong choices' tokens, ``-log(1 - p + 0.01)``, averaged over all of them;
@@ -27,15 +28,15 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import costs
-from harness.compat import is_prompt_learning, peft_legacy_calls
 from harness.master_weights import MasterWeights
 from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
+from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # noqa: F401  (re-exported)
+                            length_normalized_loss, lm_loss, training_forward, unlikelihood_loss)
 from harness.methods.base import Overhead
 from harness.scoring import encode_pair
 
@@ -48,155 +49,6 @@ class TrainingDiverged(HarnessError):
     def __init__(self, step: int, loss: float, what: str = "loss"):
         super().__init__(f"training diverged at step {step}: {what} is {loss}; try a lower --lr")
         self.step, self.loss = step, loss
-
-
-# --------------------------------------------------------------------------------------------- losses
-# token_logprobs [B, C, T]: log p of each continuation token of each choice (0 where masked);
-# token_mask [B, C, T] bool: real tokens (a choice that does not exist has no tokens); labels [B] long.
-
-def lm_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_LM: mean negative log-likelihood over every token of the correct choices of the batch."""
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    lp = token_logprobs[rows, labels]  # [B, T]
-    m = token_mask[rows, labels].to(lp.dtype)  # [B, T]
-    return -(lp * m).sum() / m.sum().clamp(min=1)
-
-
-def unlikelihood_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
-                      eps: float = 1e-2) -> torch.Tensor:
-    """L_UL: ``-log(1 - p(token) + eps)`` averaged over every token of every wrong choice of the batch
-    (T-Few's ``eps = 0.01`` keeps the log finite as p -> 1)."""
-    wrong = token_mask.clone()  # [B, C, T]
-    wrong[torch.arange(labels.shape[0], device=labels.device), labels] = False
-    w = wrong.to(token_logprobs.dtype)
-    term = -torch.log((1.0 + eps) - token_logprobs.exp())  # [B, C, T]
-    return (term * w).sum() / w.sum().clamp(min=1)
-
-
-def length_normalized_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
-    """L_LN: cross-entropy of ``softmax_c(mean_t log p)`` with the label, averaged over the batch."""
-    m = token_mask.to(token_logprobs.dtype)
-    n = m.sum(-1)  # [B, C]
-    scores = (token_logprobs * m).sum(-1) / n.clamp(min=1)  # [B, C]
-    scores = scores.masked_fill(n == 0, float("-inf"))
-    return F.cross_entropy(scores, labels)
-
-
-LOSS_FUNCTIONS = {"lm": lm_loss, "ul": unlikelihood_loss, "ln": length_normalized_loss}
-
-
-# --------------------------------------------------------------------------------------------- scoring
-
-@dataclasses.dataclass
-class ChoiceLogprobs:
-    token_logprobs: torch.Tensor  # [B, C, T] float32, differentiable
-    token_mask: torch.Tensor  # [B, C, T] bool
-    labels: torch.Tensor  # [B] long
-    work: Work  # tokens processed (virtual tokens included), no padding
-    rows: int  # forward rows (one per choice)
-
-
-def training_forward(model, **kwargs):
-    """The model call of every training forward (:func:`choice_logprobs`, and ``benchmarks/train_throughput.py``'s
-    synthetic kinds): ``use_cache=False``, so no KV-cache object enters the decoder layers.
-
-    With a cache (transformers' default in training mode too), a compiled block's graph is guarded on its layer's
-    cache entry (``cache.layers[i]``): dynamo traces one graph per layer, and past 8 layers the blocks hit its
-    recompile limit and run eagerly (issue 14; ``tests/test_compile_recompiles.py``). Without one, every block
-    reuses the same graph for every sequence length.
-    """
-    with peft_legacy_calls(is_prompt_learning(model)):  # peft's prefix tuning passes its prefix as past_key_values=
-        return model(**kwargs, use_cache=False)
-
-
-def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
-                    dims: ModelDims | None = None, overhead: Overhead | None = None,
-                    encode=None, logit_index: bool = False) -> ChoiceLogprobs:
-    """Differentiable per-token log-probabilities of every choice of every prompt given its context.
-
-    One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair` (the pairs of
-    :meth:`harness.templates.Prompt.pairs`, so partial scoring trains as it is scored), padded to a batch
-    (left-padded with explicit position ids; right-padded when ``right_pad``, for peft prompt learning, which
-    drops position ids); logits only from the first position that predicts a continuation token. A context is
-    cut from the left when a row exceeds ``max_length``. ``encode(context, choice)`` replaces
-    ``encode_pair(tokenizer, context, choice)`` (training passes a memo of it: a few-shot set has few prompts).
-    ``logit_index`` (right padding of a model without virtual tokens): logits only at the positions some row
-    scores, passed to the model as a tensor of indices, instead of every position from the first one needed.
-    """
-    overhead = overhead or Overhead()
-    encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
-    from harness.models import is_seq2seq
-
-    if is_seq2seq(model):  # T5 family (issue 17): the encoder reads the context, the decoder the choice
-        from harness.seq2seq import train_choice_logprobs
-
-        return ChoiceLogprobs(*train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhead))
-    windows = dims.windows if dims is not None else ()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = []  # (example, choice, context ids, continuation ids)
-    for b, p in enumerate(prompts):
-        if p.label < 0:
-            raise HarnessError(f"training example {p.example_id!r} has no label")
-        for c, (context, choice) in enumerate(p.pairs()):  # partial scoring: a context per choice
-            ctx, cont = encode(context, choice)
-            if not cont:
-                raise HarnessError(f"example {p.example_id!r}: choice {choice!r} encodes to no tokens")
-            if max_length is not None and len(ctx) + len(cont) > max_length:
-                ctx = ctx[-max(max_length - len(cont), 1):]
-            rows.append((b, c, ctx, cont))
-    R = len(rows)
-    W = max(len(ctx) + len(cont) for _, _, ctx, cont in rows)
-    ids_rows, mask_rows = [], []  # [R][W] each, built on the host and copied once
-    first = []  # per row: absolute position whose logits predict the first continuation token
-    work = Work()
-    for _, _, ctx, cont in rows:
-        seq = ctx + cont
-        pad = W - len(seq)
-        off = 0 if right_pad else pad
-        ids_rows.append(seq + [pad_id] * pad if right_pad else [pad_id] * pad + seq)
-        mask_rows.append([1] * len(seq) + [0] * pad if right_pad else [0] * pad + [1] * len(seq))
-        first.append(off + len(ctx) - 1)
-        work.add_tokens(overhead.virtual_tokens + len(seq), overhead.prefix_keys, windows)
-        work.logit_positions += len(cont)
-    if logit_index:  # the union of the scored positions
-        needed = sorted({first[r] + j for r, (*_, cont) in enumerate(rows) for j in range(len(cont))})
-        column = {position: i for i, position in enumerate(needed)}
-        keep = torch.tensor(needed, dtype=torch.long).to(device)  # [U]
-    else:
-        keep = W - min(first)
-        column = {position: position - (W - keep) for position in range(W - keep, W)}
-    ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
-    mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "logits_to_keep": keep}
-    if not right_pad:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    logits = training_forward(model, **kwargs).logits  # [R, U, V]: U kept positions
-    if not logit_index:
-        logits = logits[:, -keep:]
-    T = max(len(cont) for *_, cont in rows)
-    pos_rows, tgt_rows, valid_rows = [], [], []  # [R][T] each
-    for r, (_, _, _, cont) in enumerate(rows):
-        n = len(cont)
-        pos_rows.append([column[first[r] + j] for j in range(n)] + [0] * (T - n))
-        tgt_rows.append(cont + [0] * (T - n))
-        valid_rows.append([True] * n + [False] * (T - n))
-    pos = torch.tensor(pos_rows, dtype=torch.long).to(device)  # [R, T]
-    tgt = torch.tensor(tgt_rows, dtype=torch.long).to(device)  # [R, T]
-    valid = torch.tensor(valid_rows, dtype=torch.bool).to(device)  # [R, T]
-    picked = logits.gather(1, pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
-    lp = torch.log_softmax(picked.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [R, T]
-    lp = lp * valid
-    B, C = len(prompts), max(len(p.choices) for p in prompts)
-    token_logprobs = lp.new_zeros((B, C, T))
-    token_mask = torch.zeros((B, C, T), dtype=torch.bool, device=device)
-    bi = torch.tensor([b for b, *_ in rows], device=device)
-    ci = torch.tensor([c for _, c, *_ in rows], device=device)
-    token_logprobs = token_logprobs.index_put((bi, ci), lp)
-    token_mask[bi, ci] = valid
-    labels = torch.tensor([p.label for p in prompts], dtype=torch.long, device=device)
-    return ChoiceLogprobs(token_logprobs, token_mask, labels, work, R)
 
 
 # --------------------------------------------------------------------------------------------- training
