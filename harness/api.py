@@ -29,7 +29,7 @@ from harness.master_weights import LOW_PRECISION
 from harness.methods import get_method, training_settings
 from harness.models import (DEFAULT_MODEL, LoadedModel, check_model_name, check_quantize, load_model,
                             resolve_device_dtype)
-from harness.scoring import gpu_share
+from harness.batching import gpu_share
 from harness.spec import RunSpec, get_preset
 from harness.store import RunResult, Store
 from harness.tasks import Task, load_task

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harness.jobs import failed_results
-from harness.scoring import GPU_SHARE_ENV, gpu_share
+from harness.batching import GPU_SHARE_ENV, gpu_share
 from harness.spec import RunSpec
 from harness.store import RunResult
 
@@ -40,7 +40,7 @@ def _train_group(specs: list[RunSpec], data_dir, artifacts_dir: Path, batch_size
 
 
 def _set_gpu_share(share: int) -> None:
-    """Worker initializer: this worker shares the GPU with ``share`` processes (:func:`harness.scoring.gpu_share`)."""
+    """Worker initializer: this worker shares the GPU with ``share`` processes (:func:`harness.batching.gpu_share`)."""
     os.environ[GPU_SHARE_ENV] = str(share)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +39,7 @@ from harness.compat import cache_kwargs, is_prompt_learning, output_cache, peft_
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.kvcache import PrefixCache
+from harness.batching import GPU_SHARE_ENV, gpu_share, plan_batches, token_budget  # noqa: F401  (re-exported)
 from harness.choice import argmax_first  # noqa: F401  (re-exported: callers import it from here)
 from harness.store import ExampleScore
 from harness.templates import Prompt
@@ -94,57 +94,7 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-# --------------------------------------------------------------------------------------------- micro-batches
-
-GPU_SHARE_ENV = "HARNESS_GPU_SHARE"  # processes sharing one GPU (set by `--workers N` in its workers)
-
-
-def gpu_share() -> int:
-    """How many processes share this GPU: ``$HARNESS_GPU_SHARE`` (a positive integer), else 1."""
-    text = os.environ.get(GPU_SHARE_ENV, "").strip()
-    if not text:
-        return 1
-    if not text.isdigit() or int(text) < 1:
-        raise HarnessError(f"{GPU_SHARE_ENV} must be a positive integer (processes sharing one GPU), got {text!r}")
-    return int(text)
-
-
-def token_budget(model, dims: ModelDims, device: torch.device, fraction: float = 0.25) -> int | None:
-    """Padded tokens per micro-batch on CUDA: ``fraction`` of the free memory, divided among the processes that
-    share the GPU (:func:`gpu_share`), over the activation bytes of one token in one layer (hidden states,
-    attention projections, MLP), clamped to [2048, 65536]; None on the CPU. Without the division every process of
-    ``--workers N`` (or of jobs side by side) sized its batches to a quarter of the memory free when it looked:
-    nine Gemma 3 processes on one H200 ran it out (docs/benchmarks.md (d), round 6)."""
-    if device.type != "cuda":
-        return None
-    fraction /= gpu_share()
-    cfg = getattr(model.config, "text_config", model.config)
-    inter = getattr(cfg, "intermediate_size", None) or 4 * dims.d_model
-    elem = next(model.parameters()).element_size()
-    per_token = elem * (8 * dims.d_model + 4 * inter) + 4 * 2 * dims.d_model  # + float32 norms/residual
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(65536, max(2048, fraction * free // per_token)))
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int, budget: int | None,
-                 min_fill: float = 0.8) -> list[list[int]]:
-    """Indices sorted by length (longest first) cut into micro-batches: ``batch_size`` rows each without a budget;
-    with one, as many rows as keep rows x longest row within ``budget`` tokens (at least ``batch_size``), and a
-    new batch once a row would be padded by more than ``1 - min_fill`` of the batch's width."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        cur = batches[-1] if batches else None
-        if cur is not None:
-            width = lengths[cur[0]]  # longest first: the first row sets the width
-            fits = len(cur) < batch_size or (budget is not None and (len(cur) + 1) * width <= budget
-                                             and lengths[i] >= min_fill * width)
-            if fits:
-                cur.append(i)
-                continue
-        batches.append([i])
-    return batches
-
+# --------------------------------------------------------------------------------------------- padding
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids, mask [B, L] with each sequence right-aligned (left padding)."""

@@ -12,7 +12,7 @@ import torch
 
 from harness.costs import ModelDims
 from harness.errors import HarnessError
-from harness.scoring import GPU_SHARE_ENV, gpu_share, token_budget
+from harness.batching import GPU_SHARE_ENV, gpu_share, token_budget
 
 
 class _Config:
