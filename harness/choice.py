@@ -28,3 +28,8 @@ def argmax_first(values: Sequence[float], example_id: str | None = None) -> int:
         if v > best:
             best, best_i = v, i
     return best_i
+
+
+def norm_char_scores(logprobs: list[float], n_chars: list[int]) -> list[float]:
+    """``logprob / n_chars`` per choice (an empty choice counts as one character, as per token)."""
+    return [lp / max(n, 1) for lp, n in zip(logprobs, n_chars)]
