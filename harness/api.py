@@ -309,7 +309,8 @@ def run(
     if executor is None:
         executor = LocalProcessExecutor(workers, pack)
     elif workers != 1 or pack != 1:
-        raise HarnessError("give either workers/pack or an executor (the local executor takes them itself)")
+        raise HarnessError("give either workers or an executor, not both (workers and pack go to the local "
+                           "executor, which takes them itself)")
     if loader is not None and not executor.accepts_loader:
         what = ("workers > 1 load models in their own processes" if executor.name == "local"
                 else f"the {executor.name} executor loads models in its workers")
