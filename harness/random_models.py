@@ -99,7 +99,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def cut_tokenizer(source: Path, vocab: int) -> Path:
     """SmolLM2's byte-level BPE cut to its first ``vocab`` tokens (for random T5 models; module docstring)."""
-    from harness.models import cache_dir
+    from harness.model_files import cache_dir
 
     kept = cache_dir() / "tokenizers" / f"{TOKENIZER_NAME}-{vocab}"
     if _has_tokenizer(kept):
@@ -131,14 +131,14 @@ def tokenizer_folder(name: str) -> Path:
             return own
     if name != TOKENIZER_NAME and getattr(load_config(name), "is_encoder_decoder", False):
         return cut_tokenizer(tokenizer_folder(TOKENIZER_NAME), T5_VOCAB)
-    from harness.models import cache_dir
+    from harness.model_files import cache_dir
 
     kept = cache_dir() / "tokenizers" / TOKENIZER_NAME
     if _has_tokenizer(kept):
         return kept
     from transformers import AutoTokenizer
 
-    from harness.models import model_source
+    from harness.model_files import model_source
 
     source, _ = model_source(TOKENIZER_NAME)  # converts the embedded GGUF once
     tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
