@@ -212,6 +212,12 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
       [ -f "$STORE" ] && echo "resuming $STORE"
       IFS=';' read -ra jobs <<< "$jobs_text"
       pids=(); start=$SECONDS; i=0
+      monitor=""  # the GPU's memory in use every 5 s (how many processes fit: $OUT/<stage>_gpumem.csv)
+      if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 5 \
+          > "$OUT/${stage}_gpumem.csv" 2>&1 &
+        monitor=$!
+      fi
       for job in "${jobs[@]}"; do
         log="$OUT/${stage}_job$i.log"
         echo "job $i: harness run $job (log $log)"
@@ -233,6 +239,8 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         fi
         sleep 2
       done
+      [ -n "$monitor" ] && kill "$monitor" 2>/dev/null && [ -s "$OUT/${stage}_gpumem.csv" ] &&
+        echo "GPU memory in use at most: $(cut -d, -f2 "$OUT/${stage}_gpumem.csv" | sort -n | tail -1)"
       i=0
       for p in "${pids[@]}"; do
         wait "$p"; echo "job $i: rc $? after $((SECONDS - start)) s"
