@@ -7,6 +7,7 @@ of :mod:`harness.packed` and FishMask's Fisher pass share them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -78,6 +79,27 @@ def training_forward(model, **kwargs):
         return model(**kwargs, use_cache=False)
 
 
+@contextlib.contextmanager
+def _head_on_positions(model, pos: torch.Tensor):
+    """While open, the output embedding (LM head) of ``model`` sees only the hidden states at ``pos`` [R, T] of
+    each row: its input [R, W, d] becomes [R, T, d] (gathered, differentiable), so the logits are [R, T, V]. What
+    the model does after the head (e.g. logit soft-capping) is elementwise and unchanged."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise HarnessError(f"{type(model).__name__} has no output embedding to score positions with")
+
+    def gather(module, args):
+        hidden = args[0]  # [R, W, d]
+        index = pos.unsqueeze(-1).expand(*pos.shape, hidden.shape[-1])  # [R, T, d]
+        return (hidden.gather(1, index), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
                     dims: ModelDims | None = None, overhead: Overhead | None = None,
                     encode=None, logit_index: bool = False) -> ChoiceLogprobs:
@@ -89,8 +111,11 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     drops position ids); logits only from the first position that predicts a continuation token. A context is
     cut from the left when a row exceeds ``max_length``. ``encode(context, choice)`` replaces
     ``encode_pair(tokenizer, context, choice)`` (training passes a memo of it: a few-shot set has few prompts).
-    ``logit_index`` (right padding of a model without virtual tokens): logits only at the positions some row
-    scores, passed to the model as a tensor of indices, instead of every position from the first one needed.
+    ``logit_index`` (right padding of a model without virtual tokens): logits only at each row's own scored
+    positions: a pre-hook on the output embedding gathers those hidden states ``[R, T, d]`` before the head, so the
+    logits are ``[R, T, V]`` (:func:`_head_on_positions`). A shared index of every row's positions would give each
+    row the union ``[R, U, V]``, quadratic in the rows: 85 GB for a pack of five Gemma 3 groups on cb (V = 262,144;
+    docs/benchmarks.md (d), round 7).
     """
     overhead = overhead or Overhead()
     encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
@@ -128,32 +153,31 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
         first.append(off + len(ctx) - 1)
         work.add_tokens(overhead.virtual_tokens + len(seq), overhead.prefix_keys, windows)
         work.logit_positions += len(cont)
-    if logit_index:  # the union of the scored positions
-        needed = sorted({first[r] + j for r, (*_, cont) in enumerate(rows) for j in range(len(cont))})
-        column = {position: i for i, position in enumerate(needed)}
-        keep = torch.tensor(needed, dtype=torch.long).to(device)  # [U]
-    else:
-        keep = W - min(first)
-        column = {position: position - (W - keep) for position in range(W - keep, W)}
-    ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
-    mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "logits_to_keep": keep}
-    if not right_pad:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    logits = training_forward(model, **kwargs).logits  # [R, U, V]: U kept positions
-    if not logit_index:
-        logits = logits[:, -keep:]
     T = max(len(cont) for *_, cont in rows)
+    keep = 0 if logit_index else W - min(first)  # 0: every position reaches the head's pre-hook, which gathers
     pos_rows, tgt_rows, valid_rows = [], [], []  # [R][T] each
     for r, (_, _, _, cont) in enumerate(rows):
         n = len(cont)
-        pos_rows.append([column[first[r] + j] for j in range(n)] + [0] * (T - n))
+        if logit_index:  # absolute positions (padding slots repeat the row's first position; masked below)
+            pos_rows.append([first[r] + j for j in range(n)] + [first[r]] * (T - n))
+        else:  # columns of the kept tail
+            pos_rows.append([first[r] + j - (W - keep) for j in range(n)] + [0] * (T - n))
         tgt_rows.append(cont + [0] * (T - n))
         valid_rows.append([True] * n + [False] * (T - n))
     pos = torch.tensor(pos_rows, dtype=torch.long).to(device)  # [R, T]
     tgt = torch.tensor(tgt_rows, dtype=torch.long).to(device)  # [R, T]
     valid = torch.tensor(valid_rows, dtype=torch.bool).to(device)  # [R, T]
-    picked = logits.gather(1, pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
+    ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
+    mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "logits_to_keep": keep}
+    if not right_pad:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if logit_index:
+        with _head_on_positions(model, pos):
+            picked = training_forward(model, **kwargs).logits  # [R, T, V]
+    else:
+        logits = training_forward(model, **kwargs).logits[:, -keep:]  # [R, keep, V]
+        picked = logits.gather(1, pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
     lp = torch.log_softmax(picked.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [R, T]
     lp = lp * valid
     B, C = len(prompts), max(len(p.choices) for p in prompts)

@@ -73,10 +73,12 @@ def run(tiny, how: str, path: str, warmup: int = 2, steps: int = 3) -> tuple[lis
     seen, losses = [], []
     try:
         for step in range(warmup + steps):
-            if path == "choices":  # train()'s forward and loss
+            if path.startswith("choices"):  # train()'s forward and loss ("choices-right": CUDA's right padding,
+                right = path == "choices-right"  # the LM head on each row's own positions through a pre-hook)
+
                 def backward():
                     return _forward_backward(forward_model, tokenizer, prompts(step), 2, settings, dims, overhead,
-                                             False, encode)
+                                             right, encode, logit_index=right)
             else:  # the benchmark's synthetic step: causal-LM loss on random tokens
                 x = torch.randint(0, 1000, (2, 6 + 5 * step), generator=gen)
 
@@ -95,7 +97,8 @@ def run(tiny, how: str, path: str, warmup: int = 2, steps: int = 3) -> tuple[lis
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how, path", [("on", "choices"), ("on", "lm"), ("model", "choices")])
+@pytest.mark.parametrize("how, path", [("on", "choices"), ("on", "lm"), ("model", "choices"),
+                                       ("model", "choices-right")])
 def test_compiled_step_does_not_recompile_after_warmup(tiny, how, path):
     warmup = 2
     seen, losses = run(tiny, how, path, warmup=warmup)

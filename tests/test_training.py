@@ -97,6 +97,27 @@ def test_right_padding_and_indexed_logits_change_no_logprob(tiny, smollm, cb):
             torch.testing.assert_close(padded.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def test_indexed_logits_give_the_same_gradients_and_only_scored_positions_reach_the_head(tiny, smollm, cb):
+    # right padding's logit_index: the head sees [R, T, d] (each row's own positions), not [R, W, d] or the union
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
+    grads, shapes = [], []
+    head = tiny.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        for right_pad, logit_index in ((False, False), (True, True)):
+            tiny.zero_grad()
+            out = choice_logprobs(tiny, smollm.tokenizer, prompts, right_pad=right_pad, logit_index=logit_index)
+            (out.token_logprobs * out.token_mask).sum().backward()
+            grads.append(head.weight.grad.clone())
+    finally:
+        handle.remove()
+        tiny.zero_grad()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    rows, longest = out.rows, int(out.token_mask.sum(-1).max())
+    assert shapes[1] == (rows, longest, head.weight.shape[0])
+    assert not head._forward_pre_hooks  # the gather is removed after the forward
+
+
 def test_right_padding_gives_the_same_logprobs(smollm, cb):
     template = cb.template("gpt3_style")
     prompts = [cb.render(template, ex) for ex in SHORT_CB]
