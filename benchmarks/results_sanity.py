@@ -32,41 +32,46 @@ def main(path: str) -> None:
 
     print("\nConstant predictors: per cell, the runs whose most frequent prediction (metric accuracy) covers at least "
           "95% of the examples, and the median over runs of the most frequent prediction's share:\n")
-    print("| Task | Method | Runs | Runs >= 95% one class | Median top-prediction share |\n|:---|:---|---:|---:|---:|")
-    cells = db.execute("SELECT DISTINCT task, method FROM runs WHERE status = 'finished' ORDER BY task, method")
-    for task, method in cells.fetchall():
+    print("| Task | Model | Method | Runs | Runs >= 95% one class | Median top-prediction share |\n"
+          "|:---|:---|:---|---:|---:|---:|")
+    cells = db.execute("SELECT DISTINCT task, model, method FROM runs WHERE status = 'finished' "
+                       "ORDER BY task, model, method")
+    for task, model, method in cells.fetchall():
         shares = []
-        for (run_id,) in db.execute("SELECT run_id FROM runs WHERE task = ? AND method = ? AND status = 'finished'",
-                                    (task, method)).fetchall():
+        for (run_id,) in db.execute("SELECT run_id FROM runs WHERE task = ? AND model = ? AND method = ? "
+                                    "AND status = 'finished'", (task, model, method)).fetchall():
             counts = collections.Counter(column(run_id, "prediction"))
             shares.append(max(counts.values()) / sum(counts.values()))
-        print(f"| {task} | {method} | {len(shares)} | {sum(s >= 0.95 for s in shares)} | "
+        print(f"| {task} | {model} | {method} | {len(shares)} | {sum(s >= 0.95 for s in shares)} | "
               f"{100 * statistics.median(shares):.0f}% |")
 
     print("\nTraining: the first and last logged loss of every trained group (one adapter per task, method and seed; "
           "range over the seeds) and its training seconds (wall, 10 trainings side by side on the GPU):\n")
-    print("| Task | Method | Groups | Steps | Loss first | Loss last | Train seconds |\n"
-          "|:---|:---|---:|---:|:---|:---|:---|")
+    print("| Task | Model | Method | Groups | Steps | Loss first | Loss last | Train seconds |\n"
+          "|:---|:---|:---|---:|---:|:---|:---|:---|")
     groups: dict[tuple, dict] = collections.defaultdict(dict)
-    for task, method, extra, seconds in db.execute(
-            "SELECT task, method, extra_json, train_seconds FROM runs WHERE status = 'finished' AND train_seconds > 0"):
+    for task, model, method, extra, seconds in db.execute(
+            "SELECT task, model, method, extra_json, train_seconds FROM runs WHERE status = 'finished' "
+            "AND train_seconds > 0"):
         e = json.loads(extra or "{}")
-        groups[(task, method)][e.get("group")] = (e.get("steps"), e.get("loss_first"), e.get("loss_last"), seconds)
+        groups[(task, model, method)][e.get("group")] = (e.get("steps"), e.get("loss_first"), e.get("loss_last"), seconds)
 
     def span(values: list) -> str:
         return f"{min(values):.2f} to {max(values):.2f}" if values else "-"
 
-    for (task, method), g in sorted(groups.items()):
+    for (task, model, method), g in sorted(groups.items()):
         vals = list(g.values())
-        print(f"| {task} | {method} | {len(vals)} | {', '.join(sorted({str(v[0]) for v in vals}))} | "
+        print(f"| {task} | {model} | {method} | {len(vals)} | {', '.join(sorted({str(v[0]) for v in vals}))} | "
               f"{span([v[1] for v in vals if v[1] is not None])} | {span([v[2] for v in vals if v[2] is not None])} | "
               f"{min(v[3] for v in vals):.0f} to {max(v[3] for v in vals):.0f} |")
 
-    bad = db.execute("SELECT task, method, status, COUNT(*), substr(error, 1, 300) FROM runs "
-                     "WHERE status != 'finished' GROUP BY task, method, status, error ORDER BY task, method").fetchall()
-    total = sum(r[3] for r in bad)
+    bad = db.execute("SELECT task, model, method, status, COUNT(*), substr(error, 1, 300) FROM runs "
+                     "WHERE status != 'finished' GROUP BY task, model, method, status, error "
+                     "ORDER BY task, model, method").fetchall()
+    total = sum(r[4] for r in bad)
     print(f"\nRuns not finished (left out of every table above): {total}."
-          + "".join(f"\n- {task} {method}: {n} run(s) {status}: {error}" for task, method, status, n, error in bad))
+          + "".join(f"\n- {task} {model} {method}: {n} run(s) {status}: {error}"
+                    for task, model, method, status, n, error in bad))
     commits = sorted(str(r[0]) for r in db.execute("SELECT DISTINCT json_extract(env_json, '$.git_commit') FROM runs"))
     envs = db.execute("SELECT DISTINCT json_extract(env_json, '$.gpu'), json_extract(env_json, '$.python'), "
                       "json_extract(env_json, '$.packages') FROM runs").fetchall()
