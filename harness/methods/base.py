@@ -228,7 +228,15 @@ class Overhead:
     - ``train_per_token``: training-only FLOPs per processed token, for a method that runs unmerged only while
       training (intrinsic SAID's rank-1 hooks; merged for inference, so not in ``per_token``);
     - ``train_per_forward``: training-only FLOPs per forward call, independent of its rows and tokens (intrinsic
-      SAID's Fastfood projections, computed once per forward).
+      SAID's Fastfood projections, computed once per forward);
+    - ``per_forward``: forward FLOPs of input-independent work the method redoes on every forward call, in
+      evaluation and training alike (DoRA's ``B A`` and weight norm, OFT's Cayley-Neumann rotations, Compacter's
+      PHM weights, p-tuning's prompt encoder); matmuls and elementwise ops, as ``per_token``;
+    - ``per_forward_backward``: the training backward's FLOPs for that work per forward call: ``2 per_forward``
+      where it is differentiated (the usual backward = 2 x forward), less where peft detaches it (DoRA's norm).
+
+    :func:`train_overhead_flops` turns it into training FLOPs; :func:`harness.peft_runner.eval_overhead_flops`
+    into evaluation FLOPs.
     """
 
     per_token: int = 0
@@ -237,6 +245,17 @@ class Overhead:
     prefix_keys: int = 0
     train_per_token: int = 0
     train_per_forward: int = 0
+    per_forward: int = 0
+    per_forward_backward: int = 0
+
+
+def train_overhead_flops(overhead: Overhead, tokens: int, rows: int, forwards: int) -> int:
+    """A method's own training FLOPs over ``tokens`` processed tokens, ``rows`` forward rows and ``forwards``
+    forward calls: forward + backward (3x the forward) of its per-token, per-row and training-only per-forward
+    work, plus its per-call work forward (``per_forward``) and backward (``per_forward_backward``)."""
+    return (3 * ((overhead.per_token + overhead.train_per_token) * tokens + overhead.train_per_row * rows
+                 + overhead.train_per_forward * forwards)
+            + (overhead.per_forward + overhead.per_forward_backward) * forwards)
 
 
 def linear_layers(model):
