@@ -48,7 +48,7 @@ from harness import costs
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
-from harness.methods.base import Overhead
+from harness.methods.base import Overhead, train_overhead_flops
 from harness.scoring import encode_pair
 from harness.packed_optim import clip_per_group, make_sliced_optimizer
 from harness.training import (LOSS_FUNCTIONS, PADDING_CHOICES, TrainingDiverged, TrainStats, _Sampler,
@@ -339,8 +339,7 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
     for s in stats:
         s.steps = len(s.losses)
         s.seconds = seconds / n
-        s.overhead_flops = 3 * ((overhead.per_token + overhead.train_per_token) * s.work.tokens
-                                + overhead.train_per_row * s.rows + overhead.train_per_forward * s.forwards)
+        s.overhead_flops = train_overhead_flops(overhead, s.work.tokens, s.rows, s.forwards, s.work.logit_positions)
         s.peak_memory_bytes = peak
         s.micro_batch, s.grad_accum = micro, accum
     return outcome

@@ -11,15 +11,23 @@ Cost metrics (definitions of the base terms in :mod:`harness.costs`):
 - ``train_flops``: ``costs.train_flops(base dims, training work, trainable params)`` over every processed token
   of every choice row (virtual tokens of prompt tuning/p-tuning included; prefix keys counted as attended keys),
   plus 3x (forward + backward) the method's own FLOPs: unmerged LoRA matmuls, IA3 scalings, and per row the
-  prefix-tuning MLP / p-tuning prompt encoder, per forward call intrinsic SAID's Fastfood projections and per token
-  its rank-1 hooks (training only: merged for inference); plus, for a method with a ``prepare`` step (FishMask's Fisher),
-  ``costs.train_flops(base dims, its work, total params)``: forward + backward with every parameter's gradient;
+  prefix-tuning MLP, per forward call intrinsic SAID's Fastfood projections and per token its rank-1 hooks
+  (training only: merged for inference); plus the per-call work of ``Overhead.per_forward`` once per forward
+  call, with its backward where differentiated (:func:`harness.methods.base.train_overhead_flops`); plus, for a
+  method with a ``prepare`` step (FishMask's Fisher), ``costs.train_flops(base dims, its work, total params)``:
+  forward + backward with every parameter's gradient;
 - ``infer_flops_per_example``: ``forward_flops(base dims, evaluation work) / n_eval`` plus, per example,
   the method's additions to that work: LoRA ``2 r (d_in + d_out)`` per token and adapted layer (scored unmerged);
   IA3 one multiply per scaled element per token; prompt tuning/p-tuning the virtual tokens' own forward once per
   example plus ``4 n_heads head_dim n_layers n_virtual`` per token for attending to them; prefix tuning the
-  latter attention term only. Input-independent reparameterizations (prefix MLP, p-tuning encoder) are not
-  counted at inference (computed once). Sliding-window layers are charged the extra keys as full layers.
+  latter attention term only; and the method's per-call work (``Overhead.per_forward``: DoRA's ``B A`` and
+  weight norm, OFT's rotations, Compacter's PHM weights, p-tuning's prompt encoder while it is not in peft's
+  inference mode) once per forward call, the calls being ``ceil(n_eval / batch size)`` with the batch size of
+  :func:`evaluate` (``--batch-size``, default 8 examples; 1 for methods scored one row at a time). The scorer's
+  real calls can differ (a second call for multi-token choices on the cached path, a CUDA token budget that puts
+  more rows in a call, out-of-memory halving); the figure is the method's cost at that nominal batch, like the
+  rest independent of our batching. Prefix tuning's MLP is not counted at inference (computed once when
+  deployed). Sliding-window layers are charged the extra keys as full layers.
 - ``infer_flops_per_example_uncached``: the same, with the evaluation work of the naive path (every choice row
   on its own, :func:`harness.scoring.uncached_work`), as the ICL runner defines it; a PEFT run has no
   demonstrations, so the difference is only the sharing of a context across its choices.
@@ -73,9 +81,23 @@ def count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
-def eval_overhead_flops(dims: ModelDims, overhead: Overhead, work: Work, n_examples: int) -> int:
-    """The method's FLOPs on top of ``forward_flops(dims, work)`` for an evaluation (see module docstring)."""
+def eval_forwards(n_examples: int, batch_size: int) -> int:
+    """Forward calls charged to an evaluation of ``n_examples`` examples: one per ``batch_size`` examples."""
+    if n_examples <= 0:
+        return 0
+    if batch_size < 1:
+        raise HarnessError(f"evaluation batch size must be >= 1, got {batch_size}")
+    return -(-n_examples // batch_size)
+
+
+def eval_overhead_flops(dims: ModelDims, overhead: Overhead, work: Work, n_examples: int,
+                        batch_size: int | None = None) -> int:
+    """The method's FLOPs on top of ``forward_flops(dims, work)`` for an evaluation (see module docstring).
+    ``batch_size``: examples per forward call, for ``overhead.per_forward`` (None: per-call work left out, the
+    figure per row)."""
     extra = overhead.per_token * work.tokens
+    if batch_size is not None:
+        extra += overhead.per_forward * eval_forwards(n_examples, batch_size)
     per_key = 4 * dims.n_heads * dims.head_dim * dims.n_layers  # one more attended key, all layers, one token
     if overhead.virtual_tokens:
         virtual = Work()
@@ -122,11 +144,13 @@ def evaluate(model, tokenizer, info, task, spec: RunSpec, data_dir, dims: ModelD
     template = task.template(spec.template)
     prompts = [task.render(template, ex) for ex in examples]
     use_cache = info.supports_kv_cache and spec.kv_cache
-    out = _score(model, tokenizer, prompts, use_cache, batch_size, progress, one_row=not info.position_ids)
+    one_row = not info.position_ids
+    out = _score(model, tokenizer, prompts, use_cache, batch_size, progress, one_row=one_row)
     n = max(out.n_examples, 1)
-    cached = costs.forward_flops(dims, out.work) + eval_overhead_flops(dims, overhead, out.work, n)
+    per_call = 1 if one_row else batch_size  # examples per forward call, for the method's per-call work
+    cached = costs.forward_flops(dims, out.work) + eval_overhead_flops(dims, overhead, out.work, n, per_call)
     naive_work = uncached_work(out.rows, dims)
-    naive = costs.forward_flops(dims, naive_work) + eval_overhead_flops(dims, overhead, naive_work, n)
+    naive = costs.forward_flops(dims, naive_work) + eval_overhead_flops(dims, overhead, naive_work, n, per_call)
     metrics = metrics_from_examples(out.examples) | {
         "infer_flops_per_example": cached / n,
         "infer_flops_per_example_uncached": naive / n,

@@ -37,7 +37,7 @@ from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # noqa: F401  (re-exported)
                             length_normalized_loss, lm_loss, training_forward, unlikelihood_loss)
-from harness.methods.base import Overhead
+from harness.methods.base import Overhead, train_overhead_flops
 from harness.scoring import encode_pair
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         masters.zero_grad()
     stats.steps = len(stats.losses)
     stats.seconds = time.perf_counter() - start
-    stats.overhead_flops = 3 * ((overhead.per_token + overhead.train_per_token) * stats.work.tokens
-                                + overhead.train_per_row * stats.rows + overhead.train_per_forward * stats.forwards)
+    stats.overhead_flops = train_overhead_flops(overhead, stats.work.tokens, stats.rows, stats.forwards,
+                                                stats.work.logit_positions)
     stats.peak_memory_bytes = costs.peak_memory_bytes(device)
     stats.micro_batch, stats.grad_accum = micro, accum
     return stats

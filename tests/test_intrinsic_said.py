@@ -1,5 +1,6 @@
 """Intrinsic SAID (harness.methods.intrinsic_said): the Fastfood projection is linear, orthonormal where it should
-be and seeded; the method starts at the base model, trains, merges, and reloads to the same scores.
+be and seeded; the method starts at the base model, trains, merges, and reloads to the same scores; so do its
+variants (``update=full``, ``embedding=true``), whose options are validated and whose FLOPs terms follow the shapes.
 
 Units on a tiny random llama (milliseconds); one test on the real SmolLM2-135M (a few seconds on a quiet CPU)."""
 
@@ -164,3 +165,110 @@ def test_bad_arguments_exit_2_before_any_model_loads(tmp_path):
         result = CliRunner().invoke(main, ["run", "--methods", "intrinsic_said", "--method-args", args, "--tasks",
                                            "cb", "--preset", "quick", "--store", str(tmp_path / "s.sqlite")])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+# ------------------------------------------------------------------------------------ variants (issue 13)
+
+VARIANTS = ["update=full", "embedding=true", "update=full,embedding=true"]
+
+
+def _lm_loss(model, ids):
+    logits = model(ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_trains_counts_merges_and_reloads(variant, tmp_path):
+    from harness.methods.artifacts import load_trained, save_trained
+
+    base, settings = _tiny(), _settings(f"intrinsic_dim=300,{variant}")
+    cfg = method_config("intrinsic_said", settings)
+    m = 19 + cfg.embedding  # the tied embedding is one more tensor; lm_head shares it
+    assert len(plan(base, cfg)) == m
+    model = apply_method(copy.deepcopy(base), "intrinsic_said", settings)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"intrinsic_said.theta": 300 - m, "intrinsic_said.lambdas": m}
+    assert trainable_params(base, cfg) == sum(trainable.values()) == 300
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)  # theta = 0: the base model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(4):
+        loss = _lm_loss(model, ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    if cfg.update == "full":  # dense updates are linear in theta: theta moves from the first step
+        assert model.intrinsic_said.theta.abs().max() > 0
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+        assert (trained - base(ids).logits).abs().max() > 1e-3
+    if cfg.embedding:  # the lookup and the tied output projection both see the change
+        with torch.no_grad():
+            emb = model.get_input_embeddings()(ids)
+        assert (emb - base.get_input_embeddings()(ids)).abs().max() > 0
+    merged = copy.deepcopy(model)
+    merge(merged)
+    assert not any(n.startswith("intrinsic_said") for n, _ in merged.named_parameters())
+    assert all(not hasattr(mod, "parametrizations") for mod in merged.modules())
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # still tied, changed once
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trained, atol=1e-5)
+    info = get_method("intrinsic_said")
+    folder = save_trained(model, info, tmp_path / "said")
+    reloaded = load_trained(apply_method(_tiny(), "intrinsic_said", settings), info, folder)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, trained)
+    with pytest.raises(HarnessError, match="trained with update="):
+        load_trained(apply_method(_tiny(), "intrinsic_said", _settings("intrinsic_dim=300")), info, folder)
+
+
+def test_variant_options_are_validated_and_defaults_keep_the_settings():
+    with pytest.raises(HarnessError, match="update must be one of rank1, full"):
+        _settings("update=rank2")
+    with pytest.raises(HarnessError, match="embedding must be true or false"):
+        _settings("embedding=maybe")
+    assert _settings("intrinsic_dim=300,update=rank1,embedding=false") == _settings()  # run ids of stored runs do not move
+    assert "update" not in _settings() and _settings("update=full")["update"] == "full"
+    with pytest.raises(HarnessError, match="add embedding=true"):
+        apply_method(_tiny(), "intrinsic_said", _settings("intrinsic_dim=300,targets=embed_tokens|norm"))
+    model = apply_method(_tiny(), "intrinsic_said", _settings("intrinsic_dim=300,embedding=true,"
+                                                              "targets=embed_tokens|norm"))
+    assert model.intrinsic_said.lambdas.numel() == 2
+
+
+def test_variant_training_flops_formulas():
+    """The Overhead of each variant on the tiny llama (d 16, MLP 32, 1 KV head of 8, vocab 64 tied, 2 layers),
+    from the shapes: 7 matrices + 2 norms per layer, the final norm."""
+    from harness.methods.base import train_overhead_flops
+    from harness.methods.fastfood import fastfood_flops
+
+    base = _tiny()
+    mats = [(16, 16), (8, 16), (8, 16), (16, 16), (32, 16), (32, 16), (16, 32)] * 2  # (out, in)
+    vectors = [16] * 5
+    n_theta = 300 - 19
+    default = method_overhead(base, "intrinsic_said", _settings())
+    sizes = [o + i for o, i in mats] + vectors
+    assert default.train_per_forward == sum(fastfood_flops(512, d) for d in sizes) + sum(vectors)
+    assert default.train_per_token == sum(2 * (o + i) for o, i in mats)
+    full = method_overhead(base, "intrinsic_said", _settings("intrinsic_dim=300,update=full"))
+    lengths = [fastfood_size(n_theta, o * i) for o, i in mats] + [512] * 5
+    numel = sum(o * i for o, i in mats)
+    assert full.train_per_forward == (sum(fastfood_flops(size, o * i) for size, (o, i) in zip(lengths, mats))
+                                      + sum(fastfood_flops(512, d) for d in vectors) + sum(vectors) + 2 * numel)
+    assert (full.train_per_token, full.train_backward_per_token, full.train_backward_per_logit) == (0, 2 * numel, 0)
+    emb = method_overhead(base, "intrinsic_said", _settings("intrinsic_dim=300,embedding=true"))
+    n_theta = 300 - 20
+    assert emb.train_per_token == default.train_per_token + 2 * 16  # the lookup's u[id] v
+    assert emb.train_per_logit == 2 * (64 + 16)  # the tied output projection's rank-1 hook
+    assert emb.train_per_forward == sum(fastfood_flops(512, d) for d in sizes + [64 + 16]) + sum(vectors)
+    both = method_overhead(base, "intrinsic_said", _settings("intrinsic_dim=300,update=full,embedding=true"))
+    assert both.train_backward_per_logit == 2 * 64 * 16 and both.train_backward_per_token == 2 * numel
+    assert both.train_per_forward == (full.train_per_forward + fastfood_flops(fastfood_size(n_theta, 1024), 1024)
+                                      + 2 * 2 * 64 * 16)  # the embedding's projection; re-materialised twice
+    assert train_overhead_flops(both, tokens=10, rows=2, forwards=1, logits=3) == (
+        3 * both.train_per_forward + 10 * 2 * numel + 3 * 2 * 64 * 16)

@@ -73,6 +73,9 @@ class TrainConfig:
 
     ADAFACTOR_SCALE_PARAMETER: ClassVar[bool] = True  # T-Few's Config.py default (prompt tuning's configs: False)
     QUICK_DEFAULTS: ClassVar[dict] = {}
+    # Method arguments added after runs were stored, with their defaults: left out of the settings (so of the run
+    # id and the training group) at those values, so the runs stored before keep their ids and are not redone.
+    LATER_ARGS: ClassVar[dict] = {}
 
     lr: float = 3e-3
     optimizer: str = "adafactor"
@@ -134,9 +137,12 @@ class TrainConfig:
         return cls(**args)
 
     def method_args(self) -> dict:
-        """The method's own arguments (everything except the training defaults)."""
+        """The method's own arguments (everything except the training defaults; :attr:`LATER_ARGS` only where they
+        differ from their defaults)."""
         skip = set(self.training_fields())
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        later = self.LATER_ARGS
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
+                and not (f.name in later and getattr(self, f.name) == later[f.name])}
 
     def training(self) -> dict:
         return {name: getattr(self, name) for name in self.training_fields()}
@@ -228,7 +234,20 @@ class Overhead:
     - ``train_per_token``: training-only FLOPs per processed token, for a method that runs unmerged only while
       training (intrinsic SAID's rank-1 hooks; merged for inference, so not in ``per_token``);
     - ``train_per_forward``: training-only FLOPs per forward call, independent of its rows and tokens (intrinsic
-      SAID's Fastfood projections, computed once per forward).
+      SAID's Fastfood projections, computed once per forward);
+    - ``per_forward``: forward FLOPs of input-independent work the method redoes on every forward call, in
+      evaluation and training alike (DoRA's ``B A`` and weight norm, OFT's Cayley-Neumann rotations, Compacter's
+      PHM weights, p-tuning's prompt encoder); matmuls and elementwise ops, as ``per_token``;
+    - ``per_forward_backward``: the training backward's FLOPs for that work per forward call: ``2 per_forward``
+      where it is differentiated (the usual backward = 2 x forward), less where peft detaches it (DoRA's norm);
+    - ``train_per_logit``: training-only FLOPs per position projected to the vocabulary (intrinsic SAID's rank-1
+      hook on an adapted output projection), forward + backward as ``train_per_token``;
+    - ``train_backward_per_token``, ``train_backward_per_logit``: training-only FLOPs of the backward alone, per
+      token and per projected position (intrinsic SAID's full-rank variant: the dense weight gradients of its
+      re-materialised matrices, which add nothing to the forward).
+
+    :func:`train_overhead_flops` turns it into training FLOPs; :func:`harness.peft_runner.eval_overhead_flops`
+    into evaluation FLOPs.
     """
 
     per_token: int = 0
@@ -237,6 +256,22 @@ class Overhead:
     prefix_keys: int = 0
     train_per_token: int = 0
     train_per_forward: int = 0
+    per_forward: int = 0
+    per_forward_backward: int = 0
+    train_per_logit: int = 0
+    train_backward_per_token: int = 0
+    train_backward_per_logit: int = 0
+
+
+def train_overhead_flops(overhead: Overhead, tokens: int, rows: int, forwards: int, logits: int = 0) -> int:
+    """A method's own training FLOPs over ``tokens`` processed tokens, ``rows`` forward rows, ``forwards`` forward
+    calls and ``logits`` positions projected to the vocabulary: forward + backward (3x the forward) of its
+    per-token, per-row, per-logit and training-only per-forward work, plus its per-call work forward
+    (``per_forward``) and backward (``per_forward_backward``), plus its backward-only work."""
+    return (3 * ((overhead.per_token + overhead.train_per_token) * tokens + overhead.train_per_row * rows
+                 + overhead.train_per_forward * forwards + overhead.train_per_logit * logits)
+            + (overhead.per_forward + overhead.per_forward_backward) * forwards
+            + overhead.train_backward_per_token * tokens + overhead.train_backward_per_logit * logits)
 
 
 def linear_layers(model):

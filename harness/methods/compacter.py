@@ -12,7 +12,8 @@ SmolLM2). The bottleneck width is ``d // reduction`` rounded up to a multiple of
 
 Trainable parameters: ``L * [(n^3 + d + m + m) + (n^3 + m + d + d)]`` (down d->m, up m->d; each n^3 rule, rank-1
 factors ``d_in + d_out``, bias ``d_out``). SmolLM2-135M (L=30, d=576, n=4, m=20): 57,480. Inference overhead:
-``4*d*m`` FLOPs per token per layer (the Kronecker sum is formed once per forward); not mergeable. The up
+``4*d*m`` FLOPs per token per layer, and per forward call the PHM weights (:func:`phm_weight_flops`: ``W_left
+@ W_right``, then the Kronecker products and their sum, ``d*m*(2/n + 2n - 1)`` per PHM layer); not mergeable. The up
 projection's right factors start at zero (``zero_up``), so step 0 is the base model (T-Few starts from
 glorot-uniform factors, not the identity).
 """
@@ -22,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from harness.methods import MethodInfo, register
-from harness.methods.adapter import overhead_for
-from harness.methods.base import check, is_int
-from harness.methods.bottleneck import BottleneckArgs, add_adapters, hidden_size
+from harness.methods.base import Overhead, check, is_int
+from harness.methods.bottleneck import BottleneckArgs, add_adapters, count_sites, hidden_size
 
 PLACES = ("ffn",)
 
@@ -53,7 +53,24 @@ def apply(model, cfg: CompacterArgs):
     return add_adapters(model, cfg, PLACES, "compacter", phm=cfg.n)
 
 
+def phm_weight_flops(d_in: int, d_out: int, n: int) -> int:
+    """FLOPs of one PHM layer's weight, rebuilt on every forward call (``PHMLinear.weight``): ``W_left @ W_right``
+    (rank 1: ``2 d_in d_out / n``), the products ``A_i kron W_i`` (``n d_in d_out``) and their sum over ``i``
+    (``(n - 1) d_in d_out``)."""
+    return 2 * d_in * d_out // n + (2 * n - 1) * d_in * d_out
+
+
+def overhead(model, cfg: CompacterArgs) -> Overhead:
+    """Per token ``4 d m`` per site (as the other adapters); per forward call both PHM weights of every site
+    (differentiated in training: backward 2x)."""
+    d = hidden_size(model)
+    m = cfg.width(d)
+    sites = count_sites(model, PLACES, "compacter")
+    per_call = sites * (phm_weight_flops(d, m, cfg.n) + phm_weight_flops(m, d, cfg.n))
+    return Overhead(per_token=sites * 2 * d * m * 2, per_forward=per_call, per_forward_backward=2 * per_call)
+
+
 register(MethodInfo(
     "compacter", "peft", "Compacter++ (Karimi Mahabadi et al. 2021): PHM (n=4, rank 1) bottleneck after the FFN",
-    config_cls=CompacterArgs, apply=apply, overhead=overhead_for(PLACES), artifact="tensors",
+    config_cls=CompacterArgs, apply=apply, overhead=overhead, artifact="tensors",
     family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True))

@@ -41,12 +41,22 @@ def apply(model, cfg: DoraArgs):
     return wrap_peft(model, config, "dora")
 
 
+def per_forward_flops(r: int, d_in: int, d_out: int) -> int:
+    """FLOPs peft's DoRA layer spends on every forward call, whatever the rows (its cache is off by default):
+    ``B A`` rebuilt as ``lora_B(lora_A(eye(d_in)))`` (``2 r d_in (d_in + d_out)``), ``W + s B A`` (``2 d_in
+    d_out``), the row norms (``2 d_in d_out``: squares and sums) and ``m / norm`` (``2 d_out``: square roots and
+    divisions)."""
+    return 2 * r * d_in * (d_in + d_out) + 4 * d_in * d_out + 2 * d_out
+
+
 def overhead(model, cfg: DoraArgs) -> Overhead:
     """Unmerged DoRA: LoRA's ``2 r (d_in + d_out)`` per token and layer plus the magnitude rescaling (``d_out``);
-    the weight norm is input-independent (once per forward, not per token) and not counted. Merged: 0."""
-    targets = resolve_targets(model, ROLES, cfg.targets, "dora")
-    return Overhead(per_token=sum(2 * cfg.r * (d_in + d_out) + d_out
-                                  for _, d_in, d_out in matched_linears(model, targets)))
+    per forward call the weight norm (:func:`per_forward_flops`). Its backward in training is the division's
+    only (``2 d_out`` per layer): peft detaches ``B A`` and the norm (paper sec. 4.3). Merged: 0."""
+    layers = matched_linears(model, resolve_targets(model, ROLES, cfg.targets, "dora"))
+    return Overhead(per_token=sum(2 * cfg.r * (d_in + d_out) + d_out for _, d_in, d_out in layers),
+                    per_forward=sum(per_forward_flops(cfg.r, d_in, d_out) for _, d_in, d_out in layers),
+                    per_forward_backward=sum(2 * d_out for _, _, d_out in layers))
 
 
 register(MethodInfo(

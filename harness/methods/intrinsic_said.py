@@ -6,74 +6,103 @@ peft nor AdapterHub has it), following r-three/t-few ``src/models/intrinsic.py``
 One shared vector ``theta`` (``intrinsic_dim - m`` entries, zero at the start) and one scalar ``lambda_i`` per
 adapted tensor (``m`` of them, one at the start) are the only trainable parameters: ``intrinsic_dim`` in all, as
 in the paper, where the ``m`` scalars are part of the ``d`` (T-Few: ``intrinsic_dimension -= said_size + 1``).
-Each tensor ``i`` gets its own random Fastfood projection ``P_i = H G Pi H B`` (Le et al. 2013; ``H``
-Walsh-Hadamard, ``G`` Gaussian, ``Pi`` a permutation, ``B`` random signs, all seeded by ``projection_seed`` and
-rebuilt from it), applied to ``theta`` zero-padded to ``L = 2^ceil(log2(max(len(theta), D_i)))`` entries; the first
-``D_i`` outputs, scaled as T-Few scales them (norm-preserving in expectation), are the ray ``r_i``. As in T-Few's
-code (``DD = np.sum(v0.size())``, not the commented-out ``np.prod``), ``D_i`` is the *sum* of the tensor's shape:
+Each tensor ``i`` gets its own seeded Fastfood projection of ``theta`` (:mod:`harness.methods.fastfood`), whose
+first ``D_i`` outputs are the ray ``r_i``. ``update`` chooses ``D_i`` for a matrix ``W`` [rows, cols]:
 
-- a weight matrix ``W`` [out, in] gets the rank-1 update ``W0 + lambda_i * r_i[:out] r_i[out:]^T``;
-- a vector (a norm's weight) gets ``w0 + lambda_i * r_i``.
+- ``rank1`` (default; T-Few's code, ``DD = np.sum(v0.size())``, not the commented-out ``np.prod``): ``D_i = rows +
+  cols`` and ``W0 + lambda_i r_i[:rows] r_i[rows:]^T``, a rank-1 update;
+- ``full`` (Aghajanyan et al.'s definition, ``np.prod``): ``D_i = rows x cols`` and ``W0 + lambda_i r_i`` reshaped
+  to ``W``'s shape, a dense update of the whole matrix;
+- a vector (a norm's weight) gets ``w0 + lambda_i r_i`` in both.
 
-Two deliberate differences from T-Few's code: (1) ``L`` is at least ``len(theta)``: T-Few pads ``theta`` to the
+Two deliberate differences from T-Few's code: (1) ``L_i`` is at least ``len(theta)``: T-Few pads ``theta`` to the
 tensor's own ``L`` with ``F.pad``, which *crops* ``theta`` when the tensor is smaller (a 1,024-wide attention matrix
 of T5 sees only the first 2,048 of 20,000 entries); here every entry reaches every tensor, Aghajanyan's definition
-of a projection of the whole subspace. (2) The matrices are not re-materialised: a forward hook adds
-``lambda_i * (x . r_in) r_out`` to the layer's output, the same function as the updated weight, at the cost of a
-rank-1 adapter (no dense weight gradient, which T-Few's re-materialised weights pay: full fine-tuning's backward).
-Vectors use a ``torch.nn.utils.parametrize`` parametrization.
+of a projection of the whole subspace. (2) Under ``rank1`` the matrices are not re-materialised: a forward hook
+adds ``lambda_i (x . r_in) r_out`` to the layer's output, the same function as the updated weight, at the cost of
+a rank-1 adapter (no dense weight gradient, which T-Few's re-materialised weights pay: full fine-tuning's
+backward). Under ``full`` the matrices are re-materialised, as in T-Few, through a ``torch.nn.utils.parametrize``
+parametrization ``W0 + lambda_i r_i``; vectors always use one.
 
 Targets: T-Few adapts every parameter (``str_filter=set()``). Here the default is every linear layer of the model
 and every norm weight (SmolLM2-135M: 7 x 30 projections + 61 RMSNorms = 271 tensors; biases, which SmolLM2 lacks,
-are not adapted), everything but the embedding matrix, which SmolLM2 ties to the output projection (a rank-1
-update of a 49,152-row lookup and of the logits would need both sides hooked; left out). ``targets=a|b`` (module
-name suffixes) narrows it. Because the rank-1 updates are quadratic in ``theta``, their gradient is zero at
-``theta = 0``: training starts through the vectors (norms), whose update is linear, as in T-Few, where the layer
-norms are among all parameters. Targets without any vector therefore cannot train and are refused.
+are not adapted), everything but the embedding matrix. ``embedding=true`` adds it (one tensor more, 272 on
+SmolLM2): the lookup through a hook (``rank1``: ``E[id] + lambda r_rows[id] r_cols``, times a Gemma-style
+``embed_scale``) or the parametrization (``full``); a tied output projection shares the tensor (same ray and
+lambda: the hook ``lambda (h . r_cols) r_rows`` or the same parametrization), an untied one is a tensor of its own.
+``targets=a|b`` (module name suffixes) narrows it. Because rank-1 updates are quadratic in ``theta``, their
+gradient is zero at ``theta = 0``: training starts through the vectors (norms), whose update is linear, as in T-Few,
+where the layer norms are among all parameters (``full`` updates are linear in ``theta`` too). Targets without any
+vector are refused.
 
-Defaults: ``intrinsic_dim=20000``, Adafactor lr 3e-2 (T-Few's ``intrinsic_said_20k.json``; ``scale_parameter``
-true, T-Few's Config.py default), linear decay after 6% warmup; loss L_LM; the quick preset keeps them. With
-``scale_parameter`` Adafactor steps ``theta`` by ``lr x max(1e-3, rms(theta))`` (tiny while ``theta`` is near zero)
-and the lambdas by ~3% of their value: on SmolLM2-135M, 4 steps of one cb example each move the loss 2.20 ->
-2.69 -> 1.04 -> 1.96. ``scale_parameter=false`` at 3e-2 diverges (loss 2.2 -> 48 -> 288): full-size steps of
-the 20,000 entries of ``theta`` make rank-1 changes as large as the weights.
+Defaults: ``intrinsic_dim=20000``, ``update=rank1``, ``embedding=false``, Adafactor lr 3e-2 (T-Few's
+``intrinsic_said_20k.json``; ``scale_parameter`` true, T-Few's Config.py default), linear decay after 6% warmup;
+loss L_LM; the quick preset keeps them. The two options are left out of the settings at their defaults
+(``LATER_ARGS``), so runs stored before they existed keep their ids. With ``scale_parameter`` Adafactor steps
+``theta`` by ``lr x max(1e-3, rms(theta))`` (tiny while ``theta`` is near zero) and the lambdas by ~3% of their
+value: on SmolLM2-135M, 4 steps of one cb example each move the loss 2.20 -> 2.69 -> 1.04 -> 1.96.
+``scale_parameter=false`` at 3e-2 diverges (loss 2.2 -> 48 -> 288): full-size steps of the 20,000 entries of
+``theta`` make rank-1 changes as large as the weights.
 
-Costs (:class:`harness.methods.base.Overhead`): training pays, per forward, one Fastfood projection per tensor, two
-Walsh-Hadamard transforms of ``L log2 L`` additions and ``2 L`` multiplies plus ``D_i`` scalings (``O(L log L)``,
-``train_per_forward``; the algorithm's count: the transforms here run as Kronecker products of 32 x 32
-Hadamard matmuls, ~6x those additions as FLOPs but a few BLAS calls instead of 15 passes), and per token ``2 (d_in + d_out)`` per adapted matrix for the rank-1 hook
-(``train_per_token``). Inference: zero per token: the change folds into the weights (:func:`merge` does it), so a
-deployed model is the base model's size and speed (we score unmerged; the hooks' FLOPs are not counted there).
+Costs (:class:`harness.methods.base.Overhead`, training only; inference 0: the change folds into the weights,
+:func:`merge`, so a deployed model is the base model's size and speed; we score unmerged, and the hooks' FLOPs are
+not counted there). Per forward, one Fastfood projection per tensor (``fastfood_flops``: two Walsh-Hadamard
+transforms of ``L log2 L`` additions, ``2 L`` multiplies, ``D_i`` scalings; the algorithm's count: the transforms
+here run as Kronecker products of 32 x 32 Hadamard matmuls, ~6x those additions as FLOPs but a few BLAS calls
+instead of 15 passes) and the vectors' adds (``train_per_forward``). ``rank1``: ``2 (d_in + d_out)`` per token and
+hooked matrix (``train_per_token``), ``2 d`` per token for the embedding lookup, ``2 (V + d)`` per projected
+position for an output projection (``train_per_logit``); all with the usual backward (x3). ``full``: one ``L_i``
+per tensor size (``L = 2^20`` for a 576 x 1536 matrix; the rank-1 default shares one ``L = 32,768``), per forward
+``2 rows cols`` per use of a matrix (``lambda r`` and the re-materialised ``W0 + lambda r``; a tied output
+projection re-materialises it once more), no extra forward per token, and in the backward the dense weight
+gradient ``2 rows cols`` per token and matrix (``train_backward_per_token``; per projected position for the output
+projection, ``train_backward_per_logit``; an embedding lookup's is a scatter, 0): full fine-tuning's weight
+gradients, with ``intrinsic_dim`` trainable parameters. The lambdas' scalings of the hooks' rays (``rows`` per call
+and hooked module) are not counted. Memory, ``full``: the projection factors, 16 bytes per entry of every ``L_i``
+(``fastfood.factor_bytes``: 2.2 GB on SmolLM2-135M, 2.7 GB with the embedding, against 142 MB for ``rank1``), and
+per training step the dense rays, the re-materialised weights and their gradients (a few copies of the 106M
+adapted matrix entries, 134M with the embedding) and the transforms' saved activations.
 
-Checkpoint (``tensors`` artifact): ``theta``, the lambdas and the projection seed (``saved_projection_seed``);
-``restore`` checks the seed, and the projections are rebuilt from it, so a reload scores identically.
+Checkpoint (``tensors`` artifact): ``theta``, the lambdas and the projection seed (``saved_projection_seed``); a
+non-default variant also ``saved_variant`` (``[update is full, embedding]``; a default checkpoint is as before).
+``restore`` checks the seed and the variant, and the projections are rebuilt from them, so a reload scores
+identically.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import math
+from typing import ClassVar
 
 from harness.errors import HarnessError
 from harness.methods import MethodInfo, register
 from harness.methods.base import Overhead, TrainConfig, as_names, check, is_int, resolve_targets
+from harness.methods.fastfood import (SEED, factor_bytes, fastfood_flops, fastfood_size,  # noqa: F401 (re-exported)
+                                      fwht, projection_sizes, state_cls as _state_cls)
 
 MODULE = "intrinsic_said"  # the submodule of the model holding theta and the lambdas
-SEED = "saved_projection_seed"  # buffers named saved_* are saved with the trainable tensors
-FACTOR_BITS = 5  # Walsh-Hadamard transforms as Kronecker products of 32 x 32 Hadamard matrices
+VARIANT = "saved_variant"  # saved with theta when an option is not the default: [update is full, embedding]
+UPDATES = ("rank1", "full")
 
 
 @dataclasses.dataclass
 class IntrinsicSAIDArgs(TrainConfig):
     """Defaults (r-three/t-few ``configs/intrinsic_said_20k.json``): ``intrinsic_dim=20000`` trainable parameters
     (the shared vector plus one scalar per tensor), Adafactor lr 3e-2; ``targets=None``: every linear layer and
-    norm weight except the embedding (module docstring); ``projection_seed=0`` seeds the Fastfood projections."""
+    norm weight except the embedding (module docstring); ``projection_seed=0`` seeds the Fastfood projections.
+
+    Variants (module docstring): ``update=rank1`` (T-Few's code: ``D_i = rows + cols``, a rank-1 update per
+    matrix) or ``full`` (Aghajanyan et al.: ``D_i = rows x cols``, a dense update of the whole matrix);
+    ``embedding=true`` adapts the input embedding too (and, through it, a tied output projection)."""
+
+    LATER_ARGS: ClassVar[dict] = {"update": "rank1", "embedding": False}  # runs stored before keep their ids
 
     intrinsic_dim: int = 20000
     targets: tuple[str, ...] | None = None
     projection_seed: int = 0
+    update: str = "rank1"
+    embedding: bool = False
     lr: float = 3e-2
 
     def __post_init__(self):
@@ -82,120 +111,31 @@ class IntrinsicSAIDArgs(TrainConfig):
               f"intrinsic_said: intrinsic_dim must be an integer >= 2, got {self.intrinsic_dim!r}")
         check(is_int(self.projection_seed) and 0 <= self.projection_seed < 2 ** 63,
               f"intrinsic_said: projection_seed must be a non-negative integer, got {self.projection_seed!r}")
+        check(self.update in UPDATES,
+              f"intrinsic_said: update must be one of {', '.join(UPDATES)} (rank-1 or dense updates of each "
+              f"matrix), got {self.update!r}")
+        check(isinstance(self.embedding, bool), f"intrinsic_said: embedding must be true or false, got "
+                                                f"{self.embedding!r}")
         self.targets = as_names(self.targets, "intrinsic_said: targets")
 
-
-# ------------------------------------------------------------------------------------------------ Fastfood
-
-@functools.lru_cache(maxsize=16)
-def _hadamard(n: int, dtype, device):
-    import torch
-
-    h = torch.ones(1, 1, dtype=dtype, device=device)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+    def variant(self) -> list[int] | None:
+        """What the checkpoint records beyond theta, the lambdas and the seed (None: the defaults, as before)."""
+        full, embedding = self.update == "full", self.embedding
+        return [int(full), int(embedding)] if full or embedding else None
 
 
-def fwht(x):
-    """Orthonormal Walsh-Hadamard transform (Sylvester order) along the last dimension (a power of two):
-    ``H_n = H_a (x) H_b (x) ...``, one small factor per axis of ``x`` reshaped to ``[..., a, b, ...]``; each step
-    transforms the last axis and rotates it to the front, so after all factors the axes are back in order."""
-    n = x.shape[-1]
-    bits = n.bit_length() - 1
-    if n < 1 or 2 ** bits != n:
-        raise ValueError(f"fwht: the last dimension must be a power of two, got {n}")
-    sizes = [FACTOR_BITS] * (bits // FACTOR_BITS) + ([bits % FACTOR_BITS] if bits % FACTOR_BITS else [])
-    y = x.reshape(-1, *[2 ** s for s in sizes])
-    for _ in sizes:
-        y = (y @ _hadamard(y.shape[-1], x.dtype, x.device)).movedim(-1, 1)
-    return y.reshape(x.shape) / math.sqrt(n)
-
-
-def fastfood_size(n_in: int, n_out: int) -> int:
-    """``L``: the power of two both the input vector and the output fit in."""
-    return 1 << max(1, math.ceil(math.log2(max(n_in, n_out))))
-
-
-def fastfood_flops(size: int, n_out: int) -> int:
-    """FLOPs of one Fastfood projection: two Walsh-Hadamard transforms (``L log2 L`` additions each), the sign and
-    Gaussian multiplies (``2 L``) and the final scaling (``n_out``)."""
-    return 2 * size * int(math.log2(size)) + 2 * size + n_out
+def describe_variant(variant) -> str:
+    full, embedding = (0, 0) if variant is None else (int(v) for v in variant)
+    return f"update={'full' if full else 'rank1'}, embedding={'true' if embedding else 'false'}"
 
 
 @functools.cache
-def _state_cls():
+def _delta_cls():
     import torch
 
-    class SAIDState(torch.nn.Module):
-        """``theta``, the lambdas, and per tensor the seeded Fastfood factors (not saved: rebuilt from the seed).
-
-        All rays are computed together, once per forward (:meth:`rays`), and kept until ``theta`` or the lambdas
-        change (their version counters: optimizer steps and ``load_state_dict`` bump them; a write through
-        ``.data`` does not and is not seen), the grad mode changes, or a backward pass has gone through them (then
-        their graph is freed)."""
-
-        def __init__(self, sizes: list[int], n_theta: int, seed: int, device):
-            super().__init__()
-            self.sizes = list(sizes)
-            size = fastfood_size(n_theta, max(sizes))
-            gen = torch.Generator().manual_seed(seed)
-            signs = (torch.randint(0, 2, (len(sizes), size), generator=gen) * 2 - 1).float()
-            perms = torch.argsort(torch.rand(len(sizes), size, generator=gen), dim=1)
-            gauss = torch.randn(len(sizes), size, generator=gen)
-            # T-Few's normalisation: divide by sqrt(L sum G^2) sqrt(D / L) with unnormalised transforms
-            scale = size / torch.sqrt(gauss.pow(2).sum(1) * torch.tensor(sizes, dtype=torch.float32))
-            for name, t in (("signs", signs), ("perms", perms), ("gauss", gauss), ("scale", scale)):
-                self.register_buffer(name, t.to(device), persistent=False)
-            self.register_buffer(SEED, torch.tensor(seed, dtype=torch.int64, device=device))
-            self.theta = torch.nn.Parameter(torch.zeros(n_theta, device=device))
-            self.lambdas = torch.nn.Parameter(torch.ones(len(sizes), device=device))
-            self._cache = None  # (key, rays)
-
-        def project(self):
-            """``[m, max D]``: row ``i`` holds ``r_i = P_i theta`` in its first ``sizes[i]`` entries (float32)."""
-            x = torch.nn.functional.pad(self.theta, (0, self.signs.shape[1] - self.theta.shape[0]))
-            x = fwht(x * self.signs)
-            x = fwht(torch.gather(x, 1, self.perms) * self.gauss)
-            return x[:, : max(self.sizes)] * self.scale[:, None]
-
-        def _spent(self, grad):
-            self._cache = None
-            return grad
-
-        def rays(self):
-            key = (self.theta._version, self.lambdas._version, torch.is_grad_enabled(), self.theta.device)
-            if self._cache is None or self._cache[0] != key:
-                rays = self.project()
-                if rays.requires_grad:
-                    rays.register_hook(self._spent)
-                self._cache = (key, rays)
-            return self._cache[1]
-
-        def ray(self, i: int):
-            """``r_i`` (``sizes[i]`` entries)."""
-            return self.rays()[i, : self.sizes[i]]
-
-        def delta(self, i: int):
-            """The ray of tensor ``i`` times its lambda (for a vector: its additive change)."""
-            return self.lambdas[i] * self.ray(i)
-
-        def __deepcopy__(self, memo):
-            self._cache = None  # a tensor inside a graph cannot be deep-copied; the copy recomputes its rays
-            new = type(self).__new__(type(self))
-            memo[id(self)] = new
-            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-            return new
-
-    return SAIDState
-
-
-@functools.cache
-def _vector_delta_cls():
-    import torch
-
-    class VectorDelta(torch.nn.Module):
-        """``w -> w0 + lambda_i r_i`` for a vector (a norm's weight)."""
+    class Delta(torch.nn.Module):
+        """``w -> w0 + lambda_i r_i`` (a vector, or any tensor under the full-rank variant: ``r_i`` has its
+        ``numel`` entries and takes its shape)."""
 
         def __init__(self, state, index: int):
             super().__init__()
@@ -203,9 +143,9 @@ def _vector_delta_cls():
             self.index = index
 
         def forward(self, weight):
-            return weight + self._state[0].delta(self.index).to(weight.dtype)
+            return weight + self._state[0].delta(self.index).view(weight.shape).to(weight.dtype)
 
-    return VectorDelta
+    return Delta
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -221,17 +161,24 @@ def _weight(module):
     return module._parameters.get("weight")
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def plan(model, cfg: IntrinsicSAIDArgs) -> list[tuple[str, object, str, int, int]]:
     """(name, module, kind, rows, cols) per adapted tensor, in module order: kind ``linear`` (weight [out, in],
-    rows = out), ``conv1d`` (gpt2's transposed linear, weight [in, out], rows = in) or ``vector``. Validates the
-    targets against ``cfg``: at least one vector, fewer tensors than ``intrinsic_dim``."""
+    rows = out), ``conv1d`` (gpt2's transposed linear, weight [in, out], rows = in), ``embedding`` (the input
+    embedding [V, d], with ``embedding=true``) or ``vector``. A module whose weight is an adapted tensor's (a tied
+    output projection) is not a tensor of its own (:func:`tied_uses`). Validates the targets against ``cfg``: at
+    least one vector, fewer tensors than ``intrinsic_dim``."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    vocab = {id(base.get_input_embeddings()), id(base.get_output_embeddings())}
-    vocab_weights = {id(_weight(m)) for m in (base.get_input_embeddings(), base.get_output_embeddings())}
+    base = _base(model)
+    emb_in, emb_out = base.get_input_embeddings(), base.get_output_embeddings()
+    vocab = {id(emb_in), id(emb_out)}
+    vocab_weights = {id(_weight(m)) for m in (emb_in, emb_out) if m is not None}
     explicit = resolve_targets(base, (), cfg.targets, MODULE) if cfg.targets is not None else None
-    out = []
+    out, seen = [], set()
     for name, module in base.named_modules():
         weight = _weight(module)
         if weight is None or name == MODULE or name.startswith(MODULE + "."):
@@ -239,16 +186,20 @@ def plan(model, cfg: IntrinsicSAIDArgs) -> list[tuple[str, object, str, int, int
         if explicit is not None and not any(name == t or name.endswith("." + t) for t in explicit):
             continue
         is_vocab = id(module) in vocab or id(weight) in vocab_weights
-        kind = ("linear" if isinstance(module, torch.nn.Linear) else "conv1d" if type(module).__name__ == "Conv1D"
-                else "vector" if weight.dim() == 1 else None)
-        if is_vocab or kind is None:
+        kind = ("embedding" if isinstance(module, torch.nn.Embedding) and weight.dim() == 2
+                else "linear" if isinstance(module, torch.nn.Linear)
+                else "conv1d" if type(module).__name__ == "Conv1D" else "vector" if weight.dim() == 1 else None)
+        if (is_vocab and not cfg.embedding) or kind is None or (kind == "embedding" and not is_vocab):
             if explicit is not None:
-                what = "the embedding / output projection" if is_vocab else f"a {type(module).__name__}"
-                raise HarnessError(f"intrinsic_said: target {name} is {what}; only linear layers and 1-D weights "
-                                   "(norms) can be adapted")
+                what = ("the embedding / output projection (add embedding=true)" if is_vocab and kind
+                        else f"a {type(module).__name__}")
+                raise HarnessError(f"intrinsic_said: target {name} is {what}; only linear layers, 1-D weights "
+                                   "(norms) and, with embedding=true, the embedding can be adapted")
             continue
-        rows = weight.shape[0]
-        out.append((name, module, kind, rows, weight.shape[1] if weight.dim() == 2 else 0))
+        if id(weight) in seen:  # a tied output projection: adapted through the embedding's tensor
+            continue
+        seen.add(id(weight))
+        out.append((name, module, kind, weight.shape[0], weight.shape[1] if weight.dim() == 2 else 0))
     n_vectors = sum(kind == "vector" for _, _, kind, _, _ in out)
     check(n_vectors > 0, "intrinsic_said: the targets hold no vector (norm weight): the rank-1 updates of weight "
                          "matrices have zero gradient at the zero start, so nothing would train; add a norm "
@@ -257,6 +208,28 @@ def plan(model, cfg: IntrinsicSAIDArgs) -> list[tuple[str, object, str, int, int
           f"intrinsic_said: intrinsic_dim {cfg.intrinsic_dim} must exceed the number of adapted tensors ({len(out)}): "
           "it counts the shared vector plus one scalar per tensor")
     return out
+
+
+def tied_uses(model, targets) -> list[tuple[str, object, int, str]]:
+    """(name, module, tensor index, kind) of the modules that use an adapted tensor's weight without being its
+    entry in ``targets``: a tied output projection (kind ``linear``) shares the input embedding's tensor."""
+    import torch
+
+    index = {id(_weight(module)): i for i, (_, module, _, _, _) in enumerate(targets)}
+    mine = {id(module) for _, module, _, _, _ in targets}
+    out = []
+    for name, module in _base(model).named_modules():
+        weight = _weight(module)
+        if weight is not None and id(module) not in mine and id(weight) in index:
+            kind = "linear" if isinstance(module, torch.nn.Linear) else "embedding"
+            out.append((name, module, index[id(weight)], kind))
+    return out
+
+
+def tensor_sizes(targets, update: str) -> list[int]:
+    """``D_i`` per tensor: ``rows + cols`` (rank-1, T-Few's ``np.sum``) or ``rows x cols`` (full, ``np.prod``);
+    a vector's ``rows`` in both."""
+    return [rows * cols if update == "full" and cols else rows + cols for _, _, _, rows, cols in targets]
 
 
 HOOK = "_intrinsic_said"  # on a hooked module: [state, index, rows, kind] (a list, so deep copies follow the model)
@@ -273,56 +246,89 @@ def _linear_hook(module, args, output):
     return output + ((x.to(read.dtype) @ read).unsqueeze(-1) * write).to(output.dtype)
 
 
+def _embedding_hook(module, args, output):
+    """``E[id] + lambda_i r_rows[id] r_cols``: the lookup of the rank-1-updated embedding (times the module's
+    ``embed_scale`` where it scales its output, as Gemma's does)."""
+    state, index, rows, _ = getattr(module, HOOK)
+    ray = state.ray(index)
+    first, second = ray[:rows] * state.lambdas[index], ray[rows:]
+    change = first[args[0]].unsqueeze(-1) * second
+    scale = getattr(module, "embed_scale", None)
+    if scale is not None:
+        change = change * scale.to(change.dtype) if hasattr(scale, "to") else change * scale
+    return output + change.to(output.dtype)
+
+
+def _hook(module, state, index: int, rows: int, kind: str) -> None:
+    setattr(module, HOOK, [state, index, rows, kind])
+    module.register_forward_hook(_embedding_hook if kind == "embedding" else _linear_hook)
+
+
 def apply(model, cfg: IntrinsicSAIDArgs):
-    """Freeze the model, add the shared state as ``model.intrinsic_said``, hook the matrices and parametrize the
-    vectors."""
+    """Freeze the model, add the shared state as ``model.intrinsic_said``; rank-1: hook the matrices (and the
+    embedding), parametrize the vectors; full: parametrize every adapted tensor (re-materialised weights)."""
     from torch.nn.utils import parametrize
 
     targets = plan(model, cfg)
+    tied = tied_uses(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
-    sizes = [rows + cols for _, _, _, rows, cols in targets]
-    state = _state_cls()(sizes, cfg.intrinsic_dim - len(targets), cfg.projection_seed, device)
+    sizes = tensor_sizes(targets, cfg.update)
+    n_theta = cfg.intrinsic_dim - len(targets)
+    lengths = projection_sizes(sizes, n_theta, shared=cfg.update == "rank1")
+    state = _state_cls()(sizes, n_theta, cfg.projection_seed, device, lengths, cfg.variant())
     model.add_module(MODULE, state)
-    for index, (_, module, kind, rows, _) in enumerate(targets):
-        if kind == "vector":
-            parametrize.register_parametrization(module, "weight", _vector_delta_cls()(state, index))
+    uses = [(module, index, kind, rows) for index, (_, module, kind, rows, _) in enumerate(targets)]
+    uses += [(module, index, kind, targets[index][3]) for _, module, index, kind in tied]
+    for module, index, kind, rows in uses:
+        if kind == "vector" or cfg.update == "full":
+            parametrize.register_parametrization(module, "weight", _delta_cls()(state, index))
         else:
-            setattr(module, HOOK, [state, index, rows, kind])
-            module.register_forward_hook(_linear_hook)
+            _hook(module, state, index, rows, kind)
     return model
 
 
 def merge(model) -> None:
     """Fold the trained change into the weights, in place, and remove the method (hooks, parametrizations, state):
-    the deployed model has the base model's size and speed, no overhead per token."""
+    the deployed model has the base model's size and speed, no overhead per token. A tied weight is changed once."""
     import torch
     from torch.nn.utils import parametrize
 
     state = getattr(model, MODULE)
+    done: set[int] = set()
     with torch.no_grad():
         for module in list(model.modules()):
             if parametrize.is_parametrized(module, "weight") and isinstance(
-                    module.parametrizations["weight"][0], _vector_delta_cls()):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                    module.parametrizations["weight"][0], _delta_cls()):
+                original = module.parametrizations["weight"].original
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=id(original) not in done)
+                done.add(id(original))
             elif hasattr(module, HOOK):
                 _, index, rows, kind = getattr(module, HOOK)
-                ray = state.ray(index)
-                first, second = ray[:rows] * state.lambdas[index], ray[rows:]
-                module.weight.add_(torch.outer(first, second).to(module.weight.dtype))
+                if id(module.weight) not in done:
+                    ray = state.ray(index)
+                    first, second = ray[:rows] * state.lambdas[index], ray[rows:]
+                    module.weight.add_(torch.outer(first, second).to(module.weight.dtype))
+                    done.add(id(module.weight))
                 for key, hook in list(module._forward_hooks.items()):
-                    if hook is _linear_hook:
+                    if hook in (_linear_hook, _embedding_hook):
                         del module._forward_hooks[key]
                 delattr(module, HOOK)
     delattr(model, MODULE)
 
 
 def restore(model, saved: dict) -> None:
-    """Before the saved tensors load: check they were trained with this model's targets and projection seed."""
+    """Before the saved tensors load: check they were trained with this model's targets, options and projection
+    seed (the projections are rebuilt from them)."""
     state = getattr(model, MODULE, None)
     if state is None:
         raise HarnessError("intrinsic_said: apply the method before loading its tensors")
+    mine, theirs = getattr(state, VARIANT, None), saved.get(f"{MODULE}.{VARIANT}")
+    mine, theirs = (None if v is None else [int(x) for x in v] for v in (mine, theirs))
+    if mine != theirs:
+        raise HarnessError(f"intrinsic_said: the checkpoint was trained with {describe_variant(theirs)}, this run "
+                           f"has {describe_variant(mine)}: the projections would differ")
     for name, mine in (("theta", state.theta), ("lambdas", state.lambdas)):
         got = saved.get(f"{MODULE}.{name}")
         if got is None or tuple(got.shape) != tuple(mine.shape):
@@ -336,21 +342,43 @@ def restore(model, saved: dict) -> None:
 
 
 def trainable_params(model, cfg: IntrinsicSAIDArgs) -> int:
-    """``intrinsic_dim``: the shared vector (``intrinsic_dim - m``) plus one lambda per adapted tensor (``m``)."""
+    """``intrinsic_dim``: the shared vector (``intrinsic_dim - m``) plus one lambda per adapted tensor (``m``), in
+    every variant (``m`` counts the embedding with ``embedding=true``; a tied output projection is the same
+    tensor)."""
     plan(model, cfg)
     return cfg.intrinsic_dim
 
 
+def _matrix_uses(model, targets) -> list[tuple[str, int, int, bool]]:
+    """(kind, rows, cols, is the output projection) per module using an adapted matrix (tied uses included)."""
+    out_module = _base(model).get_output_embeddings()
+    uses = [(module, kind, rows, cols) for _, module, kind, rows, cols in targets if kind != "vector"]
+    uses += [(module, kind, targets[index][3], targets[index][4]) for _, module, index, kind in tied_uses(model, targets)]
+    return [(kind, rows, cols, module is out_module) for module, kind, rows, cols in uses]
+
+
 def overhead(model, cfg: IntrinsicSAIDArgs) -> Overhead:
-    """Training only (module docstring): per forward one Fastfood projection per tensor and the vectors' adds; per
-    token ``2 (d_in + d_out)`` per hooked matrix. Inference: 0 (merged)."""
+    """Training only (module docstring, "Costs"); inference: 0 (merged). Per forward: one Fastfood projection per
+    tensor and the vectors' adds; rank-1: per token ``2 (d_in + d_out)`` per hooked matrix (at the projected
+    positions for the output projection) and ``2 d`` for the embedding lookup; full: per forward ``2 numel`` per
+    use of a matrix (``lambda r`` and ``W0 + lambda r``), in the backward ``2 numel`` per token (the dense weight
+    gradient; at the projected positions for the output projection; a lookup's is a scatter, 0)."""
     targets = plan(model, cfg)
-    sizes = [rows + cols for _, _, _, rows, cols in targets]
-    size = fastfood_size(cfg.intrinsic_dim - len(targets), max(sizes))
-    per_forward = sum(fastfood_flops(size, d) for d in sizes)
+    sizes = tensor_sizes(targets, cfg.update)
+    lengths = projection_sizes(sizes, cfg.intrinsic_dim - len(targets), shared=cfg.update == "rank1")
+    per_forward = sum(fastfood_flops(size, d) for size, d in zip(lengths, sizes))
     per_forward += sum(rows for _, _, kind, rows, _ in targets if kind == "vector")
-    per_token = sum(2 * (rows + cols) for _, _, kind, rows, cols in targets if kind != "vector")
-    return Overhead(train_per_token=per_token, train_per_forward=per_forward)
+    uses = _matrix_uses(model, targets)
+    if cfg.update == "full":
+        per_forward += sum(2 * rows * cols for _, rows, cols, _ in uses)
+        return Overhead(train_per_forward=per_forward,
+                        train_backward_per_token=sum(2 * rows * cols for kind, rows, cols, out in uses
+                                                     if kind != "embedding" and not out),
+                        train_backward_per_logit=sum(2 * rows * cols for _, rows, cols, out in uses if out))
+    return Overhead(train_per_token=sum(2 * cols if kind == "embedding" else 2 * (rows + cols)
+                                        for kind, rows, cols, out in uses if not out),
+                    train_per_forward=per_forward,
+                    train_per_logit=sum(2 * (rows + cols) for _, rows, cols, out in uses if out))
 
 
 register(MethodInfo(

@@ -17,6 +17,7 @@ from harness.methods.base import (Overhead, TrainConfig, as_names, check, is_int
                                   resolve_targets, uses_conv1d, wrap_peft)
 
 ROLES = ("q", "v")
+NEUMANN_TERMS = 5  # peft 0.21's OFTConfig default (use_cayley_neumann=True), passed explicitly by apply()
 
 
 @dataclasses.dataclass
@@ -58,15 +59,29 @@ def apply(model, cfg: OftArgs):
         check(d_in % cfg.block_size == 0,
               f"oft: block_size {cfg.block_size} does not divide the input size {d_in} of {name}; pass block_size=")
     config = OFTConfig(task_type="CAUSAL_LM", r=0, oft_block_size=cfg.block_size, coft=cfg.coft, eps=cfg.eps,
-                       module_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=uses_conv1d(model, targets))
+                       module_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=uses_conv1d(model, targets),
+                       use_cayley_neumann=True, num_cayley_neumann_terms=NEUMANN_TERMS)
     return wrap_peft(model, config, "oft")
 
 
+def per_forward_flops(d_in: int, b: int, terms: int = NEUMANN_TERMS) -> int:
+    """FLOPs of peft's Cayley-Neumann rotation of one layer, redone on every forward call: per block of ``b``
+    inputs (``d_in / b`` blocks), ``terms - 2`` products of ``b x b`` matrices (``2 b^3`` each: ``S^2 ... S^(t-1)``)
+    and ``2 (terms - 1) b^2`` elementwise (``S - S^T`` and the sum ``I + 2 S + 2 S^2 + ... + S^(t-1)``)."""
+    if terms < 4:
+        raise ValueError(f"the formula is for at least 4 Neumann terms, got {terms}")
+    return (d_in // b) * (2 * (terms - 2) * b ** 3 + 2 * (terms - 1) * b ** 2)
+
+
 def overhead(model, cfg: OftArgs) -> Overhead:
-    """Unmerged, peft rotates the input block by block: ``2 b d_in`` per token and layer (the Cayley transform is
-    input-independent, not counted). Merged: 0."""
-    targets = resolve_targets(model, ROLES, cfg.targets, "oft")
-    return Overhead(per_token=sum(2 * cfg.block_size * d_in for _, d_in, _ in matched_linears(model, targets)))
+    """Unmerged, peft rotates the input block by block: ``2 b d_in`` per token and layer, and per forward call
+    builds the rotation blocks (:func:`per_forward_flops`; differentiated in training: backward 2x). ``coft``'s
+    projection (under ``no_grad``, ``O(b^2)`` per block) and the training-only multiplicative dropout are not
+    counted. Merged: 0."""
+    layers = matched_linears(model, resolve_targets(model, ROLES, cfg.targets, "oft"))
+    per_call = sum(per_forward_flops(d_in, cfg.block_size) for _, d_in, _ in layers)
+    return Overhead(per_token=sum(2 * cfg.block_size * d_in for _, d_in, _ in layers),
+                    per_forward=per_call, per_forward_backward=2 * per_call)
 
 
 register(MethodInfo(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead, TrainConfig, check, is_int, prompt_encoder_flops
+from harness.methods.base import Overhead, TrainConfig, check, is_int
+from harness.methods.bottleneck import hidden_size
 
 ENCODERS = ("mlp", "lstm")
 
@@ -48,11 +49,32 @@ def apply(model, cfg: PTuningArgs):
     return wrap_peft(model, config, "ptuning")
 
 
+LSTM_LAYERS = 2  # peft's PromptEncoderConfig.encoder_num_layers default (apply() does not change it)
+
+
+def encoder_flops(d: int, cfg: PTuningArgs) -> int:
+    """Matmul FLOPs of one call of peft's prompt encoder (``PromptEncoder``) on the ``n`` virtual tokens of one row:
+    ``2 n`` x its weight matrices. MLP: ``d h + h h + h d``; LSTM: a bidirectional LSTM of ``LSTM_LAYERS`` layers
+    (``2 x 4h (in + h)`` per layer, ``in = d`` then ``2h``) and an MLP head ``2h 2h + 2h d``. Biases and
+    activations (elementwise) are left out, as in :func:`harness.methods.base.prompt_encoder_flops`."""
+    h = cfg.hidden
+    if cfg.encoder == "mlp":
+        weights = d * h + h * h + h * d
+    else:
+        weights = sum(2 * 4 * h * ((d if layer == 0 else 2 * h) + h) for layer in range(LSTM_LAYERS))
+        weights += 2 * h * 2 * h + 2 * h * d
+    return 2 * weights * cfg.n_virtual_tokens
+
+
 def overhead(model, cfg: PTuningArgs) -> Overhead:
-    """Virtual tokens are extra input positions of every sequence; the prompt encoder is input-independent:
-    counted per row in training (peft recomputes it), not at inference (computed once)."""
-    return Overhead(virtual_tokens=cfg.n_virtual_tokens,
-                    train_per_row=prompt_encoder_flops(model, cfg.n_virtual_tokens))
+    """Virtual tokens are extra input positions of every sequence. The prompt encoder is input-independent: peft
+    0.21 runs it once per forward call on one row and repeats the output over the rows (``get_prompt``), in
+    training and in evaluation (differentiated in training: backward 2x). A model in peft's inference mode (an
+    adapter reloaded by ``PeftModel.from_pretrained``, which saved the encoder's output) reads the stored
+    embeddings instead: no per-call work."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    per_call = 0 if getattr(config, "inference_mode", False) else encoder_flops(hidden_size(model), cfg)
+    return Overhead(virtual_tokens=cfg.n_virtual_tokens, per_forward=per_call, per_forward_backward=2 * per_call)
 
 
 register(MethodInfo(
