@@ -5,8 +5,13 @@ exactly (checked on the committed store of 880 runs: all 2,052,096 of its log-pr
 double with up to 17 digits (``0.10000000149011612``); the shortest decimal that float32 reads back as the same
 value (``0.1``) has at most 9. :func:`compact` swaps every float32-exact double for the double of that shortest
 decimal, which reads back to the same float32 (``float32(compact(x)) == x``); a double float32 cannot hold is kept
-as it is. So the stored text shrinks (the committed store: 6.2 MB -> 4.4 MB as .xz) and no float32 value
+as it is. So the stored text shrinks (the committed store: 6.2 MB -> 4.3 MB as .xz) and no float32 value
 changes; order and ties among values are kept, as is every prediction made from them.
+
+Used for the committed exports only (``python -m benchmarks.compact_store``), not by :class:`harness.store.Store`:
+a figure derived from stored values in double precision (e.g. calibration's ``p_cf`` from its content-free
+log-probs) reproduces bit for bit only from the original doubles; from a compacted store, read each value as
+float32 first (``float(numpy.float32(x))`` gives the original double back).
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from harness.choice import argmax_first, non_finite_message, norm_char_scores  # noqa: F401  (re-exported)
 from harness.errors import HarnessError
-from harness.float_json import compact
 from harness.store_schema import (METRIC_COLUMNS, MIGRATIONS, MIXED_SCHEMA, SCHEMA_VERSION,  # noqa: F401  (re-exported)
                                     open_schema, schema_version, too_new_error)
 
@@ -188,7 +187,7 @@ class Store:
             "preset": cfg.get("preset"), "is_random": int(result.is_random), **metrics, "error": result.error,
             "artifact_path": result.artifact_path, "config_json": json.dumps(cfg, sort_keys=True, default=str),
             "env_json": json.dumps(result.env, sort_keys=True, default=str),
-            "extra_json": json.dumps(compact(extra), sort_keys=True, default=str), "finished_at": time.time(),
+            "extra_json": json.dumps(extra, sort_keys=True, default=str), "finished_at": time.time(),
         }
         if result.status == "finished":  # a finished run never holds a NaN/inf score: this raises HarnessError
             for ex in result.examples:
@@ -197,7 +196,7 @@ class Store:
             db.execute("DELETE FROM examples WHERE run_id=?", (result.run_id,))
             db.execute("DELETE FROM runs WHERE run_id=?", (result.run_id,))
             db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
-            rows = [(result.run_id, i, ex.example_id, ex.label, *_predictions(ex), json.dumps(compact(ex.logprobs)),
+            rows = [(result.run_id, i, ex.example_id, ex.label, *_predictions(ex), json.dumps(ex.logprobs),
                      json.dumps(ex.n_tokens), json.dumps(ex.n_chars)) for i, ex in enumerate(result.examples)]
             db.executemany(
                 "INSERT INTO examples (run_id, position, example_id, label, prediction, prediction_norm, "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 
+import numpy
 import torch
 
 from harness.float_json import compact, compact_float
@@ -28,15 +30,25 @@ def test_other_doubles_and_non_finite_values_are_kept_exactly():
     assert compact({"losses": [1, "a", None, True], "n": 3}) == {"losses": [1, "a", None, True], "n": 3}
 
 
-def test_ties_and_order_survive(tmp_path):
+def test_ties_and_order_survive_and_float32_gives_the_original_back():
     a = float(torch.tensor(-1.2345678, dtype=torch.float32))
     b = float(torch.nextafter(torch.tensor(a, dtype=torch.float32), torch.tensor(0.0)))  # the next float32 up
     assert compact_float(a) < compact_float(b) and compact_float(a) == compact_float(a)
+    back = json.loads(json.dumps(compact([a, b, a])))
+    assert [float(numpy.float32(v)) for v in back] == [a, b, a]
+
+
+def test_compact_store_rewrites_a_store_without_changing_a_float32(tmp_path):
+    from benchmarks.compact_store import main
+
     store = Store(tmp_path / "s.sqlite")
-    ex = ExampleScore("e", 1, [a, b, a], [1, 1, 1], [3, 3, 3])
+    lps = [float(torch.tensor(v, dtype=torch.float32)) for v in (-1.2345678, -0.1, -7.0)]
     store.write(RunResult("r", {"task": "cb"}, "finished", {"accuracy": 1.0, "n_eval": 1},
-                          [ex], extra={"losses": [a, b]}))
+                          [ExampleScore("e", 1, lps, [1, 1, 1], [3, 3, 3])], extra={"losses": lps, "wall": math.pi}))
+    main(str(tmp_path / "s.sqlite"))
     row = next(store.examples(["r"]))
-    stored = [float(torch.tensor(c["logprob"], dtype=torch.float32)) for c in row["choices"]]
-    assert row["prediction"] == 1 and stored == [a, b, a]
-    assert [float(torch.tensor(v, dtype=torch.float32)) for v in store.get_run("r")["losses"]] == [a, b]
+    assert [float(numpy.float32(c["logprob"])) for c in row["choices"]] == lps and row["prediction"] == 1
+    run = store.get_run("r")
+    assert [float(numpy.float32(v)) for v in run["losses"]] == lps and run["wall"] == math.pi
+    text = sqlite3.connect(tmp_path / "s.sqlite").execute("SELECT logprobs_json FROM examples").fetchone()[0]
+    assert text == "[-1.2345678, -0.1, -7.0]"
