@@ -12,7 +12,9 @@ median step time:
 - ``efficient``, ``math``: SDPA restricted to one kernel (``torch.nn.attention.sdpa_kernel``);
 - ``eager``: the model's own attention (``set_attn_implementation("eager")``).
 
-A setting that fails (out of memory, a kernel that refuses the shapes) is recorded with its error. On the CPU only
+Each setting runs with ``--paddings`` (default ``right``, as on CUDA, and ``right-causal``: right padding without
+an attention mask, which SDPA can serve with its unmasked kernels; exact, since the padding follows every real
+token). A setting that fails (out of memory, a kernel that refuses the shapes) is recorded with its error. On the CPU only
 ``sdpa``, ``math`` and ``eager`` apply, and the peak is the process's RSS (not per setting: use one setting a run).
 
     python -m benchmarks.train_memory_probe --model gemma3-270m --device cuda --steps 20 \\
@@ -68,7 +70,7 @@ def attention_setting(model, name: str):
 
 
 def probe(base, tokenizer, task, examples, method: str, setting: str, steps: int, seed: int,
-          device: torch.device) -> dict:
+          device: torch.device, padding: str = "right") -> dict:
     """Train a fresh copy of ``base`` under one setting; its peak memory, step times and last loss."""
     settings = training_settings(method, "paper", {"steps": steps, "warmup_ratio": 0.0})
     torch.manual_seed(seed)
@@ -76,11 +78,11 @@ def probe(base, tokenizer, task, examples, method: str, setting: str, steps: int
     if device.type == "cuda":
         torch.cuda.empty_cache()
     costs.reset_peak_memory(device)
-    row = {"method": method, "attention": setting, "steps": steps}
+    row = {"method": method, "attention": setting, "padding": padding, "steps": steps}
     start = time.perf_counter()
     try:
         with attention_setting(model, setting):
-            stats = train(model, tokenizer, examples, task, settings, seed, method=method, padding="right")
+            stats = train(model, tokenizer, examples, task, settings, seed, method=method, padding=padding)
         times = sorted(stats.step_seconds[1:]) or stats.step_seconds
         row |= {"peak_gb": costs.peak_memory_bytes(device) / 1e9, "median_step_s": times[len(times) // 2],
                 "first_step_s": stats.step_seconds[0], "loss_last": stats.losses[-1],
@@ -101,6 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="cb")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
+    p.add_argument("--paddings", default="right,right-causal")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/train_memory_probe.json")
@@ -111,11 +114,13 @@ def main(argv=None) -> None:
     examples = few_shot_examples(task, args.seed, resolve_data_dir(args.data_dir))  # default: the embedded data
     rows = []
     for method in args.methods.split(","):
-        for setting in args.attention.split(","):
-            rows.append(probe(lm.model, lm.tokenizer, task, examples, method, setting, args.steps, args.seed, device))
-            print(f"# {rows[-1]}", flush=True)
+        for padding in args.paddings.split(","):
+            for setting in args.attention.split(","):
+                rows.append(probe(lm.model, lm.tokenizer, task, examples, method, setting, args.steps, args.seed,
+                                  device, padding))
+                print(f"# {rows[-1]}", flush=True)
     write_json(args.out, {"env": environment(device), "args": vars(args), "results": rows})
-    print_table(rows, ["method", "attention", "steps", "peak_gb", "median_step_s", "first_step_s", "loss_last",
+    print_table(rows, ["method", "attention", "padding", "steps", "peak_gb", "median_step_s", "first_step_s", "loss_last",
                        "micro_batch", "error"])
 
 

@@ -102,7 +102,7 @@ def _head_on_positions(model, pos: torch.Tensor):
 
 def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
                     dims: ModelDims | None = None, overhead: Overhead | None = None,
-                    encode=None, logit_index: bool = False) -> ChoiceLogprobs:
+                    encode=None, logit_index: bool = False, causal_only: bool = False) -> ChoiceLogprobs:
     """Differentiable per-token log-probabilities of every choice of every prompt given its context.
 
     One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair` (the pairs of
@@ -116,6 +116,8 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     logits are ``[R, T, V]`` (:func:`_head_on_positions`). A shared index of every row's positions would give each
     row the union ``[R, U, V]``, quadratic in the rows: 85 GB for a pack of five Gemma 3 groups on cb (V = 262,144;
     docs/benchmarks.md (d), round 7).
+    ``causal_only`` (with ``logit_index``): no attention mask; right padding sits after every real token, so causal
+    attention alone keeps it out of every scored position (exact), and SDPA may take its unmasked kernels.
     """
     overhead = overhead or Overhead()
     encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
@@ -169,7 +171,11 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     valid = torch.tensor(valid_rows, dtype=torch.bool).to(device)  # [R, T]
     ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
     mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "logits_to_keep": keep}
+    if causal_only and not logit_index:
+        raise HarnessError("causal_only needs right padding without virtual tokens (logit_index)")
+    kwargs = {"input_ids": ids.to(device), "logits_to_keep": keep}
+    if not causal_only:
+        kwargs["attention_mask"] = mask.to(device)
     if not right_pad:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
     if logit_index:

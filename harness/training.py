@@ -134,7 +134,7 @@ class _Sampler:
 
 
 def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dims, overhead, right_pad, encode,
-                      logit_index: bool = False):
+                      logit_index: bool = False, causal_only: bool = False):
     """Accumulate gradients of the summed losses over micro-batches.
 
     Returns (values, weights, work, rows): ``values`` [n_micro, 1 + n_losses] (total, then each loss) stays on the
@@ -143,7 +143,8 @@ def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dim
     for i in range(0, len(prompts), micro):
         chunk = prompts[i:i + micro]
         out = choice_logprobs(model, tokenizer, chunk, max_length=settings["max_length"], right_pad=right_pad,
-                              dims=dims, overhead=overhead, encode=encode, logit_index=logit_index)
+                              dims=dims, overhead=overhead, encode=encode, logit_index=logit_index,
+                              causal_only=causal_only)
         weight = len(chunk) / len(prompts)
         parts = [LOSS_FUNCTIONS[name](out.token_logprobs, out.token_mask, out.labels) for name in settings["losses"]]
         loss = parts[0]
@@ -195,6 +196,9 @@ def training_step(backward, optimizer, masters: MasterWeights, settings: dict, s
 
 
 PADDING_CHOICES = ("auto", "left", "right")  # auto: right on CUDA (see train), left elsewhere
+# train() also takes "right-causal": right padding without an attention mask (exact: the padding follows every real
+# token), so that SDPA can use its unmasked kernels; measured by benchmarks/train_memory_probe.py, not a default
+TRAIN_PADDING_CHOICES = PADDING_CHOICES + ("right-causal",)
 
 
 def train(model, tokenizer, train_examples: list[dict], task, settings: dict, seed: int, progress: bool = False,
@@ -205,8 +209,9 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     adds to each forward; without it rows are left-padded and no overhead is counted. ``compile``
     (:func:`compile_mode`): eager by default, or compiled blocks or model; if compiling fails on the first step
     the loop warns and goes on eagerly, and evaluation never uses a compiled model. On CUDA the optimizer is
-    the fused one (:func:`make_optimizer`) and rows are right-padded (``padding``: ``auto``, ``left`` or
-    ``right``), since SDPA gives NaN gradients for the fully masked query rows of left padding.
+    the fused one (:func:`make_optimizer`) and rows are right-padded (``padding``: ``auto``, ``left``, ``right`` or
+    ``right-causal``, right padding without an attention mask), since SDPA gives NaN gradients for the fully masked
+    query rows of left padding.
     """
     from harness.methods import get_method, method_overhead
 
@@ -217,14 +222,17 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         raise HarnessError("the model has no trainable parameters; apply a method first")
     needs_right = method is not None and not get_method(method).position_ids
     on_step = get_method(method).on_step if method is not None else None
-    if padding not in PADDING_CHOICES:
-        raise HarnessError(f"padding must be one of {', '.join(PADDING_CHOICES)}, got {padding!r}")
+    if padding not in TRAIN_PADDING_CHOICES:
+        raise HarnessError(f"padding must be one of {', '.join(TRAIN_PADDING_CHOICES)}, got {padding!r}")
+    if padding == "right-causal" and needs_right:
+        raise HarnessError(f"method {method!r} adds virtual tokens: right-causal padding needs a method without them")
     if padding == "left" and needs_right:
         raise HarnessError(f"method {method!r} drops position ids: its rows must be right-padded")
     device = next(model.parameters()).device
     # on CUDA, SDPA's backward gives NaN for left padding's fully masked query rows (benchmarks/nan_probe.py)
-    right_pad = needs_right or padding == "right" or (padding == "auto" and device.type == "cuda")
+    right_pad = needs_right or padding in ("right", "right-causal") or (padding == "auto" and device.type == "cuda")
     logit_index = right_pad and not needs_right
+    causal_only = padding == "right-causal"
     overhead = method_overhead(model, method, settings) if method else Overhead()
     dims = ModelDims.from_model(model)
     mode = compile_mode(compile)
@@ -261,7 +269,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                 while True:
                     try:
                         return _forward_backward(forward_model, tokenizer, batch, micro, settings, dims, overhead,
-                                                 right_pad, encode, logit_index)
+                                                 right_pad, encode, logit_index, causal_only)
                     except torch.OutOfMemoryError:
                         if micro == 1:
                             raise

@@ -34,8 +34,11 @@ def test_attention_settings_switch_and_restore(tiny):
 
 def test_probe_trains_and_records_peak_and_step_time(tiny, smollm, cb, data_dir):
     examples = few_shot_examples(cb, 0, data_dir, n=32)[:4]
-    rows = [probe(tiny, smollm.tokenizer, cb, examples, "ia3", s, 2, 0, torch.device("cpu")) for s in ("math", "eager")]
+    cpu = torch.device("cpu")
+    rows = [probe(tiny, smollm.tokenizer, cb, examples, "ia3", s, 2, 0, cpu, p)
+            for s, p in (("math", "right"), ("eager", "right"), ("math", "right-causal"))]
     for row in rows:
         assert row["error"] is None and row["peak_gb"] > 0 and row["median_step_s"] > 0
-    assert rows[0]["loss_last"] == pytest.approx(rows[1]["loss_last"], rel=1e-4)  # same step, another kernel
+    for row in rows[1:]:  # the same step with another kernel or without the mask
+        assert row["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-4)
     assert tiny.config._attn_implementation == "sdpa"

@@ -118,6 +118,36 @@ def test_indexed_logits_give_the_same_gradients_and_only_scored_positions_reach_
     assert not head._forward_pre_hooks  # the gather is removed after the forward
 
 
+def test_right_causal_padding_drops_the_mask_and_changes_no_logprob_or_loss(tiny, smollm, cb):
+    # right padding follows every real token, so causal attention alone keeps it out (no mask: SDPA's plain kernels)
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
+    masked = choice_logprobs(tiny, smollm.tokenizer, prompts, right_pad=True, logit_index=True)
+    seen = []
+    handle = tiny.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                            with_kwargs=True)
+    try:
+        causal = choice_logprobs(tiny, smollm.tokenizer, prompts, right_pad=True, logit_index=True, causal_only=True)
+    finally:
+        handle.remove()
+    assert seen == [None]
+    torch.testing.assert_close(causal.token_logprobs, masked.token_logprobs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(HarnessError, match="causal_only needs right padding"):
+        choice_logprobs(tiny, smollm.tokenizer, prompts, causal_only=True)
+    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2, "lr": 1e-2,
+                                                   "warmup_ratio": 0.0})
+    losses = []
+    for padding in ("right", "right-causal"):
+        torch.manual_seed(0)
+        model = apply_method(copy.deepcopy(tiny), "lora", settings)
+        losses.append(train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="lora",
+                            padding=padding).losses)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    prompt = training_settings("prompt_tuning", "quick", {"steps": 1, "batch_size": 2, "n_train": 2})
+    with pytest.raises(HarnessError, match="adds virtual tokens"):
+        train(apply_method(copy.deepcopy(tiny), "prompt_tuning", prompt), smollm.tokenizer, SHORT_CB, cb, prompt,
+              seed=0, method="prompt_tuning", padding="right-causal")
+
+
 def test_right_padding_gives_the_same_logprobs(smollm, cb):
     template = cb.template("gpt3_style")
     prompts = [cb.render(template, ex) for ex in SHORT_CB]
