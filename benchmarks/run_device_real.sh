@@ -7,7 +7,9 @@
 # with the git-ignored folder .gpu prepared here (see the doc) and carried:
 #   .gpu/src    a frozen copy of the code at commit C (a depth-1 clone, so runs record the commit; or git archive)
 #   .gpu/data   the local SuperGLUE data folder (../shared/data)
-#   .gpu/whl    wheels missing on the machine (gguf, pure python)
+#   .gpu/whl    wheels missing on the machine (gguf, pure python), and transformers 5.25.0 + huggingface_hub 2.4.0:
+#               the machine's transformers 5.17.0 converts Gemma 3's GGUF tokenizer per character (round 7; the
+#               gemma-assemble stage checks it); installed into /tmp/site, first on PYTHONPATH
 #   .gpu/parts  the GGUF in parts (split -b 33M: aa, ab, ac): a call carries at most 64 MiB, working tree and
 #               carried paths together, and the GGUF is 98,362,432 bytes
 #   .gpu/store  the store of the last call (paper.sqlite.gz), carried in so that a fresh machine resumes the grid
@@ -184,7 +186,13 @@ while [ $# -gt 0 ]; do
 from harness.models import embedded_gguf, model_source
 from harness.identity import model_fingerprint
 print('model', embedded_gguf('gemma3-270m'), model_fingerprint('gemma3-270m'))
-print('converted', model_source('gemma3-270m')[0])") || exit 1 ;;
+print('converted', model_source('gemma3-270m')[0])
+import transformers
+from transformers import AutoTokenizer
+from harness.tokenizer_check import check_tokenizer, tokens_per_char
+tok = AutoTokenizer.from_pretrained(model_source('gemma3-270m')[0])
+print('transformers', transformers.__version__, 'tokens per character', round(tokens_per_char(tok), 3))
+check_tokenizer(tok, 'gemma3-270m')  # transformers 5.17.0 (the machine's own, round 7) tokenizes per character") || exit 1 ;;
     assemble)
       "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$G"/whl/*.whl || exit 1

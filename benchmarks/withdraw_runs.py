@@ -8,6 +8,13 @@ barely trained. Such runs now get new run ids (``RunSpec.master_weights``), so a
 script marks the old ones ``withdrawn`` with the reason (kept in the store, left out of every report table).
 
     python -m benchmarks.withdraw_runs STORE.sqlite [--dry-run]
+
+With ``--model NAME --transformers VERSION`` it withdraws instead every finished run of that model made under that
+transformers version (the version each run recorded in its environment), for a tokenizer that version converted
+wrongly: transformers 5.17.0 turns the Gemma 3 GGUF's tokenizer into one that splits text per character (round 7,
+docs/benchmarks.md (d); :mod:`harness.tokenizer_check` now refuses such a tokenizer at load).
+
+    python -m benchmarks.withdraw_runs STORE.sqlite --model gemma3-270m --transformers 5.17.0
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import sqlite3
 
 from harness.methods import get_method
 
+TOKENIZER_REASON = ("transformers {version} converted this model's tokenizer wrongly (one token per character; "
+                    "harness.tokenizer_check now refuses it); re-run with a transformers that converts it correctly")
 REASON = ("trained {dtype} parameters without float32 master weights (updates below bfloat16 resolution "
           "were rounded away; fixed in b3431cc, where such runs get new ids); re-run")
 
@@ -36,10 +45,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--model", help="with --transformers: withdraw this model's runs made under that version")
+    parser.add_argument("--transformers", help="the transformers version whose tokenizer conversion was wrong")
     args = parser.parse_args()
+    if bool(args.model) != bool(args.transformers):
+        parser.error("--model and --transformers go together")
     db = sqlite3.connect(args.store)
-    rows = db.execute("SELECT run_id, config_json FROM runs WHERE status = 'finished'").fetchall()
-    hits = [(run_id, json.loads(cfg)) for run_id, cfg in rows if stale(json.loads(cfg))]
+    rows = db.execute("SELECT run_id, config_json, env_json FROM runs WHERE status = 'finished'").fetchall()
+    if args.model:
+        def hit(cfg: dict, env: dict) -> bool:
+            return cfg.get("model") == args.model and env.get("packages", {}).get("transformers") == args.transformers
+
+        reason = TOKENIZER_REASON.format(version=args.transformers)
+    else:
+        def hit(cfg: dict, env: dict) -> bool:
+            return stale(cfg)
+
+        reason = None
+    hits = [(run_id, json.loads(cfg)) for run_id, cfg, env in rows if hit(json.loads(cfg), json.loads(env or "{}"))]
     counts: dict[tuple, int] = {}
     for _, cfg in hits:
         counts[(cfg["task"], cfg["method"])] = counts.get((cfg["task"], cfg["method"]), 0) + 1
@@ -48,7 +71,7 @@ def main() -> None:
     if not args.dry_run:
         with db:
             db.executemany("UPDATE runs SET status = 'withdrawn', error = ? WHERE run_id = ?",
-                           [(REASON.format(dtype=cfg["dtype"]), run_id) for run_id, cfg in hits])
+                           [(reason or REASON.format(dtype=cfg["dtype"]), run_id) for run_id, cfg in hits])
     print(f"{'would withdraw' if args.dry_run else 'withdrew'} {len(hits)} of {len(rows)} finished runs")
 
 

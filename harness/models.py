@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
+from harness.tokenizer_check import check_tokenizer
 from harness.model_files import (EMBEDDED, _clear_quantization_flags, cache_dir,  # noqa: F401  (re-exported)
                                   converted_folder, embedded_gguf, model_source)
 
@@ -149,6 +150,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except Exception as exc:
         where = "local folder" if local else "Hugging Face Hub id (needs network; or pass a local folder/.gguf)"
         raise HarnessError(f"could not load model {name!r} as {where}: {str(exc).splitlines()[0]}") from exc
+    check_tokenizer(tok, name)  # a broken conversion tokenizes per character: refuse it (harness.tokenizer_check)
     if quantize is not None:  # bitsandbytes placed it; .to() is refused on 4-bit models
         return LoadedModel(name, model.eval(), tok, dev, dt)
     _clear_quantization_flags(model)

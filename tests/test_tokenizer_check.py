@@ -1,0 +1,38 @@
+"""harness.tokenizer_check: a tokenizer that splits text per character (transformers 5.17's Gemma 3 GGUF
+conversion) is refused when the model loads; real subword tokenizers pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.tokenizer_check import PROBE, check_tokenizer, tokens_per_char
+
+
+class CharTokenizer:
+    """What the broken conversion does: one token per character."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_the_embedded_tokenizer_passes(smollm):
+    assert tokens_per_char(smollm.tokenizer) < 0.3
+    check_tokenizer(smollm.tokenizer, "smollm2-135m")
+
+
+def test_a_per_character_tokenizer_is_refused_with_the_fix():
+    assert tokens_per_char(CharTokenizer()) == 1.0
+    with pytest.raises(HarnessError, match="1.00 tokens per character.*transformers.*converted copy"):
+        check_tokenizer(CharTokenizer(), "gemma3-270m")
+    assert len(PROBE) > 60
+
+
+def test_load_model_refuses_it(monkeypatch):
+    import transformers
+
+    from harness.models import load_model
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
+    with pytest.raises(HarnessError, match="model 'smollm2-135m': its tokenizer splits"):
+        load_model("smollm2-135m", "cpu", "float32")

@@ -1,0 +1,35 @@
+"""benchmarks/withdraw_runs.py --model --transformers: withdraws exactly one model's runs made under one
+transformers version (a tokenizer that version converted wrongly), with the reason; reports leave them out."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+
+import pytest
+
+from harness.store import RunResult, Store
+
+
+def _write(store: Store, run_id: str, model: str, transformers: str) -> None:
+    store.write(RunResult(run_id, {"task": "cb", "method": "icl", "model": model}, "finished",
+                          {"accuracy": 0.5, "n_eval": 1}, [], env={"packages": {"transformers": transformers}}))
+
+
+def test_withdraws_one_models_runs_of_one_transformers_version(tmp_path, monkeypatch, capsys):
+    from benchmarks.withdraw_runs import main
+
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    _write(store, "a", "gemma3-270m", "5.17.0")
+    _write(store, "b", "gemma3-270m", "5.25.0")
+    _write(store, "c", "smollm2-135m", "5.17.0")
+    monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--model", "gemma3-270m", "--transformers", "5.17.0"])
+    main()
+    rows = dict(sqlite3.connect(path).execute("SELECT run_id, status FROM runs").fetchall())
+    assert rows == {"a": "withdrawn", "b": "finished", "c": "finished"}
+    assert "one token per character" in store.get_run("a")["error"]
+    assert "withdrew 1 of 3" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--model", "gemma3-270m"])
+    with pytest.raises(SystemExit):
+        main()
