@@ -28,6 +28,11 @@ def test_a_per_character_tokenizer_is_refused_with_the_fix():
     assert len(PROBE) > 60
 
 
+def test_a_byte_level_model_by_design_passes_when_allowed(monkeypatch):
+    monkeypatch.setenv("HARNESS_ALLOW_CHAR_TOKENIZER", "1")
+    check_tokenizer(CharTokenizer(), "google/byt5-small")
+
+
 def test_load_model_refuses_it(monkeypatch):
     import transformers
 
