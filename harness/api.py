@@ -140,6 +140,7 @@ def plan(
                                 data_hash=data_hash, train_data_hash=train_hash, data_source=data.source_text,
                                 calibrate=calibrate and info.kind != "peft",
                                 master_weights=info.trains_model_dtype and dt in LOW_PRECISION,
+                                costs_version=info.costs_version,
                                 demos=source, order=order, label_noise=noise, **common))
     return specs
 

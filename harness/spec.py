@@ -75,6 +75,9 @@ class RunSpec:
     # only when True, so every other run keeps its id; runs of such methods made before the master weights
     # (parameters updated in bfloat16, most updates rounded away) never match a new plan.
     master_weights: bool = False
+    # MethodInfo.costs_version: the version of the method's FLOPs formula. Hashed only when nonzero, so runs of
+    # methods whose formula never changed keep their ids; runs stored with an older formula's FLOPs never match.
+    costs_version: int = 0
     # in-context runs: also compute accuracy_calibrated and accuracy_mutual_info (harness.calibration). Not hashed
     # (it adds figures and changes none): a run stored without them is not finished for a --calibrate plan
     # (Store.finished_ids(calibrated=True)), so it is re-run and replaced by one with them.
@@ -116,6 +119,8 @@ class RunSpec:
         out = {key: value for key, value in self.config().items() if key not in NOT_HASHED}
         if not out["master_weights"]:
             del out["master_weights"]  # run ids made before the field existed stay the same
+        if not out["costs_version"]:
+            del out["costs_version"]  # likewise
         for key, default in VARIANT_DEFAULTS.items():  # likewise (issue 15)
             if out[key] == default:
                 del out[key]

@@ -7,6 +7,7 @@ one slow test checks the store end to end with the real model.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -249,3 +250,17 @@ def test_a_task_given_by_path_trains_in_worker_processes(world):
     runs = Store(store).runs()
     assert [(r["task"], r["status"]) for r in runs] == [("mycb", "finished")] * 2
     assert all(r["env"].get("workers") == 2 for r in runs)
+
+
+def test_a_changed_flops_formula_changes_only_that_methods_ids():
+    # dora, oft, compacter and ptuning store other FLOPs since their per-forward-call work is counted
+    # (MethodInfo.costs_version 1): their old runs must not be served as new; every other id stays the same
+    from harness.methods import get_method
+    from harness.spec import RunSpec
+
+    assert {m: get_method(m).costs_version for m in ("dora", "oft", "compacter", "ptuning", "lora", "ia3")} == \
+        {"dora": 1, "oft": 1, "compacter": 1, "ptuning": 1, "lora": 0, "ia3": 0}
+    old = RunSpec(task="cb", method="dora", template="t", seed=0, k=0, model="m")
+    new = dataclasses.replace(old, costs_version=1)
+    assert "costs_version" not in old.identity() and new.identity()["costs_version"] == 1
+    assert old.run_id != new.run_id

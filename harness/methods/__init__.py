@@ -57,6 +57,10 @@ class MethodInfo:
     adds in that dtype) rather than float32 adapters as peft makes; in bfloat16/float16 those are trained through
     float32 master weights (:mod:`harness.master_weights`), which the run id records (``RunSpec.master_weights``).
 
+    ``costs_version``: bumped (from 0) when the method's FLOPs formula changes the FLOPs its runs store; the run id
+    hashes it when nonzero (``RunSpec.costs_version``), so a store's runs with the old figures are made again rather
+    than served as new. 1: the per-forward-call work (``Overhead.per_forward``; dora, oft, compacter, ptuning).
+
     Optional hooks: ``on_step(model, step)`` runs after every optimizer step, gradients still in place (AdaLoRA's
     rank allocation); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in
     :func:`harness.api.plan` before any model loads.
@@ -83,6 +87,7 @@ class MethodInfo:
     prepare: Callable | None = None
     restore: Callable | None = None
     trains_model_dtype: bool = False
+    costs_version: int = 0
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")

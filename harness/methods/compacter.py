@@ -73,4 +73,5 @@ def overhead(model, cfg: CompacterArgs) -> Overhead:
 register(MethodInfo(
     "compacter", "peft", "Compacter++ (Karimi Mahabadi et al. 2021): PHM (n=4, rank 1) bottleneck after the FFN",
     config_cls=CompacterArgs, apply=apply, overhead=overhead, artifact="tensors",
-    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True))
+    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True,
+    costs_version=1))  # 1: per-forward-call FLOPs (Overhead.per_forward)

@@ -62,4 +62,4 @@ def overhead(model, cfg: DoraArgs) -> Overhead:
 register(MethodInfo(
     "dora", "peft", "DoRA (Liu et al. 2024): LoRA on the direction + trainable magnitude (q,v, r=8)",
     config_cls=DoraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=True))
+    mixed_batches=True, costs_version=1))  # 1: per-forward-call FLOPs (Overhead.per_forward)

@@ -87,4 +87,4 @@ def overhead(model, cfg: OftArgs) -> Overhead:
 register(MethodInfo(
     "oft", "peft", "OFT (Qiu et al. 2023): block-diagonal orthogonal rotations of q,v inputs (block 32)",
     config_cls=OftArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=True))
+    mixed_batches=True, costs_version=1))  # 1: per-forward-call FLOPs (Overhead.per_forward)

@@ -80,4 +80,4 @@ def overhead(model, cfg: PTuningArgs) -> Overhead:
 register(MethodInfo(
     "ptuning", "peft", "P-tuning (Liu et al. 2021): 20 virtual tokens from an MLP prompt encoder, AdamW 1e-3",
     config_cls=PTuningArgs, supports_kv_cache=False, apply=apply, overhead=overhead, position_ids=False,
-    family="additive", mixed_batches=True))
+    family="additive", mixed_batches=True, costs_version=1))  # 1: per-forward-call FLOPs (Overhead.per_forward)
