@@ -137,6 +137,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     source, local = model_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        check_tokenizer(tok, name)  # a broken conversion tokenizes per character: refused before the weights load
         model_cls = model_class(source, local)
         if quantize is None:
             model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local)
@@ -147,10 +148,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                                      bnb_4bit_compute_dtype=dt)
             model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local, quantization_config=nf4,
                                               device_map={"": dev.index or 0})
+    except HarnessError:
+        raise
     except Exception as exc:
         where = "local folder" if local else "Hugging Face Hub id (needs network; or pass a local folder/.gguf)"
         raise HarnessError(f"could not load model {name!r} as {where}: {str(exc).splitlines()[0]}") from exc
-    check_tokenizer(tok, name)  # a broken conversion tokenizes per character: refuse it (harness.tokenizer_check)
     if quantize is not None:  # bitsandbytes placed it; .to() is refused on 4-bit models
         return LoadedModel(name, model.eval(), tok, dev, dt)
     _clear_quantization_flags(model)

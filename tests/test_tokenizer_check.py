@@ -39,5 +39,8 @@ def test_load_model_refuses_it(monkeypatch):
     from harness.models import load_model
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
+    loads = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
     with pytest.raises(HarnessError, match="model 'smollm2-135m': its tokenizer splits"):
         load_model("smollm2-135m", "cpu", "float32")
+    assert loads == []  # refused before the weights load
