@@ -61,7 +61,8 @@
 #           .gpu/parts/gguf.part.ac:                         bash .gpu/run_device_real.sh part ab ac assemble grid1
 #   calls C, D, E: carry the same without the parts:         bash .gpu/run_device_real.sh grid2   (grid3;
 #           GRID_TIMEOUT=385 ... grid4, for the budget left)
-# After each call copy $OUT/paper.sqlite.gz to .gpu/store/, and commit it as results/paper/paper.sqlite.xz
+# After each call copy $OUT/paper.sqlite.gz to .gpu/store/ (the next call resumes from the carried store, never
+# from one left on the machine), and commit it as results/paper/paper.sqlite.xz
 # (gunzip -c ... | xz -9 > results/paper/paper.sqlite.xz); docs/results.md: bash benchmarks/results_doc.sh.
 # Locally (CPU dry run): DEVICE=cpu EXTRA="--limit 2 --steps 2 --seeds 0" PYTHON=.venv/bin/python \
 #   STORE=/tmp/dry/paper.sqlite OUT=/tmp/dry/out bash .gpu/run_device_real.sh assemble grid1
@@ -86,6 +87,7 @@ TASKS=rte,cb,copa,wic,wsc
 mkdir -p "$OUT" /tmp/w
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HARNESS_CACHE_DIR=${HARNESS_CACHE_DIR:-/tmp/hcache}
+export USE_HUB_KERNELS=${USE_HUB_KERNELS:-0}  # transformers 5.25 kernelizes by default (hub kernels: a download)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # many processes share one GPU
 
 plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan's trainings all run at once
@@ -221,8 +223,13 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
     grid|grid[0-9]|grid[0-9][0-9]|gemma[0-9])
       jobs_text=$(plan "$stage")
       mkdir -p "$(dirname "$STORE")" "$(dirname "$RERUN_STORE")"
-      if [ ! -f "$STORE" ] && [ -f "$G/store/paper.sqlite.gz" ]; then gunzip -c "$G/store/paper.sqlite.gz" > "$STORE"; fi
-      [ -f "$STORE" ] && echo "resuming $STORE"
+      # The carried store is the checkpoint: it replaces a store left on a warm machine by an earlier call (round 8:
+      # a machine kept the store of a call whose result was not carried back yet, and the next call resumed that
+      # older one; benchmarks/merge_stores.py joined the two). A job's own --store (reruns) is left alone.
+      if [ -f "$G/store/paper.sqlite.gz" ]; then
+        gunzip -c "$G/store/paper.sqlite.gz" > "$STORE.tmp" && rm -f "$STORE-wal" "$STORE-shm" && mv "$STORE.tmp" "$STORE"
+      fi
+      [ -f "$STORE" ] && echo "resuming $STORE ($(sqlite3 "$STORE" 'SELECT COUNT(*) FROM runs' 2>/dev/null || echo '?') runs)"
       IFS=';' read -ra jobs <<< "$jobs_text"
       pids=(); start=$SECONDS; i=0
       monitor=""  # the GPU's memory in use every 5 s (how many processes fit: $OUT/<stage>_gpumem.csv)

@@ -1,0 +1,60 @@
+"""Merge the finished runs of other stores into one store (the results of GPU calls that resumed different copies).
+
+A grid on the lent GPU resumes from the store carried into each call; when two calls started from different copies
+(round 8: a warm machine kept its own older store), each returned store holds runs the other lacks. This copies
+every run that is finished in a source and not finished in the target (missing, failed or withdrawn there), with its
+per-example rows, and nothing else: a run finished in the target is never replaced (the same run id means the same
+configuration, weights, data and scoring, so either copy is the result).
+
+    python -m benchmarks.merge_stores TARGET.sqlite SOURCE.sqlite [SOURCE.sqlite ...] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+
+TABLES = ("runs", "examples")  # runs first: examples reference them
+
+
+def _columns(db: sqlite3.Connection, schema: str, table: str) -> list[str]:
+    return [row[1] for row in db.execute(f"PRAGMA {schema}.table_info({table})")]
+
+
+def merge(target: str, source: str, dry_run: bool = False) -> list[str]:
+    """Copy ``source``'s finished runs that ``target`` has not finished into ``target``; returns their run ids."""
+    db = sqlite3.connect(target)
+    try:
+        db.execute("ATTACH DATABASE ? AS src", (source,))
+        finished = {r for (r,) in db.execute("SELECT run_id FROM main.runs WHERE status = 'finished'")}
+        new = [r for (r,) in db.execute("SELECT run_id FROM src.runs WHERE status = 'finished' ORDER BY run_id")
+               if r not in finished]
+        if new and not dry_run:
+            with db:
+                db.execute("CREATE TEMP TABLE merge_ids (run_id TEXT PRIMARY KEY)")
+                db.executemany("INSERT INTO merge_ids VALUES (?)", [(r,) for r in new])
+                db.execute("DELETE FROM main.examples WHERE run_id IN (SELECT run_id FROM merge_ids)")
+                db.execute("DELETE FROM main.runs WHERE run_id IN (SELECT run_id FROM merge_ids)")
+                for table in TABLES:
+                    shared = [c for c in _columns(db, "main", table) if c in _columns(db, "src", table)]
+                    names = ", ".join(shared)
+                    db.execute(f"INSERT INTO main.{table} ({names}) SELECT {names} FROM src.{table} "
+                               "WHERE run_id IN (SELECT run_id FROM merge_ids)")
+        return new
+    finally:
+        db.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("target")
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    args = p.parse_args()
+    for source in args.sources:
+        new = merge(args.target, source, args.dry_run)
+        print(f"{source}: {len(new)} finished run(s) {'to copy' if args.dry_run else 'copied'} into {args.target}")
+
+
+if __name__ == "__main__":
+    main()
