@@ -76,7 +76,8 @@ def converted_folder(gguf: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     use_kernels=False)  # see harness.models.NO_HUB_KERNELS
         _clear_quantization_flags(model)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

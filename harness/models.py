@@ -101,6 +101,13 @@ def is_seq2seq(model) -> bool:
     return bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
 
 
+# transformers >= 5.2x "kernelizes" a model by default when the `kernels` package is installed: layers swapped for
+# kernels fetched from the Hub at run time (a download; other numerics on a machine that can reach the Hub, a load
+# that fails where `kernels` is missing or of another version: round 8, docs/benchmarks.md (d)). Every load here
+# keeps the model's own PyTorch layers, as transformers 5.17 does by default.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def model_class(source: str, local: bool):
     """``AutoModelForSeq2SeqLM`` when the config says ``is_encoder_decoder`` (T5 family), else causal."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -140,14 +147,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         check_tokenizer(tok, name)  # a broken conversion tokenizes per character: refused before the weights load
         model_cls = model_class(source, local)
         if quantize is None:
-            model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local)
+            model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local, **NO_HUB_KERNELS)
         else:
             from transformers import BitsAndBytesConfig
 
             nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                      bnb_4bit_compute_dtype=dt)
             model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local, quantization_config=nf4,
-                                              device_map={"": dev.index or 0})
+                                              device_map={"": dev.index or 0}, **NO_HUB_KERNELS)
     except HarnessError:
         raise
     except Exception as exc:
