@@ -40,12 +40,25 @@ def _acc_points(runs, x_field: str, metric: str, positive_only: bool):
 
 
 def _scatter(ax, points, n_models: int) -> None:
+    """One point per group. With one model: a colour and marker per point. With several: a colour per method (the
+    same method has the same colour for every model) and a marker per model, so the models can be told apart."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    labels = list(dict.fromkeys(g.label for g, _, _ in points))
+    models = list(dict.fromkeys(g.model for g, _, _ in points))
     for i, (g, x, m) in enumerate(points):
-        ax.errorbar([x], [m.median], yerr=[[m.median - m.q25], [m.q75 - m.median]], fmt=MARKERS[i % len(MARKERS)],
-                    color=f"C{i % 10}", markersize=8, capsize=4, label=_legend_name(g, n_models))
+        colour = labels.index(g.label) if n_models > 1 else i
+        marker = MARKERS[(models.index(g.model) if n_models > 1 else i) % len(MARKERS)]
+        ax.errorbar([x], [m.median], yerr=[[m.median - m.q25], [m.q75 - m.median]], fmt=marker,
+                    color=f"C{colour % 10}", markersize=8, capsize=4, label=_legend_name(g, n_models))
     ax.set_xscale("log")
+    xs = [x for _, x, _ in points]
+    if max(xs) < 10 * min(xs):  # under a decade matplotlib's log ticks crowd and overlap: five short labels instead
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}".replace("e+", "e")))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, never over a point
 
 
 def plot_accuracy_vs_flops(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
