@@ -78,6 +78,14 @@ def main(path: str) -> None:
     described = "; ".join(f"{gpu}, Python {py}, " + ", ".join(f"{k} {v}" for k, v in json.loads(pk).items() if v)
                           for gpu, py, pk in envs)
     print(f"\nEnvironment the runs recorded: commit {', '.join(commits)}; {described}.")
+    tokenizers = db.execute("SELECT model, json_extract(env_json, '$.tokenizer'), COUNT(*) FROM runs "
+                            "WHERE status = 'finished' GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    per_model: dict[str, list[str]] = {}
+    for model, fingerprint, n in tokenizers:
+        per_model.setdefault(model, []).append(f"{fingerprint or 'not recorded (runs before it was)'}: {n} run(s)")
+    print("\nTokenizer fingerprints of the finished runs (harness.tokenizer_check.tokenizer_fingerprint; two "
+          "fingerprints of one model mean two tokenizations):"
+          + "".join(f"\n- {model}: {'; '.join(fps)}" for model, fps in per_model.items()))
 
 
 if __name__ == "__main__":

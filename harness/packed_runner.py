@@ -30,6 +30,7 @@ from harness.jobs import Job
 from harness.models import LoadedModel
 from harness.spec import RunSpec
 from harness.store import RunResult
+from harness.tokenizer_check import run_env
 
 log = logging.getLogger("harness")
 
@@ -92,6 +93,7 @@ def run_pack(load_base: Callable[[], LoadedModel], groups: list[list[RunSpec]], 
         info = get_method(first.method)
         lm = load_base()
         is_random = lm.is_random
+        env = run_env(env, lm.tokenizer)
         seq2seq = is_seq2seq(lm.model)
         if not seq2seq:
             costs.reset_peak_memory(lm.device)

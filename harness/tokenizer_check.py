@@ -7,10 +7,17 @@ fingerprint cannot see this; the tokenizer's output can. :func:`check_tokenizer`
 than half a token per character on plain English (every subword tokenizer needs about a quarter; one per
 character is the failure), before any run of the model is scored. A model that is byte- or character-level by
 design (ByT5, CANINE) passes with ``HARNESS_ALLOW_CHAR_TOKENIZER=1``.
+
+:func:`tokenizer_fingerprint` is what every run records beside its environment (``env["tokenizer"]``): a hash of
+the vocabulary size and of the token ids of a few probe texts. The run identity cannot hold it (it is fixed before
+any tokenizer loads), but two runs of one model whose fingerprints differ were tokenized differently, and
+``benchmarks/results_sanity.py`` lists the fingerprints per model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 from harness.errors import HarnessError
@@ -23,6 +30,20 @@ ALLOW_ENV = "HARNESS_ALLOW_CHAR_TOKENIZER"  # "1": the model is byte/character-l
 def tokens_per_char(tokenizer, text: str = PROBE) -> float:
     """Tokens (no special tokens) per character of ``text``."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) / len(text)
+
+
+FINGERPRINT_TEXTS = (PROBE, " True False Neither yes no", "Élan naïve café: 日本語, 12.5%\n\tend")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """16 hex digits of sha256 over ``len(tokenizer)`` and the ids of :data:`FINGERPRINT_TEXTS` (no special tokens)."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in FINGERPRINT_TEXTS]
+    return hashlib.sha256(json.dumps([len(tokenizer), ids]).encode()).hexdigest()[:16]
+
+
+def run_env(env: dict | None, tokenizer) -> dict:
+    """``env`` with the tokenizer's fingerprint added (what a run records once its model has loaded)."""
+    return (env or {}) | {"tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
 def check_tokenizer(tokenizer, model_name: str) -> None:

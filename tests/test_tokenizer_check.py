@@ -44,3 +44,32 @@ def test_load_model_refuses_it(monkeypatch):
     with pytest.raises(HarnessError, match="model 'smollm2-135m': its tokenizer splits"):
         load_model("smollm2-135m", "cpu", "float32")
     assert loads == []  # refused before the weights load
+
+
+def test_the_fingerprint_tells_tokenizations_apart(smollm):
+    from harness.tokenizer_check import tokenizer_fingerprint
+
+    class CharTokenizerWithVocab(CharTokenizer):
+        def __len__(self):
+            return len(smollm.tokenizer)  # same vocabulary size: only the tokenization differs
+
+    real = tokenizer_fingerprint(smollm.tokenizer)
+    assert len(real) == 16 and real == tokenizer_fingerprint(smollm.tokenizer)
+    assert tokenizer_fingerprint(CharTokenizerWithVocab()) != real
+
+
+def test_every_run_records_its_tokenizers_fingerprint(tmp_path, data_dir, smollm):
+    """ICL and trained runs store env["tokenizer"]: results_sanity lists the fingerprints per model, so two runs of
+    one model tokenized differently (the same run id: round 7) are visible."""
+    from harness import api
+    from harness.store import Store
+    from harness.tokenizer_check import tokenizer_fingerprint
+
+    specs = api.plan(["cb"], ["zeroshot", "ia3"], seeds=[0], templates=["gpt3_style"], preset="quick", limit=1,
+                     train_overrides={"steps": 1}, data_dir=data_dir, device="cpu", dtype="float32")
+    results = api.run(specs, store=tmp_path / "s.sqlite", data_dir=data_dir, progress=False,
+                      loader=lambda spec: smollm)
+    assert [r.status for r in results] == ["finished"] * len(specs) and len(specs) == 2
+    expected = tokenizer_fingerprint(smollm.tokenizer)
+    assert {r["method"]: r["env"]["tokenizer"] for r in Store(tmp_path / "s.sqlite").runs()} == \
+        {"zeroshot": expected, "ia3": expected}
