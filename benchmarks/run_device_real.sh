@@ -117,10 +117,26 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     grid13) echo "--methods ln_tuning --tasks copa --workers 5; --methods full --tasks wic --workers 5" ;;
     grid14) echo "--methods full --tasks cb,rte --workers 10" ;;
     grid15) echo "--methods full --tasks copa,wsc --workers 10" ;;
-    # Gemma 3 270M (MODEL=gemma3-270m): a Gemma (IA)3 training process holds 18.7 GB (round 7), a pack of two 37 GB:
-    # at most six trainings a call until the memprobe stage finds a cheaper attention setting
-    gemma1) echo "--methods zeroshot,icl --tasks rte,cb,copa,wic,wsc --workers 2" ;;
-    gemma2) echo "--methods ia3 --tasks cb --workers 5" ;;
+    # Gemma 3 270M (MODEL=gemma3-270m HARNESS_GPU_SHARE=13): round 8 (transformers 5.25.0, the right tokenizer) ran
+    # zero-shot and ICL on rte, cb, copa and wsc (wsc ICL 11 of 20) and (IA)3 and T-Few on cb and rte; a training
+    # process holds 4.3 GB, ten of them beside three ICL workers fill a 550 s call (346-428 s each). What is left,
+    # one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555 after the parts and gemma-assemble on a fresh machine:
+    # give the first call of a machine fewer trainings, its assemble takes 60 s):
+    gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
+    gemma2) echo "--methods ia3,tfew --tasks wic --workers 10" ;;
+    gemma3) echo "--methods ia3,tfew --tasks wsc --workers 10" ;;
+    gemma4) echo "--methods lora --tasks cb,rte --workers 10" ;;
+    gemma5) echo "--methods lora --tasks copa,wsc --workers 10" ;;
+    gemma6) echo "--methods lora,prompt_tuning --tasks wic --workers 10" ;;
+    gemma7) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
+    gemma8) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
+    gemma9) echo "--methods ln_tuning --tasks cb,rte --workers 10" ;;
+    gemma10) echo "--methods ln_tuning --tasks copa,wsc --workers 10" ;;
+    gemma11) echo "--methods ln_tuning,full --tasks wic --workers 10" ;;
+    gemma12) echo "--methods full --tasks cb,rte --workers 10" ;;
+    gemma13) echo "--methods full --tasks copa,wsc --workers 10" ;;
+    # packed (issue 16): --pack 5 trains five groups in one model; measure it against gemma4's ten processes first
+    gemma4p) echo "--methods lora --tasks cb,rte --pack 5 --workers 2" ;;
     grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
   esac
 }
@@ -220,7 +236,7 @@ print('model', embedded_gguf('smollm2-135m'), model_fingerprint('smollm2-135m'),
 print('converted', model_source('smollm2-135m')[0])") || exit 1
       command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       ;;
-    grid|grid[0-9]|grid[0-9][0-9]|gemma[0-9])
+    grid|grid[0-9]|grid[0-9][0-9]|gemma[0-9]|gemma[0-9][0-9]|gemma[0-9]p)
       jobs_text=$(plan "$stage")
       mkdir -p "$(dirname "$STORE")" "$(dirname "$RERUN_STORE")"
       # The carried store is the checkpoint: it replaces a store left on a warm machine by an earlier call (round 8:
