@@ -20,7 +20,9 @@ before comparing; module docstring of each method for the formulas):
   whole overhead, so the counted difference is 0), DoRA's magnitude (``d_out``), AdaLoRA's ``E`` (``r``), VeRA's
   ``d`` and ``b`` (``r + d_out``), all per adapted layer and token (:data:`ELEMENTWISE`); the virtual tokens'
   own forward at ``2 N_body`` per token, whose norms and biases (in ``N_body``) are elementwise; and per forward
-  call DoRA's weight norm, OFT's Neumann sums, Compacter's Kronecker products (:data:`PER_FORWARD_ELEMENTWISE`).
+  call DoRA's weight norm, OFT's Neumann sums and constrained OFT's projection (peft's ``_project_batch``:
+  differences, a Frobenius norm, a division, a scaling), Compacter's Kronecker products
+  (:data:`PER_FORWARD_ELEMENTWISE`).
   nn.LSTM (p-tuning's LSTM prompt encoder) runs on the CPU as one fused oneDNN op per layer
   (``aten.mkldnn_rnn_layer``; cuDNN's ``aten._cudnn_rnn`` on CUDA), for which the counter has no formula: it
   would count 0. :func:`counted` therefore turns oneDNN off, so the LSTM runs as torch's own cell loop, ``addmm``
@@ -39,8 +41,8 @@ per call, elementwise), and ``intrinsic_said`` after :func:`harness.methods.intr
 training hooks are matrix-vector products, ``aten.mv``, which ``FlopCounterMode`` does not count, so they are not
 checked here). ``qlora`` needs a 4-bit NF4 base (CUDA + bitsandbytes) and is skipped.
 
-Besides each method's paper settings, :data:`VARIANTS` checks settings that change the per-call work: p-tuning's
-LSTM prompt encoder (``encoder="lstm"``).
+Besides each method's paper settings, :data:`VARIANTS` checks settings that change the per-call work: constrained
+OFT (``coft=True``) and p-tuning's LSTM prompt encoder (``encoder="lstm"``).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ ELEMENTWISE = {
 PER_FORWARD = {
     # peft (ENABLE_DORA_CACHING off by default) rebuilds B A through lora_B(lora_A(eye(d_in))) for the weight norm
     "dora": "B A from the identity, for the weight norm: 2 r d_in (d_in + d_out) per adapted layer",
-    "oft": "the Cayley-Neumann series of every rotation block (bmm)",
+    "oft": "the Cayley-Neumann series of every rotation block (bmm); with coft, first its projection (elementwise)",
     "compacter": "the PHM weights' W_left @ W_right (bmm), 2 d_in d_out / n per PHM layer",
     "ptuning": "the prompt encoder (MLP or LSTM + MLP), once per forward (peft repeats its output over the rows)",
 }
@@ -111,9 +113,10 @@ PER_FORWARD_ELEMENTWISE = {
     # W + s B A, the row norms (squares, sums), m / norm (roots, divisions)
     "dora": lambda model, method, settings: sum(
         4 * d_in * d_out + 2 * d_out for _, d_in, d_out in _adapted(model, method, settings, ("q", "v"))),
-    # per block of b: S - S^T, then I + 2S + 2S^2 + 2S^3 + S^4 (5 Neumann terms): 8 b^2
+    # per block of b: S - S^T, then I + 2S + 2S^2 + 2S^3 + S^4 (5 Neumann terms): 8 b^2; with coft also the
+    # projection: S - S^T, (S - Z) twice, the norm (b^2 squares, b^2 - 1 sums, a root), / norm, * eps, Z +: 8 b^2
     "oft": lambda model, method, settings: sum(
-        d_in // settings["block_size"] * 8 * settings["block_size"] ** 2
+        d_in // settings["block_size"] * (16 if settings["coft"] else 8) * settings["block_size"] ** 2
         for _, d_in, _ in _adapted(model, method, settings, ("q", "v"))),
     "compacter": _phm_elementwise,
 }
@@ -226,7 +229,7 @@ def prepared(tiny, method: str, settings: dict):
 
 
 # Settings other than the paper preset's that change a method's per-forward-call work, checked as the presets are.
-VARIANTS = {"ptuning-lstm": ("ptuning", {"encoder": "lstm"})}
+VARIANTS = {"oft-coft": ("oft", {"coft": True}), "ptuning-lstm": ("ptuning", {"encoder": "lstm"})}
 
 
 @pytest.mark.parametrize("method", METHODS)
