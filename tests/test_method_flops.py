@@ -20,7 +20,13 @@ before comparing; module docstring of each method for the formulas):
   whole overhead, so the counted difference is 0), DoRA's magnitude (``d_out``), AdaLoRA's ``E`` (``r``), VeRA's
   ``d`` and ``b`` (``r + d_out``), all per adapted layer and token (:data:`ELEMENTWISE`); the virtual tokens'
   own forward at ``2 N_body`` per token, whose norms and biases (in ``N_body``) are elementwise; and per forward
-  call DoRA's weight norm, OFT's Neumann sums, Compacter's Kronecker products (:data:`PER_FORWARD_ELEMENTWISE`).
+  call DoRA's weight norm, OFT's Neumann sums and constrained OFT's projection (peft's ``_project_batch``:
+  differences, a Frobenius norm, a division, a scaling), Compacter's Kronecker products
+  (:data:`PER_FORWARD_ELEMENTWISE`).
+  nn.LSTM (p-tuning's LSTM prompt encoder) runs on the CPU as one fused oneDNN op per layer
+  (``aten.mkldnn_rnn_layer``; cuDNN's ``aten._cudnn_rnn`` on CUDA), for which the counter has no formula: it
+  would count 0. :func:`counted` therefore turns oneDNN off, so the LSTM runs as torch's own cell loop, ``addmm``
+  per step, which the counter sees (the model's other ops are the same with oneDNN on or off).
 - Eager attention multiplies the whole ``T x T`` score rectangle, masked entries included; the formulas count
   the causal triangle. This cancels between base and method except for virtual tokens (prompt tuning, p-tuning),
   which lengthen the sequence: their masked entries are added to the formula's value. Prefix keys are visible
@@ -34,6 +40,9 @@ Methods whose change is merged (or is a change of the weights themselves) add no
 per call, elementwise), and ``intrinsic_said`` after :func:`harness.methods.intrinsic_said.merge` (its unmerged
 training hooks are matrix-vector products, ``aten.mv``, which ``FlopCounterMode`` does not count, so they are not
 checked here). ``qlora`` needs a 4-bit NF4 base (CUDA + bitsandbytes) and is skipped.
+
+Besides each method's paper settings, :data:`VARIANTS` checks settings that change the per-call work: constrained
+OFT (``coft=True``) and p-tuning's LSTM prompt encoder (``encoder="lstm"``).
 """
 
 from __future__ import annotations
@@ -85,9 +94,9 @@ ELEMENTWISE = {
 PER_FORWARD = {
     # peft (ENABLE_DORA_CACHING off by default) rebuilds B A through lora_B(lora_A(eye(d_in))) for the weight norm
     "dora": "B A from the identity, for the weight norm: 2 r d_in (d_in + d_out) per adapted layer",
-    "oft": "the Cayley-Neumann series of every rotation block (bmm)",
+    "oft": "the Cayley-Neumann series of every rotation block (bmm); with coft, first its projection (elementwise)",
     "compacter": "the PHM weights' W_left @ W_right (bmm), 2 d_in d_out / n per PHM layer",
-    "ptuning": "the prompt encoder MLP, once per forward (peft repeats its output over the rows)",
+    "ptuning": "the prompt encoder (MLP or LSTM + MLP), once per forward (peft repeats its output over the rows)",
 }
 
 
@@ -104,9 +113,10 @@ PER_FORWARD_ELEMENTWISE = {
     # W + s B A, the row norms (squares, sums), m / norm (roots, divisions)
     "dora": lambda model, method, settings: sum(
         4 * d_in * d_out + 2 * d_out for _, d_in, d_out in _adapted(model, method, settings, ("q", "v"))),
-    # per block of b: S - S^T, then I + 2S + 2S^2 + 2S^3 + S^4 (5 Neumann terms): 8 b^2
+    # per block of b: S - S^T, then I + 2S + 2S^2 + 2S^3 + S^4 (5 Neumann terms): 8 b^2; with coft also the
+    # projection: S - S^T, (S - Z) twice, the norm (b^2 squares, b^2 - 1 sums, a root), / norm, * eps, Z +: 8 b^2
     "oft": lambda model, method, settings: sum(
-        d_in // settings["block_size"] * 8 * settings["block_size"] ** 2
+        d_in // settings["block_size"] * (16 if settings["coft"] else 8) * settings["block_size"] ** 2
         for _, d_in, _ in _adapted(model, method, settings, ("q", "v"))),
     "compacter": _phm_elementwise,
 }
@@ -134,12 +144,15 @@ def tiny():
 def counted(model, rows: int) -> int:
     """FlopCounterMode's FLOPs of one forward of ``rows`` x TOKENS tokens (logits of the last position only, as the
     scorer projects only the positions it needs: the output projection then cancels between base and method).
-    A warm-up forward first, so that work a module caches after its first call is not counted."""
+    A warm-up forward first, so that work a module caches after its first call is not counted. oneDNN off: an
+    LSTM runs as per-step ``addmm`` the counter sees (module docstring)."""
     ids = torch.randint(1, 256, (rows, TOKENS), generator=torch.Generator().manual_seed(rows))
-    with torch.no_grad(), peft_legacy_calls(is_prompt_learning(model)):  # as the scorer: peft's prefix calls
-        model(input_ids=ids[:1], logits_to_keep=1, use_cache=False)
-        with FlopCounterMode(display=False) as counter:
-            model(input_ids=ids, logits_to_keep=1, use_cache=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # torch, on setting flags
+        with torch.no_grad(), peft_legacy_calls(is_prompt_learning(model)), torch.backends.mkldnn.flags(enabled=False):
+            model(input_ids=ids[:1], logits_to_keep=1, use_cache=False)  # legacy calls: as the scorer (prefix)
+            with FlopCounterMode(display=False) as counter:
+                model(input_ids=ids, logits_to_keep=1, use_cache=False)
     return counter.get_total_flops()
 
 
@@ -215,6 +228,10 @@ def prepared(tiny, method: str, settings: dict):
     return model.eval()
 
 
+# Settings other than the paper preset's that change a method's per-forward-call work, checked as the presets are.
+VARIANTS = {"oft-coft": ("oft", {"coft": True}), "ptuning-lstm": ("ptuning", {"encoder": "lstm"})}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_inference_flops_formula_matches_flop_counter(tiny, method):
     if method == "qlora":
@@ -224,7 +241,21 @@ def test_inference_flops_formula_matches_flop_counter(tiny, method):
         model = prepared(tiny, method, settings)
     except HarnessError as exc:
         pytest.skip(f"{method} refuses the test model: {exc}")
+    check_against_counter(model, tiny, method, settings)
 
+
+@pytest.mark.parametrize("method, method_args", VARIANTS.values(), ids=VARIANTS.keys())
+def test_variant_flops_formula_matches_flop_counter(tiny, method, method_args):
+    settings = training_settings(method, "paper", {"steps": 10, "method_args": method_args})
+    assert all(settings[key] == value for key, value in method_args.items())
+    model = prepared(tiny, method, settings)
+    check_against_counter(model, tiny, method, settings)
+    plain = method_overhead(model, method, training_settings(method, "paper", {"steps": 10})).per_forward
+    assert method_overhead(model, method, settings).per_forward > plain  # the variant's extra work is in the formula
+
+
+def check_against_counter(model, tiny, method: str, settings: dict) -> None:
+    """The formula's FLOPs per row and per forward call (made comparable) equal FlopCounterMode's exactly."""
     per_row, per_forward = measure(model, tiny)
     formula, comparable = expected_per_row(model, tiny, method, settings)
     assert abs(per_row - comparable) <= TOLERANCE * comparable, (method, per_row, comparable, formula)

@@ -73,18 +73,31 @@ def per_forward_flops(d_in: int, b: int, terms: int = NEUMANN_TERMS) -> int:
     return (d_in // b) * (2 * (terms - 2) * b ** 3 + 2 * (terms - 1) * b ** 2)
 
 
+def coft_projection_flops(d_in: int, b: int) -> int:
+    """FLOPs of constrained OFT's projection of one layer (peft's ``OFTRotationModule._project_batch``, run under
+    ``no_grad`` before the rotation on every forward call), all elementwise: per block of ``b`` inputs
+    (``d_in / b`` blocks; ``S``, ``Z``, ``D``: ``b x b``) ``8 b^2``: the skew-symmetric ``S = U - U^T`` from the
+    stored upper triangle ``U`` (``b^2``), ``D = S - Z`` twice (peft subtracts its zero matrix ``Z`` for the
+    difference and again inside the norm: ``2 b^2``), the Frobenius norm of ``D`` (``b^2`` squares, ``b^2 - 1``
+    sums, a root: ``2 b^2``), ``D / norm``, ``eps *`` and ``Z +`` (``3 b^2``). ``torch.where`` selects (0); the
+    comparison with ``eps`` (one per block) is left out."""
+    return (d_in // b) * 8 * b ** 2
+
+
 def overhead(model, cfg: OftArgs) -> Overhead:
     """Unmerged, peft rotates the input block by block: ``2 b d_in`` per token and layer, and per forward call
-    builds the rotation blocks (:func:`per_forward_flops`; differentiated in training: backward 2x). ``coft``'s
-    projection (under ``no_grad``, ``O(b^2)`` per block) and the training-only multiplicative dropout are not
-    counted. Merged: 0."""
+    builds the rotation blocks (:func:`per_forward_flops`; differentiated in training: backward 2x); with ``coft``
+    it first projects the rotation parameters (:func:`coft_projection_flops`, every call, training and evaluation;
+    under ``no_grad``: no backward). The training-only multiplicative dropout (0 by default) is not counted.
+    Merged: 0."""
     layers = matched_linears(model, resolve_targets(model, ROLES, cfg.targets, "oft"))
-    per_call = sum(per_forward_flops(d_in, cfg.block_size) for _, d_in, _ in layers)
+    rotation = sum(per_forward_flops(d_in, cfg.block_size) for _, d_in, _ in layers)
+    projection = sum(coft_projection_flops(d_in, cfg.block_size) for _, d_in, _ in layers) if cfg.coft else 0
     return Overhead(per_token=sum(2 * cfg.block_size * d_in for _, d_in, _ in layers),
-                    per_forward=per_call, per_forward_backward=2 * per_call)
+                    per_forward=rotation + projection, per_forward_backward=2 * rotation)
 
 
 register(MethodInfo(
     "oft", "peft", "OFT (Qiu et al. 2023): block-diagonal orthogonal rotations of q,v inputs (block 32)",
     config_cls=OftArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=True, costs_version=1))  # 1: per-forward-call FLOPs (Overhead.per_forward)
+    mixed_batches=True, costs_version=2))  # 1: per-forward-call FLOPs (Overhead.per_forward); 2: coft's projection

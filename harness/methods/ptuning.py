@@ -55,8 +55,9 @@ LSTM_LAYERS = 2  # peft's PromptEncoderConfig.encoder_num_layers default (apply(
 def encoder_flops(d: int, cfg: PTuningArgs) -> int:
     """Matmul FLOPs of one call of peft's prompt encoder (``PromptEncoder``) on the ``n`` virtual tokens of one row:
     ``2 n`` x its weight matrices. MLP: ``d h + h h + h d``; LSTM: a bidirectional LSTM of ``LSTM_LAYERS`` layers
-    (``2 x 4h (in + h)`` per layer, ``in = d`` then ``2h``) and an MLP head ``2h 2h + 2h d``. Biases and
-    activations (elementwise) are left out, as in :func:`harness.methods.base.prompt_encoder_flops`."""
+    (``2 x 4h (in + h)`` per layer, ``in = d`` then ``2h``) and an MLP head ``2h 2h + 2h d``. Biases, activations
+    and the LSTM's gate products (elementwise) are left out, as in :func:`harness.methods.base.prompt_encoder_flops`.
+    Both equal FlopCounterMode's count exactly (``tests/test_method_flops.py``; the LSTM as torch's cell loop)."""
     h = cfg.hidden
     if cfg.encoder == "mlp":
         weights = d * h + h * h + h * d
@@ -69,9 +70,11 @@ def encoder_flops(d: int, cfg: PTuningArgs) -> int:
 def overhead(model, cfg: PTuningArgs) -> Overhead:
     """Virtual tokens are extra input positions of every sequence. The prompt encoder is input-independent: peft
     0.21 runs it once per forward call on one row and repeats the output over the rows (``get_prompt``), in
-    training and in evaluation (differentiated in training: backward 2x). A model in peft's inference mode (an
-    adapter reloaded by ``PeftModel.from_pretrained``, which saved the encoder's output) reads the stored
-    embeddings instead: no per-call work."""
+    training and in evaluation (differentiated in training: backward 2x; an upper bound for the LSTM, as for the
+    body: torch's own LSTM cell loop skips the gradient of the zero initial states, ``LSTM_LAYERS x 2 directions x
+    8 h^2`` less, 0.5% of the encoder's backward on SmolLM2-135M). A model in peft's inference mode (an adapter
+    reloaded by ``PeftModel.from_pretrained``, which saved the encoder's output) reads the stored embeddings
+    instead: no per-call work."""
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
     per_call = 0 if getattr(config, "inference_mode", False) else encoder_flops(hidden_size(model), cfg)
     return Overhead(virtual_tokens=cfg.n_virtual_tokens, per_forward=per_call, per_forward_backward=2 * per_call)
