@@ -82,7 +82,7 @@ def run_icl_curve(lm: LoadedModel, specs: list[RunSpec], data_dir, *, batch_size
     prefix-stable, a prefix reduced to fit the context) the differing part is encoded for that run. FLOPs:
     ``infer_flops_per_example`` is what the run costs alone (the reused prefix counted as if encoded);
     ``infer_flops_per_example_shared`` (extra) what this run computed (docs/metrics.md)."""
-    env = run_env(env, lm.tokenizer)
+    env = run_env(env, getattr(lm, "tokenizer", None))
     groups: dict[tuple, list[RunSpec]] = {}
     for spec in specs:
         groups.setdefault(curve_key(spec), []).append(spec)

@@ -93,7 +93,7 @@ def run_pack(load_base: Callable[[], LoadedModel], groups: list[list[RunSpec]], 
         info = get_method(first.method)
         lm = load_base()
         is_random = lm.is_random
-        env = run_env(env, lm.tokenizer)
+        env = run_env(env, getattr(lm, "tokenizer", None))
         seq2seq = is_seq2seq(lm.model)
         if not seq2seq:
             costs.reset_peak_memory(lm.device)

@@ -179,7 +179,7 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         info = get_method(first.method)
         lm = load_base()
         is_random = lm.is_random
-        env = run_env(env, lm.tokenizer)
+        env = run_env(env, getattr(lm, "tokenizer", None))
         costs.reset_peak_memory(lm.device)
         dims = ModelDims.from_model(lm.model)  # the base model's, before any adapter
         torch.manual_seed(first.seed)  # adapter initialisation (LoRA A, prompt embeddings, ...)
@@ -291,7 +291,8 @@ def eval_saved(load_base: Callable[[], LoadedModel], run: dict, task, data_dir, 
     metrics["checkpoint_bytes"] = costs.directory_bytes(path)
     metrics["peak_memory_bytes"] = costs.peak_memory_bytes(lm.device)
     return RunResult(run_id=run["run_id"], config=config, status="finished", metrics=metrics, examples=examples,
-                     artifact_path=str(path), env=run_env(env, lm.tokenizer), is_random=lm.is_random)
+                     artifact_path=str(path), env=run_env(env, getattr(lm, "tokenizer", None)),
+                     is_random=lm.is_random)
 
 
 def eval_saved_command(db, run: dict, data_dir, batch_size: int = 8) -> str:

@@ -42,7 +42,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def run_env(env: dict | None, tokenizer) -> dict:
-    """``env`` with the tokenizer's fingerprint added (what a run records once its model has loaded)."""
+    """``env`` with the tokenizer's fingerprint added (what a run records once its model has loaded); unchanged
+    for a model without a tokenizer (the unit tests' stand-ins)."""
+    if tokenizer is None:
+        return env or {}
     return (env or {}) | {"tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
