@@ -37,10 +37,16 @@ _CHUNK_BYTES = 256 * 2**20  # part 1 without flash: largest float32 score block 
 
 @dataclasses.dataclass
 class SharedPrefix:
-    """Per layer the prefix's keys and values, batch 1: ``keys[i]``, ``values[i]`` are [1, Hkv, P, D]."""
+    """Per layer the prefix's keys and values, batch 1: ``keys[i]``, ``values[i]`` are [1, Hkv, P, D].
+
+    ``valid`` [B, Lq] (optional, bool): the query positions that are real tokens of right-padded rows; only those
+    attend to the prefix (padding after a row's tokens is never attended to under causal attention, so its
+    output does not matter): no work on padding in part 1, the real positions' numbers unchanged (bit-identical,
+    each query is computed on its own by the fused kernel)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    valid: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -106,7 +112,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else D ** -0.5
     pk, pv = shared_prefix.keys[module.layer_idx], shared_prefix.values[module.layer_idx]  # [1, Hkv, P, D]
     q = query.reshape(B, Hkv, G, Lq, D)
-    out1, lse1 = prefix_part(q, pk, pv, scale)  # [B, Hkv, G, Lq, D], [B, Hkv, G, Lq] float32
+    valid = shared_prefix.valid
+    if valid is not None and tuple(valid.shape) == (B, Lq) and not bool(valid.all()):
+        out1, lse1 = prefix_part_valid(q, pk, pv, scale, valid)
+    else:
+        out1, lse1 = prefix_part(q, pk, pv, scale)  # [B, Hkv, G, Lq, D], [B, Hkv, G, Lq] float32
     out2, lse2 = own_part(q, key, value, attention_mask, scale)
     lse = torch.logaddexp(lse1, lse2)  # [B, Hkv, G, Lq]
     out = out1.float() * torch.exp(lse1 - lse).unsqueeze(-1) + out2.float() * torch.exp(lse2 - lse).unsqueeze(-1)
@@ -126,6 +136,10 @@ def last_token_logits(model, queries: list[list[int]], n_prefix: int, pad_id: in
         ids[b, :len(q)] = torch.tensor(q, dtype=torch.long)
     pos = (n_prefix + torch.arange(width)).expand(B, width)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if torch.device(device).type == "cpu":  # padding does not attend to the prefix (SharedPrefix.valid: bit-identical
+        # numbers on the CPU's fused kernel, tests/test_fastpaths.py)
+        valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(q) for q in queries]).unsqueeze(1)  # [B, width]
+        shared_prefix = dataclasses.replace(shared_prefix, valid=valid)
     hidden = base.get_decoder()(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False,
                                 shared_prefix=shared_prefix).last_hidden_state  # [B, width, d]
     last = torch.tensor([len(q) - 1 for q in queries], device=device)
@@ -156,6 +170,20 @@ def prefix_part(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: floa
     out = out.reshape(Hkv, B, G, Lq, D).permute(1, 0, 2, 3, 4)
     lse = lse.float().reshape(Hkv, B, G, Lq).permute(1, 0, 2, 3)
     return out, lse
+
+
+def prefix_part_valid(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: float, valid: torch.Tensor):
+    """:func:`prefix_part` for the positions ``valid`` [B, Lq] only (the rest: out 0, lse -inf, so that the merge
+    takes their own part alone). Returns out [B, Hkv, G, Lq, D], lse [B, Hkv, G, Lq] (float32)."""
+    B, Hkv, G, Lq, D = q.shape
+    qv = q.permute(1, 0, 3, 2, 4)[:, valid]  # [Hkv, Nv, G, D], Nv = valid positions
+    nv = qv.shape[1]
+    sub, sub_lse = prefix_part(qv.reshape(Hkv, 1, 1, nv * G, D).transpose(0, 1), pk, pv, scale)  # as batch 1
+    out = q.new_zeros((Hkv, B, Lq, G, D))
+    lse = torch.full((Hkv, B, Lq, G), float("-inf"), device=q.device)
+    out[:, valid] = sub.reshape(Hkv, nv, G, D).to(q.dtype)  # sub [1, Hkv, 1, Nv*G, D]
+    lse[:, valid] = sub_lse.reshape(Hkv, nv, G)
+    return out.permute(1, 0, 3, 2, 4), lse.permute(1, 0, 3, 2)
 
 
 def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):

@@ -240,7 +240,8 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
             past = cache.expand(B)
             mask = torch.cat([torch.ones((B, n_prefix), dtype=torch.long), q_mask], dim=1)  # [B, P+Lq]
         res = model(input_ids=q_ids.to(device), attention_mask=mask.to(device), position_ids=q_pos.to(device),
-                    **cache_kwargs(past), use_cache=True, logits_to_keep=1, **extra)
+                    **cache_kwargs(past), use_cache=lc > 1, logits_to_keep=1, **extra)  # a cache only for choices
+        # of several tokens: single-token choices are scored from these logits (no K/V writes, no cache copies)
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
         past = output_cache(res)
     # 2) every choice of every query, right-padded, from that query's state

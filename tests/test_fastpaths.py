@@ -71,6 +71,27 @@ def test_plan_batches_sorts_and_respects_the_budget():
     assert plan_batches(lengths, 3, 10) == [[1, 3, 2], [4, 0, 5]]
 
 
+def test_prefix_part_of_valid_positions_is_bit_identical():
+    """Right-padded rows: only real positions attend to the prefix (SharedPrefix.valid), with the very same numbers
+    as when every position does; padding gets out 0 and lse -inf, and the whole attention keeps the real rows."""
+    gen = torch.Generator().manual_seed(0)
+    B, Hkv, G, L, P, D = 4, 3, 3, 21, 37, 64
+    q = torch.randn(B, Hkv, G, L, D, generator=gen)
+    pk, pv = torch.randn(1, Hkv, P, D, generator=gen), torch.randn(1, Hkv, P, D, generator=gen)
+    valid = torch.arange(L)[None] < torch.tensor([21, 17, 9, 1])[:, None]  # [B, L]
+    out, lse = attention.prefix_part(q, pk, pv, 0.125)
+    vout, vlse = attention.prefix_part_valid(q, pk, pv, 0.125, valid)
+    sel = valid[:, None, None, :].expand(B, Hkv, G, L)
+    assert torch.equal(vout[sel], out[sel]) and torch.equal(vlse[sel], lse[sel])
+    assert (vout[~sel] == 0).all() and torch.isneginf(vlse[~sel]).all()
+    k, v = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
+    query = q.reshape(B, Hkv * G, L, D)
+    full, _ = attention.attention_forward(_Layer(), query, k, v, None, shared_prefix=attention.SharedPrefix([pk], [pv]))
+    part, _ = attention.attention_forward(_Layer(), query, k, v, None,
+                                          shared_prefix=attention.SharedPrefix([pk], [pv], valid=valid))
+    assert torch.equal(part[valid], full[valid])  # [B, L, H, D] at the real positions
+
+
 class _Layer:
     layer_idx, training = 0, False
 
