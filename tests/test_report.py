@@ -499,3 +499,24 @@ def test_family_table_groups_by_the_registry_and_unknown_methods_are_other(tmp_p
     assert lora[0] == "reparametrization" and lora[5] == "yes"
     renamed = runs.assign(method=["mystery" if m == "lora" else m for m in runs["method"]])
     assert any(r[0] == "other" and r[2] == "mystery" and r[5] == "n/a" for r in family_table(renamed).rows)
+
+
+def test_scatter_with_two_models_gives_a_method_one_colour_and_a_model_one_marker():
+    """Two models in one figure: the same method has the same colour for both, each model its own marker, and the
+    legend sits beside the axes (it covered points)."""
+    from types import SimpleNamespace
+
+    from harness.report.canvas import new_figure
+    from harness.report.plots import _scatter
+
+    iqr = SimpleNamespace(median=50.0, q25=45.0, q75=55.0)
+    points = [(SimpleNamespace(model=model, label=method), x, iqr)
+              for model, x0 in (("a", 1e10), ("b", 2e10)) for method, x in (("icl", x0), ("ia3", 1.5 * x0))]
+    fig, (ax,) = new_figure("t")
+    _scatter(ax, points, n_models=2)
+    bars = list(ax.containers)  # one ErrorbarContainer per point, in order
+    colour = [c.lines[0].get_color() for c in bars]
+    marker = [c.lines[0].get_marker() for c in bars]
+    assert colour[0] == colour[2] and colour[1] == colour[3] and colour[0] != colour[1]  # per method
+    assert marker[0] == marker[1] and marker[2] == marker[3] and marker[0] != marker[2]  # per model
+    assert ax.get_legend()._loc == 6  # "center left", anchored outside the axes (bbox_to_anchor x > 1)
