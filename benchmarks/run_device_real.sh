@@ -119,12 +119,14 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     grid15) echo "--methods full --tasks copa,wsc --workers 10" ;;
     # Gemma 3 270M (MODEL=gemma3-270m HARNESS_GPU_SHARE=13): round 8 (transformers 5.25.0, the right tokenizer) ran
     # zero-shot and ICL on rte, cb, copa and wsc (wsc ICL 11 of 20) and (IA)3 and T-Few on cb and rte; a training
-    # process holds 4.3 GB, ten of them beside three ICL workers fill a 550 s call (346-428 s each). What is left,
-    # one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555 after the parts and gemma-assemble on a fresh machine:
-    # give the first call of a machine fewer trainings, its assemble takes 60 s):
+    # process holds 4.3 GB, ten of them beside three ICL workers fill a 550 s call (346-428 s each). Round 9 ran
+    # gemma1 and gemma2 (copa 251-257 s, wic 237-247 s a training, ten side by side), zero-shot on wic, 8 of 20 ICL
+    # runs on wic and the rest of wsc's. What is left, one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555 after the
+    # parts and gemma-assemble on a fresh machine: give the first call of a machine fewer trainings, its assemble
+    # takes 60 s):
     gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
     gemma2) echo "--methods ia3,tfew --tasks wic --workers 10" ;;
-    gemma3) echo "--methods ia3,tfew --tasks wsc --workers 10" ;;
+    gemma3) echo "--methods icl --tasks wic --workers 2; --methods ia3,tfew --tasks wsc --workers 10" ;;
     gemma4) echo "--methods lora --tasks cb,rte --workers 10" ;;
     gemma5) echo "--methods lora --tasks copa,wsc --workers 10" ;;
     gemma6) echo "--methods lora,prompt_tuning --tasks wic --workers 10" ;;
@@ -135,7 +137,9 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     gemma11) echo "--methods ln_tuning,full --tasks wic --workers 10" ;;
     gemma12) echo "--methods full --tasks cb,rte --workers 10" ;;
     gemma13) echo "--methods full --tasks copa,wsc --workers 10" ;;
-    # packed (issue 16): --pack 5 trains five groups in one model; measure it against gemma4's ten processes first
+    # packed (issue 16): --pack 5 trains five groups in one model. Round 9's try (ia3,tfew on copa,wic, 4 packs of 5
+    # beside 3 ICL workers) finished no training in 490 s where ten separate ones take ~250 s: measure it quietly
+    # against gemma4's ten processes, one after the other, before using it for the grid
     gemma4p) echo "--methods lora --tasks cb,rte --pack 5 --workers 2" ;;
     grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
   esac
