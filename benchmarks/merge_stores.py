@@ -4,9 +4,11 @@ A grid on the lent GPU resumes from the store carried into each call; when two c
 (round 8: a warm machine kept its own older store), each returned store holds runs the other lacks. This copies
 every run that is finished in a source and not finished in the target (missing, failed or withdrawn there), with its
 per-example rows, and nothing else: a run finished in the target is never replaced (the same run id means the same
-configuration, weights, data and scoring, so either copy is the result).
+configuration, weights, data and scoring, so either copy is the result). With ``--all`` (joining the committed
+per-model stores of ``benchmarks/split_store.py`` back into one), a source's run of any other status (withdrawn,
+failed) is copied too where the target has no run of that id.
 
-    python -m benchmarks.merge_stores TARGET.sqlite SOURCE.sqlite [SOURCE.sqlite ...] [--dry-run]
+    python -m benchmarks.merge_stores TARGET.sqlite SOURCE.sqlite [SOURCE.sqlite ...] [--dry-run] [--all]
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ def _columns(db: sqlite3.Connection, schema: str, table: str) -> list[str]:
     return [row[1] for row in db.execute(f"PRAGMA {schema}.table_info({table})")]
 
 
-def merge(target: str, source: str, dry_run: bool = False) -> list[str]:
-    """Copy ``source``'s finished runs that ``target`` has not finished into ``target``; returns their run ids."""
+def merge(target: str, source: str, dry_run: bool = False, every_status: bool = False) -> list[str]:
+    """Copy ``source``'s finished runs that ``target`` has not finished into ``target`` (with ``every_status``, also
+    its runs of other statuses whose id ``target`` lacks); returns their run ids."""
     db = sqlite3.connect(target)
     try:
         db.execute("ATTACH DATABASE ? AS src", (source,))
-        finished = {r for (r,) in db.execute("SELECT run_id FROM main.runs WHERE status = 'finished'")}
-        new = [r for (r,) in db.execute("SELECT run_id FROM src.runs WHERE status = 'finished' ORDER BY run_id")
-               if r not in finished]
+        present = dict(db.execute("SELECT run_id, status FROM main.runs"))
+        new = [r for r, status in db.execute("SELECT run_id, status FROM src.runs ORDER BY run_id")
+               if (status == "finished" and present.get(r) != "finished") or (every_status and r not in present)]
         if new and not dry_run:
             with db:
                 db.execute("CREATE TEMP TABLE merge_ids (run_id TEXT PRIMARY KEY)")
@@ -50,10 +53,11 @@ def main() -> None:
     p.add_argument("target")
     p.add_argument("sources", nargs="+")
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    p.add_argument("--all", action="store_true", help="also copy runs of other statuses whose id the target lacks")
     args = p.parse_args()
     for source in args.sources:
-        new = merge(args.target, source, args.dry_run)
-        print(f"{source}: {len(new)} finished run(s) {'to copy' if args.dry_run else 'copied'} into {args.target}")
+        new = merge(args.target, source, args.dry_run, every_status=args.all)
+        print(f"{source}: {len(new)} run(s) {'to copy' if args.dry_run else 'copied'} into {args.target}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #               gemma-assemble stage checks it); installed into /tmp/site, first on PYTHONPATH
 #   .gpu/parts  the GGUF in parts (split -b 33M: aa, ab, ac): a call carries at most 64 MiB, working tree and
 #               carried paths together, and the GGUF is 98,362,432 bytes
-#   .gpu/store  the store of the last call (paper.sqlite.gz), carried in so that a fresh machine resumes the grid
+#   .gpu/store  the store of the last call (paper.sqlite.xz, compacted, or paper.sqlite.gz), carried in so that a
+#               fresh machine resumes the grid
 #
 # Stages:
 #   part NAME...  copy .gpu/parts/gguf.part.NAME to /tmp/w (carry only the parts of this call)
@@ -61,9 +62,14 @@
 #           .gpu/parts/gguf.part.ac:                         bash .gpu/run_device_real.sh part ab ac assemble grid1
 #   calls C, D, E: carry the same without the parts:         bash .gpu/run_device_real.sh grid2   (grid3;
 #           GRID_TIMEOUT=385 ... grid4, for the budget left)
-# After each call copy $OUT/paper.sqlite.gz to .gpu/store/ (the next call resumes from the carried store, never
-# from one left on the machine), and commit it as results/paper/paper.sqlite.xz
-# (gunzip -c ... | xz -9 > results/paper/paper.sqlite.xz); docs/results.md: bash benchmarks/results_doc.sh.
+# After each call keep $OUT/paper.sqlite.gz (as .gpu/full/paper.sqlite.gz) and carry only its compacted .xz in (the next
+# call resumes from the carried store, never from one left on the machine; back-to-back calls on a warm machine
+# that could not wait for the copy each resume the older carried store: join their stores with
+# python -m benchmarks.merge_stores NEWEST OLDER...):
+#   gunzip -c .gpu/full/paper.sqlite.gz > /tmp/s.sqlite && python -m benchmarks.compact_store /tmp/s.sqlite &&
+#   xz -9 -T1 -c /tmp/s.sqlite > .gpu/store/paper.sqlite.xz
+# and commit the export: bash benchmarks/export_paper.sh .gpu/full/paper.sqlite.gz (results/paper/<model>.sqlite.xz
+# and withdrawn.sqlite.xz, then docs/results.md).
 # Locally (CPU dry run): DEVICE=cpu EXTRA="--limit 2 --steps 2 --seeds 0" PYTHON=.venv/bin/python \
 #   STORE=/tmp/dry/paper.sqlite OUT=/tmp/dry/out bash .gpu/run_device_real.sh assemble grid1
 set -u
@@ -246,10 +252,15 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
       # The carried store is the checkpoint: it replaces a store left on a warm machine by an earlier call (round 8:
       # a machine kept the store of a call whose result was not carried back yet, and the next call resumed that
       # older one; benchmarks/merge_stores.py joined the two). A job's own --store (reruns) is left alone.
-      if [ -f "$G/store/paper.sqlite.gz" ]; then
+      # paper.sqlite.xz (compacted: benchmarks/compact_store.py, lossless; 3x smaller than the .gz that comes back,
+      # and a call carries at most 64 MiB) is preferred to paper.sqlite.gz; python's lzma reads it (no xz needed).
+      if [ -f "$G/store/paper.sqlite.xz" ]; then
+        "$PYTHON" -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+          "$G/store/paper.sqlite.xz" "$STORE.tmp" && rm -f "$STORE-wal" "$STORE-shm" && mv "$STORE.tmp" "$STORE"
+      elif [ -f "$G/store/paper.sqlite.gz" ]; then
         gunzip -c "$G/store/paper.sqlite.gz" > "$STORE.tmp" && rm -f "$STORE-wal" "$STORE-shm" && mv "$STORE.tmp" "$STORE"
       fi
-      [ -f "$STORE" ] && echo "resuming $STORE ($(sqlite3 "$STORE" 'SELECT COUNT(*) FROM runs' 2>/dev/null || echo '?') runs)"
+      [ -f "$STORE" ] && echo "resuming $STORE ($("$PYTHON" -c "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT COUNT(*) FROM runs').fetchone()[0])" "$STORE" 2>/dev/null || echo '?') runs)"
       IFS=';' read -ra jobs <<< "$jobs_text"
       pids=(); start=$SECONDS; i=0
       monitor=""  # the GPU's memory in use every 5 s (how many processes fit: $OUT/<stage>_gpumem.csv)

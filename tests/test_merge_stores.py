@@ -33,3 +33,34 @@ def test_merge_copies_only_what_the_target_has_not_finished(tmp_path):
     counts = dict(sqlite3.connect(target.path).execute("SELECT run_id, COUNT(*) FROM examples GROUP BY run_id"))
     assert counts == {"kept": 2, "failed-here": 3, "new": 2}
     assert merge(str(target.path), str(source.path)) == []  # idempotent
+
+
+def test_split_then_join_gives_back_the_finished_and_withdrawn_runs(tmp_path):
+    """benchmarks/split_store.py writes one store per model (finished runs) and one of the withdrawn runs; merging
+    them back with every_status holds exactly those runs and their example rows (failed runs are not exported)."""
+    from benchmarks.merge_stores import merge
+    from benchmarks.split_store import split
+
+    store = Store(tmp_path / "all.sqlite")
+    for run_id, model, status, n in [("a1", "m/one", "finished", 2), ("a2", "m/one", "finished", 3),
+                                     ("b1", "two", "finished", 4), ("b2", "two", "failed", 0),
+                                     ("w1", "two", "finished", 5)]:
+        examples = [ExampleScore(f"{run_id}-{i}", 0, [-1.0, -2.0], [1, 1], [3, 3]) for i in range(n)]
+        store.write(RunResult(run_id, {"task": "cb", "method": "icl", "model": model}, status,
+                              {"accuracy": 0.5, "n_eval": n}, examples, error=None if status == "finished" else "x"))
+    db = sqlite3.connect(store.path)
+    with db:
+        db.execute("UPDATE runs SET status = 'withdrawn' WHERE run_id = 'w1'")
+    db.close()
+    counts = split(store.path, tmp_path / "out")
+    assert counts == {"m_one.sqlite": 2, "two.sqlite": 1, "withdrawn.sqlite": 1}
+    assert {r["run_id"] for r in Store(tmp_path / "out" / "two.sqlite").runs()} == {"b1"}
+    joined = tmp_path / "joined.sqlite"
+    joined.write_bytes((tmp_path / "out" / "m_one.sqlite").read_bytes())
+    assert merge(str(joined), str(tmp_path / "out" / "two.sqlite"), every_status=True) == ["b1"]
+    assert merge(str(joined), str(tmp_path / "out" / "withdrawn.sqlite")) == []  # only finished without --all
+    assert merge(str(joined), str(tmp_path / "out" / "withdrawn.sqlite"), every_status=True) == ["w1"]
+    runs = {r["run_id"]: r["status"] for r in Store(joined).runs()}
+    assert runs == {"a1": "finished", "a2": "finished", "b1": "finished", "w1": "withdrawn"}
+    counts = dict(sqlite3.connect(joined).execute("SELECT run_id, COUNT(*) FROM examples GROUP BY run_id"))
+    assert counts == {"a1": 2, "a2": 3, "b1": 4, "w1": 5}
