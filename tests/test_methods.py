@@ -253,6 +253,7 @@ def test_run_peft_group_saves_an_adapter_that_reloads_to_the_same_scores(smollm,
 
     run = {"run_id": first.run_id, "config": first.config, "artifact_path": first.artifact_path}
     again = eval_saved(load_base, run, cb, tmp_path / "data")
+    assert again.env["tokenizer"] == first.env["tokenizer"]  # the re-scoring records the tokenizer it used too
     for a, b in zip(first.examples, again.examples):
         assert a.example_id == b.example_id
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
