@@ -70,6 +70,11 @@
 #   xz -9 -T1 -c /tmp/s.sqlite > .gpu/store/paper.sqlite.xz
 # and commit the export: bash benchmarks/export_paper.sh .gpu/full/paper.sqlite.gz (results/paper/<model>.sqlite.xz
 # and withdrawn.sqlite.xz, then docs/results.md).
+# Between back-to-back calls on a warm machine there is no time to compact (the machine goes back 30 s after a
+# call), but a copy is instant: `cp <files_at>/paper.sqlite.gz .gpu/store/ && rm -f .gpu/store/paper.sqlite.xz`,
+# and carry the gz without .gpu/whl (installed into /tmp/site by the machine's first call, and an ignored path
+# not named in carry stays there): script + src + data + store is about 33 MB + the store, within 64 MiB, and
+# each call then resumes from the previous call's store (no merge needed).
 # Locally (CPU dry run): DEVICE=cpu EXTRA="--limit 2 --steps 2 --seeds 0" PYTHON=.venv/bin/python \
 #   STORE=/tmp/dry/paper.sqlite OUT=/tmp/dry/out bash .gpu/run_device_real.sh assemble grid1
 set -u
