@@ -359,17 +359,20 @@ def _forward_backward(model, tokenizer, packed: PackedAdapters, batches: dict, m
         chunks = {g: batch[i:i + micro] for g, batch in batches.items()}
         prompts = [p for chunk in chunks.values() for p in chunk]
         row_groups = [g for g, chunk in chunks.items() for p in chunk for _ in p.pairs()]  # choice_logprobs' rows
-        prompt_slots = [k for k, chunk in enumerate(chunks.values()) for _ in chunk]  # [B] slot of each prompt
         weights = [len(chunk) / effective for chunk in chunks.values()]  # [G]
+        # copied to the device before the forward is queued (a later copy would wait for it: losses.choice_logprobs)
+        slots = torch.tensor([k for k, chunk in enumerate(chunks.values()) for _ in chunk], dtype=torch.long,
+                             device=device)  # [B] slot (0..G-1) of each prompt
+        weight_t = torch.tensor(weights, device=device)  # [G]
         with packed.rows(torch.tensor(row_groups, dtype=torch.long, device=device)):
             out = choice_logprobs(model, tokenizer, prompts, max_length=settings["max_length"], right_pad=right_pad,
                                   dims=dims, overhead=overhead, encode=encode, logit_index=logit_index)
-            parts = group_losses(settings["losses"], out.token_logprobs, out.token_mask, out.labels,
-                                 torch.tensor(prompt_slots, dtype=torch.long, device=device), len(chunks))  # [n, G]
+            parts = group_losses(settings["losses"], out.token_logprobs, out.token_mask, out.labels, slots,
+                                 len(chunks))  # [n_losses, G]
             loss = parts[0]
             for value in parts[1:]:
                 loss = loss + value  # [G]
-            (loss * torch.tensor(weights, dtype=loss.dtype, device=device)).sum().backward()
+            (loss * weight_t.to(loss.dtype)).sum().backward()
             values.append((torch.cat([loss.detach().unsqueeze(1), parts.detach().T], 1).float(), list(chunks),
                            weights))  # [G, 1 + n_losses]
     return values
