@@ -9,7 +9,10 @@ Two measurements of one training step, separate (:func:`harness.training.train`)
   ``optimizer.step()``; ``other``: zeroing gradients, master weights, the per-step device read, the schedule), and
   keeps the largest tensors any op produced. A hook on the model call records each forward's rows R, width W
   (R x W padded tokens) and real tokens (the attention mask's ones), and the logits' shape and size (R x T x V:
-  with V = 262,144 the largest tensors of a Gemma 3 step). On a GPU every aten op
+  with V = 262,144 the largest tensors of a Gemma 3 step). On CUDA it also counts the stream synchronizations
+  per phase (``torch.cuda.set_sync_debug_mode("warn")``: every ``.item()``, ``.tolist()`` and host-to-device copy
+  from pageable memory); a packed step should have as many as a separate one (one read of the losses, and the
+  copies before each forward). On a GPU every aten op
   is at least one kernel launch (more for some), so the op count per step is the launch-bound step's cost.
 - :func:`profile_steps`: ``torch.profiler`` (CPU activities, and CUDA ones on a GPU) over the timed steps: ops
   and kernels per step, device busy time against wall time per step, the top 10 ops (kernels on a GPU) by self time.
@@ -25,6 +28,7 @@ import contextlib
 import functools
 import heapq
 import time
+import warnings
 from collections import Counter, defaultdict
 
 import torch
@@ -48,6 +52,7 @@ class PhaseCounter(TorchDispatchMode):
         self.names: dict[str, Counter] = defaultdict(Counter)  # phase -> op name -> count
         self.largest: list[tuple[int, str, str, tuple]] = []  # heap of (numel, op, phase, shape)
         self.seconds: Counter = Counter()  # phase -> host seconds (rough: the phase's wall time)
+        self.syncs: Counter = Counter()  # phase -> CUDA synchronizations (torch.cuda.set_sync_debug_mode, CUDA only)
         self.forwards: list[dict] = []
         self._since = time.perf_counter()
 
@@ -106,6 +111,12 @@ def phases(counter: PhaseCounter, warmup: int, cuda_path: bool):
         done[0] += 1
         if done[0] == warmup:
             counter.active, counter._since = True, time.perf_counter()
+            if cuda_syncs:
+                torch.cuda.set_sync_debug_mode("warn")
+
+    def on_warning(message, *args, **kwargs):  # sync debug mode's warnings, counted per phase
+        if counter.active and "synchroniz" in str(message):
+            counter.syncs[counter.phase] += 1
 
     def record(fn):
         @functools.wraps(fn)
@@ -114,14 +125,20 @@ def phases(counter: PhaseCounter, warmup: int, cuda_path: bool):
             out = fn(model, **kwargs)
             if counter.active:
                 counter.forwards.append({"rows": ids.shape[0], "width": ids.shape[1], "padded_tokens": ids.numel(),
-                                         "real_tokens": int(mask.sum()) if mask is not None else ids.numel(),
+                                         "real_tokens": mask.sum() if mask is not None else ids.numel(),
                                          "logits": list(out.logits.shape), "logit_elements": out.logits.numel()})
             return out
         return forward
 
     clip = torch.nn.utils.clip_grad_norm_
     make_opt = harness.training.make_optimizer
+    cuda_syncs = torch.cuda.is_available() and torch.cuda.is_initialized()
     with contextlib.ExitStack() as stack:
+        if cuda_syncs:
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("always")
+            stack.enter_context(_patched(warnings, "showwarning", on_warning))
+            stack.callback(torch.cuda.set_sync_debug_mode, "default")
         hooks = [register_optimizer_step_pre_hook(pre),
                  register_optimizer_step_post_hook(post)]
         for h in hooks:
@@ -150,7 +167,8 @@ def _summary(counter: PhaseCounter, steps: int) -> dict:
             "forwards_per_step": len(fw) / steps,
             "rows_per_forward": sum(f["rows"] for f in fw) / max(len(fw), 1),
             "padded_tokens_per_step": sum(f["padded_tokens"] for f in fw) / steps,
-            "real_tokens_per_step": sum(f["real_tokens"] for f in fw) / steps,
+            "real_tokens_per_step": sum(int(f["real_tokens"]) for f in fw) / steps,
+            "cuda_syncs_per_step": {p: counter.syncs[p] / steps for p in PHASES} if counter.syncs else None,
             "logits_shapes": sorted({tuple(f["logits"]) for f in fw}),  # [R, T, V] (or [R, keep, V])
             "logit_elements_per_step": sum(f["logit_elements"] for f in fw) / steps,
             "largest_tensors": [{"numel": n, "op": op, "phase": ph, "shape": list(shape)}
