@@ -16,7 +16,8 @@ Exactness: every group keeps what its own :func:`harness.training.train` would h
   gradient clipping (:func:`harness.packed_optim.clip_per_group`) and divergence check; a group that diverges
   stops (its runs fail, its slices are no longer updated) and the others go on;
 - its own sampler and template choices (``random.Random(seed)``, the same draws in the same order);
-- its own losses: L_LM, L_UL and L_LN are computed on its rows only (token means per group and micro-batch).
+- its own losses: L_LM, L_UL and L_LN are computed on its rows only (token means per group and micro-batch;
+  every group's at once, :mod:`harness.packed_losses`).
 
 Rows of different groups only share the forward's padding (to the widest row of the pack; attention masks and
 explicit position ids make that exact within float32 rounding) and the gradient's summation order. So on CPU
