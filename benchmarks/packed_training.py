@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if (args.count_ops or args.profile) and args.warmup < 1:
+        parser.error("--count-ops and --profile start after the warmup's first optimizer step: --warmup 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
 
