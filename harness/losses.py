@@ -173,6 +173,11 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
     if causal_only and not logit_index:
         raise HarnessError("causal_only needs right padding without virtual tokens (logit_index)")
+    # every host-to-device copy before the forward: a copy from pageable memory synchronizes the stream on CUDA,
+    # and after the forward was queued it would hold the host until the forward finished
+    bi = torch.tensor([b for b, *_ in rows], device=device)  # [R] prompt of each row
+    ci = torch.tensor([c for _, c, *_ in rows], device=device)  # [R] choice of each row
+    labels = torch.tensor([p.label for p in prompts], dtype=torch.long, device=device)  # [B]
     kwargs = {"input_ids": ids.to(device), "logits_to_keep": keep}
     if not causal_only:
         kwargs["attention_mask"] = mask.to(device)
@@ -189,9 +194,6 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     B, C = len(prompts), max(len(p.choices) for p in prompts)
     token_logprobs = lp.new_zeros((B, C, T))
     token_mask = torch.zeros((B, C, T), dtype=torch.bool, device=device)
-    bi = torch.tensor([b for b, *_ in rows], device=device)
-    ci = torch.tensor([c for _, c, *_ in rows], device=device)
     token_logprobs = token_logprobs.index_put((bi, ci), lp)
     token_mask[bi, ci] = valid
-    labels = torch.tensor([p.label for p in prompts], dtype=torch.long, device=device)
     return ChoiceLogprobs(token_logprobs, token_mask, labels, work, R)

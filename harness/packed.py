@@ -16,7 +16,8 @@ Exactness: every group keeps what its own :func:`harness.training.train` would h
   gradient clipping (:func:`harness.packed_optim.clip_per_group`) and divergence check; a group that diverges
   stops (its runs fail, its slices are no longer updated) and the others go on;
 - its own sampler and template choices (``random.Random(seed)``, the same draws in the same order);
-- its own losses: L_LM, L_UL and L_LN are computed on its rows only (token means per group and micro-batch).
+- its own losses: L_LM, L_UL and L_LN are computed on its rows only (token means per group and micro-batch;
+  every group's at once, :mod:`harness.packed_losses`).
 
 Rows of different groups only share the forward's padding (to the widest row of the pack; attention masks and
 explicit position ids make that exact within float32 rounding) and the gradient's summation order. So on CPU
@@ -50,8 +51,9 @@ from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
 from harness.methods.base import Overhead, train_overhead_flops
 from harness.scoring import encode_pair
+from harness.packed_losses import group_losses
 from harness.packed_optim import clip_per_group, make_sliced_optimizer
-from harness.training import (LOSS_FUNCTIONS, PADDING_CHOICES, TrainingDiverged, TrainStats, _Sampler,
+from harness.training import (PADDING_CHOICES, TrainingDiverged, TrainStats, _Sampler,
                               choice_logprobs, make_schedule)
 
 log = logging.getLogger(__name__)
@@ -346,51 +348,51 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
 
 
 def _forward_backward(model, tokenizer, packed: PackedAdapters, batches: dict, micro: int, settings: dict, dims,
-                      overhead, right_pad: bool, logit_index: bool, encode) -> dict:
+                      overhead, right_pad: bool, logit_index: bool, encode) -> list:
     """One packed step's forwards and backwards: micro-batch i of every group in one forward; each group's losses
-    on its own rows, weighted by its micro-batch's share as :func:`harness.training._forward_backward` does.
-    Returns per group [(values [1 + n_losses] on the device, weight)]."""
-    values: dict[int, list] = {g: [] for g in batches}
+    on its own rows (:func:`harness.packed_losses.group_losses`, all groups in one computation), weighted by its
+    micro-batch's share as :func:`harness.training._forward_backward` does.
+    Returns per micro-batch (values [G, 1 + n_losses] on the device, its groups, their weights)."""
+    values = []
     effective = len(next(iter(batches.values())))
     device = next(model.parameters()).device
     for i in range(0, effective, micro):
         chunks = {g: batch[i:i + micro] for g, batch in batches.items()}
         prompts = [p for chunk in chunks.values() for p in chunk]
         row_groups = [g for g, chunk in chunks.items() for p in chunk for _ in p.pairs()]  # choice_logprobs' rows
+        weights = [len(chunk) / effective for chunk in chunks.values()]  # [G]
+        # copied to the device before the forward is queued (a later copy would wait for it: losses.choice_logprobs)
+        slots = torch.tensor([k for k, chunk in enumerate(chunks.values()) for _ in chunk], dtype=torch.long,
+                             device=device)  # [B] slot (0..G-1) of each prompt
+        weight_t = torch.tensor(weights, device=device)  # [G]
         with packed.rows(torch.tensor(row_groups, dtype=torch.long, device=device)):
             out = choice_logprobs(model, tokenizer, prompts, max_length=settings["max_length"], right_pad=right_pad,
                                   dims=dims, overhead=overhead, encode=encode, logit_index=logit_index)
-            total, offset = None, 0
-            for g, chunk in chunks.items():
-                rows = slice(offset, offset + len(chunk))  # this group's prompts: [b_g, C, T]
-                offset += len(chunk)
-                parts = [LOSS_FUNCTIONS[name](out.token_logprobs[rows], out.token_mask[rows], out.labels[rows])
-                         for name in settings["losses"]]
-                loss = parts[0]
-                for value in parts[1:]:
-                    loss = loss + value
-                weight = len(chunk) / effective
-                total = loss * weight if total is None else total + loss * weight
-                values[g].append((torch.stack([loss.detach()] + [v.detach() for v in parts]).float(), weight))
-            total.backward()
+            parts = group_losses(settings["losses"], out.token_logprobs, out.token_mask, out.labels, slots,
+                                 len(chunks))  # [n_losses, G]
+            loss = parts[0]
+            for value in parts[1:]:
+                loss = loss + value  # [G]
+            (loss * weight_t.to(loss.dtype)).sum().backward()
+            values.append((torch.cat([loss.detach().unsqueeze(1), parts.detach().T], 1).float(), list(chunks),
+                           weights))  # [G, 1 + n_losses]
     return values
 
 
-def _read(values: dict, norms: torch.Tensor | None) -> dict:
+def _read(values: list, norms: torch.Tensor | None) -> dict:
     """Per group ((total, per loss) summed over micro-batches by weight, gradient norm or 0.0 without clipping,
     as :func:`harness.training._step_values`), in one device read."""
-    flat = [v for items in values.values() for v, _ in items]
+    flat = [v.flatten() for v, _, _ in values]
     if norms is not None:
         flat.append(norms.detach().float().to(flat[0].device))
     host = torch.cat(flat).tolist()
     out, pos = {}, 0
-    for g, items in values.items():
-        k = items[0][0].shape[0]
-        summed = [0.0] * k
-        for v, w in items:
+    for v, groups, weights in values:
+        k = v.shape[1]
+        for g, w in zip(groups, weights):
+            summed = out.setdefault(g, [0.0] * k)
             for j in range(k):
                 summed[j] += host[pos + j] * w
             pos += k
-        out[g] = summed
     n_norms = len(host) - pos
     return {g: (summed, host[pos + g] if n_norms else 0.0) for g, summed in out.items()}

@@ -253,3 +253,32 @@ def test_sliced_adafactor_updates_each_slice_as_transformers_adafactor(scale_par
         for i, p in enumerate(stacked):
             for g in range(n):
                 torch.testing.assert_close(p[g].detach(), alone[g][i].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_group_losses_equal_each_groups_own_losses():
+    """The packed loss (all groups' losses in one computation, :mod:`harness.packed_losses`) equals
+    ``LOSS_FUNCTIONS`` on each group's prompts alone, gradients included; groups of unequal sizes, a group whose
+    prompts have fewer choices (a padded, empty choice) and masked tokens."""
+    from harness.packed_losses import group_losses
+    from harness.training import LOSS_FUNCTIONS
+
+    gen = torch.Generator().manual_seed(0)
+    B, C, T = 7, 3, 5
+    logits = torch.randn(B, C, T, generator=gen).requires_grad_()
+    mask = torch.rand(B, C, T, generator=gen) > 0.3
+    mask[:, :, 0] = True
+    mask[4:, 2] = False  # the last group's prompts have two choices
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    labels = torch.tensor([0, 2, 1, 0, 2, 1, 0])
+    names = ("lm", "ul", "ln")
+    lp = torch.nn.functional.logsigmoid(logits) * mask  # [B, C, T] log-probabilities, 0 where masked
+    packed = group_losses(names, lp, mask, labels, groups, 3)  # [3, G]
+    grad_packed, = torch.autograd.grad(packed.sum(), logits, retain_graph=True)
+    grad_alone = torch.zeros_like(logits)
+    for g in range(3):
+        rows = groups == g
+        for k, name in enumerate(names):
+            alone = LOSS_FUNCTIONS[name](lp[rows], mask[rows], labels[rows])
+            torch.testing.assert_close(packed[k, g], alone, rtol=1e-6, atol=1e-7)
+            grad_alone += torch.autograd.grad(alone, logits, retain_graph=True)[0]
+    torch.testing.assert_close(grad_packed, grad_alone, rtol=1e-5, atol=1e-7)
