@@ -23,33 +23,52 @@ from harness.scoring import encode_pair
 # token_logprobs [B, C, T]: log p of each continuation token of each choice (0 where masked);
 # token_mask [B, C, T] bool: real tokens (a choice that does not exist has no tokens); labels [B] long.
 
-def lm_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_LM: mean negative log-likelihood over every token of the correct choices of the batch."""
+def lm_terms(token_logprobs: torch.Tensor, token_mask: torch.Tensor,
+             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_LM per token: ``-log p`` of the correct choices' tokens and their mask, ([B, T], [B, T]): the loss is
+    the first's sum over the second's (a batch: :func:`lm_loss`; per packed group: :mod:`harness.packed_losses`)."""
     rows = torch.arange(labels.shape[0], device=labels.device)
     lp = token_logprobs[rows, labels]  # [B, T]
     m = token_mask[rows, labels].to(lp.dtype)  # [B, T]
-    return -(lp * m).sum() / m.sum().clamp(min=1)
+    return -(lp * m), m
+
+
+def lm_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_LM: mean negative log-likelihood over every token of the correct choices of the batch."""
+    nll, m = lm_terms(token_logprobs, token_mask, labels)
+    return nll.sum() / m.sum().clamp(min=1)
+
+
+def unlikelihood_terms(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
+                       eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_UL per token: ``-log(1 - p + eps)`` on the wrong choices' tokens and their mask, ([B, C, T], [B, C, T])."""
+    wrong = token_mask.clone()  # [B, C, T]
+    wrong[torch.arange(labels.shape[0], device=labels.device), labels] = False
+    w = wrong.to(token_logprobs.dtype)
+    term = -torch.log((1.0 + eps) - token_logprobs.exp())  # [B, C, T]
+    return term * w, w
 
 
 def unlikelihood_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
                       eps: float = 1e-2) -> torch.Tensor:
     """L_UL: ``-log(1 - p(token) + eps)`` averaged over every token of every wrong choice of the batch
     (T-Few's ``eps = 0.01`` keeps the log finite as p -> 1)."""
-    wrong = token_mask.clone()  # [B, C, T]
-    wrong[torch.arange(labels.shape[0], device=labels.device), labels] = False
-    w = wrong.to(token_logprobs.dtype)
-    term = -torch.log((1.0 + eps) - token_logprobs.exp())  # [B, C, T]
-    return (term * w).sum() / w.sum().clamp(min=1)
+    terms, w = unlikelihood_terms(token_logprobs, token_mask, labels, eps)
+    return terms.sum() / w.sum().clamp(min=1)
+
+
+def length_normalized_scores(token_logprobs: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """L_LN's logits: each choice's mean token log-prob, [B, C] (-inf for a choice with no token)."""
+    m = token_mask.to(token_logprobs.dtype)
+    n = m.sum(-1)  # [B, C]
+    scores = (token_logprobs * m).sum(-1) / n.clamp(min=1)  # [B, C]
+    return scores.masked_fill(n == 0, float("-inf"))
 
 
 def length_normalized_loss(token_logprobs: torch.Tensor, token_mask: torch.Tensor,
                            labels: torch.Tensor) -> torch.Tensor:
     """L_LN: cross-entropy of ``softmax_c(mean_t log p)`` with the label, averaged over the batch."""
-    m = token_mask.to(token_logprobs.dtype)
-    n = m.sum(-1)  # [B, C]
-    scores = (token_logprobs * m).sum(-1) / n.clamp(min=1)  # [B, C]
-    scores = scores.masked_fill(n == 0, float("-inf"))
-    return F.cross_entropy(scores, labels)
+    return F.cross_entropy(length_normalized_scores(token_logprobs, token_mask), labels)
 
 
 LOSS_FUNCTIONS = {"lm": lm_loss, "ul": unlikelihood_loss, "ln": length_normalized_loss}

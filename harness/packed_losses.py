@@ -4,8 +4,9 @@
 tokens, L_LN's mean over its prompts). A packed forward holds the micro-batches of G groups; each group's losses
 must be those of its rows alone. Slicing the batch per group and calling the loss functions G times costs about
 50 ops per group (and as many in the backward): the one part of a packed step whose op count grows with the
-pack (``benchmarks/packed_training.py --count-ops``). :func:`group_losses` computes the same per-row sums once and
-reduces them per group with ``index_add`` (segment sums), so the loss's op count does not depend on G.
+pack (``benchmarks/packed_training.py --count-ops``). :func:`group_losses` takes the per-token terms of
+:mod:`harness.losses` (the one definition of each loss), sums them per row once and reduces them per group with
+``index_add`` (segment sums), so the loss's op count does not depend on G.
 
 The sums are the same numbers added in another order (per row, then per group, instead of over the group's
 [b, T] block at once): equal to the separate losses within float32 rounding (``tests/test_packed_training.py``).
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
+from harness.losses import length_normalized_scores, lm_terms, unlikelihood_terms
 
 
 def _per_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -25,36 +27,21 @@ def _per_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tor
 
 
 def group_losses(names, token_logprobs: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
-                 groups: torch.Tensor, n_groups: int, eps: float = 1e-2) -> torch.Tensor:
+                 groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Per loss name and group, the loss of that group's prompts alone: [len(names), G].
 
     token_logprobs [B, C, T], token_mask [B, C, T] bool, labels [B] long (as :class:`harness.losses.ChoiceLogprobs`);
     groups [B] long: the group (0..G-1) of each prompt. Each entry equals ``LOSS_FUNCTIONS[name]`` on the group's
     rows: ``lm`` and ``ul`` are token means over the group's tokens, ``ln`` the mean over its prompts."""
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    dtype = token_logprobs.dtype
     out = []
     for name in names:
-        if name == "lm":  # mean NLL over the correct choices' tokens
-            lp = token_logprobs[rows, labels]  # [B, T]
-            m = token_mask[rows, labels].to(dtype)  # [B, T]
-            num = _per_group((lp * m).sum(-1), groups, n_groups)  # [G]
-            den = _per_group(m.sum(-1), groups, n_groups)  # [G]
-            out.append(-num / den.clamp(min=1))
-        elif name == "ul":  # mean -log(1 - p + eps) over the wrong choices' tokens
-            wrong = token_mask.clone()  # [B, C, T]
-            wrong[rows, labels] = False
-            w = wrong.to(dtype)
-            term = -torch.log((1.0 + eps) - token_logprobs.exp())  # [B, C, T]
-            num = _per_group((term * w).sum((1, 2)), groups, n_groups)  # [G]
-            den = _per_group(w.sum((1, 2)), groups, n_groups)  # [G]
+        if name in ("lm", "ul"):  # token means: per-token terms summed per prompt, then per group
+            terms, weights = (lm_terms if name == "lm" else unlikelihood_terms)(token_logprobs, token_mask, labels)
+            num = _per_group(terms.flatten(1).sum(-1), groups, n_groups)  # [G]
+            den = _per_group(weights.flatten(1).sum(-1), groups, n_groups)  # [G]
             out.append(num / den.clamp(min=1))
-        elif name == "ln":  # cross-entropy of the length-normalized scores, mean over prompts
-            m = token_mask.to(dtype)  # [B, C, T]
-            n = m.sum(-1)  # [B, C]
-            scores = (token_logprobs * m).sum(-1) / n.clamp(min=1)  # [B, C]
-            scores = scores.masked_fill(n == 0, float("-inf"))
-            ce = F.cross_entropy(scores, labels, reduction="none")  # [B]
+        elif name == "ln":  # cross-entropy of the length-normalized scores, mean over the group's prompts
+            ce = F.cross_entropy(length_normalized_scores(token_logprobs, token_mask), labels, reduction="none")  # [B]
             count = _per_group(torch.ones_like(ce), groups, n_groups)  # [G]
             out.append(_per_group(ce, groups, n_groups) / count.clamp(min=1))
         else:
