@@ -132,7 +132,9 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # zero-shot and ICL on rte, cb, copa and wsc (wsc ICL 11 of 20) and (IA)3 and T-Few on cb and rte; a training
     # process holds 4.3 GB, ten of them beside three ICL workers fill a 550 s call (346-428 s each). Round 9 ran
     # gemma1 and gemma2 (copa 251-257 s, wic 237-247 s a training, ten side by side), zero-shot on wic, 8 of 20 ICL
-    # runs on wic and the rest of wsc's. What is left, one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555 after the
+    # runs on wic and the rest of wsc's. Round 10 ran gemma3, gemma5 and gemma10 (ln_tuning and lora on copa and wsc)
+    # and the last wic ICL runs: left are gemma4, gemma6, gemma7, gemma8, gemma9, gemma11, gemma12, gemma13; 15 wsc
+    # trainings side by side took 353-394 s, so ten a call is the GPU's pace. What is left, one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555 after the
     # parts and gemma-assemble on a fresh machine: give the first call of a machine fewer trainings, its assemble
     # takes 60 s):
     gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
@@ -140,12 +142,12 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     gemma3) echo "--methods icl --tasks wic --workers 2; --methods ia3,tfew --tasks wsc --workers 10" ;;
     gemma4) echo "--methods lora --tasks cb,rte --workers 10" ;;
     gemma5) echo "--methods lora --tasks copa,wsc --workers 10" ;;
-    gemma6) echo "--methods lora,prompt_tuning --tasks wic --workers 10" ;;
+    gemma6) echo "--methods lora,ln_tuning --tasks wic --workers 10" ;;
     gemma7) echo "--methods prompt_tuning --tasks cb,rte --workers 10" ;;
     gemma8) echo "--methods prompt_tuning --tasks copa,wsc --workers 10" ;;
     gemma9) echo "--methods ln_tuning --tasks cb,rte --workers 10" ;;
     gemma10) echo "--methods ln_tuning --tasks copa,wsc --workers 10" ;;
-    gemma11) echo "--methods ln_tuning,full --tasks wic --workers 10" ;;
+    gemma11) echo "--methods prompt_tuning,full --tasks wic --workers 10" ;;
     gemma12) echo "--methods full --tasks cb,rte --workers 10" ;;
     gemma13) echo "--methods full --tasks copa,wsc --workers 10" ;;
     # packed (issue 16): --pack 5 trains five groups in one model. Round 9's try (ia3,tfew on copa,wic, 4 packs of 5
