@@ -66,7 +66,7 @@ def test_workers_set_the_share_in_each_worker(monkeypatch):
     from harness import parallel
 
     monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
-    parallel._set_gpu_share(5)
+    parallel._init_worker(5, None)
     try:
         assert gpu_share() == 5
     finally:
