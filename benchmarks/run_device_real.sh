@@ -137,10 +137,11 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # process holds 4.3 GB, ten of them beside three ICL workers fill a 550 s call (346-428 s each). Round 9 ran
     # gemma1 and gemma2 (copa 251-257 s, wic 237-247 s a training, ten side by side), zero-shot on wic, 8 of 20 ICL
     # runs on wic and the rest of wsc's. Round 10 ran gemma3, gemma5 and gemma10 (ln_tuning and lora on copa and wsc)
-    # and the last wic ICL runs: left are gemma4, gemma6, gemma7, gemma8, gemma9, gemma11, gemma12, gemma13; 15 wsc
-    # trainings side by side took 353-394 s, so ten a call is the GPU's pace. What is left, one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555 after the
-    # parts and gemma-assemble on a fresh machine: give the first call of a machine fewer trainings, its assemble
-    # takes 60 s):
+    # and the last wic ICL runs; 15 wsc trainings side by side took 353-394 s, so ten a call is the GPU's pace.
+    # Round 11 ran gemma6, gemma8, gemma9 and one training of gemma7 (prompt tuning on cb and rte needs a whole
+    # 545 s call). Left: gemma4, gemma7, gemma11, gemma12, gemma13, one plan a call (GRID_TIMEOUT=545
+    # CALL_DEADLINE=555 after the parts and gemma-assemble on a fresh machine, whose first call should be gemma13 or
+    # gemma11 with GRID_TIMEOUT=480: the assemble takes 60-77 s; carry the store as .xz: the .gz is over the limit):
     gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
     gemma2) echo "--methods ia3,tfew --tasks wic --workers 10" ;;
     gemma3) echo "--methods icl --tasks wic --workers 2; --methods ia3,tfew --tasks wsc --workers 10" ;;
