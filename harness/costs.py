@@ -33,6 +33,18 @@ from pathlib import Path
 import torch
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: a bitsandbytes 4-bit weight (``Params4bit``, qlora's base) stores two per
+    byte, and its ``quant_state.shape`` is the matrix it holds; any other tensor, ``numel()``."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return p.numel()
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDims:
     """The dimensions the FLOPs formulas need."""
@@ -63,7 +75,7 @@ class ModelDims:
         for p in base.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                total += p.numel()
+                total += logical_numel(p)
         # peft wrappers may add parameters; count the frozen base only via ids of the embedding matrices
         body = total - emb.numel() - (0 if out is emb or out.data_ptr() == emb.data_ptr() else out.numel())
         layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers

@@ -80,19 +80,63 @@ def check_model_name(name: str) -> None:
 
 
 def check_quantize(quantize: str | None, device_type: str, method: str = "this method") -> None:
-    """One-line :class:`HarnessError` unless a ``quantize="nf4"`` base can be loaded here: 4-bit NF4 needs CUDA
-    and bitsandbytes (QLoRA). Called by :func:`harness.api.plan` before any model loads."""
+    """One-line :class:`HarnessError` unless a ``quantize="nf4"`` base can be loaded here: 4-bit NF4 needs
+    bitsandbytes, and on the CPU a bitsandbytes with CPU 4-bit kernels (0.50.2 has them; checked by quantizing a
+    tiny tensor, :func:`bitsandbytes_cpu_4bit`). Called by :func:`harness.api.plan` before any model loads."""
     import importlib.util
 
     if quantize is None:
         return
     if quantize != "nf4":
         raise HarnessError(f"{method}: unknown base quantization {quantize!r} (known: nf4)")
-    if device_type != "cuda":
-        raise HarnessError(f"{method} needs a CUDA device for its 4-bit NF4 base (bitsandbytes), the device here "
-                           f"is {device_type}: run it with --device cuda on a GPU machine, or use lora")
+    if device_type not in ("cuda", "cpu"):
+        raise HarnessError(f"{method} needs a CUDA device or the CPU for its 4-bit NF4 base (bitsandbytes), the "
+                           f"device here is {device_type}: run it with --device cuda or --device cpu, or use lora")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise HarnessError(f"{method} needs bitsandbytes for its 4-bit NF4 base: pip install bitsandbytes")
+        raise HarnessError(f"{method} needs bitsandbytes for its 4-bit NF4 base: pip install 'bitsandbytes>=0.50' "
+                           "(or pip install -e '.[qlora]')")
+    if device_type == "cpu" and not bitsandbytes_cpu_4bit():
+        raise HarnessError(f"{method}: the installed bitsandbytes cannot quantize to 4-bit NF4 on the CPU: run it "
+                           "with --device cuda on a GPU machine, pip install 'bitsandbytes>=0.50', or use lora")
+
+
+def import_bitsandbytes():
+    """``import bitsandbytes`` without its Hub kernels: on CPUs with AVX512-BF16, bitsandbytes 0.50 tries to fetch
+    a CPU kernel from the Hugging Face Hub at import (through the ``kernels`` package); the harness downloads
+    nothing at run time, so ``kernels`` is hidden during the import and bitsandbytes uses its built-in kernels."""
+    import logging
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    hidden = sys.modules.get("kernels", False)
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "Failed to load CPU gemm_4bit_forward from kernels-community" warning
+    try:
+        import bitsandbytes
+    finally:
+        quiet.setLevel(level)
+        if hidden is False:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+    return bitsandbytes
+
+
+def bitsandbytes_cpu_4bit() -> bool:
+    """Whether the installed bitsandbytes quantizes and dequantizes 4-bit NF4 on the CPU (a 64-value round trip)."""
+    import torch
+
+    try:
+        functional = import_bitsandbytes().functional
+        x = torch.linspace(-1, 1, 64)
+        packed, state = functional.quantize_4bit(x, quant_type="nf4")
+        back = functional.dequantize_4bit(packed, state)
+        return bool(torch.allclose(back.flatten().float(), x, atol=0.2))
+    except Exception:  # noqa: BLE001  (an old bitsandbytes raises anything from NotImplementedError to RuntimeError)
+        return False
 
 
 def is_seq2seq(model) -> bool:
@@ -125,7 +169,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                quantize: str | None = None) -> LoadedModel:
     """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode; encoder-decoder
     checkpoints (``config.is_encoder_decoder``: T5, T0, Flan-T5) as ``AutoModelForSeq2SeqLM``. ``quantize="nf4"``:
-    the base in 4-bit NormalFloat with double quantization, computing in ``dtype`` (QLoRA; CUDA and bitsandbytes)."""
+    the base in 4-bit NormalFloat with double quantization, computing in ``dtype`` (QLoRA; bitsandbytes on CUDA or
+    the CPU)."""
     from transformers import AutoTokenizer
 
     dev, dt = resolve_device_dtype(device, dtype)
@@ -151,10 +196,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         else:
             from transformers import BitsAndBytesConfig
 
+            import_bitsandbytes()  # first, without Hub kernels
             nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                      bnb_4bit_compute_dtype=dt)
             model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local, quantization_config=nf4,
-                                              device_map={"": dev.index or 0}, **NO_HUB_KERNELS)
+                                              device_map={"": (dev.index or 0) if dev.type == "cuda" else "cpu"},
+                                              **NO_HUB_KERNELS)
     except HarnessError:
         raise
     except Exception as exc:

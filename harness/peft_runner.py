@@ -77,7 +77,7 @@ def count_params(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += costs.logical_numel(p)  # a 4-bit base weight (qlora) as the matrix it holds
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
 

@@ -15,6 +15,7 @@ its reason (:data:`SKIP`). Cheap by construction: one base model (the session fi
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import sys
 import time
@@ -98,14 +99,18 @@ def small_data(tmp_path_factory, data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp_path):
-    from harness.models import LoadedModel
+    from harness.models import LoadedModel, load_model
     from harness.peft_runner import eval_saved, run_peft_group
 
     if name in SKIP:
         pytest.skip(SKIP[name])
-    if get_method(name).quantize and smollm.device.type != "cuda":
-        pytest.skip(f"{name}: a 4-bit NF4 base needs CUDA and bitsandbytes; its CPU refusal is tested in "
-                    "tests/test_methods_peft_family.py")
+    quantize = get_method(name).quantize
+    if quantize and smollm.device.type == "cpu":
+        from harness.models import bitsandbytes_cpu_4bit
+
+        if importlib.util.find_spec("bitsandbytes") is None or not bitsandbytes_cpu_4bit():
+            pytest.skip(f"{name}: a 4-bit NF4 base on the CPU needs bitsandbytes with CPU kernels (the qlora extra); "
+                        "its refusal is tested in tests/test_methods_peft_family.py")
     if name in NEEDS:
         pytest.importorskip(NEEDS[name], reason=f"{name} needs {NEEDS[name]}, not installed")
     start = time.perf_counter()
@@ -117,6 +122,8 @@ def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp
         pytest.fail(f"{name}: no usable default settings ({exc}); add --method-args to ARGS or a reason to SKIP")
 
     def load_base():
+        if quantize:  # a 4-bit base cannot be copied from the float32 one: loaded as a run loads it
+            return load_model("smollm2-135m", device=smollm.device.type, dtype="float32", quantize=quantize)
         return LoadedModel("smollm2-135m", copy.deepcopy(smollm.model), smollm.tokenizer, smollm.device, smollm.dtype)
 
     spec = RunSpec(task="cb", method=name, template="gpt3_style", seed=0, k=0, model="smollm2-135m",

@@ -1,6 +1,6 @@
 """The peft-backed built-in methods of issue 13 (dora, adalora, vera, lokr, oft, qlora): trainable-parameter
 counts on the real SmolLM2-135M against each module's documented formula, a short real training whose adapter
-reloads to the same scores, and qlora's refusal off CUDA before any model loads."""
+reloads to the same scores, and qlora's refusal where bitsandbytes cannot quantize before any model loads."""
 
 from __future__ import annotations
 
@@ -60,21 +60,37 @@ def test_registry_imports_no_torch_or_peft():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_qlora_refused_on_cpu_before_any_model_loads(monkeypatch):
+def test_qlora_refused_on_cpu_without_bitsandbytes_cpu_kernels_before_any_model_loads(monkeypatch):
     import harness.models
     from harness.api import plan
 
     monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(HarnessError, match="qlora needs a CUDA device.*--device cuda"):
+    monkeypatch.setattr(harness.models, "bitsandbytes_cpu_4bit", lambda: False)  # an older bitsandbytes
+    with pytest.raises(HarnessError, match="cannot quantize to 4-bit NF4 on the CPU.*--device cuda"):
         plan(["cb"], ["qlora"], seeds=[0], preset="quick", device="cpu", limit=2)
     info = get_method("qlora")
     assert info.quantize == "nf4" and not info.merges
     assert training_settings("qlora", "paper", {})["r"] == 64
     from harness.models import check_quantize
 
+    with pytest.raises(HarnessError, match="needs a CUDA device or the CPU.*--device cuda"):
+        check_quantize("nf4", "mps", "qlora")
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(HarnessError, match="pip install bitsandbytes"):
+    with pytest.raises(HarnessError, match="pip install 'bitsandbytes>=0.50'"):
         check_quantize("nf4", "cuda", "qlora")
+
+
+def test_qlora_planned_on_cpu_where_bitsandbytes_has_cpu_kernels():
+    """bitsandbytes 0.50.2 (the qlora extra) quantizes NF4 on the CPU: plan accepts qlora there; it trains in
+    tests/test_every_method.py."""
+    pytest.importorskip("bitsandbytes")
+    from harness.api import plan
+    from harness.models import bitsandbytes_cpu_4bit
+
+    if not bitsandbytes_cpu_4bit():
+        pytest.skip("the installed bitsandbytes has no CPU 4-bit kernels")
+    runs = plan(["cb"], ["qlora"], seeds=[0], preset="quick", device="cpu", limit=2)
+    assert runs and all(r.method == "qlora" for r in runs)
 
 
 def test_adalora_rejects_a_schedule_longer_than_the_run():
@@ -86,3 +102,24 @@ def test_adalora_rejects_a_schedule_longer_than_the_run():
 
 # Training, reloading and checkpoint bytes of every method (these included) are tested once, in
 # tests/test_every_method.py (3 steps each, the whole registry in ~3 min on the quiet CPU).
+
+
+def test_a_4bit_base_counts_the_parameters_it_stands_for(smollm):
+    """bitsandbytes packs two 4-bit weights per byte: the FLOPs formulas and total_params use the matrix shapes, so a
+    qlora run's FLOPs per example equal lora's base FLOPs, not half of them."""
+    pytest.importorskip("bitsandbytes")
+    from harness.costs import ModelDims
+    from harness.models import bitsandbytes_cpu_4bit, load_model
+    from harness.peft_runner import count_params
+
+    if not bitsandbytes_cpu_4bit():
+        pytest.skip("the installed bitsandbytes has no CPU 4-bit kernels")
+    quantized = load_model("smollm2-135m", device="cpu", dtype="float32", quantize="nf4").model
+    assert any(type(p).__name__ == "Params4bit" for p in quantized.parameters())
+    assert ModelDims.from_model(quantized) == ModelDims.from_model(smollm.model)
+    assert count_params(quantized)[1] == count_params(smollm.model)[1]
+    from harness.methods.qlora import QloraArgs, overhead, trainable_params
+
+    cfg = QloraArgs()  # the adapter's inference overhead and size from the 4-bit layers' shapes, as from the float ones
+    assert overhead(quantized, cfg).per_token == overhead(smollm.model, cfg).per_token == 2 * 19_537_920
+    assert trainable_params(quantized, cfg) == trainable_params(smollm.model, cfg) == 19_537_920

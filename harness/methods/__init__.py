@@ -60,7 +60,8 @@ class MethodInfo:
     ``costs_version``: bumped (from 0) when the method's FLOPs formula changes the FLOPs its runs store; the run id
     hashes it when nonzero (``RunSpec.costs_version``), so a store's runs with the old figures are made again rather
     than served as new. 1: the per-forward-call work (``Overhead.per_forward``; dora, oft, compacter, ptuning).
-    2 (oft): constrained OFT's per-call projection counted (only ``coft`` runs' FLOPs changed).
+    2 (oft): constrained OFT's per-call projection counted (only ``coft`` runs' FLOPs changed). 1 (qlora): its
+    4-bit base counted as the matrices it holds (:func:`harness.costs.logical_numel`), its adapted layers found.
 
     Optional hooks: ``on_step(model, step)`` runs after every optimizer step, gradients still in place (AdaLoRA's
     rank allocation); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in

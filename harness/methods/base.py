@@ -275,14 +275,15 @@ def train_overhead_flops(overhead: Overhead, tokens: int, rows: int, forwards: i
 
 
 def linear_layers(model):
-    """(name, in_features, out_features) of every torch Linear / transformers Conv1D leaf of ``model``."""
+    """(name, in_features, out_features) of every torch Linear (bitsandbytes' quantized ones too) / transformers
+    Conv1D leaf of ``model``."""
     out = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2 or list(module.children()):
             continue
         kind = type(module).__name__
-        if kind == "Linear":
+        if kind in ("Linear", "Linear4bit", "Linear8bitLt"):  # bitsandbytes' (qlora's base) keep in/out_features
             out.append((name, module.in_features, module.out_features))
         elif kind == "Conv1D":  # gpt2: weight [in, out]
             out.append((name, weight.shape[0], weight.shape[1]))

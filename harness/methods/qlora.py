@@ -1,8 +1,9 @@
 """QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314): LoRA through
 peft's ``LoraConfig`` over a frozen base quantized to 4-bit NormalFloat (NF4, with double quantization, sec. 3)
 by bitsandbytes, loaded through transformers' ``BitsAndBytesConfig`` (:func:`harness.models.load_model`,
-``quantize="nf4"``); the LoRA weights and the compute stay in the run's dtype. CUDA only: on another device, or
-without bitsandbytes, :func:`harness.api.plan` refuses it before any model loads
+``quantize="nf4"``); the LoRA weights and the compute stay in the run's dtype. On CUDA, or on the CPU where the
+installed bitsandbytes has CPU 4-bit kernels (0.50.2 has: the ``qlora`` extra installs it, and the tests train it
+on the CPU); otherwise :func:`harness.api.plan` refuses it before any model loads
 (:func:`harness.models.check_quantize`).
 
 Trainable parameters: LoRA's, ``r (d_in + d_out)`` per adapted layer, here on every linear of each block.
@@ -51,6 +52,13 @@ def apply(model, cfg: QloraArgs):
     return wrap_peft(model, config, "qlora")
 
 
+def trainable_params(model, cfg: QloraArgs) -> int:
+    """``r (d_in + d_out)`` per adapted linear (the module docstring's count), from the unquantized model's shapes
+    or the 4-bit one's (bitsandbytes keeps ``in_features``/``out_features``)."""
+    targets = resolve_targets(model, ROLES, cfg.targets, "qlora")
+    return sum(cfg.r * (d_in + d_out) for _, d_in, d_out in matched_linears(model, targets))
+
+
 def overhead(model, cfg: QloraArgs) -> Overhead:
     """As unmerged LoRA: ``2 r (d_in + d_out)`` per token and layer (dequantization is not counted). Merging
     into a 4-bit base loses the quantization, so ``merges`` is False."""
@@ -59,6 +67,7 @@ def overhead(model, cfg: QloraArgs) -> Overhead:
 
 
 register(MethodInfo(
-    "qlora", "peft", "QLoRA (Dettmers et al. 2023): LoRA r=64 on all linears over a 4-bit NF4 base (CUDA)",
+    "qlora", "peft", "QLoRA (Dettmers et al. 2023): LoRA r=64 on all linears over a 4-bit NF4 base (bitsandbytes)",
     config_cls=QloraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=False,
-    mixed_batches=True, quantize="nf4"))
+    mixed_batches=True, quantize="nf4", costs_version=1))  # 1: the 4-bit base's parameters and LoRA overhead counted
+    # from the layers' shapes (before, bitsandbytes' packed weights halved the base FLOPs and hid every adapted layer)
