@@ -37,7 +37,7 @@ def _peft_types() -> list[str]:
 CASES = [m.name for m in list_methods() if m.kind == "peft"] + _peft_types()
 
 # learning rate per case where 1e-2 does not move the loss in 3 steps or diverges
-LR = {"full": 1e-4, "prompt_tuning": 0.1, "peft:prompt_tuning": 0.1}
+LR = {"full": 1e-4, "prompt_tuning": 0.1, "peft:prompt_tuning": 0.1, "bitfit": 1.0}  # bitfit: a tiny random model
 # --method-args per peft type where peft has no usable default for a llama-style causal LM
 ARGS: dict[str, str] = {
     "peft:adalora": "total_step=3",  # AdaLoRA schedules its rank budget over the run: it needs the step count
@@ -64,16 +64,16 @@ TIMES: dict[str, float] = {}
 TABLE: list[tuple] = []
 
 
-def _expected_trainable(name: str, smollm, settings: dict) -> int:
+def _expected_trainable(name: str, base_model, settings: dict) -> int:
     """The method's trainable-parameter count, computed apart from the run."""
     info = get_method(name)
     module = sys.modules.get(getattr(info.apply, "__module__", ""), None)
     formula = getattr(module, "trainable_params", None)
     if formula is not None:
-        return formula(smollm.model, method_config(name, settings))
+        return formula(base_model, method_config(name, settings))
     # a real copy, not a meta-device skeleton: peft moves AdaLoRA's frozen ranknum to the meta device as a new,
     # trainable Parameter, so a skeleton counts 60 parameters too many
-    model = apply_method(copy.deepcopy(smollm.model), name, settings)
+    model = apply_method(copy.deepcopy(base_model), name, settings)
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()[0]
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
@@ -100,7 +100,6 @@ def small_data(tmp_path_factory, data_dir):
 @pytest.mark.parametrize("name", CASES)
 def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp_path):
     from harness.models import LoadedModel, load_model
-    from harness.peft_runner import eval_saved, run_peft_group
 
     if name in SKIP:
         pytest.skip(SKIP[name])
@@ -113,6 +112,19 @@ def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp
                         "its refusal is tested in tests/test_methods_peft_family.py")
     if name in NEEDS:
         pytest.importorskip(NEEDS[name], reason=f"{name} needs {NEEDS[name]}, not installed")
+
+    def load_base():
+        if quantize:  # a 4-bit base cannot be copied from the float32 one: loaded as a run loads it
+            return load_model("smollm2-135m", device=smollm.device.type, dtype="float32", quantize=quantize)
+        return LoadedModel("smollm2-135m", copy.deepcopy(smollm.model), smollm.tokenizer, smollm.device, smollm.dtype)
+
+    _train_save_reload(name, load_base, smollm.model, cb, small_data, tmp_path)
+
+
+def _train_save_reload(name, load_base, base_model, cb, small_data, tmp_path) -> None:
+    """3 steps of ``name`` on ``load_base()``'s model, then the assertions of the module docstring."""
+    from harness.peft_runner import eval_saved, run_peft_group
+
     start = time.perf_counter()
     try:
         settings = training_settings(name, "quick", {
@@ -121,18 +133,13 @@ def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp
     except HarnessError as exc:
         pytest.fail(f"{name}: no usable default settings ({exc}); add --method-args to ARGS or a reason to SKIP")
 
-    def load_base():
-        if quantize:  # a 4-bit base cannot be copied from the float32 one: loaded as a run loads it
-            return load_model("smollm2-135m", device=smollm.device.type, dtype="float32", quantize=quantize)
-        return LoadedModel("smollm2-135m", copy.deepcopy(smollm.model), smollm.tokenizer, smollm.device, smollm.dtype)
-
     spec = RunSpec(task="cb", method=name, template="gpt3_style", seed=0, k=0, model="smollm2-135m",
                    preset="quick", limit=2, train=tuple(sorted(settings.items())))
     (result,) = run_peft_group(load_base, cb, [spec], small_data, tmp_path / "adapters")
     assert result.status == "finished", (result.error, result.extra.get("traceback"))
     m = result.metrics
     assert m["steps"] == 3 and m["loss_first"] != m["loss_last"], result.extra["losses"]
-    assert m["trainable_params"] == _expected_trainable(name, smollm, settings)
+    assert m["trainable_params"] == _expected_trainable(name, base_model, settings)
     assert 0 < m["trainable_params"] <= m["total_params"]
     assert m["checkpoint_bytes"] == _disk_bytes(result.artifact_path) > 0
 
@@ -145,3 +152,26 @@ def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp
     TABLE.append((name, m["trainable_params"], m["checkpoint_bytes"], m["loss_first"], m["loss_last"], TIMES[name]))
     print(f"\nEVERY_METHOD {name} trainable={m['trainable_params']} bytes={m['checkpoint_bytes']} "
           f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f} ({TIMES[name]:.1f} s)")
+
+
+TINY_QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+@pytest.mark.slow
+def test_bitfit_trains_a_model_with_biases(smollm, cb, small_data, tmp_path):
+    """BitFit refuses SmolLM2 (no biases: tests/test_methods.py); on a model with biases (a tiny random Qwen2, whose
+    q/k/v projections have them, with SmolLM2's vocabulary) it trains, saves and reloads like every other method."""
+    from harness.models import load_model
+
+    config = tmp_path / "tiny-qwen2.json"
+    config.write_text(json.dumps({**TINY_QWEN2, "vocab_size": len(smollm.tokenizer)}))
+    loaded = load_model(f"random:{config}", device="cpu", dtype="float32")
+    biases = sum(p.numel() for n, p in loaded.model.named_parameters() if n.endswith(".bias"))
+    assert biases == 2 * (64 + 2 * 32)  # q (64) and k, v (2 kv heads x 16) per layer
+
+    def load_base():
+        return load_model(f"random:{config}", device="cpu", dtype="float32")  # seeded: the same weights each time
+
+    _train_save_reload("bitfit", load_base, loaded.model, cb, small_data, tmp_path)
