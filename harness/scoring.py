@@ -211,8 +211,7 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
         for idx in tqdm(batches, disable=not progress, desc="scoring", leave=False):
             queries = [rows[i].context[n_prefix:] for i in idx]
             conts = [rows[i].continuations for i in idx]
-            scores, batch_work = _score_from_cache(model, cache, queries, conts, dims, pad_id, device,
-                                                   shared and n_prefix > 0)
+            scores, batch_work = _score_from_cache(model, cache, queries, conts, dims, pad_id, device, shared)
             work.add(batch_work)
             for i, s in zip(idx, scores):
                 out[i] = s
@@ -249,9 +248,12 @@ def plan_window_batches(rows: list[Row], n_prefix: int, widths: list[int], windo
 
 
 def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts: list[list[list[int]]],
-                      dims: ModelDims, pad_id: int, device, shared: bool) -> tuple[list[list[float]], Work]:
+                      dims: ModelDims, pad_id: int, device, fast: bool) -> tuple[list[list[float]], Work]:
+    """``fast``: the architecture allows :mod:`harness.attention`'s paths (shared-prefix attention after a prefix,
+    right-padded causal rows without a mask for one-token choices, with or without a prefix)."""
     work = Work()
     n_prefix = len(cache.ids)
+    shared = fast and n_prefix > 0
     B = len(queries)
     # 1) queries, left-padded after the prefix: [B, Lq]
     q_ids, q_mask = _left_pad(queries, pad_id)
@@ -261,8 +263,9 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
     q_pos = n_prefix + (q_mask.cumsum(-1) - 1).clamp(min=0)
     lc = max(len(c) for cs in conts for c in cs)
     extra = {"shared_prefix": cache.shared()} if shared else {}
-    if shared and lc == 1:  # no own cache needed: right-padded rows, causal without a mask (flash on CUDA)
-        logits = attention.last_token_logits(model, queries, n_prefix, pad_id, device, extra["shared_prefix"])
+    if fast and lc == 1:  # no own cache needed: right-padded rows, causal without a mask (flash on CUDA); without a
+        # prefix (zero-shot, an adapter's evaluation) too, where left padding would need a mask (no flash kernel)
+        logits = attention.last_token_logits(model, queries, n_prefix, pad_id, device, extra.get("shared_prefix"))
         last_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     else:
         if shared:  # own keys only in the cache; the prefix through the shared K/V

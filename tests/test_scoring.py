@@ -183,3 +183,22 @@ def test_non_finite_logprobs_raise_naming_example_and_choice(smollm, cb, use_cac
     finally:
         handle.remove()
     assert math.isfinite(score_prompts(smollm.model, smollm.tokenizer, prompts[:1]).examples[0].logprobs[0])
+
+
+def test_zero_shot_one_token_choices_take_the_right_padded_path_and_equal_naive(smollm, data_dir, monkeypatch):
+    """No prefix (cb's gpt3_style at k=0) and one-token choices: right-padded causal rows without a mask (what the
+    shared-prefix path does after a prefix), not left padding with a mask; the same numbers as the naive path."""
+    from harness import attention
+
+    task = load_task("cb")
+    template = task.templates[0]
+    prompts = [task.render(template, ex) for ex in load_split(task, task.eval_split, data_dir)[:6]]
+    calls = []
+    real = attention.last_token_logits
+    monkeypatch.setattr(attention, "last_token_logits", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    cached = score_prompts(smollm.model, smollm.tokenizer, prompts, "", use_cache=True, batch_size=4)
+    assert cached.prefix_tokens == 0 and calls and set(calls) == {0}  # n_prefix 0, the fast path
+    naive = score_prompts(smollm.model, smollm.tokenizer, prompts, "", use_cache=False, batch_size=4)
+    for a, b in zip(cached.examples, naive.examples):
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x - y) < 1e-4, (a.example_id, x, y)
