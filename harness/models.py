@@ -101,27 +101,15 @@ def check_quantize(quantize: str | None, device_type: str, method: str = "this m
 
 
 def import_bitsandbytes():
-    """``import bitsandbytes`` without its Hub kernels: on CPUs with AVX512-BF16, bitsandbytes 0.50 tries to fetch
-    a CPU kernel from the Hugging Face Hub at import (through the ``kernels`` package); the harness downloads
-    nothing at run time, so ``kernels`` is hidden during the import and bitsandbytes uses its built-in kernels."""
-    import logging
+    """``import bitsandbytes`` without its Hub kernels (:mod:`harness.no_hub_kernels`)."""
     import sys
+
+    from harness.no_hub_kernels import kernels_hidden
 
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
-    hidden = sys.modules.get("kernels", False)
-    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its "Failed to load CPU gemm_4bit_forward from kernels-community" warning
-    try:
+    with kernels_hidden():
         import bitsandbytes
-    finally:
-        quiet.setLevel(level)
-        if hidden is False:
-            del sys.modules["kernels"]
-        else:
-            sys.modules["kernels"] = hidden
     return bitsandbytes
 
 
