@@ -5,8 +5,13 @@ the ``kernels`` package (a dependency of transformers), and logs a warning when 
 imports it first: peft does as soon as bitsandbytes is installed (the ``qlora`` extra), for any method. So
 :func:`install` (called when the ``harness`` package is imported) puts a one-shot finder on ``sys.meta_path`` that,
 when ``bitsandbytes`` is imported, hides ``kernels`` for the length of that import only (``from kernels import
-get_kernel`` then raises ImportError and bitsandbytes keeps its built-in kernels) and silences that warning. Nothing
-else sees a difference; no torch import here.
+get_kernel`` then raises ImportError and bitsandbytes keeps its built-in kernels) and silences that warning.
+
+The same finder refuses the one import of bitsandbytes that nothing in the harness needs: peft's ``peft.helpers``
+imports it when ``peft`` is imported (``try: import bitsandbytes ... except ImportError: bnb = None``), for a
+condition-number helper the harness never calls, and that import costs ~0.8 s of every process's start-up (most of
+it ``torch._inductor``). Any other importer (peft's 4-bit LoRA layers for qlora, :func:`harness.models.load_model`)
+gets bitsandbytes as usual. No torch import here.
 """
 
 from __future__ import annotations
@@ -48,13 +53,27 @@ class _Loader(importlib.abc.Loader):
             self.loader.exec_module(module)
 
 
+EAGER_IMPORTERS = frozenset({"peft.helpers"})  # modules whose import of bitsandbytes is refused (module docstring)
+
+
+def _importer() -> str | None:
+    """The module whose ``import`` statement is being executed (the first frame outside importlib)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__") if frame is not None else None
+
+
 class BitsandbytesFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of the top-level ``bitsandbytes`` package (its submodules load inside that exec)."""
+    """Wraps the loader of the top-level ``bitsandbytes`` package (its submodules load inside that exec); refuses it
+    to :data:`EAGER_IMPORTERS`."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "bitsandbytes":
             return None
-        sys.meta_path.remove(self)  # one shot; find the real spec without this finder
+        if _importer() in EAGER_IMPORTERS:
+            raise ImportError("bitsandbytes is imported when needed (harness.no_hub_kernels)", name=name)
+        sys.meta_path.remove(self)  # find the real spec without this finder
         try:
             spec = importlib.util.find_spec(name)
         finally:

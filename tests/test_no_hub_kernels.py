@@ -37,3 +37,13 @@ def test_bitsandbytes_imported_after_harness_fetches_no_hub_kernel(tmp_path):
     if "bitsandbytes" not in without:
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks for no Hub kernel here anyway")
     assert _import_bitsandbytes(tmp_path, "import harness") == ""
+
+
+def test_importing_peft_after_harness_leaves_bitsandbytes_unloaded_until_needed():
+    """peft.helpers' eager import is refused (~0.8 s of start-up); peft's 4-bit check still finds bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    code = ("import sys, harness, peft, peft.helpers\n"
+            "assert 'bitsandbytes' not in sys.modules and peft.helpers.bnb is None\n"
+            "from peft.import_utils import is_bnb_4bit_available\n"
+            "assert is_bnb_4bit_available() and 'bitsandbytes' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
