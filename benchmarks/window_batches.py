@@ -1,5 +1,5 @@
 """Cached scoring of a sliding-window model (Gemma 3): queries batched inside the first window
-(:func:`harness.scoring.plan_window_batches`, the default) against one query per micro-batch (what the harness did
+(:func:`harness.batching.plan_window_batches`, the default) against one query per micro-batch (what the harness did
 before, and still does past the window), in one process, one after the other, per template:
 
     python -m benchmarks.window_batches --model gemma3-270m --task wic --limit 64 \
@@ -24,8 +24,8 @@ from harness.models import load_model
 from harness.tasks import load_task
 
 
-def _one_query_per_batch(rows, n_prefix, widths, window, batch_size, budget):
-    return [[i] for i in range(len(rows))]
+def _one_query_per_batch(query_lens, choice_lens, n_prefix, window, batch_size, budget):
+    return [[i] for i in range(len(query_lens))]
 
 
 def time_path(model, tokenizer, prompts, prefix, batch_size, reps, device, single: bool):

@@ -65,3 +65,32 @@ def plan_batches(lengths: Sequence[int], batch_size: int, budget: int | None,
                 continue
         batches.append([i])
     return batches
+
+
+def plan_window_batches(query_lens: Sequence[int], choice_lens: Sequence[int], n_prefix: int, window: int,
+                        batch_size: int, budget: int | None) -> list[list[int]]:
+    """Micro-batches of the cached scorer for a model with sliding-window layers, exact like one query at a time.
+
+    ``query_lens[i]``: query i's own tokens after the ``n_prefix`` cached ones; ``choice_lens[i]``: its longest
+    choice. Those layers count their window in cache slots (key slot > query slot - window), and a batch of
+    left-padded queries leaves padding slots between the prefix and a shorter query, and between a query and its
+    right-padded choices: past the first window, a token would see fewer real tokens than in its own sequence.
+    Inside the first window it sees every earlier slot, padding or not. So a batch is kept where every slot it uses
+    lies there (prefix + longest query + longest choice <= window); a query that alone reaches past it is scored
+    alone (no padding slots). Without a prefix there is no gap at all (the left padding comes before the query's
+    first token, the choices' after their last): every batch is exact. At k = 0 with Gemma 3's 512-slot window
+    that batches nearly every query; with 32 demonstrations in the prefix, none.
+    """
+    widths = [q + c for q, c in zip(query_lens, choice_lens)]
+    if n_prefix == 0:
+        return plan_batches(widths, batch_size, budget)
+    inside = [i for i, w in enumerate(widths) if n_prefix + w <= window]
+    alone = sorted(set(range(len(widths))) - set(inside), key=lambda i: -widths[i])
+    batches = [[i] for i in alone]
+    for idx in plan_batches([widths[i] for i in inside], batch_size, budget):
+        idx = [inside[j] for j in idx]
+        if n_prefix + max(query_lens[i] for i in idx) + max(choice_lens[i] for i in idx) <= window:
+            batches.append(idx)
+        else:  # the longest query and the longest choice of two different rows: split
+            batches.extend([i] for i in idx)
+    return batches

@@ -25,6 +25,7 @@ the computation the method needs, not our batching.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import sys
@@ -37,12 +38,7 @@ def logical_numel(p: torch.Tensor) -> int:
     """Elements a parameter stands for: a bitsandbytes 4-bit weight (``Params4bit``, qlora's base) stores two per
     byte, and its ``quant_state.shape`` is the matrix it holds; any other tensor, ``numel()``."""
     shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    if shape is not None:
-        n = 1
-        for d in shape:
-            n *= int(d)
-        return n
-    return p.numel()
+    return math.prod(int(d) for d in shape) if shape is not None else p.numel()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,25 +100,12 @@ def check_quantize(quantize: str | None, device_type: str, method: str = "this m
                            "with --device cuda on a GPU machine, pip install 'bitsandbytes>=0.50', or use lora")
 
 
-def import_bitsandbytes():
-    """``import bitsandbytes`` without its Hub kernels (:mod:`harness.no_hub_kernels`)."""
-    import sys
-
-    from harness.no_hub_kernels import kernels_hidden
-
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
-    with kernels_hidden():
-        import bitsandbytes
-    return bitsandbytes
-
-
 def bitsandbytes_cpu_4bit() -> bool:
     """Whether the installed bitsandbytes quantizes and dequantizes 4-bit NF4 on the CPU (a 64-value round trip)."""
     import torch
 
     try:
-        functional = import_bitsandbytes().functional
+        import bitsandbytes.functional as functional  # no Hub kernels: harness.no_hub_kernels' finder
         x = torch.linspace(-1, 1, 64)
         packed, state = functional.quantize_4bit(x, quant_type="nf4")
         back = functional.dequantize_4bit(packed, state)
@@ -184,7 +171,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         else:
             from transformers import BitsAndBytesConfig
 
-            import_bitsandbytes()  # first, without Hub kernels
             nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                      bnb_4bit_compute_dtype=dt)
             model = model_cls.from_pretrained(source, dtype=dt, local_files_only=local, quantization_config=nf4,

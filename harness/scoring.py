@@ -39,7 +39,8 @@ from harness.compat import cache_kwargs, is_prompt_learning, output_cache, peft_
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.kvcache import PrefixCache
-from harness.batching import GPU_SHARE_ENV, gpu_share, plan_batches, token_budget  # noqa: F401  (re-exported)
+from harness.batching import (GPU_SHARE_ENV, gpu_share, plan_batches, plan_window_batches,  # noqa: F401
+                              token_budget)  # (re-exported)
 from harness.choice import argmax_first  # noqa: F401  (re-exported: callers import it from here)
 from harness.store import ExampleScore
 from harness.templates import Prompt
@@ -203,7 +204,9 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
         widths = [w + n_prefix for w in widths]
     window = min((w for w in dims.windows if w), default=None)
     if window:  # sliding-window layers (Gemma 3): batch only what lies inside the first window
-        batches = plan_window_batches(rows, n_prefix, widths, window, batch_size, budget)
+        query_lens = [len(r.context) - n_prefix for r in rows]
+        choice_lens = [max(len(c) for c in r.continuations) for r in rows]
+        batches = plan_window_batches(query_lens, choice_lens, n_prefix, window, batch_size, budget)
     else:
         batches = plan_batches(widths, batch_size, budget)
     context = attention.shared_prefix_attention(model) if shared and n_prefix else contextlib.nullcontext()
@@ -216,35 +219,6 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
             for i, s in zip(idx, scores):
                 out[i] = s
     return out, work, cache, reused
-
-
-def plan_window_batches(rows: list[Row], n_prefix: int, widths: list[int], window: int, batch_size: int,
-                        budget: int | None) -> list[list[int]]:
-    """Micro-batches for a model with sliding-window layers, exact like one query at a time.
-
-    Those layers count their window in cache slots (key slot > query slot - window), and a batch of left-padded
-    queries leaves padding slots between the prefix and a shorter query, and between a query and its right-padded
-    choices: past the first window, a token would see fewer real tokens than in its own sequence. Inside the first
-    window it sees every earlier slot, padding or not. So a batch is kept where every slot it uses lies there
-    (prefix + longest query + longest choice <= window); a query that alone reaches past it is scored alone (no
-    padding slots). Without a prefix there is no gap at all (the left padding comes before the query's first
-    token, the choices' after their last): every batch is exact. At k = 0 with Gemma 3's 512-slot window that
-    batches nearly every query; with 32 demonstrations in the prefix, none.
-    """
-    if n_prefix == 0:
-        return plan_batches(widths, batch_size, budget)
-    query_len = [len(r.context) - n_prefix for r in rows]
-    choice_len = [max(len(c) for c in r.continuations) for r in rows]
-    inside = [i for i in range(len(rows)) if n_prefix + query_len[i] + choice_len[i] <= window]
-    inside_set = set(inside)
-    batches = [[i] for i in sorted(set(range(len(rows))) - inside_set, key=lambda i: -widths[i])]
-    for idx in plan_batches([widths[i] for i in inside], batch_size, budget):
-        idx = [inside[j] for j in idx]
-        if n_prefix + max(query_len[i] for i in idx) + max(choice_len[i] for i in idx) <= window:
-            batches.append(idx)
-        else:  # the longest query and the longest choice of two different rows: split
-            batches.extend([i] for i in idx)
-    return batches
 
 
 def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts: list[list[list[int]]],

@@ -1,7 +1,7 @@
 """Cached scoring of a sliding-window model (Gemma 3's layout, tiny and random) batches queries and stays exact.
 
 Gemma 3's sliding layers count their window in cache slots, so the padding a batch of queries leaves in the cache
-would shift it; :func:`harness.scoring.plan_window_batches` batches only queries whose slots all lie inside the
+would shift it; :func:`harness.batching.plan_window_batches` batches only queries whose slots all lie inside the
 first window and scores the others alone. The reference is the naive path one row at a time (no padding at all).
 """
 
@@ -53,8 +53,9 @@ def test_window_batches_keep_every_slot_inside_the_first_window(tiny_gemma, smol
     rows, _ = scoring._tokenize(smollm.tokenizer, prompts, prefixes[1])
     n_prefix = scoring.shared_prefix_len(rows)
     assert n_prefix > 0
-    widths = [len(r.context) - n_prefix + max(len(c) for c in r.continuations) for r in rows]
-    batches = scoring.plan_window_batches(rows, n_prefix, widths, WINDOW, 4, None)
+    query_lens = [len(r.context) - n_prefix for r in rows]
+    choice_lens = [max(len(c) for c in r.continuations) for r in rows]
+    batches = scoring.plan_window_batches(query_lens, choice_lens, n_prefix, WINDOW, 4, None)
     assert sorted(i for b in batches for i in b) == list(range(len(rows)))
     assert any(len(b) > 1 for b in batches) and any(len(b) == 1 for b in batches)  # both kinds occur here
     for b in batches:
@@ -79,7 +80,7 @@ def test_batches_past_the_window_would_be_wrong(tiny_gemma, smollm, copa_prompts
     prompts, prefixes = copa_prompts
     naive = score_prompts(tiny_gemma, smollm.tokenizer, prompts, prefixes[1], use_cache=False, batch_size=1)
     monkeypatch.setattr(scoring, "plan_window_batches",
-                        lambda rows, n_prefix, widths, window, batch_size, budget:
-                        scoring.plan_batches(widths, batch_size, budget))
+                        lambda query_lens, choice_lens, n_prefix, window, batch_size, budget:
+                        scoring.plan_batches([q + c for q, c in zip(query_lens, choice_lens)], batch_size, budget))
     unguarded = score_prompts(tiny_gemma, smollm.tokenizer, prompts, prefixes[1], use_cache=True, batch_size=4)
     assert _max_diff(unguarded, naive) > 1e-3
