@@ -7,7 +7,7 @@ one task/template is scored by
   data, demonstrations, tokenization and scoring), KV-cached prefix, defaults for the device;
 - ``naive``: the same run with ``kv_cache=False`` (``--no-kv-cache``): every (query, choice) as a full sequence;
 - ``lmeval``: :mod:`benchmarks.lmeval_loop`, each (context, continuation) pair its own sequence, batched;
-- ablations of the cached path (``--ablations``): ``cached_copy`` (a copy of the prefix cache per row instead of
+- ablations of the cached path (``--ablations``, causal models): ``cached_copy`` (a copy of the prefix cache per row instead of
   the shared-prefix attention, token-budget batches) and ``cached_b8`` (copies and fixed batches of
   ``--batch-size`` queries: the scorer before the GPU fast paths).
 
@@ -52,7 +52,12 @@ def prompts_and_prefix(lm, task, template, seed: int, k: int, limit: int | None,
 
 
 def lmeval_flops(dims, rows) -> float:
-    """Forward FLOPs of the lm-eval loop: every pair's full sequence minus its last token, logits everywhere."""
+    """Forward FLOPs of the lm-eval loop: every pair's full sequence minus its last token, logits everywhere;
+    encoder-decoder: the prompt encoded once per choice, the choice decoded (the naive path's work)."""
+    if dims.enc_params:
+        from harness.scoring import uncached_work
+
+        return costs.forward_flops(dims, uncached_work(rows, dims))
     work = costs.Work()
     for r in rows:
         for c in r.continuations:
@@ -107,7 +112,8 @@ def bench_model(name: str, args, env: dict) -> list[dict]:
     load_s = time.perf_counter() - t0
     task = load_task(args.task)
     template = task.template(args.template)
-    paths = ["cached", "naive", "lmeval"] + (["cached_copy", "cached_b8"] if args.ablations else [])
+    seq2seq = bool(getattr(lm.model.config, "is_encoder_decoder", False))  # cached = encoder once per query
+    paths = ["cached", "naive", "lmeval"] + (["cached_copy", "cached_b8"] if args.ablations and not seq2seq else [])
     rows = []
     # warm-up: CUDA context, cuBLAS handles, kernels of every path (small)
     wp, wprefix, _ = prompts_and_prefix(lm, task, template, args.seed, 2, 4, args.data_dir)

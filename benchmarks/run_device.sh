@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the benchmarks on a lent GPU machine (see docs/benchmarks.md): bash benchmarks/run_device.sh STAGE...
-# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, nanprobe, mfu, loop. Expects .whl/ (transformers, peft wheels) and
-# .benchdata/ (data/rte, cache/tokenizers/smollm2-135m) carried beside the checkout, and $OUT for results.
+# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, nanprobe, mfu, loop, t5.
+# Expects .whl/ (transformers, peft wheels) and .benchdata/ (data/rte, cache/tokenizers/smollm2-135m, and for t5
+# cache/tokenizers/smollm2-135m-32128) carried beside the checkout, and $OUT for results.
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -45,6 +46,16 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
            --models smollm2-135m --methods lora,ia3 --kinds "${LOOP_KINDS:-harness,harness_eager}" \
            --harness-steps 40 --out "$OUT/train_loop.json" > "$OUT/train_loop.log" 2>&1; echo "rc $?"
            grep -v -i warn "$OUT/train_loop.log" | grep -E "^#|^\||ecompil" | tail -20 ;;
+    t5) # issue 17: random:t0-3b (T-Few's backbone) beside random:llama-1b, rte scoring at k = 0 and 32 (cached =
+        # encoder once per query, naive, the lm-eval seq2seq loop), then the T-Few step of t0-3b (synthetic batch
+        # 8 x 256 encoder / 32 decoder tokens; the harness's own loop on rte, compiled blocks and eager)
+        timeout "${T5_ICL_TIMEOUT:-300}" python3 -m benchmarks.icl_throughput --device cuda --data-dir "$DATA" \
+           --models llama-1b,t0-3b --ks 0,32 --identity 24 --out "$OUT/icl_t5.json" > "$OUT/icl_t5.log" 2>&1
+        echo "rc $?"; grep -v -i warn "$OUT/icl_t5.log" | grep -E "^#|^\|" | tail -24
+        timeout "${T5_TRAIN_TIMEOUT:-240}" python3 -m benchmarks.train_throughput --device cuda --data-dir "$DATA" \
+           --models t0-3b --methods tfew,lora --kinds synthetic,harness,harness_eager --harness-steps 20 \
+           --out "$OUT/train_t5.json" > "$OUT/train_t5.log" 2>&1
+        echo "rc $?"; grep -v -i warn "$OUT/train_t5.log" | grep -E "^#|^\||ecompil" | tail -12 ;;
     paper) rm -rf /tmp/paper; mkdir -p /tmp/paper  # adapters land beside the store: keep them out of $OUT
            python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store /tmp/paper/paper.sqlite \
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20

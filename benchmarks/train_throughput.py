@@ -8,8 +8,9 @@ from :func:`harness.training.make_optimizer`):
   clipping at the settings' ``max_grad_norm``, one device read of loss and norm, the optimizer of
   :func:`harness.training.make_optimizer`, fused on CUDA as ``train()`` does) on the fixed shape of the target,
   batch ``--batch`` x ``--seq`` random tokens, causal-LM loss at every position (transformers' loss) through
-  :func:`harness.training.training_forward` (``use_cache=False``, as every training forward). ``--steps`` timed
-  steps after ``--warmup`` untimed ones. Until issue 14 this was a step of its own (unfused optimizer, clipping at
+  :func:`harness.training.training_forward` (``use_cache=False``, as every training forward); for an
+  encoder-decoder (``random:t0-3b``) ``--seq`` random encoder tokens and ``--dec-seq`` random decoder labels per
+  row, the loss at every decoder position. ``--steps`` timed steps after ``--warmup`` untimed ones. Until issue 14 this was a step of its own (unfused optimizer, clipping at
   1, and the model called with its KV cache on, which made the compiled blocks recompile per layer).
 - ``compiled``: the synthetic step as ``--compile on`` trains: the transformer blocks compiled by
   :func:`harness.compiling.compile_blocks` (regional ``torch.compile``, dynamic shapes);
@@ -21,8 +22,10 @@ from :func:`harness.training.make_optimizer`):
   the harness records them. ``harness_eager``, ``harness_model``: the same loop with ``--compile off`` (the
   default) and ``--compile model``.
 
-Model FLOPs (standard accounting, no recomputation): forward = 2 N_body per token + attention
-(4 h d_h keys per layer) + 2 d V per projected position; backward = activation gradients (the forward's matmul
+Model FLOPs (standard accounting, no recomputation; :func:`harness.costs.matmul_flops` and ``attention_flops``):
+forward = 2 N_body per token (encoder-decoder: encoder weights per encoder token, decoder weights per decoder
+token, cross-attention K/V per encoder state and decoder row) + attention (4 h d_h keys per layer) + 2 d V per
+projected position; backward = activation gradients (the forward's matmul
 FLOPs again, attention twice) + weight gradients (2 x trainable matmul parameters per token; for full
 fine-tuning the whole body and the output projection). Full fine-tuning is thus 6N per token, frozen-base methods
 about 4N. MFU = model FLOPs / seconds / 989.4 TFLOP/s (H100 SXM bf16 dense).
@@ -44,6 +47,7 @@ from benchmarks.common import (H100_BF16_PEAK, Timer, environment, peak_bytes, p
                                write_json)
 from harness import costs
 from harness.data import few_shot_examples, resolve_data_dir
+from harness.seq2seq import record_work
 from harness.methods import apply_method, method_overhead, training_settings
 from harness.models import load_model
 from harness.tasks import load_task
@@ -54,12 +58,14 @@ from harness.training import make_optimizer, train, training_forward, training_s
 GIB = 2**30
 
 
-def model_flops(dims: costs.ModelDims, tokens: int, keys: int, logit_positions: int, trainable_body: int,
-                full: bool) -> float:
-    """Training FLOPs of ``tokens`` tokens (see the module docstring); ``keys``: summed attended keys."""
-    matmul = 2 * dims.body_params * tokens + 2 * dims.d_model * dims.vocab * logit_positions
-    attn = 4 * dims.n_heads * dims.head_dim * keys * dims.n_layers
-    weight_grads = matmul if full else 2 * trainable_body * tokens
+def model_flops(dims: costs.ModelDims, work: costs.Work, trainable_body: int, full: bool) -> float:
+    """Training FLOPs of the forward passes ``work`` describes (see the module docstring): the forward's matmuls
+    and attention as :mod:`harness.costs` counts them (encoder-decoders and sliding windows included), the
+    activation-gradient backward (matmuls again, attention twice), weight gradients (full fine-tuning: every
+    matmul weight; else 2 x the trainable parameters per token)."""
+    matmul = costs.matmul_flops(dims, work)
+    attn = costs.attention_flops(dims, work)
+    weight_grads = matmul if full else 2 * trainable_body * work.tokens
     return 2 * matmul + 3 * attn + weight_grads
 
 
@@ -89,12 +95,18 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
     trainable = trainable_count(model)
     model, blocks = for_training(model, compile_mode(compile))  # as train() does
     gen = torch.Generator(device="cpu").manual_seed(0)
-    vocab_in = 49152  # ids of the tokenizer actually used
-    batches = [torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
+    vocab_in = min(len(tokenizer), dims.vocab)  # ids of the tokenizer actually used
+    seq2seq = bool(dims.enc_params)  # encoder-decoder: --seq encoder tokens, --dec-seq decoder tokens per row
+    dec = args.dec_seq if seq2seq else args.seq
+    batches = [(torch.randint(0, vocab_in, (args.batch, args.seq), generator=gen).to(device),
+                torch.randint(0, vocab_in, (args.batch, dec), generator=gen).to(device)) for _ in range(4)]
 
-    def step(x):  # train()'s step (harness.training.training_step), causal-LM loss on the fixed-shape batch
+    def step(xy):  # train()'s step (harness.training.training_step), LM loss on the fixed-shape batch
+        x, y = xy
+        y = y if seq2seq else x  # causal: the loss at every position of the input
+
         def backward():
-            loss = training_forward(model, input_ids=x, labels=x).loss  # use_cache=False, as train()'s forwards
+            loss = training_forward(model, input_ids=x, labels=y).loss  # use_cache=False, as train()'s forwards
             loss.backward()
             return loss.detach().float().reshape(1, 1), [1.0]
 
@@ -108,18 +120,18 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
         with Timer(device) as t:
             step(batches[i % len(batches)])
         times.append(t.seconds)
-    n = args.seq + overhead.virtual_tokens  # positions per row
-    tokens = args.batch * n
-    keys = args.batch * (n * (n + 1) // 2)
+    n = args.seq + overhead.virtual_tokens  # positions per (encoder) row
+    work = _work(dims, args.batch, n, dec if seq2seq else 0)
+    tokens = work.tokens
     full = method == "full"
-    flops = model_flops(dims, tokens, keys, tokens, trainable, full) + 3 * overhead.per_token * tokens
+    flops = model_flops(dims, work, trainable, full) + 3 * overhead.per_token * tokens
     sec = statistics.median(times)
     out = {"kind": {"off": "synthetic", "on": "compiled", "model": "compiled_model"}[compile], "method": method, "batch": args.batch,
-           "seq": args.seq, "steps": args.steps,
+           "seq": args.seq, "dec_seq": dec if seq2seq else None, "steps": args.steps,
            "step_ms": sec * 1e3, "tokens_per_s": tokens / sec, "model_tflops": flops / sec / 1e12,
            "mfu": flops / sec / H100_BF16_PEAK, "trainable_params": trainable,
            "peak_gib": (peak_bytes(device) or 0) / GIB, "optimizer": settings["optimizer"],
-           "harness_train_flops_per_step": costs.train_flops(dims, _work(args.batch, n), trainable)}
+           "harness_train_flops_per_step": costs.train_flops(dims, work, trainable)}
     if args.profile and method in ("lora", "full"):
         out["profile"] = profile(lambda: step(batches[0]), device)
     uncompile_blocks(blocks)
@@ -127,11 +139,17 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
     return out
 
 
-def _work(batch: int, n: int) -> costs.Work:
+def _work(dims: costs.ModelDims, batch: int, n: int, dec: int) -> costs.Work:
+    """The synthetic batch's work: ``batch`` causal rows of ``n`` tokens, logits everywhere; encoder-decoder
+    (``dec`` > 0): ``n`` encoder tokens and ``dec`` decoder tokens per row (:func:`harness.seq2seq.record_work`)."""
     w = costs.Work()
     for _ in range(batch):
-        w.add_tokens(n, 0, ())
-        w.logit_positions += n
+        if dec:
+            record_work(w, n, 0, encode=True)
+            record_work(w, n, dec, encode=False)
+        else:
+            w.add_tokens(n, 0, dims.windows)
+            w.logit_positions += n
     return w
 
 
@@ -155,7 +173,7 @@ def harness_loop(base, tokenizer, method: str, args, device, compile: str = "on"
         prof = prof | {"wall_ms": prof["wall_ms"] / 3, "kernel_ms": prof["kernel_ms"] / 3,
                        "launches": prof["launches"] / 3, "note": "per step, compile of a fresh graph included"}
     w = stats.work
-    flops = share * (model_flops(dims, w.tokens, w.full_keys, w.logit_positions, trainable, method == "full")
+    flops = share * (model_flops(dims, w, trainable, method == "full")
                      + stats.overhead_flops)
     n = args.harness_steps
     del model
@@ -181,6 +199,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="lora,ia3,prompt_tuning,full")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dec-seq", type=int, default=32, help="decoder tokens per row of encoder-decoder models")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--harness-steps", type=int, default=30, help="timed steps of the harness loop")

@@ -369,8 +369,8 @@ def uncached_work(rows: list[Row], dims: ModelDims) -> Work:
     if dims.enc_params:  # encoder-decoder: the prompt re-encoded for every choice (harness.seq2seq)
         for r in rows:
             for c in r.continuations:
-                _seq2seq._record(work, len(r.context), 0, encode=True)
-                _seq2seq._record(work, len(r.context), len(c), encode=False)
+                _seq2seq.record_work(work, len(r.context), 0, encode=True)
+                _seq2seq.record_work(work, len(r.context), len(c), encode=False)
         return work
     for r in rows:
         for c in r.continuations:

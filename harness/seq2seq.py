@@ -109,11 +109,11 @@ def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhea
                 ctx = ctx[-max_length:]
             if not contexts or contexts[-1] != ctx or slots[-1][0] != b:
                 contexts.append(ctx)
-                _record(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
+                record_work(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
             owners.append(len(contexts) - 1)
             choices.append(cont)
             slots.append((b, c))
-            _record(work, overhead.virtual_tokens + len(ctx), len(cont), encode=False)
+            record_work(work, overhead.virtual_tokens + len(ctx), len(cont), encode=False)
     enc_ids, enc_mask = _right_pad(contexts, pad_id)
     lp, mask = token_logprobs(model, enc_ids, enc_mask, owners, choices, start_id(model), pad_id)
     B, C, T = len(prompts), max(len(p.choices) for p in prompts), lp.shape[1]
@@ -126,7 +126,9 @@ def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhea
     return token_lp, token_mask, labels, work, len(slots)
 
 
-def _record(work: Work, n_ctx: int, n_choice: int, encode: bool) -> None:
+def record_work(work: Work, n_ctx: int, n_choice: int, encode: bool) -> None:
+    """Add to ``work`` the encoding of an ``n_ctx``-token prompt (``encode``) or the decoding of an
+    ``n_choice``-token continuation against it (self-attention, cross-attention, logits at every position)."""
     if encode:  # bidirectional: every prompt token attends to all n_ctx
         work.tokens += n_ctx
         work.enc_tokens += n_ctx
@@ -162,8 +164,8 @@ def score_seq2seq(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_
                 choices.append(c)
                 slots.append((i, jj))
                 if j is not None or jj == 0:
-                    _record(work, len(rows[i].context), 0, encode=True)
-                _record(work, len(rows[i].context), len(c), encode=False)
+                    record_work(work, len(rows[i].context), 0, encode=True)
+                record_work(work, len(rows[i].context), len(c), encode=False)
         sums = choice_logprobs(model, enc_ids, enc_mask, owners, choices, start, pad_id)
         for (i, jj), s in zip(slots, sums.tolist()):
             out[i][jj] = s

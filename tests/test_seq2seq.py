@@ -126,6 +126,35 @@ def test_uncached_work_counts_the_prompt_per_choice(tiny_t5):
     assert uncached_work(out.rows, dims) == out.work
 
 
+def test_the_lmeval_style_baseline_scores_like_the_naive_path(tiny_t5):
+    """benchmarks.lmeval_loop on an encoder-decoder (lm-eval's seq2seq way: a labels= forward per request, the
+    prompt re-encoded per choice) gives the harness's log-probs (fp32, 1e-4), so the GPU benchmark's baseline is the
+    same function; a wrong label/shift convention would move every choice's score."""
+    from benchmarks import lmeval_loop
+
+    ref = score_prompts(tiny_t5.model, tiny_t5.tokenizer, PROMPTS, "Q: one? A: yes\n", use_cache=True, batch_size=2)
+    got = lmeval_loop.loglikelihoods(tiny_t5.model, tiny_t5.tokenizer, PROMPTS, "Q: one? A: yes\n", batch_size=3)
+    diffs = [abs(a - b) for e, row in zip(ref.examples, got) for a, b in zip(e.logprobs, row)]
+    assert len(diffs) == 8 and max(diffs) < 1e-4
+
+
+def test_synthetic_training_flops_match_the_flop_counter(tiny_t5):
+    """benchmarks.train_throughput's synthetic encoder-decoder batch (--seq encoder, --dec-seq decoder tokens): its
+    counted forward FLOPs == FlopCounterMode of the labels= forward within 15%."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.train_throughput import _work
+    from harness.costs import forward_flops
+
+    dims = ModelDims.from_model(tiny_t5.model)
+    x, y = torch.randint(2, 1000, (3, 40)), torch.randint(2, 1000, (3, 6))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        tiny_t5.model(input_ids=x, labels=y, use_cache=False)
+    ours, measured = forward_flops(dims, _work(dims, 3, 40, 6)), counter.get_total_flops()
+    assert abs(ours - measured) / measured < 0.15
+
+
 @pytest.mark.slow
 def test_cli_run_zeroshot_icl_tfew_on_a_random_t5(tmp_path, tiny_t5_config, data_dir):
     from click.testing import CliRunner
