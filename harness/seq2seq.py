@@ -62,7 +62,7 @@ def token_logprobs(model, enc_ids, enc_mask, owners, choices, start: int, pad_id
     prompt; the encoder runs once per prompt row (``owners`` maps each choice to a row of ``enc_ids``), except
     under peft prompt learning, whose virtual tokens enter through the full forward (once per choice).
     Differentiable."""
-    from harness.compat import is_prompt_learning
+    from harness.compat import is_prompt_learning, peft_legacy_calls
 
     device = next(model.parameters()).device
     owner_t = torch.tensor(owners, dtype=torch.long, device=device)
@@ -70,8 +70,9 @@ def token_logprobs(model, enc_ids, enc_mask, owners, choices, start: int, pad_id
     dec_in, targets, tmask = decoder_tensors(choices, start, pad_id)
     dec = {"decoder_input_ids": dec_in.to(device), "decoder_attention_mask": tmask.to(device), "use_cache": False}
     if is_prompt_learning(model):
-        logits = model(input_ids=enc_ids.index_select(0, owner_t), attention_mask=enc_mask.index_select(0, owner_t),
-                       **dec).logits
+        with peft_legacy_calls():  # peft's prefix tuning passes its prefix as past_key_values=
+            logits = model(input_ids=enc_ids.index_select(0, owner_t),
+                           attention_mask=enc_mask.index_select(0, owner_t), **dec).logits
     else:
         encoder_outputs = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
         hidden = encoder_outputs[0].index_select(0, owner_t)  # [R, L, d]: each choice's prompt states

@@ -121,7 +121,7 @@ def test_every_method_trains_saves_and_reloads(name, smollm, cb, small_data, tmp
     _train_save_reload(name, load_base, smollm.model, cb, small_data, tmp_path)
 
 
-def _train_save_reload(name, load_base, base_model, cb, small_data, tmp_path) -> None:
+def _train_save_reload(name, load_base, base_model, cb, small_data, tmp_path, model: str = "smollm2-135m") -> None:
     """3 steps of ``name`` on ``load_base()``'s model, then the assertions of the module docstring."""
     from harness.peft_runner import eval_saved, run_peft_group
 
@@ -133,7 +133,7 @@ def _train_save_reload(name, load_base, base_model, cb, small_data, tmp_path) ->
     except HarnessError as exc:
         pytest.fail(f"{name}: no usable default settings ({exc}); add --method-args to ARGS or a reason to SKIP")
 
-    spec = RunSpec(task="cb", method=name, template="gpt3_style", seed=0, k=0, model="smollm2-135m",
+    spec = RunSpec(task="cb", method=name, template="gpt3_style", seed=0, k=0, model=model,
                    preset="quick", limit=2, train=tuple(sorted(settings.items())))
     (result,) = run_peft_group(load_base, cb, [spec], small_data, tmp_path / "adapters")
     assert result.status == "finished", (result.error, result.extra.get("traceback"))
@@ -175,3 +175,53 @@ def test_bitfit_trains_a_model_with_biases(smollm, cb, small_data, tmp_path):
         return load_model(f"random:{config}", device="cpu", dtype="float32")  # seeded: the same weights each time
 
     _train_save_reload("bitfit", load_base, loaded.model, cb, small_data, tmp_path)
+
+
+BUILTIN = [m.name for m in list_methods() if m.kind == "peft"]
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_folder(tmp_path_factory):
+    """tests/test_seq2seq.py's tiny random T5 saved as a model folder (weights, config, tokenizer), loaded by the
+    real loading path (``AutoModelForSeq2SeqLM.from_pretrained``; 4-bit NF4 for qlora)."""
+    from harness.models import load_model
+    from tests.test_seq2seq import TINY_T5
+
+    root = tmp_path_factory.mktemp("tiny-t5")
+    (root / "config.json").write_text(json.dumps(TINY_T5))
+    lm = load_model(f"random:{root / 'config.json'}", device="cpu", dtype="float32")
+    folder = root / "model"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_builtin_method_on_an_encoder_decoder(name, tiny_t5_folder, cb, small_data, tmp_path):
+    """Issue 17 item 4: every built-in method on a tiny T5 (T5 module names q/k/v/o, wi_0/wi_1/wo, layer_norm,
+    EncDecAttention; tied ``shared`` embeddings): it resolves its targets, trains, saves and reloads exactly as on
+    SmolLM2 (the assertions of :func:`_train_save_reload`). BitFit has nothing to train (T5 has no biases) and
+    must say so."""
+    from harness.models import load_model
+    from harness.peft_runner import run_peft_group
+
+    quantize = get_method(name).quantize
+    if quantize:
+        from harness.models import bitsandbytes_cpu_4bit
+
+        if importlib.util.find_spec("bitsandbytes") is None or not bitsandbytes_cpu_4bit():
+            pytest.skip(f"{name}: a 4-bit NF4 base on the CPU needs bitsandbytes with CPU kernels (the qlora extra)")
+
+    def load_base():
+        return load_model(str(tiny_t5_folder), device="cpu", dtype="float32", quantize=quantize)
+
+    if name == "bitfit":
+        settings = training_settings(name, "quick", {"steps": 3, "batch_size": 1, "n_train": 1})
+        spec = RunSpec(task="cb", method=name, template="gpt3_style", seed=0, k=0, model=str(tiny_t5_folder),
+                       preset="quick", limit=2, train=tuple(sorted(settings.items())))
+        (result,) = run_peft_group(load_base, cb, [spec], small_data, tmp_path / "adapters")
+        assert result.status == "failed" and "has no bias parameters" in result.error
+        return
+    base = load_model(str(tiny_t5_folder), device="cpu", dtype="float32").model
+    _train_save_reload(name, load_base, base, cb, small_data, tmp_path, model=str(tiny_t5_folder))

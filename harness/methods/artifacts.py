@@ -60,6 +60,17 @@ def _load_state(model, files: list[Path], directory: Path, restore=None) -> None
     return result
 
 
+def _missing_without_aliases(model, missing_keys: list[str]) -> list[str]:
+    """The missing keys that no loaded key stands for: a tied parameter is saved once under one of its names
+    (a tied output projection, T5's ``shared`` / ``encoder.embed_tokens`` / ``decoder.embed_tokens``)."""
+    names_of: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), set()).add(name)
+    missing = set(missing_keys)
+    aliases = {n: names for names in names_of.values() for n in names}
+    return [k for k in missing_keys if not (aliases.get(k, {k}) - missing)]
+
+
 def load_trained(base_model, info, directory: str | os.PathLike):
     """``base_model`` (a freshly loaded base) with the method saved under ``directory`` applied, in eval mode."""
     directory = Path(directory)
@@ -74,8 +85,7 @@ def load_trained(base_model, info, directory: str | os.PathLike):
             model = PeftModel.from_pretrained(base_model, str(directory))
     elif info.artifact == "model":
         result = _load_state(base_model, sorted(directory.glob("*.safetensors")), directory)
-        tied = {"lm_head.weight"} if getattr(base_model.config, "tie_word_embeddings", False) else set()
-        missing = [k for k in result.missing_keys if k not in tied]
+        missing = _missing_without_aliases(base_model, result.missing_keys)
         if missing:
             raise HarnessError(f"{directory}: the saved model lacks {', '.join(missing[:5])}")
         model = base_model

@@ -11,11 +11,13 @@ adapters are written here:
   for ``compacter``, the same with PHM layers (Karimi Mahabadi et al. 2021, arXiv 2106.04647) in place of
   ``down``/``up``;
 - a parallel adapter ``sublayer(x) + s * up(f(down(x)))`` for ``mam`` (He et al. 2022, arXiv 2110.04366);
-- :func:`add_adapters`: placement. A decoder layer is a module with an attention child (``self_attn`` in
-  llama/gemma/qwen/mistral, ``attn`` in gpt2) and an ``mlp`` child; the adapter is a child of the decoder layer
-  (``adapter_attn`` / ``adapter_ffn``, so its tensors have stable names for the ``tensors`` artifact) and is
-  applied by a forward hook on the sublayer, to the sublayer's output before the residual addition (Houlsby's
-  position). The base model's own modules are not replaced.
+- :func:`add_adapters`: placement. A transformer layer (:func:`decoder_layers`) is a module with an attention
+  child (``self_attn`` in llama/gemma/qwen/mistral, ``attn`` in gpt2) and an ``mlp`` child, or a T5 block (T5, T0,
+  Flan-T5, mT5: ``layer[0].SelfAttention`` and ``layer[-1].DenseReluDense``, in the encoder and the decoder; the
+  decoder's cross-attention gets no adapter, as in Houlsby's and AdapterHub's default placement); the adapter is
+  a child of the layer (``adapter_attn`` / ``adapter_ffn``, so its tensors have stable names for the ``tensors``
+  artifact) and is applied by a forward hook on the sublayer, to the sublayer's output before the residual
+  addition (Houlsby's position). The base model's own modules are not replaced.
 
 This module imports no torch at import time (the method registry imports it); the torch modules are built on
 first use by :func:`_torch_classes`.
@@ -70,14 +72,25 @@ class BottleneckArgs(TrainConfig):
 # ------------------------------------------------------------------------------------------- placement
 
 def decoder_layers(model) -> list:
-    """(attention child name, layer) of every decoder layer: a module with an attention child and an ``mlp``."""
+    """(layer, attention sublayer, feed-forward sublayer) of every transformer layer (see the module docstring)."""
     out = []
-    for _, module in model.named_modules():
+    for module in model.modules():
         children = dict(module.named_children())
-        attn = next((n for n in ATTENTION_NAMES if n in children), None)
+        attn = next((children[n] for n in ATTENTION_NAMES if n in children), None)
         if attn is not None and "mlp" in children:
-            out.append((attn, module))
+            out.append((module, attn, children["mlp"]))
+            continue
+        sub = children.get("layer")  # T5Block: layer = [self-attention, (cross-attention,) feed-forward]
+        if sub is not None and len(sub) >= 2 and hasattr(sub[0], "SelfAttention") and hasattr(sub[-1], "DenseReluDense"):
+            out.append((module, sub[0].SelfAttention, sub[-1].DenseReluDense))
     return out
+
+
+def projection(attention, name: str):
+    """The ``name`` projection (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``) of an attention module: llama-style
+    names, or T5's ``q``/``k``/``v``/``o``; None where it has neither."""
+    found = getattr(attention, name, None)
+    return found if found is not None else getattr(attention, name.removesuffix("_proj"), None)
 
 
 def hidden_size(model) -> int:
@@ -92,8 +105,9 @@ def hidden_size(model) -> int:
 def count_sites(model, places, method: str) -> int:
     layers = decoder_layers(model)
     if not layers:
-        raise HarnessError(f"{method}: no decoder layers found in {type(model).__name__} (expected modules with a "
-                           "self_attn/attn child and an mlp child: llama, gemma, qwen, mistral, gpt2-style models)")
+        raise HarnessError(f"{method}: no transformer layers found in {type(model).__name__} (expected modules with "
+                           "a self_attn/attn child and an mlp child: llama, gemma, qwen, mistral, gpt2-style models; "
+                           "or T5 blocks)")
     return len(layers) * len(places)
 
 
@@ -109,7 +123,7 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
     param = next(model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    for attn, layer in decoder_layers(model):
+    for layer, attn, ffn in decoder_layers(model):
         for place in places:
             name = f"adapter_{place}"
             check(not hasattr(layer, name), f"{method}: the model already has adapters (apply a method once)")
@@ -123,7 +137,7 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
                 module = classes["Bottleneck"](d, m, cfg.nonlinearity, cfg.init_std, cfg.zero_up)
             module.to(device=param.device, dtype=param.dtype)
             layer.add_module(name, module)
-            sub = getattr(layer, attn if place == "attn" else "mlp")
+            sub = attn if place == "attn" else ffn
             sub.register_forward_hook(functools.partial(_parallel_hook if parallel is not None else _apply_hook,
                                                         module))
     assert all(p.requires_grad for n, p in model.named_parameters() if ".adapter_" in n)
@@ -131,16 +145,16 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
 
 
 def add_gated_lora(model, targets, r: int, alpha: float, method: str):
-    """A gated LoRA (trainable) beside each ``targets`` projection (llama-style ``q_proj``/``v_proj`` Linears) of
-    every decoder layer, applied by a forward hook on the projection; the base stays as it is."""
+    """A gated LoRA (trainable) beside each ``targets`` projection (``q_proj``/``v_proj`` Linears, T5's ``q``/``v``)
+    of every layer's self-attention, applied by a forward hook on the projection; the base stays as it is."""
     classes = _torch_classes()
     param = next(model.parameters())
-    for attn, layer in decoder_layers(model):
-        sub = getattr(layer, attn)
+    for layer, attn, _ in decoder_layers(model):
         for t in targets:
-            proj = getattr(sub, t, None)
+            proj = projection(attn, t)
             check(proj is not None and type(proj).__name__ == "Linear",
-                  f"{method}: no Linear {attn}.{t} in {type(layer).__name__} (gated LoRA needs llama-style q_proj/v_proj)")
+                  f"{method}: no Linear {t} in {type(attn).__name__} (gated LoRA needs q_proj/v_proj or T5's q/v "
+                  "Linears, not gpt2's fused c_attn)")
             module = classes["GatedLora"](proj.in_features, proj.out_features, r, alpha)
             module.to(device=param.device, dtype=param.dtype)
             layer.add_module(f"adapter_lora_{t}", module)

@@ -7,7 +7,7 @@ The gated adapter and gated LoRA are written by hand in :mod:`harness.methods.bo
 ``adapters`` does not import with the harness's transformers 5; see there); the prefix is peft's
 ``PrefixTuningConfig`` without the MLP reparameterization. Limitation: the prefix's gate ``G_P`` (which scales the
 prefix's attention output) is not implemented (peft's prefix has no hook for it), so the prefix is ungated; and
-the gated LoRA needs llama-style ``q_proj``/``v_proj`` Linears (not gpt2's fused ``c_attn``). Scored without the
+the gated LoRA needs ``q_proj``/``v_proj`` (or T5's ``q``/``v``) Linears (not gpt2's fused ``c_attn``). Scored without the
 KV-cache fast path. Saved as the trainable tensors in one safetensors file.
 
 Trainable parameters: adapter ``L * (2*d*m + m + d + d + 1)``; LoRA ``L * [r*(d + d_q) + r*(d + d_v) + 2*(d+1)]``;
@@ -23,7 +23,7 @@ import dataclasses
 from harness.methods import MethodInfo, register
 from harness.methods.base import Overhead, check, is_int, is_number
 from harness.methods.bottleneck import (BottleneckArgs, add_adapters, add_gated_lora, count_sites, decoder_layers,
-                                        hidden_size)
+                                        hidden_size, projection)
 
 PLACES = ("ffn",)
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -68,9 +68,9 @@ def apply(model, cfg: UniPeltArgs):
 def overhead(model, cfg: UniPeltArgs) -> Overhead:
     d = hidden_size(model)
     per_token = count_sites(model, PLACES, "unipelt") * (2 * d * cfg.width(d) * 2 + 2 * d)
-    for attn, layer in decoder_layers(model):
+    for _, attn, _ in decoder_layers(model):
         for t in LORA_TARGETS:
-            proj = getattr(getattr(layer, attn), t, None)
+            proj = projection(attn, t)
             if proj is not None and hasattr(proj, "in_features"):
                 per_token += 2 * cfg.r * (proj.in_features + proj.out_features) + 2 * proj.in_features
     return Overhead(per_token=per_token, prefix_keys=cfg.n_virtual_tokens)
