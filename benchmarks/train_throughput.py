@@ -49,6 +49,7 @@ from harness import costs
 from harness.data import few_shot_examples, resolve_data_dir
 from harness.seq2seq import record_work
 from harness.methods import apply_method, method_overhead, training_settings
+from harness.methods.base import per_token_flops
 from harness.models import load_model
 from harness.tasks import load_task
 from harness.compiling import compile_mode, for_training, uncompile_blocks
@@ -124,7 +125,7 @@ def synthetic(base, tokenizer, method: str, args, device, compile: str = "off") 
     work = _work(dims, args.batch, n, dec if seq2seq else 0)
     tokens = work.tokens
     full = method == "full"
-    flops = model_flops(dims, work, trainable, full) + 3 * overhead.per_token * tokens
+    flops = model_flops(dims, work, trainable, full) + 3 * per_token_flops(overhead, work)
     sec = statistics.median(times)
     out = {"kind": {"off": "synthetic", "on": "compiled", "model": "compiled_model"}[compile], "method": method, "batch": args.batch,
            "seq": args.seq, "dec_seq": dec if seq2seq else None, "steps": args.steps,

@@ -116,6 +116,7 @@ def plan(
     inputs = {task.name: _task_inputs(task, folder, eval_limit, seeds, infos, ks, settings_of, sources)
               for task in loaded}
     fingerprint = identity.model_fingerprint(model)  # after the data checks: a Hub id may need the network
+    seq2seq_costs = identity.SEQ2SEQ_COSTS_VERSION if identity.is_encoder_decoder(model) else 0
     common = dict(model=identity.model_display_name(model), model_path=model, model_fingerprint=fingerprint,
                   preset=preset, limit=eval_limit, dtype=str(dt).removeprefix("torch."), device=dev.type,
                   kv_cache=kv_cache, scoring_version=identity.SCORING_VERSION)
@@ -141,6 +142,7 @@ def plan(
                                 calibrate=calibrate and info.kind != "peft",
                                 master_weights=info.trains_model_dtype and dt in LOW_PRECISION,
                                 costs_version=info.costs_version,
+                                seq2seq_costs=seq2seq_costs if info.kind == "peft" else 0,
                                 demos=source, order=order, label_noise=noise, **common))
     return specs
 

@@ -29,6 +29,11 @@ from harness.errors import HarnessError
 # Bump when a change to scoring, tokenization, losses, the optimizer or the schedule changes any stored number.
 # 2: T-Few's Adafactor options per method, n_chars without the delimiter, the new task fields.
 SCORING_VERSION = 2
+# Bump when the FLOPs figures of PEFT runs on encoder-decoder models change (RunSpec.seq2seq_costs; causal models'
+# ids are untouched). 1: a method's per-token overhead charged to the stack it runs in (encoder tokens, decoder
+# tokens, cross-attention K/V per encoder state and decoder row), no longer to every token.
+SEQ2SEQ_COSTS_VERSION = 1
+ENCODER_DECODER_TYPES = ("t5", "mt5", "umt5")
 
 _HASH_CHUNK = 1 << 20
 
@@ -136,6 +141,35 @@ def model_fingerprint(name: str) -> str:
     if path.is_dir():
         return f"sha256-folder:{folder_sha256(path)[:16]}"
     return f"hub:{name}@{_hub_revision(name)}"
+
+
+def is_encoder_decoder(name: str) -> bool:
+    """Whether ``--model name`` is an encoder-decoder (T5 family), read from its ``config.json`` where one is at
+    hand (a ``random:`` architecture, a local folder, the Hub cache) without loading anything; GGUF files and the
+    embedded models are causal. A Hub id not in the cache counts as causal."""
+    from harness.models import EMBEDDED
+
+    if name in EMBEDDED or name.endswith(".gguf"):
+        return False
+    if name.startswith("random:"):
+        from harness.random_models import config_path
+
+        path = config_path(name.split(":", 1)[1])
+    else:
+        path = Path(name).expanduser() / "config.json"
+        if not path.is_file():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(name, "config.json")
+            except Exception:  # a malformed id: the load reports it
+                cached = None
+            path = Path(cached) if isinstance(cached, str) else path
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("is_encoder_decoder")) or config.get("model_type") in ENCODER_DECODER_TYPES
 
 
 def model_display_name(name: str) -> str:

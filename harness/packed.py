@@ -341,7 +341,8 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
     for s in stats:
         s.steps = len(s.losses)
         s.seconds = seconds / n
-        s.overhead_flops = train_overhead_flops(overhead, s.work.tokens, s.rows, s.forwards, s.work.logit_positions)
+        s.overhead_flops = train_overhead_flops(overhead, s.work.tokens, s.rows, s.forwards, s.work.logit_positions,
+                                                work=s.work)
         s.peak_memory_bytes = peak
         s.micro_batch, s.grad_accum = micro, accum
     return outcome

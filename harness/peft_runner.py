@@ -52,7 +52,7 @@ from harness.data import few_shot_examples, load_split
 from harness.errors import HarnessError
 from harness.methods import get_method, method_overhead, apply_method
 from harness.methods.artifacts import load_trained, save_trained
-from harness.methods.base import Overhead
+from harness.methods.base import Overhead, per_token_flops
 from harness.models import LoadedModel, load_model
 from harness.scoring import metrics_from_examples, score_prompts, uncached_work
 from harness.spec import RunSpec
@@ -96,7 +96,7 @@ def eval_overhead_flops(dims: ModelDims, overhead: Overhead, work: Work, n_examp
     """The method's FLOPs on top of ``forward_flops(dims, work)`` for an evaluation (see module docstring).
     ``batch_size``: examples per forward call, for ``overhead.per_forward`` (None: per-call work left out, the
     figure per row)."""
-    extra = overhead.per_token * work.tokens
+    extra = per_token_flops(overhead, work)  # an encoder-decoder's stacks apart (harness.methods.base.Overhead)
     if batch_size is not None:
         extra += overhead.per_forward * eval_forwards(n_examples, batch_size)
     per_key = 4 * dims.n_heads * dims.head_dim * dims.n_layers  # one more attended key, all layers, one token

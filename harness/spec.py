@@ -78,6 +78,9 @@ class RunSpec:
     # MethodInfo.costs_version: the version of the method's FLOPs formula. Hashed only when nonzero, so runs of
     # methods whose formula never changed keep their ids; runs stored with an older formula's FLOPs never match.
     costs_version: int = 0
+    # identity.SEQ2SEQ_COSTS_VERSION for a PEFT run on an encoder-decoder model (0 otherwise): the version of the
+    # encoder-decoder FLOPs accounting. Hashed only when nonzero, so causal models' runs keep their ids.
+    seq2seq_costs: int = 0
     # in-context runs: also compute accuracy_calibrated and accuracy_mutual_info (harness.calibration). Not hashed
     # (it adds figures and changes none): a run stored without them is not finished for a --calibrate plan
     # (Store.finished_ids(calibrated=True)), so it is re-run and replaced by one with them.
@@ -121,6 +124,8 @@ class RunSpec:
             del out["master_weights"]  # run ids made before the field existed stay the same
         if not out["costs_version"]:
             del out["costs_version"]  # likewise
+        if not out["seq2seq_costs"]:
+            del out["seq2seq_costs"]  # likewise
         for key, default in VARIANT_DEFAULTS.items():  # likewise (issue 15)
             if out[key] == default:
                 del out[key]

@@ -312,7 +312,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     stats.steps = len(stats.losses)
     stats.seconds = time.perf_counter() - start
     stats.overhead_flops = train_overhead_flops(overhead, stats.work.tokens, stats.rows, stats.forwards,
-                                                stats.work.logit_positions)
+                                                stats.work.logit_positions, work=stats.work)
     stats.peak_memory_bytes = costs.peak_memory_bytes(device)
     stats.micro_batch, stats.grad_accum = micro, accum
     return stats

@@ -264,3 +264,22 @@ def test_a_changed_flops_formula_changes_only_that_methods_ids():
     new = dataclasses.replace(old, costs_version=1)
     assert "costs_version" not in old.identity() and new.identity()["costs_version"] == 1
     assert old.run_id != new.run_id
+
+
+def test_encoder_decoder_flops_accounting_changes_only_encoder_decoder_peft_ids(tmp_path):
+    # PEFT runs on an encoder-decoder store FLOPs with the per-token overhead split by stack (SEQ2SEQ_COSTS_VERSION):
+    # their old runs must not be served as new; causal models' and in-context runs' ids stay the same
+    from harness import api, identity
+
+    assert identity.is_encoder_decoder("random:t5-small") and identity.is_encoder_decoder("random:t0-3b")
+    assert not identity.is_encoder_decoder("random:smollm2-135m") and not identity.is_encoder_decoder("smollm2-135m")
+    folder = tmp_path / "t5-folder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "t5"}')
+    assert identity.is_encoder_decoder(str(folder))
+    for model, expected in (("random:t5-small", identity.SEQ2SEQ_COSTS_VERSION), ("random:smollm2-135m", 0)):
+        specs = api.plan(["cb"], ["lora", "icl"], templates=["gpt3_style"], seeds=[0], k=2, model=model, limit=2,
+                         preset="quick", device="cpu")
+        by_method = {s.method: s for s in specs}
+        assert by_method["lora"].seq2seq_costs == expected and by_method["icl"].seq2seq_costs == 0
+        assert ("seq2seq_costs" in by_method["lora"].identity()) == bool(expected)

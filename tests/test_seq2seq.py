@@ -118,6 +118,45 @@ def test_flops_formula_matches_the_flop_counter(tiny_t5):
         assert abs(ours - measured) / measured < 0.15
 
 
+@pytest.mark.parametrize("method", ["lora", "lokr", "adapter"])
+def test_peft_overhead_flops_follow_the_stacks(tiny_t5, method):
+    """A method's per-token overhead on an encoder-decoder is charged where it runs (harness.methods.base.Overhead:
+    encoder tokens, decoder tokens, cross-attention K/V per encoder state and decoder row): the formula equals what
+    FlopCounterMode counts on top of the base model's scoring (matmul-only overheads: LoRA on q, v, including the
+    decoder's cross-attention v; LoKr's second matmul; bottleneck adapters in both stacks; one-token choices, so
+    no decoder padding, which the counter would count). Charging every token
+    the whole per-token overhead (the figure before the split) is more than 1.3x the count."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.methods import apply_method, method_overhead, training_settings
+    from harness.peft_runner import eval_overhead_flops
+
+    settings = training_settings(method, "quick", {})
+    model = apply_method(copy.deepcopy(tiny_t5.model), method, settings).eval()
+
+    prompts = [Prompt("Premise: the cat sat on the mat all day long.\nQuestion: did it sit? Answer:", (" yes", " no"),
+                      0, "a")]  # one-token choices: no decoder padding (the counter counts padded positions)
+
+    def counted(m):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = score_prompts(m, tiny_t5.tokenizer, prompts, use_cache=True, batch_size=1)
+        return counter.get_total_flops(), out.work
+
+    base, work = counted(tiny_t5.model)
+    with_method, work_m = counted(model)
+    assert work_m == work
+    dims = ModelDims.from_model(tiny_t5.model)
+    ov = method_overhead(model, method, settings)
+    assert ov.split and 0 < ov.enc_per_token < ov.per_token
+    assert (ov.cross_per_token > 0) == (method != "adapter")  # LoRA's, LoKr's v: EncDecAttention.v too
+    formula = eval_overhead_flops(dims, ov, work, 1)
+    assert formula == with_method - base
+    assert ov.per_token * work.tokens > 1.3 * formula
+
+
 def test_uncached_work_counts_the_prompt_per_choice(tiny_t5):
     out = score_prompts(tiny_t5.model, tiny_t5.tokenizer, PROMPTS, use_cache=False, batch_size=3)
     from harness.scoring import uncached_work

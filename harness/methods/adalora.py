@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from harness.methods import MethodInfo, register
 from harness.methods.base import (Overhead, TrainConfig, as_names, check, is_int, is_number, matched_linears,
-                                  resolve_targets, uses_conv1d, wrap_peft)
+                                  per_token_overhead, resolve_targets, uses_conv1d, wrap_peft)
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")  # the paper adapts every weight matrix (sec. 4)
 
@@ -96,7 +96,7 @@ def overhead(model, cfg: AdaLoraArgs) -> Overhead:
     (peft masks pruned ranks, it does not drop them). Merged: 0."""
     targets = resolve_targets(model, ROLES, cfg.targets, "adalora")
     r = cfg.init_r
-    return Overhead(per_token=sum(2 * r * (d_in + d_out) + r for _, d_in, d_out in matched_linears(model, targets)))
+    return per_token_overhead((n, 2 * r * (d_in + d_out) + r) for n, d_in, d_out in matched_linears(model, targets))
 
 
 register(MethodInfo(

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead
-from harness.methods.bottleneck import BottleneckArgs, add_adapters, count_sites, hidden_size
+from harness.methods.base import Overhead, per_token_overhead
+from harness.methods.bottleneck import BottleneckArgs, add_adapters, hidden_size, site_items
 
 PLACES = ("attn", "ffn")
 
@@ -38,7 +38,7 @@ def apply(model, cfg: AdapterArgs):
 def overhead_for(places):
     def overhead(model, cfg: BottleneckArgs) -> Overhead:
         d = hidden_size(model)
-        return Overhead(per_token=count_sites(model, places, "adapter") * 2 * d * cfg.width(d) * 2)
+        return per_token_overhead(site_items(model, places, "adapter", 2 * d * cfg.width(d) * 2))
     return overhead
 
 

@@ -246,11 +246,20 @@ class Overhead:
       token and per projected position (intrinsic SAID's full-rank variant: the dense weight gradients of its
       re-materialised matrices, which add nothing to the forward).
 
+    Encoder-decoders (T5): a token passes through one stack only, so ``per_token`` is split by where the work
+    runs (:func:`per_token_overhead`, ``split`` true): ``enc_per_token`` on every encoder token,
+    ``cross_per_token`` (adapted cross-attention key/value projections) on every encoder state projected for a
+    decoder row, the rest on every decoder token (:func:`per_token_flops`). Without a split (a method that does not
+    say where its work runs) every token is charged all of ``per_token``: an upper bound.
+
     :func:`train_overhead_flops` turns it into training FLOPs; :func:`harness.peft_runner.eval_overhead_flops`
     into evaluation FLOPs.
     """
 
     per_token: int = 0
+    enc_per_token: int = 0
+    cross_per_token: int = 0
+    split: bool = False
     train_per_row: int = 0
     virtual_tokens: int = 0
     prefix_keys: int = 0
@@ -263,12 +272,53 @@ class Overhead:
     train_backward_per_logit: int = 0
 
 
-def train_overhead_flops(overhead: Overhead, tokens: int, rows: int, forwards: int, logits: int = 0) -> int:
+def where_it_runs(name: str) -> str:
+    """Where a module's per-token work runs in an encoder-decoder (T5 names): ``enc`` (once per encoder token),
+    ``cross`` (the decoder's cross-attention key/value projections: once per encoder state and decoder row),
+    ``dec`` (once per decoder token); ``""`` for a causal model's module."""
+    name = name.removesuffix(".base_layer")
+    if "EncDecAttention." in name and name.rsplit(".", 1)[-1] in ("k", "v"):
+        return "cross"
+    if name.startswith("encoder.") or ".encoder." in name:
+        return "enc"
+    if name.startswith("decoder.") or ".decoder." in name:
+        return "dec"
+    return ""
+
+
+def per_token_overhead(items, **fields) -> Overhead:
+    """An :class:`Overhead` whose ``per_token`` is the sum of ``items`` ((module name, FLOPs per token passing
+    through it)), split by :func:`where_it_runs` for an encoder-decoder; ``fields``: its other fields."""
+    total = enc = cross = 0
+    split = False
+    for name, flops in items:
+        where = where_it_runs(name)
+        total += flops
+        enc += flops if where == "enc" else 0
+        cross += flops if where == "cross" else 0
+        split = split or bool(where)
+    return Overhead(per_token=total, enc_per_token=enc, cross_per_token=cross, split=split, **fields)
+
+
+def per_token_flops(overhead: Overhead, work) -> int:
+    """``overhead.per_token`` over the tokens of ``work`` (a :class:`harness.costs.Work`), split between the stacks
+    of an encoder-decoder where the overhead says where it runs (see :class:`Overhead`)."""
+    if not (overhead.split and work.enc_tokens):
+        return overhead.per_token * work.tokens
+    dec = overhead.per_token - overhead.enc_per_token - overhead.cross_per_token
+    return (overhead.enc_per_token * work.enc_tokens + dec * (work.tokens - work.enc_tokens)
+            + overhead.cross_per_token * work.cross_tokens)
+
+
+def train_overhead_flops(overhead: Overhead, tokens: int, rows: int, forwards: int, logits: int = 0,
+                         work=None) -> int:
     """A method's own training FLOPs over ``tokens`` processed tokens, ``rows`` forward rows, ``forwards`` forward
     calls and ``logits`` positions projected to the vocabulary: forward + backward (3x the forward) of its
     per-token, per-row, per-logit and training-only per-forward work, plus its per-call work forward
-    (``per_forward``) and backward (``per_forward_backward``), plus its backward-only work."""
-    return (3 * ((overhead.per_token + overhead.train_per_token) * tokens + overhead.train_per_row * rows
+    (``per_forward``) and backward (``per_forward_backward``), plus its backward-only work. ``work``: the
+    :class:`harness.costs.Work` of those tokens, for the per-token split of an encoder-decoder."""
+    per_token = per_token_flops(overhead, work) if work is not None else overhead.per_token * tokens
+    return (3 * (per_token + overhead.train_per_token * tokens + overhead.train_per_row * rows
                  + overhead.train_per_forward * forwards + overhead.train_per_logit * logits)
             + (overhead.per_forward + overhead.per_forward_backward) * forwards
             + overhead.train_backward_per_token * tokens + overhead.train_backward_per_logit * logits)

@@ -72,17 +72,17 @@ class BottleneckArgs(TrainConfig):
 # ------------------------------------------------------------------------------------------- placement
 
 def decoder_layers(model) -> list:
-    """(layer, attention sublayer, feed-forward sublayer) of every transformer layer (see the module docstring)."""
+    """(name, layer, attention sublayer, feed-forward sublayer) of every transformer layer (module docstring)."""
     out = []
-    for module in model.modules():
+    for name, module in model.named_modules():
         children = dict(module.named_children())
         attn = next((children[n] for n in ATTENTION_NAMES if n in children), None)
         if attn is not None and "mlp" in children:
-            out.append((module, attn, children["mlp"]))
+            out.append((name, module, attn, children["mlp"]))
             continue
         sub = children.get("layer")  # T5Block: layer = [self-attention, (cross-attention,) feed-forward]
         if sub is not None and len(sub) >= 2 and hasattr(sub[0], "SelfAttention") and hasattr(sub[-1], "DenseReluDense"):
-            out.append((module, sub[0].SelfAttention, sub[-1].DenseReluDense))
+            out.append((name, module, sub[0].SelfAttention, sub[-1].DenseReluDense))
     return out
 
 
@@ -111,6 +111,13 @@ def count_sites(model, places, method: str) -> int:
     return len(layers) * len(places)
 
 
+def site_items(model, places, method: str, per_site: int) -> list[tuple[str, int]]:
+    """(layer name, FLOPs per token of its ``places`` adapters at ``per_site`` each) of every layer, for
+    :func:`harness.methods.base.per_token_overhead` (an encoder-decoder's layers split by stack)."""
+    count_sites(model, places, method)
+    return [(name, per_site * len(places)) for name, *_ in decoder_layers(model)]
+
+
 def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | None = None,
                  parallel: float | None = None, gated: bool = False):
     """Freeze ``model`` and add one trainable adapter at each of ``places`` (``attn``, ``ffn``) of every decoder
@@ -123,7 +130,7 @@ def add_adapters(model, cfg: BottleneckArgs, places, method: str, phm: int | Non
     param = next(model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer, attn, ffn in decoder_layers(model):
+    for _, layer, attn, ffn in decoder_layers(model):
         for place in places:
             name = f"adapter_{place}"
             check(not hasattr(layer, name), f"{method}: the model already has adapters (apply a method once)")
@@ -149,7 +156,7 @@ def add_gated_lora(model, targets, r: int, alpha: float, method: str):
     of every layer's self-attention, applied by a forward hook on the projection; the base stays as it is."""
     classes = _torch_classes()
     param = next(model.parameters())
-    for layer, attn, _ in decoder_layers(model):
+    for _, layer, attn, _ in decoder_layers(model):
         for t in targets:
             proj = projection(attn, t)
             check(proj is not None and type(proj).__name__ == "Linear",

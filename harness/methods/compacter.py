@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead, check, is_int
-from harness.methods.bottleneck import BottleneckArgs, add_adapters, count_sites, hidden_size
+from harness.methods.base import Overhead, check, is_int, per_token_overhead
+from harness.methods.bottleneck import BottleneckArgs, add_adapters, count_sites, hidden_size, site_items
 
 PLACES = ("ffn",)
 
@@ -67,7 +67,8 @@ def overhead(model, cfg: CompacterArgs) -> Overhead:
     m = cfg.width(d)
     sites = count_sites(model, PLACES, "compacter")
     per_call = sites * (phm_weight_flops(d, m, cfg.n) + phm_weight_flops(m, d, cfg.n))
-    return Overhead(per_token=sites * 2 * d * m * 2, per_forward=per_call, per_forward_backward=2 * per_call)
+    return per_token_overhead(site_items(model, PLACES, "compacter", 2 * d * m * 2), per_forward=per_call,
+                              per_forward_backward=2 * per_call)
 
 
 register(MethodInfo(

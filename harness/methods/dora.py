@@ -16,7 +16,8 @@ import dataclasses
 from typing import ClassVar
 
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead, matched_linears, resolve_targets, uses_conv1d, wrap_peft
+from harness.methods.base import (Overhead, matched_linears, per_token_overhead, resolve_targets, uses_conv1d,
+                                  wrap_peft)
 from harness.methods.lora import LoraArgs
 
 ROLES = ("q", "v")
@@ -54,9 +55,9 @@ def overhead(model, cfg: DoraArgs) -> Overhead:
     per forward call the weight norm (:func:`per_forward_flops`). Its backward in training is the division's
     only (``2 d_out`` per layer): peft detaches ``B A`` and the norm (paper sec. 4.3). Merged: 0."""
     layers = matched_linears(model, resolve_targets(model, ROLES, cfg.targets, "dora"))
-    return Overhead(per_token=sum(2 * cfg.r * (d_in + d_out) + d_out for _, d_in, d_out in layers),
-                    per_forward=sum(per_forward_flops(cfg.r, d_in, d_out) for _, d_in, d_out in layers),
-                    per_forward_backward=sum(2 * d_out for _, _, d_out in layers))
+    return per_token_overhead(((n, 2 * cfg.r * (d_in + d_out) + d_out) for n, d_in, d_out in layers),
+                              per_forward=sum(per_forward_flops(cfg.r, d_in, d_out) for _, d_in, d_out in layers),
+                              per_forward_backward=sum(2 * d_out for _, _, d_out in layers))
 
 
 register(MethodInfo(

@@ -11,7 +11,7 @@ import dataclasses
 from harness.errors import HarnessError
 from harness.methods import MethodInfo, register
 from harness.methods.base import (Overhead, TrainConfig, as_names, family_role_names, matched_linears,
-                                  resolve_targets, uses_conv1d, wrap_peft)
+                                  per_token_overhead, resolve_targets, uses_conv1d, wrap_peft)
 
 ROLES = ("k", "v", "ffn_out")
 
@@ -66,11 +66,11 @@ def make_overhead(method: str):
         """One multiply per scaled element and token: d_out for k/v (output scaled), d_in for feed-forward."""
         targets, feedforward = _targets(model, cfg, method)
         ff = set(feedforward)
-        total = 0
+        items = []
         for name, d_in, d_out in matched_linears(model, targets):
             is_ff = any(name == f or name.endswith("." + f) for f in ff)
-            total += d_in if is_ff else d_out
-        return Overhead(per_token=total)
+            items.append((name, d_in if is_ff else d_out))
+        return per_token_overhead(items)
 
     return overhead
 

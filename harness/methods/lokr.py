@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from harness.methods import MethodInfo, register
 from harness.methods.base import (Overhead, TrainConfig, as_names, check, is_int, is_number, matched_linears,
-                                  resolve_targets, wrap_peft)
+                                  per_token_overhead, resolve_targets, wrap_peft)
 
 ROLES = ("q", "v")
 
@@ -65,7 +65,7 @@ def overhead(model, cfg: LokrArgs) -> Overhead:
     """Unmerged, peft materialises ``W1 kron W2`` (input-independent, not counted) and runs a second matmul with
     it: ``2 d_in d_out`` per token and layer. Merged: 0."""
     targets = resolve_targets(model, ROLES, cfg.targets, "lokr")
-    return Overhead(per_token=sum(2 * d_in * d_out for _, d_in, d_out in matched_linears(model, targets)))
+    return per_token_overhead((n, 2 * d_in * d_out) for n, d_in, d_out in matched_linears(model, targets))
 
 
 register(MethodInfo(

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from harness.methods import MethodInfo, register
 from harness.methods.base import (Overhead, TrainConfig, as_names, check, is_int, is_number, matched_linears,
-                                  resolve_targets, uses_conv1d, wrap_peft)
+                                  per_token_overhead, resolve_targets, uses_conv1d, wrap_peft)
 
 ROLES = ("q", "v")  # Hu et al. adapt W_q and W_v
 
@@ -61,7 +61,7 @@ def overhead(model, cfg: LoraArgs) -> Overhead:
     """Unmerged LoRA: per token and adapted layer, ``x A^T`` (2 r d_in) and ``(.) B^T`` (2 r d_out) FLOPs; the
     scaling and the add (d_out each) are not counted. Merged into W the overhead would be 0; we score unmerged."""
     targets = resolve_targets(model, ROLES, cfg.targets, "lora")
-    return Overhead(per_token=sum(2 * cfg.r * (d_in + d_out) for _, d_in, d_out in matched_linears(model, targets)))
+    return per_token_overhead((n, 2 * cfg.r * (d_in + d_out)) for n, d_in, d_out in matched_linears(model, targets))
 
 
 register(MethodInfo(

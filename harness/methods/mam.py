@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead, check, is_int, is_number
-from harness.methods.bottleneck import BottleneckArgs, add_adapters, count_sites, hidden_size
+from harness.methods.base import Overhead, check, is_int, is_number, per_token_overhead
+from harness.methods.bottleneck import BottleneckArgs, add_adapters, hidden_size, site_items
 
 PLACES = ("ffn",)
 
@@ -60,8 +60,8 @@ def apply(model, cfg: MamArgs):
 
 def overhead(model, cfg: MamArgs) -> Overhead:
     d = hidden_size(model)
-    return Overhead(per_token=count_sites(model, PLACES, "mam") * 2 * d * cfg.width(d) * 2,
-                    prefix_keys=cfg.n_virtual_tokens)
+    return per_token_overhead(site_items(model, PLACES, "mam", 2 * d * cfg.width(d) * 2),
+                              prefix_keys=cfg.n_virtual_tokens)
 
 
 register(MethodInfo(

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from harness.methods import MethodInfo, register
 from harness.methods.base import (Overhead, TrainConfig, as_names, check, is_int, is_number, matched_linears,
-                                  resolve_targets, uses_conv1d, wrap_peft)
+                                  per_token_overhead, resolve_targets, uses_conv1d, wrap_peft)
 
 ROLES = ("q", "v")
 NEUMANN_TERMS = 5  # peft 0.21's OFTConfig default (use_cayley_neumann=True), passed explicitly by apply()
@@ -93,8 +93,8 @@ def overhead(model, cfg: OftArgs) -> Overhead:
     layers = matched_linears(model, resolve_targets(model, ROLES, cfg.targets, "oft"))
     rotation = sum(per_forward_flops(d_in, cfg.block_size) for _, d_in, _ in layers)
     projection = sum(coft_projection_flops(d_in, cfg.block_size) for _, d_in, _ in layers) if cfg.coft else 0
-    return Overhead(per_token=sum(2 * cfg.block_size * d_in for _, d_in, _ in layers),
-                    per_forward=rotation + projection, per_forward_backward=2 * rotation)
+    return per_token_overhead(((n, 2 * cfg.block_size * d_in) for n, d_in, _ in layers),
+                              per_forward=rotation + projection, per_forward_backward=2 * rotation)
 
 
 register(MethodInfo(

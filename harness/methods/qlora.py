@@ -17,7 +17,8 @@ from typing import ClassVar
 
 from harness.errors import HarnessError
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead, matched_linears, resolve_targets, uses_conv1d, wrap_peft
+from harness.methods.base import (Overhead, matched_linears, per_token_overhead, resolve_targets, uses_conv1d,
+                                  wrap_peft)
 from harness.methods.lora import LoraArgs
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")  # "LoRA on all linear transformer block layers" (sec. 4)
@@ -63,7 +64,7 @@ def overhead(model, cfg: QloraArgs) -> Overhead:
     """As unmerged LoRA: ``2 r (d_in + d_out)`` per token and layer (dequantization is not counted). Merging
     into a 4-bit base loses the quantization, so ``merges`` is False."""
     targets = resolve_targets(model, ROLES, cfg.targets, "qlora")
-    return Overhead(per_token=sum(2 * cfg.r * (d_in + d_out) for _, d_in, d_out in matched_linears(model, targets)))
+    return per_token_overhead((n, 2 * cfg.r * (d_in + d_out)) for n, d_in, d_out in matched_linears(model, targets))
 
 
 register(MethodInfo(

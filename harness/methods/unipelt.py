@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 
 from harness.methods import MethodInfo, register
-from harness.methods.base import Overhead, check, is_int, is_number
-from harness.methods.bottleneck import (BottleneckArgs, add_adapters, add_gated_lora, count_sites, decoder_layers,
-                                        hidden_size, projection)
+from harness.methods.base import Overhead, check, is_int, is_number, per_token_overhead
+from harness.methods.bottleneck import (BottleneckArgs, add_adapters, add_gated_lora, decoder_layers, hidden_size,
+                                        projection, site_items)
 
 PLACES = ("ffn",)
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -67,13 +67,13 @@ def apply(model, cfg: UniPeltArgs):
 
 def overhead(model, cfg: UniPeltArgs) -> Overhead:
     d = hidden_size(model)
-    per_token = count_sites(model, PLACES, "unipelt") * (2 * d * cfg.width(d) * 2 + 2 * d)
-    for _, attn, _ in decoder_layers(model):
+    items = site_items(model, PLACES, "unipelt", 2 * d * cfg.width(d) * 2 + 2 * d)
+    for name, _, attn, _ in decoder_layers(model):
         for t in LORA_TARGETS:
             proj = projection(attn, t)
             if proj is not None and hasattr(proj, "in_features"):
-                per_token += 2 * cfg.r * (proj.in_features + proj.out_features) + 2 * proj.in_features
-    return Overhead(per_token=per_token, prefix_keys=cfg.n_virtual_tokens)
+                items.append((name, 2 * cfg.r * (proj.in_features + proj.out_features) + 2 * proj.in_features))
+    return per_token_overhead(items, prefix_keys=cfg.n_virtual_tokens)
 
 
 register(MethodInfo(

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from harness.methods import MethodInfo, register
 from harness.methods.base import (Overhead, TrainConfig, as_names, check, is_int, is_number, matched_linears,
-                                  resolve_targets, uses_conv1d, wrap_peft)
+                                  per_token_overhead, resolve_targets, uses_conv1d, wrap_peft)
 
 ROLES = ("q", "v")  # the paper adapts the query and value projections, as LoRA (sec. 4)
 
@@ -65,8 +65,8 @@ def overhead(model, cfg: VeraArgs) -> Overhead:
     """Unmerged: ``x A^T`` (2 r d_in), ``* d`` (r), ``(.) B^T`` (2 r d_out), ``* b`` (d_out) per token and layer.
     Merged: 0."""
     targets = resolve_targets(model, ROLES, cfg.targets, "vera")
-    return Overhead(per_token=sum(2 * cfg.r * (d_in + d_out) + cfg.r + d_out
-                                  for _, d_in, d_out in matched_linears(model, targets)))
+    return per_token_overhead((n, 2 * cfg.r * (d_in + d_out) + cfg.r + d_out)
+                              for n, d_in, d_out in matched_linears(model, targets))
 
 
 register(MethodInfo(
