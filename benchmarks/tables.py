@@ -61,8 +61,9 @@ def train_table(*datas: dict) -> str:
                 rows.append([r["model"], r["kind"], r["method"], "error: " + r["error"][:60]] + ["-"] * 5)
                 continue
             shape = f"{r['batch']}x{r['seq']}" if "seq" in r else f"{r['tokens_per_step']:.0f} tok/step"
+            shape += f" + {r['batch']}x{r['dec_seq']} dec" if r.get("dec_seq") else ""  # encoder-decoder
             rows.append([r["model"], r["kind"], r["method"], shape, f"{r['step_ms']:.1f}",
-                         f"{r['tokens_per_s']:.0f}", f"{r['model_tflops']:.0f}", f"{100 * r['mfu']:.1f}%",
+                         f"{r['tokens_per_s']:.0f}", _num(r['model_tflops']), f"{100 * r['mfu']:.1f}%",
                          f"{r['peak_gib']:.1f}"])
     return _table(rows, ["model", "kind", "method", "step shape", "ms/step", "tokens/s", "model TFLOP/s",
                          "MFU (989 TFLOP/s)", "peak GiB"])
@@ -118,6 +119,13 @@ def main(argv=None) -> None:
         print(identity_table(icl, load("identity.json") or {}), "\n")
     if icl_cpu := load("icl_cpu.json"):
         print(icl_table(icl_cpu), "\n")
+    for name in ("icl_t5.json", "icl_t5_cpu.json"):  # issue 17: encoder-decoders beside a causal model
+        if t5 := load(name):
+            print(icl_table(t5), "\n")
+            print(identity_table(t5), "\n")
+    for name in ("train_t5.json", "train_t5_cpu.json"):
+        if t5 := load(name):
+            print(train_table(t5), "\n")
     trains = [d for d in (load("train.json"), load("train_compiled.json"), load("train_cpu.json")) if d]
     if trains:
         print(train_table(*trains), "\n")

@@ -144,9 +144,9 @@ def model_fingerprint(name: str) -> str:
 
 
 def is_encoder_decoder(name: str) -> bool:
-    """Whether ``--model name`` is an encoder-decoder (T5 family), read from its ``config.json`` where one is at
-    hand (a ``random:`` architecture, a local folder, the Hub cache) without loading anything; GGUF files and the
-    embedded models are causal. A Hub id not in the cache counts as causal."""
+    """Whether ``--model name`` is an encoder-decoder (T5 family), read from its ``config.json`` (a ``random:``
+    architecture, a local folder, a Hub id's from the cache or the Hub: a small file, fetched at plan time as the
+    Hub revision is) without loading a model; GGUF files and the embedded models are causal."""
     from harness.models import EMBEDDED
 
     if name in EMBEDDED or name.endswith(".gguf"):
@@ -159,10 +159,12 @@ def is_encoder_decoder(name: str) -> bool:
         path = Path(name).expanduser() / "config.json"
         if not path.is_file():
             try:
-                from huggingface_hub import try_to_load_from_cache
+                from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
                 cached = try_to_load_from_cache(name, "config.json")
-            except Exception:  # a malformed id: the load reports it
+                if not isinstance(cached, str):
+                    cached = hf_hub_download(name, "config.json")
+            except Exception:  # noqa: BLE001 - a malformed id or no network: the load reports it
                 cached = None
             path = Path(cached) if isinstance(cached, str) else path
     try:
