@@ -95,8 +95,11 @@ def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhea
     unchanged (L_LM = the cross-entropy of the gold choice given the prompt, as T5's ``labels=`` loss)."""
     from harness.errors import HarnessError
 
+    from harness.compat import is_prompt_learning
+
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    per_choice = is_prompt_learning(model)  # peft's prompt learning re-encodes the prompt for every choice
     contexts, owners, choices, slots = [], [], [], []
     work = Work()
     for b, p in enumerate(prompts):
@@ -110,6 +113,8 @@ def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhea
                 ctx = ctx[-max_length:]
             if not contexts or contexts[-1] != ctx or slots[-1][0] != b:
                 contexts.append(ctx)
+                record_work(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
+            elif per_choice:
                 record_work(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
             owners.append(len(contexts) - 1)
             choices.append(cont)
@@ -144,8 +149,12 @@ def record_work(work: Work, n_ctx: int, n_choice: int, encode: bool) -> None:
 @torch.no_grad()
 def score_seq2seq(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_id: int, progress=False,
                   shared: bool = True) -> tuple[list[list[float]], Work]:
-    """Log-prob of every choice of every row: ``shared`` (encoder once per row) or naive (once per choice)."""
+    """Log-prob of every choice of every row: ``shared`` (encoder once per row) or naive (once per choice). Under
+    peft's prompt learning the encoder runs once per choice either way (:func:`token_logprobs`): so recorded."""
+    from harness.compat import is_prompt_learning
+
     start = start_id(model)
+    per_choice = is_prompt_learning(model)
     work = Work()
     out = [[0.0] * len(r.continuations) for r in rows]
     if shared:
@@ -164,7 +173,7 @@ def score_seq2seq(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_
                 owners.append(b)
                 choices.append(c)
                 slots.append((i, jj))
-                if j is not None or jj == 0:
+                if j is not None or jj == 0 or per_choice:
                     record_work(work, len(rows[i].context), 0, encode=True)
                 record_work(work, len(rows[i].context), len(c), encode=False)
         sums = choice_logprobs(model, enc_ids, enc_mask, owners, choices, start, pad_id)

@@ -157,6 +157,21 @@ def test_peft_overhead_flops_follow_the_stacks(tiny_t5, method):
     assert ov.per_token * work.tokens > 1.3 * formula
 
 
+def test_prompt_learning_work_counts_the_encoder_per_choice(tiny_t5):
+    """peft's prompt tuning on an encoder-decoder runs the whole model once per choice (its virtual tokens enter
+    through peft's forward), so the recorded work has the prompt encoded per choice, as computed."""
+    import copy
+
+    from harness.methods import apply_method, training_settings
+
+    model = apply_method(copy.deepcopy(tiny_t5.model), "prompt_tuning", training_settings("prompt_tuning", "quick",
+                                                                                          {})).eval()
+    out = score_prompts(model, tiny_t5.tokenizer, PROMPTS, use_cache=True, batch_size=2)
+    assert out.work.enc_tokens == sum(len(r.context) * len(r.continuations) for r in out.rows)
+    shared = score_prompts(tiny_t5.model, tiny_t5.tokenizer, PROMPTS, use_cache=True, batch_size=2)
+    assert shared.work.enc_tokens == sum(len(r.context) for r in shared.rows)
+
+
 def test_uncached_work_counts_the_prompt_per_choice(tiny_t5):
     out = score_prompts(tiny_t5.model, tiny_t5.tokenizer, PROMPTS, use_cache=False, batch_size=3)
     from harness.scoring import uncached_work
