@@ -157,6 +157,34 @@ def test_peft_overhead_flops_follow_the_stacks(tiny_t5, method):
     assert ov.per_token * work.tokens > 1.3 * formula
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "ptuning"])
+def test_prompt_learning_flops_within_15_percent_of_the_flop_counter(tiny_t5, method):
+    """The virtual tokens and prefix keys of prompt learning are counted as on a causal model (docs/metrics.md: an
+    approximation on encoder-decoders); with the prompt re-encoded per choice the whole figure stays within 15% of
+    FlopCounterMode (T5's attention is plain matmuls, all counted)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.costs import forward_flops
+    from harness.methods import apply_method, method_overhead, training_settings
+    from harness.peft_runner import eval_overhead_flops
+
+    settings = training_settings(method, "quick", {})
+    model = apply_method(copy.deepcopy(tiny_t5.model), method, settings).eval()
+    prompts = [Prompt("Premise: the cat sat on the mat all day long while the rain fell on the town.\nQuestion: did "
+                      "it sit there? Answer:", (" yes", " no"), 0, "a")]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        out = score_prompts(model, tiny_t5.tokenizer, prompts, use_cache=True, batch_size=1, budget=None)
+    dims = ModelDims.from_model(tiny_t5.model)
+    ov = method_overhead(model, method, settings)
+    formula = forward_flops(dims, out.work) + eval_overhead_flops(dims, ov, out.work, 1, 1)
+    if method == "prefix_tuning":  # peft recomputes the prefix MLP for every row (2 choices), in eval mode too
+        formula += 2 * ov.train_per_row  # (tests/test_method_flops.py does the same on a causal model)
+    assert abs(formula - counter.get_total_flops()) / counter.get_total_flops() < 0.15
+
+
 def test_prompt_learning_work_counts_the_encoder_per_choice(tiny_t5):
     """peft's prompt tuning on an encoder-decoder runs the whole model once per choice (its virtual tokens enter
     through peft's forward), so the recorded work has the prompt encoded per choice, as computed."""
