@@ -105,7 +105,7 @@ def plan(
     gpu_share()  # a malformed $HARNESS_GPU_SHARE fails here, before any model loads
     dev, dt = resolve_device_dtype(device, dtype)
     for info in infos:  # a quantized base (qlora) needs bitsandbytes (CUDA, or its CPU kernels): say so before any model loads
-        check_quantize(info.quantize, dev.type, info.name)
+        check_quantize(info.quantize, dev.type, info.name, model)
     eval_limit = limit if limit is not None else preset_info.eval_limit
     settings_of = {}
     for info in infos:

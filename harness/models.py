@@ -79,16 +79,20 @@ def check_model_name(name: str) -> None:
                            "a local Hugging Face folder, a .gguf file or a Hub id")
 
 
-def check_quantize(quantize: str | None, device_type: str, method: str = "this method") -> None:
-    """One-line :class:`HarnessError` unless a ``quantize="nf4"`` base can be loaded here: 4-bit NF4 needs
-    bitsandbytes, and on the CPU a bitsandbytes with CPU 4-bit kernels (0.50.2 has them; checked by quantizing a
-    tiny tensor, :func:`bitsandbytes_cpu_4bit`). Called by :func:`harness.api.plan` before any model loads."""
+def check_quantize(quantize: str | None, device_type: str, method: str = "this method", model: str = "") -> None:
+    """One-line :class:`HarnessError` unless a ``quantize="nf4"`` base of ``model`` can be loaded here: real
+    weights (a ``random:`` model has none to quantize); 4-bit NF4 needs bitsandbytes, and on the CPU a
+    bitsandbytes with CPU 4-bit kernels (0.50.2 has them; checked by quantizing a tiny tensor,
+    :func:`bitsandbytes_cpu_4bit`). Called by :func:`harness.api.plan` before any model loads."""
     import importlib.util
 
     if quantize is None:
         return
     if quantize != "nf4":
         raise HarnessError(f"{method}: unknown base quantization {quantize!r} (known: nf4)")
+    if model.startswith("random:"):
+        raise HarnessError(f"{method} quantizes a model's real weights to 4 bits; {model} has none: pass a Hub id, "
+                           "a local folder or a .gguf file, or use lora on the random model for speed figures")
     if device_type not in ("cuda", "cpu"):
         raise HarnessError(f"{method} needs a CUDA device or the CPU for its 4-bit NF4 base (bitsandbytes), the "
                            f"device here is {device_type}: run it with --device cuda or --device cpu, or use lora")
@@ -149,9 +153,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     from transformers import AutoTokenizer
 
     dev, dt = resolve_device_dtype(device, dtype)
-    check_quantize(quantize, dev.type, f"quantize={quantize!r}")
-    if quantize is not None and name.startswith("random:"):
-        raise HarnessError("quantize: random models cannot be loaded quantized")
+    check_quantize(quantize, dev.type, f"quantize={quantize!r}", name)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

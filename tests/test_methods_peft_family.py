@@ -93,6 +93,23 @@ def test_qlora_planned_on_cpu_where_bitsandbytes_has_cpu_kernels():
     assert runs and all(r.method == "qlora" for r in runs)
 
 
+def test_qlora_on_a_random_model_is_refused_at_plan_time(monkeypatch, tmp_path):
+    """A random: model has no weights to quantize: one line naming the fix from the CLI, exit 2, nothing loaded and
+    nothing stored (it used to fail at load time, leaving a failed run in the store)."""
+    from click.testing import CliRunner
+
+    import harness.models
+    from harness.cli import main
+
+    monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    store = tmp_path / "s.sqlite"
+    result = CliRunner().invoke(main, ["run", "--methods", "qlora", "--tasks", "cb", "--model", "random:t5-small",
+                                       "--limit", "2", "--preset", "quick", "--store", str(store)])
+    assert result.exit_code == 2
+    assert "qlora quantizes a model's real weights" in result.output and "use lora" in result.output
+    assert not store.exists()
+
+
 def test_adalora_rejects_a_schedule_longer_than_the_run():
     with pytest.raises(HarnessError, match="must exceed tinit"):
         training_settings("adalora", "quick", {"method_args": "tinit=2,tfinal=2,total_step=3"})
