@@ -4,6 +4,7 @@ once per query (== the naive path), PEFT training steps, FLOPs, and a CLI run, o
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -94,6 +95,27 @@ def test_peft_training_step_on_t5(tiny_t5_config, cb, method):
     assert_every_tensor_moved(model, before)
     if method == "tfew":
         assert set(stats.components) == {"lm", "ul", "ln"}
+
+
+@pytest.mark.parametrize("model_type", ["mt5", "umt5"])
+def test_other_t5_family_members_score_and_take_the_methods(tmp_path, model_type):
+    """mT5 and UMT5 (T5's module names; UMT5 with a relative-position bias per layer) load as encoder-decoders and
+    T-Few's (IA)3, LoRA and a bottleneck adapter find their modules there, their per-token work split by stack."""
+    import copy
+
+    from harness.methods import apply_method, method_overhead, training_settings
+
+    config = tmp_path / f"{model_type}.json"
+    config.write_text(json.dumps({**TINY_T5, "model_type": model_type}))
+    lm = load_model(f"random:{config}", "cpu", "float32")
+    assert is_seq2seq(lm.model) and type(lm.model).__name__.lower().startswith(model_type)
+    for method in ("tfew", "lora", "adapter"):
+        settings = training_settings(method, "quick", {})
+        model = apply_method(copy.deepcopy(lm.model), method, settings).eval()
+        ov = method_overhead(model, method, settings)
+        assert ov.split and 0 < ov.enc_per_token < ov.per_token
+        out = score_prompts(model, lm.tokenizer, PROMPTS[:2], batch_size=2)
+        assert all(math.isfinite(v) for e in out.examples for v in e.logprobs)
 
 
 def test_flops_formula_matches_the_flop_counter(tiny_t5):
