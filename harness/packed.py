@@ -52,7 +52,7 @@ from harness.training import (PADDING_CHOICES, TrainingDiverged, TrainStats, _Sa
 
 log = logging.getLogger(__name__)
 
-PACKABLE = ("ia3", "tfew", "lora", "ln_tuning")  # methods whose groups can share one packed training
+PACKABLE = ("ia3", "tfew", "lora", "ln_tuning", "prompt_tuning")  # methods whose groups can share one packed training
 
 
 def pack_refusal(method: str, settings: dict) -> str | None:

@@ -8,7 +8,8 @@ gathered per row from the stacked leaves: (IA)3 multiplies the outputs (keys, va
 training, :meth:`PackedAdapters.load_group` copies a group's tensors into the peft model, which is then saved and
 evaluated exactly as an unpacked run's. LayerNorm tuning recomputes each norm row by row (``torch.func.vmap``
 over the rows, each row with its group's copy of the norm's parameters through ``torch.func.functional_call``: the
-norm's own code, so any norm class works).
+norm's own code, so any norm class works). Prompt tuning: peft puts its one table's virtual tokens before every
+row's embeddings and calls the base model; a pre-hook there puts each row's group's table in their place.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from harness.errors import HarnessError
 
 
 def _adapter_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    """(name, layer) of every peft IA3, LoRA or LayerNorm-tuning layer of ``model``, in module order."""
+    """(name, layer) of every peft IA3, LoRA or LayerNorm-tuning layer of ``model``, in module order, or a prompt
+    tuning model's prompt embedding."""
     from peft.tuners.ia3.layer import IA3Layer
     from peft.tuners.ln_tuning.layer import LNTuningLayer
     from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.prompt_tuning.model import PromptEmbedding
 
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (IA3Layer, LoraLayer, LNTuningLayer))]
+    kinds = (IA3Layer, LoraLayer, LNTuningLayer, PromptEmbedding)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     if not layers:
-        raise HarnessError("packed training needs a peft IA3, LoRA or LayerNorm-tuning model")
+        raise HarnessError("packed training needs a peft IA3, LoRA, LayerNorm-tuning or prompt-tuning model")
     return layers
 
 
@@ -41,7 +45,10 @@ def group_initial_tensors(base, method: str, settings: dict, seed: int) -> list[
     torch.manual_seed(seed)
     model = apply_method(base, method, settings)
     tensors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    model.unload()  # the base model's own modules back in place
+    from harness.compat import is_prompt_learning
+
+    if not is_prompt_learning(model):  # (prompt tuning only wraps ``base``: nothing to take off)
+        model.unload()  # the base model's own modules back in place
     return tensors
 
 
@@ -65,6 +72,8 @@ class PackedAdapters:
         for name, layer in _adapter_layers(model):
             if hasattr(layer, "ia3_l"):
                 self.layers.append((layer, "ia3", [index[f"{name}.ia3_l.default"]]))
+            elif type(layer).__name__ == "PromptEmbedding":  # prompt tuning: its virtual tokens' embeddings
+                self.layers.append((layer, "prompt", [index[f"{name}.embedding.weight"]]))
             elif hasattr(layer, "ln_tuning_layers"):  # its trainable copy of the norm, parameters in module order
                 copy_ = layer.ln_tuning_layers["default"]
                 self.layers.append((layer, "ln", [index[f"{name}.ln_tuning_layers.default.{n}"]
@@ -100,6 +109,13 @@ class PackedAdapters:
                 vec = self._stack(indices[0]).flatten(1)[self._rows_of(x)].unsqueeze(1)  # [R, 1, d_in]
                 return ((x.to(vec.dtype) * vec).to(x.dtype), *args[1:])
             return layer.base_layer.register_forward_pre_hook(scale_input)
+        if kind == "prompt":  # peft puts one table's prompt before every row's embeddings, then calls the base
+            def per_row_prompt(module, args, kwargs):  # model: there the first n positions become the row's group's
+                embeds = kwargs["inputs_embeds"]  # [R, n + L, d]
+                table = self._stack(indices[0])  # [N, n, d]
+                prompts = table[self._rows_of(embeds)].to(embeds.dtype)  # [R, n, d], as peft casts its prompts
+                return args, {**kwargs, "inputs_embeds": torch.cat((prompts, embeds[:, table.shape[1]:]), dim=1)}
+            return self.model.base_model.register_forward_pre_hook(per_row_prompt, with_kwargs=True)
         if kind == "ln":  # the norm recomputed row by row (vmap) with each row's group's copy of its parameters
             norm = layer.ln_tuning_layers["default"]
             names = [n for n, _ in norm.named_parameters()]
@@ -134,14 +150,16 @@ class PackedAdapters:
         handles = []
         try:
             for layer, kind, indices in self.layers:
-                layer.enable_adapters(False)
+                if kind != "prompt":  # (the prompt embedding's own output is replaced by the hook)
+                    layer.enable_adapters(False)
                 handles.append(self._hook(layer, kind, indices))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
-            for layer, _, _ in self.layers:
-                layer.enable_adapters(True)
+            for layer, kind, _ in self.layers:
+                if kind != "prompt":
+                    layer.enable_adapters(True)
 
     @contextlib.contextmanager
     def rows(self, groups: torch.Tensor):

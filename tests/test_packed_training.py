@@ -51,7 +51,7 @@ def _probe(member):
 
 
 @pytest.mark.parametrize("method, padding", [("ia3", "left"), ("tfew", "left"), ("lora", "left"),
-                                             ("ln_tuning", "left"),
+                                             ("ln_tuning", "left"), ("prompt_tuning", "right"),
                                              ("tfew", "right")])  # right: CUDA's padding (the head's gather)
 def test_each_packed_adapter_equals_its_separately_trained_twin(tiny, smollm, data_dir, method, padding):
     # no warmup and a large rate: every step moves the weights (LoRA's A from the second step on)
@@ -90,7 +90,7 @@ def test_each_packed_adapter_equals_its_separately_trained_twin(tiny, smollm, da
         assert_scores_moved(got, choice_scores(tiny, tok, _probe(m)), min_diff=2e-4)  # twins differ by ~1e-6
     # the peft model's own adapter layers are enabled again, its tensors trainable
     assert all(p.requires_grad for n, p in model.named_parameters()
-               if "ia3_l" in n or "lora_" in n or "ln_tuning_layers" in n)
+               if "ia3_l" in n or "lora_" in n or "ln_tuning_layers" in n or "prompt_encoder" in n)
 
 
 @pytest.mark.slow
@@ -145,7 +145,7 @@ def test_what_packs():
     assert pack_refusal("ia3", {}) is None and pack_refusal("tfew", {}) is None
     assert pack_refusal("lora", {"dropout": 0.0}) is None
     assert "dropout" in pack_refusal("lora", {"dropout": 0.1})
-    assert pack_refusal("ln_tuning", {}) is None
+    assert pack_refusal("ln_tuning", {}) is None and pack_refusal("prompt_tuning", {}) is None
     assert "no packed trainer" in pack_refusal("bitfit", {})
 
 
@@ -204,7 +204,7 @@ def test_packs_in_worker_processes_store_what_one_process_stores(tmp_path, data_
 
 
 def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
-    args = _args(tmp_path, data_dir, "ia3,lora,ln_tuning,prompt_tuning")
+    args = _args(tmp_path, data_dir, "ia3,lora,ln_tuning,prompt_tuning,prefix_tuning")
     stored = {}
     for pack in (1, 2):
         store = tmp_path / f"pack{pack}.sqlite"
@@ -213,12 +213,12 @@ def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
                                         catch_exceptions=False)
         assert result.exit_code == 0, result.output
         stored[pack] = Store(store)
-    assert "not packed: prompt_tuning has no packed trainer" in caplog.text
+    assert "not packed: prefix_tuning has no packed trainer" in caplog.text
     one, two = _stored(stored[1]), _stored(stored[2])
-    assert len(one) == 8
+    assert len(one) == 10
     _same_runs(one, two)
     packs = {r["method"]: r["env"].get("pack") for r in stored[2].runs()}
-    assert packs == {"ia3": 2, "lora": 2, "ln_tuning": 2, "prompt_tuning": None}
+    assert packs == {"ia3": 2, "lora": 2, "ln_tuning": 2, "prompt_tuning": 2, "prefix_tuning": None}
     # the packed adapters were saved as the unpacked run saves them: the same files
     for r in stored[2].runs():
         if r["env"].get("pack"):
