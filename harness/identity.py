@@ -31,8 +31,9 @@ from harness.errors import HarnessError
 SCORING_VERSION = 2
 # Bump when the FLOPs figures of PEFT runs on encoder-decoder models change (RunSpec.seq2seq_costs; causal models'
 # ids are untouched). 1: a method's per-token overhead charged to the stack it runs in (encoder tokens, decoder
-# tokens, cross-attention K/V per encoder state and decoder row), no longer to every token.
-SEQ2SEQ_COSTS_VERSION = 1
+# tokens, cross-attention K/V per encoder state and decoder row), no longer to every token. 2: under peft's prompt
+# learning the prompt is counted as encoded once per choice, as it runs.
+SEQ2SEQ_COSTS_VERSION = 2
 ENCODER_DECODER_TYPES = ("t5", "mt5", "umt5")
 
 _HASH_CHUNK = 1 << 20

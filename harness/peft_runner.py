@@ -17,7 +17,9 @@ Cost metrics (definitions of the base terms in :mod:`harness.costs`):
   method with a ``prepare`` step (FishMask's Fisher), ``costs.train_flops(base dims, its work, total params)``:
   forward + backward with every parameter's gradient;
 - ``infer_flops_per_example``: ``forward_flops(base dims, evaluation work) / n_eval`` plus, per example,
-  the method's additions to that work: LoRA ``2 r (d_in + d_out)`` per token and adapted layer (scored unmerged);
+  the method's additions to that work: LoRA ``2 r (d_in + d_out)`` per token and adapted layer (scored unmerged;
+  on an encoder-decoder each adapted layer only for the tokens of its stack, cross-attention K/V per encoder state
+  and decoder row: :class:`harness.methods.base.Overhead`);
   IA3 one multiply per scaled element per token; prompt tuning/p-tuning the virtual tokens' own forward once per
   example plus ``4 n_heads head_dim n_layers n_virtual`` per token for attending to them; prefix tuning the
   latter attention term only; and the method's per-call work (``Overhead.per_forward``: DoRA's ``B A`` and

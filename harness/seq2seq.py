@@ -111,10 +111,10 @@ def train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhea
                 raise HarnessError(f"example {p.example_id!r}: choice {choice!r} encodes to no tokens")
             if max_length is not None and len(ctx) > max_length:
                 ctx = ctx[-max_length:]
-            if not contexts or contexts[-1] != ctx or slots[-1][0] != b:
+            new_prompt = not contexts or contexts[-1] != ctx or slots[-1][0] != b
+            if new_prompt:
                 contexts.append(ctx)
-                record_work(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
-            elif per_choice:
+            if new_prompt or per_choice:
                 record_work(work, overhead.virtual_tokens + len(ctx), 0, encode=True)
             owners.append(len(contexts) - 1)
             choices.append(cont)
