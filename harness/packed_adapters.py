@@ -53,7 +53,8 @@ def group_initial_tensors(base, method: str, settings: dict, seed: int) -> list[
 
 
 class PackedAdapters:
-    """N groups' trainable tensors for a peft IA3 or LoRA ``model``, applied per row by hooks (module docstring).
+    """N groups' trainable tensors for a peft IA3, LoRA, LayerNorm-tuning or prompt-tuning ``model``, applied per
+    row by hooks (module docstring).
 
     ``initial[g]``: group g's starting tensors, in the order of ``model``'s trainable parameters."""
 
