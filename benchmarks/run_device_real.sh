@@ -139,7 +139,9 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # runs on wic and the rest of wsc's. Round 10 ran gemma3, gemma5 and gemma10 (ln_tuning and lora on copa and wsc)
     # and the last wic ICL runs; 15 wsc trainings side by side took 353-394 s, so ten a call is the GPU's pace.
     # Round 11 ran gemma6, gemma8, gemma9 and one training of gemma7 (prompt tuning on cb and rte needs a whole
-    # 545 s call). Left: gemma4, gemma7, gemma11, gemma12, gemma13, one plan a call (GRID_TIMEOUT=545
+    # 545 s call). Round 12 (an H100) ran full fine-tuning on wic (five side by side, 161-165 s); ten wic
+    # trainings (gemma11) did not finish in 470 s on an H100: there, at most five cb/rte or ten copa/wic/wsc
+    # trainings a call. Left: gemma4, gemma7, prompt tuning on wic, gemma12, gemma13, one plan a call (GRID_TIMEOUT=545
     # CALL_DEADLINE=555 after the parts and gemma-assemble on a fresh machine, whose first call should be gemma13 or
     # gemma11 with GRID_TIMEOUT=480: the assemble takes 60-77 s; carry the store as .xz: the .gz is over the limit):
     gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
