@@ -6,9 +6,12 @@ every run that is finished in a source and not finished in the target (missing, 
 per-example rows, and nothing else: a run finished in the target is never replaced (the same run id means the same
 configuration, weights, data and scoring, so either copy is the result). With ``--all`` (joining the committed
 per-model stores of ``benchmarks/split_store.py`` back into one), a source's run of any other status (withdrawn,
-failed) is copied too where the target has no run of that id.
+failed) is copied too where the target has no run of that id. With ``--absent`` only runs whose id the target
+lacks are copied, whatever their status, and a run the target holds in any status (a withdrawn one above all) is
+never touched: what ``benchmarks/export_paper.sh`` does with the committed export before replacing it, so a device
+store that resumed an older copy cannot drop a run from the published tables (session 20: 4 runs).
 
-    python -m benchmarks.merge_stores TARGET.sqlite SOURCE.sqlite [SOURCE.sqlite ...] [--dry-run] [--all]
+    python -m benchmarks.merge_stores TARGET.sqlite SOURCE.sqlite [SOURCE.sqlite ...] [--dry-run] [--all | --absent]
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ def _columns(db: sqlite3.Connection, schema: str, table: str) -> list[str]:
     return [row[1] for row in db.execute(f"PRAGMA {schema}.table_info({table})")]
 
 
-def merge(target: str, source: str, dry_run: bool = False, every_status: bool = False) -> list[str]:
+def merge(target: str, source: str, dry_run: bool = False, every_status: bool = False,
+          absent_only: bool = False) -> list[str]:
     """Copy ``source``'s finished runs that ``target`` has not finished into ``target`` (with ``every_status``, also
-    its runs of other statuses whose id ``target`` lacks); returns their run ids."""
+    its runs of other statuses whose id ``target`` lacks; with ``absent_only``, only the runs, of any status, whose
+    id ``target`` lacks); returns their run ids."""
     db = sqlite3.connect(target)
     try:
         db.execute("ATTACH DATABASE ? AS src", (source,))
         present = dict(db.execute("SELECT run_id, status FROM main.runs"))
-        new = [r for r, status in db.execute("SELECT run_id, status FROM src.runs ORDER BY run_id")
-               if (status == "finished" and present.get(r) != "finished") or (every_status and r not in present)]
+        rows = db.execute("SELECT run_id, status FROM src.runs ORDER BY run_id").fetchall()
+        if absent_only:
+            new = [r for r, _ in rows if r not in present]
+        else:
+            new = [r for r, status in rows
+                   if (status == "finished" and present.get(r) != "finished") or (every_status and r not in present)]
         if new and not dry_run:
             with db:
                 db.execute("CREATE TEMP TABLE merge_ids (run_id TEXT PRIMARY KEY)")
@@ -53,10 +62,13 @@ def main() -> None:
     p.add_argument("target")
     p.add_argument("sources", nargs="+")
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
-    p.add_argument("--all", action="store_true", help="also copy runs of other statuses whose id the target lacks")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--all", action="store_true", help="also copy runs of other statuses whose id the target lacks")
+    how.add_argument("--absent", action="store_true",
+                     help="copy only runs whose id the target lacks (any status); never touch the target's runs")
     args = p.parse_args()
     for source in args.sources:
-        new = merge(args.target, source, args.dry_run, every_status=args.all)
+        new = merge(args.target, source, args.dry_run, every_status=args.all, absent_only=args.absent)
         print(f"{source}: {len(new)} run(s) {'to copy' if args.dry_run else 'copied'} into {args.target}")
 
 

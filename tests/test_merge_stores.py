@@ -64,3 +64,28 @@ def test_split_then_join_gives_back_the_finished_and_withdrawn_runs(tmp_path):
     assert runs == {"a1": "finished", "a2": "finished", "b1": "finished", "w1": "withdrawn"}
     counts = dict(sqlite3.connect(joined).execute("SELECT run_id, COUNT(*) FROM examples GROUP BY run_id"))
     assert counts == {"a1": 2, "a2": 3, "b1": 4, "w1": 5}
+
+
+def test_absent_only_copies_missing_ids_and_never_touches_the_targets_runs(tmp_path):
+    """export_paper.sh joins the committed export into a device store with absent_only: a run the device store lacks
+    comes back (session 20: 4 prompt-tuning runs), a run it withdrew stays withdrawn even where the committed copy
+    still has it finished."""
+    from benchmarks.merge_stores import merge
+
+    device, committed = Store(tmp_path / "device.sqlite"), Store(tmp_path / "committed.sqlite")
+    _write(device, "new-on-device", 0.5)
+    _write(device, "withdrawn-here", 0.2)
+    db = sqlite3.connect(device.path)
+    with db:
+        db.execute("UPDATE runs SET status = 'withdrawn' WHERE run_id = 'withdrawn-here'")
+    db.close()
+    _write(committed, "withdrawn-here", 0.2)
+    _write(committed, "lost-by-device", 0.7, n_examples=3)
+    _write(committed, "old-failure", 0.0, status="failed")
+    assert merge(str(device.path), str(committed.path), absent_only=True) == ["lost-by-device", "old-failure"]
+    runs = {r["run_id"]: r["status"] for r in device.runs()}
+    assert runs == {"new-on-device": "finished", "withdrawn-here": "withdrawn", "lost-by-device": "finished",
+                    "old-failure": "failed"}
+    counts = dict(sqlite3.connect(device.path).execute("SELECT run_id, COUNT(*) FROM examples GROUP BY run_id"))
+    assert counts["lost-by-device"] == 3
+    assert merge(str(device.path), str(committed.path), absent_only=True) == []
