@@ -3,7 +3,8 @@
 # results/paper/<model>.sqlite.xz and results/paper/withdrawn.sqlite.xz (issue 11), then docs/results.md:
 #   join the committed export's runs the store lacks (benchmarks/merge_stores.py --absent),
 #   compact (benchmarks/compact_store.py: float32 values as their shortest decimal, lossless), split per model
-#   (benchmarks/split_store.py), xz -9 each, and bash benchmarks/results_doc.sh.
+#   (benchmarks/split_store.py), xz -9 each whose rows changed (a file with the same rows keeps its bytes), and
+#   bash benchmarks/results_doc.sh.
 #   bash benchmarks/export_paper.sh .gpu/store/paper.sqlite.gz
 set -eu
 STORE=${1:?usage: bash benchmarks/export_paper.sh STORE(.sqlite|.gz)}
@@ -23,8 +24,15 @@ done
 "$PYTHON" -m benchmarks.compact_store "$tmp/paper.sqlite"
 "$PYTHON" -m benchmarks.split_store "$tmp/paper.sqlite" "$tmp/split"
 for f in "$tmp"/split/*.sqlite; do
-  xz -9 -T1 -c "$f" > "results/paper/$(basename "$f").xz"
-  echo "results/paper/$(basename "$f").xz: $(stat -c %s "results/paper/$(basename "$f").xz") bytes"
+  dest="results/paper/$(basename "$f").xz"
+  if [ -f "$dest" ]; then  # same rows as the committed file: keep its bytes (the page layout differs, not the data)
+    xz -dc "$dest" > "$tmp/committed.sqlite"
+    same=$("$PYTHON" -m benchmarks.split_store --digest "$f" "$tmp/committed.sqlite" | cut -d' ' -f1 | uniq | wc -l)
+    rm -f "$tmp/committed.sqlite"
+    if [ "$same" = 1 ]; then echo "$dest: unchanged (same rows)"; continue; fi
+  fi
+  xz -9 -T1 -c "$f" > "$dest"
+  echo "$dest: $(stat -c %s "$dest") bytes"
 done
 rm -rf "$tmp"
 bash "$(dirname "$0")/results_doc.sh"

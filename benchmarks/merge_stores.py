@@ -26,21 +26,29 @@ def _columns(db: sqlite3.Connection, schema: str, table: str) -> list[str]:
     return [row[1] for row in db.execute(f"PRAGMA {schema}.table_info({table})")]
 
 
-def merge(target: str, source: str, dry_run: bool = False, every_status: bool = False,
-          absent_only: bool = False) -> list[str]:
-    """Copy ``source``'s finished runs that ``target`` has not finished into ``target`` (with ``every_status``, also
-    its runs of other statuses whose id ``target`` lacks; with ``absent_only``, only the runs, of any status, whose
-    id ``target`` lacks); returns their run ids."""
+MODES = ("finished", "all", "absent")
+
+
+def _to_copy(status: str, present_status: str | None, mode: str) -> bool:
+    """Whether a source run of ``status`` is copied where the target holds that id with ``present_status``
+    (None: the target lacks it). ``finished``: a finished run the target has not finished; ``all``: that, or any run
+    whose id the target lacks; ``absent``: only a run whose id the target lacks, never touching the target's runs."""
+    if mode == "absent":
+        return present_status is None
+    return (status == "finished" and present_status != "finished") or (mode == "all" and present_status is None)
+
+
+def merge(target: str, source: str, dry_run: bool = False, mode: str = "finished") -> list[str]:
+    """Copy ``source``'s runs chosen by ``mode`` (:func:`_to_copy`) into ``target``, with their per-example rows;
+    returns their run ids."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     db = sqlite3.connect(target)
     try:
         db.execute("ATTACH DATABASE ? AS src", (source,))
         present = dict(db.execute("SELECT run_id, status FROM main.runs"))
-        rows = db.execute("SELECT run_id, status FROM src.runs ORDER BY run_id").fetchall()
-        if absent_only:
-            new = [r for r, _ in rows if r not in present]
-        else:
-            new = [r for r, status in rows
-                   if (status == "finished" and present.get(r) != "finished") or (every_status and r not in present)]
+        new = [r for r, status in db.execute("SELECT run_id, status FROM src.runs ORDER BY run_id")
+               if _to_copy(status, present.get(r), mode)]
         if new and not dry_run:
             with db:
                 db.execute("CREATE TEMP TABLE merge_ids (run_id TEXT PRIMARY KEY)")
@@ -68,7 +76,8 @@ def main() -> None:
                      help="copy only runs whose id the target lacks (any status); never touch the target's runs")
     args = p.parse_args()
     for source in args.sources:
-        new = merge(args.target, source, args.dry_run, every_status=args.all, absent_only=args.absent)
+        mode = "all" if args.all else "absent" if args.absent else "finished"
+        new = merge(args.target, source, args.dry_run, mode=mode)
         print(f"{source}: {len(new)} run(s) {'to copy' if args.dry_run else 'copied'} into {args.target}")
 
 

@@ -13,11 +13,17 @@ keeps them. Each output is a copy of the input's schema (the same ``Store`` read
 (``tests/test_merge_stores.py``).
 
     python -m benchmarks.split_store STORE.sqlite OUT_DIR      (then xz -9 each: benchmarks/results_doc.sh reads .xz)
+    python -m benchmarks.split_store --digest FILE.sqlite ...   (content digest: equal files hold equal rows)
+
+SQLite's page layout (and so the bytes, and the .xz) depends on the order rows were written, so two exports of the same
+runs differ as files; :func:`content_digest` hashes the rows themselves, and ``benchmarks/export_paper.sh`` keeps a
+committed file whose rows did not change (no multi-MB binary churn in git for a model no run touched).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -65,11 +71,36 @@ def split(store: str | Path, out_dir: str | Path) -> dict[str, int]:
     return counts
 
 
+def content_digest(path: str | Path) -> str:
+    """sha256 of every row of every table (columns in schema order, rows sorted by all columns): independent of the
+    file's page layout, so equal for two files that hold the same rows."""
+    digest = hashlib.sha256()
+    db = sqlite3.connect(path)
+    try:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        for table in tables:
+            columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+            digest.update(repr((table, columns)).encode())
+            order = ", ".join(str(i + 1) for i in range(len(columns)))
+            for row in db.execute(f"SELECT * FROM {table} ORDER BY {order}"):
+                digest.update(repr(row).encode())
+    finally:
+        db.close()
+    return digest.hexdigest()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("store")
-    p.add_argument("out_dir")
+    p.add_argument("--digest", nargs="+", metavar="FILE", help="print each file's content digest and exit")
+    p.add_argument("store", nargs="?")
+    p.add_argument("out_dir", nargs="?")
     args = p.parse_args()
+    if args.digest:
+        for path in args.digest:
+            print(content_digest(path), path)
+        return
+    if not (args.store and args.out_dir):
+        p.error("STORE and OUT_DIR are required (or --digest FILE...)")
     for name, n in split(args.store, args.out_dir).items():
         print(f"{Path(args.out_dir) / name}: {n} run(s)")
 

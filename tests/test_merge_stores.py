@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from harness.store import ExampleScore, RunResult, Store
 
 
@@ -37,7 +39,7 @@ def test_merge_copies_only_what_the_target_has_not_finished(tmp_path):
 
 def test_split_then_join_gives_back_the_finished_and_withdrawn_runs(tmp_path):
     """benchmarks/split_store.py writes one store per model (finished runs) and one of the withdrawn runs; merging
-    them back with every_status holds exactly those runs and their example rows (failed runs are not exported)."""
+    them back with mode "all" holds exactly those runs and their example rows (failed runs are not exported)."""
     from benchmarks.merge_stores import merge
     from benchmarks.split_store import split
 
@@ -57,9 +59,9 @@ def test_split_then_join_gives_back_the_finished_and_withdrawn_runs(tmp_path):
     assert {r["run_id"] for r in Store(tmp_path / "out" / "two.sqlite").runs()} == {"b1"}
     joined = tmp_path / "joined.sqlite"
     joined.write_bytes((tmp_path / "out" / "m_one.sqlite").read_bytes())
-    assert merge(str(joined), str(tmp_path / "out" / "two.sqlite"), every_status=True) == ["b1"]
+    assert merge(str(joined), str(tmp_path / "out" / "two.sqlite"), mode="all") == ["b1"]
     assert merge(str(joined), str(tmp_path / "out" / "withdrawn.sqlite")) == []  # only finished without --all
-    assert merge(str(joined), str(tmp_path / "out" / "withdrawn.sqlite"), every_status=True) == ["w1"]
+    assert merge(str(joined), str(tmp_path / "out" / "withdrawn.sqlite"), mode="all") == ["w1"]
     runs = {r["run_id"]: r["status"] for r in Store(joined).runs()}
     assert runs == {"a1": "finished", "a2": "finished", "b1": "finished", "w1": "withdrawn"}
     counts = dict(sqlite3.connect(joined).execute("SELECT run_id, COUNT(*) FROM examples GROUP BY run_id"))
@@ -67,7 +69,7 @@ def test_split_then_join_gives_back_the_finished_and_withdrawn_runs(tmp_path):
 
 
 def test_absent_only_copies_missing_ids_and_never_touches_the_targets_runs(tmp_path):
-    """export_paper.sh joins the committed export into a device store with absent_only: a run the device store lacks
+    """export_paper.sh joins the committed export into a device store with mode "absent": a run the device store lacks
     comes back (session 20: 4 prompt-tuning runs), a run it withdrew stays withdrawn even where the committed copy
     still has it finished."""
     from benchmarks.merge_stores import merge
@@ -82,10 +84,40 @@ def test_absent_only_copies_missing_ids_and_never_touches_the_targets_runs(tmp_p
     _write(committed, "withdrawn-here", 0.2)
     _write(committed, "lost-by-device", 0.7, n_examples=3)
     _write(committed, "old-failure", 0.0, status="failed")
-    assert merge(str(device.path), str(committed.path), absent_only=True) == ["lost-by-device", "old-failure"]
+    assert merge(str(device.path), str(committed.path), mode="absent") == ["lost-by-device", "old-failure"]
     runs = {r["run_id"]: r["status"] for r in device.runs()}
     assert runs == {"new-on-device": "finished", "withdrawn-here": "withdrawn", "lost-by-device": "finished",
                     "old-failure": "failed"}
     counts = dict(sqlite3.connect(device.path).execute("SELECT run_id, COUNT(*) FROM examples GROUP BY run_id"))
     assert counts["lost-by-device"] == 3
-    assert merge(str(device.path), str(committed.path), absent_only=True) == []
+    assert merge(str(device.path), str(committed.path), mode="absent") == []
+    with pytest.raises(ValueError, match="mode must be one of"):
+        merge(str(device.path), str(committed.path), mode="absnet")
+
+
+def test_content_digest_sees_rows_not_page_layout(tmp_path):
+    """export_paper.sh keeps a committed file whose rows did not change: the digest is equal for the same rows written
+    in another order (different bytes), and differs when one value changes."""
+    from benchmarks.split_store import content_digest
+
+    one = Store(tmp_path / "one.sqlite")
+    for run_id in ("a", "b", "c"):
+        _write(one, run_id, 0.5)
+    two = tmp_path / "two.sqlite"
+    two.write_bytes(one.path.read_bytes())
+    db = sqlite3.connect(two)
+    with db:  # the same rows, run "a" moved to the end of both tables
+        db.execute("ATTACH DATABASE ? AS src", (str(one.path),))
+        for table in ("examples", "runs"):
+            db.execute(f"DELETE FROM main.{table} WHERE run_id = 'a'")
+        for table in ("runs", "examples"):
+            db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE run_id = 'a'")
+    db.execute("VACUUM")
+    db.close()
+    assert two.read_bytes() != one.path.read_bytes()
+    assert content_digest(one.path) == content_digest(two)
+    db = sqlite3.connect(two)
+    with db:
+        db.execute("UPDATE runs SET accuracy = 0.25 WHERE run_id = 'b'")
+    db.close()
+    assert content_digest(one.path) != content_digest(two)
