@@ -140,10 +140,14 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # and the last wic ICL runs; 15 wsc trainings side by side took 353-394 s, so ten a call is the GPU's pace.
     # Round 11 ran gemma6, gemma8, gemma9 and one training of gemma7 (prompt tuning on cb and rte needs a whole
     # 545 s call). Round 12 (an H100) ran full fine-tuning on wic (five side by side, 161-165 s); ten wic
-    # trainings (gemma11) did not finish in 470 s on an H100: there, at most five cb/rte or ten copa/wic/wsc
-    # trainings a call. Left: gemma4, gemma7, prompt tuning on wic, gemma12, gemma13, one plan a call (GRID_TIMEOUT=545
-    # CALL_DEADLINE=555 after the parts and gemma-assemble on a fresh machine, whose first call should be gemma13 or
-    # gemma11 with GRID_TIMEOUT=480: the assemble takes 60-77 s; carry the store as .xz: the .gz is over the limit):
+    # trainings (gemma11) did not finish in 470 s on an H100. Round 13 (an H100, every job --workers 5: five
+    # trainings side by side, the next starting as one ends, so a deadline loses only those still running) ran full
+    # fine-tuning on copa and wsc (472 s), gemma4 with --workers 5 (517 s) and prompt tuning on wic (404 s: its
+    # evaluation, one row at a time without the KV cache, takes 233-240 s a training on wic; that, not the H100,
+    # sank gemma11). Left: gemma7w (9 trainings: cb seed 0 is stored and skipped) and gemma12w, one plan a call
+    # (GRID_TIMEOUT=545 CALL_DEADLINE=555; a fresh machine's first call after the parts and gemma-assemble with
+    # GRID_TIMEOUT=480: the assemble takes 60-80 s); a call cut by its deadline keeps its finished trainings, so the
+    # same plan again resumes. Carry the store as .xz: the .gz is over the limit:
     gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
     gemma2) echo "--methods ia3,tfew --tasks wic --workers 10" ;;
     gemma3) echo "--methods icl --tasks wic --workers 2; --methods ia3,tfew --tasks wsc --workers 10" ;;
@@ -157,6 +161,8 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     gemma11) echo "--methods prompt_tuning,full --tasks wic --workers 10" ;;
     gemma12) echo "--methods full --tasks cb,rte --workers 10" ;;
     gemma13) echo "--methods full --tasks copa,wsc --workers 10" ;;
+    gemma7w) echo "--methods prompt_tuning --tasks cb,rte --workers 5" ;;
+    gemma12w) echo "--methods full --tasks cb,rte --workers 5" ;;
     # packed (issue 16): --pack 5 trains five groups in one model. Round 9's try (ia3,tfew on copa,wic, 4 packs of 5
     # beside 3 ICL workers) finished no training in 490 s where ten separate ones take ~250 s: measure it quietly
     # against gemma4's ten processes, one after the other, before using it for the grid
