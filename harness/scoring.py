@@ -161,16 +161,11 @@ def shared_prefix_len(rows: list[Row]) -> int:
 
 # --------------------------------------------------------------------------------------------- cached path
 
-def _prompt_learning(model) -> bool:
-    """peft prompt learning (virtual tokens or a learned prefix): positions and caches are peft's own."""
-    return any(getattr(c, "is_prompt_learning", False) for c in (getattr(model, "peft_config", None) or {}).values())
-
-
 def use_shared_prefix(model) -> bool:
     """Default for the cached path: shared-prefix attention (CUDA and CPU) where the architecture allows it. On the
     CPU it replaced per-row copies of the prefix cache (benchmarks/vs_lmeval.py, docs/benchmarks.md)."""
     device = next(model.parameters()).device
-    return device.type in ("cuda", "cpu") and not _prompt_learning(model) and attention.supports(model)
+    return device.type in ("cuda", "cpu") and not is_prompt_learning(model) and attention.supports(model)
 
 
 @torch.no_grad()
@@ -320,7 +315,7 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], prefix: str = "",
     device = next(model.parameters()).device
     # prompt learning is scored with exactly batch_size rows (its callers ask for one row: padding shifts positions)
     if budget == "auto":  # (prompt learning: no budget, exactly batch_size rows; "auto" is not a number)
-        tokens = None if _prompt_learning(model) else token_budget(model, dims, device)
+        tokens = None if is_prompt_learning(model) else token_budget(model, dims, device)
     else:
         tokens = budget
     shared = use_shared_prefix(model) if shared_prefix is None else shared_prefix
