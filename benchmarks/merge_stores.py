@@ -75,8 +75,8 @@ def main() -> None:
     how.add_argument("--absent", action="store_true",
                      help="copy only runs whose id the target lacks (any status); never touch the target's runs")
     args = p.parse_args()
+    mode = "all" if args.all else "absent" if args.absent else "finished"
     for source in args.sources:
-        mode = "all" if args.all else "absent" if args.absent else "finished"
         new = merge(args.target, source, args.dry_run, mode=mode)
         print(f"{source}: {len(new)} run(s) {'to copy' if args.dry_run else 'copied'} into {args.target}")
 
