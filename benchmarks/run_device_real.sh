@@ -144,10 +144,11 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # trainings side by side, the next starting as one ends, so a deadline loses only those still running) ran full
     # fine-tuning on copa and wsc (472 s), gemma4 with --workers 5 (517 s) and prompt tuning on wic (404 s: its
     # evaluation, one row at a time without the KV cache, takes 233-240 s a training on wic; that, not the H100,
-    # sank gemma11). Left: gemma7w (9 trainings: cb seed 0 is stored and skipped) and gemma12w, one plan a call
-    # (GRID_TIMEOUT=545 CALL_DEADLINE=555; a fresh machine's first call after the parts and gemma-assemble with
-    # GRID_TIMEOUT=480: the assemble takes 60-80 s); a call cut by its deadline keeps its finished trainings, so the
-    # same plan again resumes. Carry the store as .xz: the .gz is over the limit:
+    # sank gemma11). Round 14 (an H100) ran gemma12w (533 s) and gemma7w (469 s, cb seed 0 skipped), as GRID_JOBS
+    # (a fixed stage list here lacked the *w names; now any plan name is a stage): the Gemma grid is complete.
+    # A repeat: one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555; a fresh machine's first call after the parts and
+    # gemma-assemble with GRID_TIMEOUT=480: the assemble takes 40-80 s); a call cut by its deadline keeps its
+    # finished trainings, so the same plan again resumes. Carry the store as .xz: the .gz is over the limit:
     gemma1) echo "--methods zeroshot,icl --tasks wic,wsc --workers 3; --methods ia3,tfew --tasks copa --workers 10" ;;
     gemma2) echo "--methods ia3,tfew --tasks wic --workers 10" ;;
     gemma3) echo "--methods icl --tasks wic --workers 2; --methods ia3,tfew --tasks wsc --workers 10" ;;
@@ -168,6 +169,7 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # against gemma4's ten processes, one after the other, before using it for the grid
     gemma4p) echo "--methods lora --tasks cb,rte --pack 5 --workers 2" ;;
     grid) echo "${GRID_JOBS:?GRID_JOBS is empty}" ;;
+    *) echo "no plan named $1 (see plan() in this script)" >&2; return 1 ;;
   esac
 }
 
@@ -266,8 +268,8 @@ print('model', embedded_gguf('smollm2-135m'), model_fingerprint('smollm2-135m'),
 print('converted', model_source('smollm2-135m')[0])") || exit 1
       command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       ;;
-    grid|grid[0-9]|grid[0-9][0-9]|gemma[0-9]|gemma[0-9][0-9]|gemma[0-9]p)
-      jobs_text=$(plan "$stage")
+    grid|grid[0-9]*|gemma[0-9]*)  # any plan of plan() (round 14: gemma12w was missing from a fixed list here)
+      jobs_text=$(plan "$stage") || exit 2
       mkdir -p "$(dirname "$STORE")" "$(dirname "$RERUN_STORE")"
       # The carried store is the checkpoint: it replaces a store left on a warm machine by an earlier call (round 8:
       # a machine kept the store of a call whose result was not carried back yet, and the next call resumed that
