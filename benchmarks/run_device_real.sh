@@ -146,6 +146,8 @@ plan() {  # the jobs of a grid call, ';'-separated; all run side by side. A plan
     # evaluation, one row at a time without the KV cache, takes 233-240 s a training on wic; that, not the H100,
     # sank gemma11). Round 14 (an H100) ran gemma12w (533 s) and gemma7w (469 s, cb seed 0 skipped), as GRID_JOBS
     # (a fixed stage list here lacked the *w names; now any plan name is a stage): the Gemma grid is complete.
+    # Then (still round 14) adapter,dora on SmolLM2 copa (365 s, --workers 5): the adapter families of issue 13
+    # are what is left of issue 11's grid, as GRID_JOBS calls (docs/benchmarks.md (d), "Left of issue 11's grid").
     # A repeat: one plan a call (GRID_TIMEOUT=545 CALL_DEADLINE=555; a fresh machine's first call after the parts and
     # gemma-assemble with GRID_TIMEOUT=480: the assemble takes 40-80 s); a call cut by its deadline keeps its
     # finished trainings, so the same plan again resumes. Carry the store as .xz: the .gz is over the limit:
