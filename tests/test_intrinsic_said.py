@@ -120,7 +120,11 @@ def test_trains_on_smollm_and_reloads_to_the_same_scores(smollm, cb, tmp_path):
     prompts = [cb.render(cb.template("gpt3_style"), SHORT_CB[0])]
     base_scores = choice_scores(smollm.model, smollm.tokenizer, prompts)
     model = apply_method(copy.deepcopy(smollm.model), "intrinsic_said", settings)
-    assert torch.equal(choice_scores(model, smollm.tokenizer, prompts), base_scores)
+    # Starts at the base model: the same scores up to float32 GEMM rounding. Not torch.equal: on an AVX512 CPU the
+    # same F.linear on equal values gives bits that depend on where the operands sit in memory (session 22: the
+    # lm_head output of a clone of the input differs from the view's by 2.4e-5, 5e-6 in a summed score), and the
+    # hooked model allocates differently. A start away from the base model moves scores by far more (> 1e-3 below).
+    assert torch.allclose(choice_scores(model, smollm.tokenizer, prompts), base_scores, rtol=0, atol=1e-4)
     stats = train(model, smollm.tokenizer, SHORT_CB[:1], cb, settings, seed=0, method="intrinsic_said")
     assert stats.losses[0] != stats.losses[-1] and stats.forwards == 2
     assert stats.overhead_flops == 3 * 2 * method_overhead(model, "intrinsic_said", settings).train_per_forward + \
@@ -133,7 +137,7 @@ def test_trains_on_smollm_and_reloads_to_the_same_scores(smollm, cb, tmp_path):
     assert costs.directory_bytes(folder) < 100_000  # 20,000 float32 + the seed + the header
     fresh = apply_method(copy.deepcopy(smollm.model), "intrinsic_said", settings)
     reloaded = load_trained(fresh, info, folder)
-    assert torch.equal(choice_scores(reloaded, smollm.tokenizer, prompts), trained)
+    assert torch.allclose(choice_scores(reloaded, smollm.tokenizer, prompts), trained, rtol=0, atol=1e-4)  # as above
 
 
 def test_a_checkpoint_reloads_only_with_its_projection_seed(tmp_path):
