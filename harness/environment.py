@@ -72,3 +72,24 @@ def describe(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def float_platform() -> dict:
+    """What float32 CPU results depend on beyond the code and inputs: the CPU model, the kernels torch dispatches
+    to (``get_cpu_capability``: AVX2, AVX512, ...), the torch build and its thread count. Two machines that differ
+    here may differ in the last bits of a GEMM (operand order and blocking), and training amplifies such bits: the
+    quick preset's LoRA/(IA)3 log-probs moved by up to 9.7e-4 between the CI baseline's machine and an AMD EPYC with
+    AVX512 (session 22). ``harness check`` compares trained cells within a wider tolerance when the baseline's
+    platform is not this one (harness/report/check.py)."""
+    return {"cpu": _cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}

@@ -238,3 +238,60 @@ def test_cli_reads_a_version_1_baseline_with_a_warning(tmp_path, baseline):
 def test_committed_baseline_still_loads():
     data = checking.load_baseline(Path(__file__).parents[1] / "baselines" / "quick-smollm2.json")
     assert data["version"] in checking.READABLE_VERSIONS and data["cells"]
+
+
+PLATFORM = {"cpu": "Some CPU", "isa": "AVX2", "threads": 2, "torch": "2.13.0+cpu"}
+OTHER = {**PLATFORM, "cpu": "Other CPU", "isa": "AVX512"}
+
+
+def shifted_store(tmp_path, cell, by: float) -> Store:
+    def shift(c, examples):
+        if c == cell:
+            for ex in examples[5:8]:
+                ex.logprobs = [lp + by for lp in ex.logprobs]
+        return examples
+    return build(tmp_path / f"{'-'.join(cell)}-{by}.sqlite", perturb=shift)
+
+
+def test_a_baseline_records_its_platform_and_the_same_platform_checks_strictly(tmp_path, baseline):
+    store = build(tmp_path / "s.sqlite")
+    doc = json.loads(checking.baseline_json(store.runs(), examples_of(store), PLATFORM))
+    assert doc["platform"] == PLATFORM and doc["cells"] == baseline["cells"]
+    shifted = shifted_store(tmp_path, ("cb", "lora", "t2"), 1e-3)  # a trained cell, 1e-3: same predictions
+    res = run_check(shifted, doc, platform=PLATFORM)
+    assert not res.passed and res.counts() == {"logprobs changed": 1, "ok": 31} and not res.notes
+
+
+def test_another_platform_widens_only_the_trained_cells(tmp_path, baseline):
+    """Session 22: the CI's trained cells moved by up to 9.7e-4 on another CPU with no code change (training
+    amplifies GEMM rounding); untrained cells stayed within 1e-4. So trained cells get the cross-platform tolerance
+    there, untrained ones keep the strict one, and a larger planted shift still fails."""
+    doc = {**baseline, "platform": PLATFORM}
+    drift = shifted_store(tmp_path, ("cb", "lora", "t2"), 1e-3)
+    res = run_check(drift, doc, platform=OTHER)
+    assert res.passed and res.counts() == {"ok": 32}
+    assert any("trained cells' log-probs compared within 0.005" in n and "Other CPU" in n for n in res.notes)
+    assert not run_check(shifted_store(tmp_path, ("cb", "lora", "t2"), 1e-2), doc, platform=OTHER).passed
+    untrained = run_check(shifted_store(tmp_path, ("cb", "zeroshot", "t2"), 1e-3), doc, platform=OTHER)
+    assert not untrained.passed and untrained.counts() == {"logprobs changed": 1, "ok": 31}
+    # a baseline without a platform is "another platform"; no platform given (the library default) is strict
+    assert run_check(drift, baseline, platform=OTHER).passed
+    assert not run_check(drift, doc).passed
+    with pytest.raises(HarnessError, match="cross-platform-atol"):
+        run_check(drift, doc, platform=OTHER, cross_platform_atol=-1)
+
+
+def test_cli_saves_this_machines_platform_and_says_when_it_widens(tmp_path):
+    from harness.environment import float_platform
+
+    store = build(tmp_path / "s.sqlite")
+    path = tmp_path / "b.json"
+    assert CliRunner().invoke(COMMANDS[2], ["save", str(path), "--store", str(store.path)]).exit_code == 0
+    doc = json.loads(path.read_text())
+    assert doc["platform"] == float_platform() and set(doc["platform"]) == {"cpu", "isa", "threads", "torch"}
+    same = CliRunner().invoke(command("check"), ["--baseline", str(path), "--store", str(store.path)])
+    assert same.exit_code == 0 and "another platform" not in same.output
+    path.write_text(json.dumps({**doc, "platform": {**doc["platform"], "cpu": "Another CPU"}}))
+    other = CliRunner().invoke(command("check"), ["--baseline", str(path), "--store", str(store.path)])
+    assert other.exit_code == 0 and "(0.005 for trained cells: another platform)" in other.output
+    assert "re-save the baseline on this platform" in other.output

@@ -230,10 +230,13 @@ def _examples_of(store: Store):
 @store_option
 def baseline_save(path, store_path):
     """Write every finished run of the store to the baseline file PATH (JSON): per cell its accuracies, FLOPs and
-    per-example, per-choice log-probs (rounded to 6 decimals)."""
+    per-example, per-choice log-probs (rounded to 6 decimals), and this machine's float platform (CPU, torch's CPU
+    kernels, torch, threads): save it on the machine that ran the store."""
     store = open_store(store_path)
     with user_errors():
-        n = checking.save_baseline(store.runs(status="finished"), path, _examples_of(store))
+        from harness.environment import float_platform
+
+        n = checking.save_baseline(store.runs(status="finished"), path, _examples_of(store), float_platform())
     if n == 0:
         click.echo(f"warning: {store_path} has no finished runs with an accuracy; the baseline is empty", err=True)
     click.echo(f"wrote {n} cells to {path}")
@@ -251,22 +254,30 @@ def baseline_save(path, store_path):
                    "choice).")
 @click.option("--flops-rtol", type=float, default=checking.DEFAULT_FLOPS_RTOL, show_default=True,
               help="Largest relative difference allowed in inference FLOPs per example and training FLOPs.")
+@click.option("--cross-platform-atol", type=float, default=checking.DEFAULT_CROSS_PLATFORM_ATOL, show_default=True,
+              help="The log-prob tolerance of trained cells when the baseline was saved on another CPU platform "
+                   "(training amplifies GEMM rounding that differs across CPUs).")
 @click.pass_context
-def check(ctx, baseline_path, store_path, z, exact, logprob_atol, flops_rtol):
+def check(ctx, baseline_path, store_path, z, exact, logprob_atol, flops_rtol, cross_platform_atol):
     """Check the store against a baseline: exit 1 when a cell changed, regressed or is missing, else 0.
 
     Per cell (model, task, method, template, seed, preset, k): every example's per-choice log-prob within
     --logprob-atol of the baseline; FLOPs within --flops-rtol; accuracy, accuracy_norm and accuracy_norm_char not
     below the baseline by more than max(z * sqrt(p (1 - p) / n), 1 / n), p and n being the baseline's value and
-    number of examples (--exact: equal). A version-1 baseline has accuracies only.
+    number of examples (--exact: equal). A version-1 baseline has accuracies only. Where the baseline was saved on
+    another CPU platform, trained cells' log-probs are compared within --cross-platform-atol (a note says so).
     """
     with user_errors():
         data = checking.load_baseline(baseline_path)
         store = open_store(store_path)
+        from harness.environment import float_platform
+
+        platform = float_platform()
+        tol, _ = checking.tolerances(data, z, exact, logprob_atol, flops_rtol, platform, cross_platform_atol)
         result = checking.check(store.runs(status="finished"), data, z=z, exact=exact,
-                                examples_of=_examples_of(store), logprob_atol=logprob_atol, flops_rtol=flops_rtol)
+                                examples_of=_examples_of(store), logprob_atol=logprob_atol, flops_rtol=flops_rtol,
+                                platform=platform, cross_platform_atol=cross_platform_atol)
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)
-    tol = checking.Tolerances(z, exact, logprob_atol, flops_rtol)
     click.echo(to_text(checking.check_table(result, tol)), nl=False)
     ctx.exit(0 if result.passed else 1)
