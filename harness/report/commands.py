@@ -123,16 +123,21 @@ PREDICTION_FIELDS = {"accuracy": "prediction", "accuracy_norm": "prediction_norm
                      "accuracy_norm_char": "prediction_norm_char"}
 
 
-def _runs_by_cell(runs, method: str, k: int | None):
-    """The runs of ``method`` (with ``k`` when given): one per cell, else a user error naming a shared cell."""
-    rs = runs[runs["method"] == method]
+def _runs_by_cell(runs, method: str, k: int | None, train: dict):
+    """The runs of ``method`` (with ``k`` and the ``train`` settings when given): one per cell, else a user error
+    naming a shared cell and what tells its runs apart (k, preset, training settings)."""
+    from harness.report.train_variants import select_train, train_variants
+
+    rs = select_train(runs[runs["method"] == method], train)
     if k is not None:
         rs = rs[rs["k"] == k]
     for cell, same in rs.groupby(CELL, sort=True, dropna=False):
         if len(same) > 1:
-            variants = sorted({f"k={r.k} preset={r.preset}" for r in same.itertuples()})
+            settings = train_variants(same)[0]
+            variants = sorted({f"k={r.k} preset={r.preset}" + ("" if s is None else f" {s}")
+                               for r, s in zip(same.itertuples(), settings)})
             raise UserError(f"method {method!r} has several runs for {'/'.join(map(str, cell))} "
-                            f"({'; '.join(variants)}); narrow with --k-a/--k-b or --preset")
+                            f"({'; '.join(variants)}); narrow with --k-a/--k-b, --preset or --train-a/--train-b")
     return rs
 
 
@@ -165,19 +170,28 @@ def _correct(examples, runs, metric: str):
               help="ICL demonstration variant of METHOD_A's runs, e.g. order=2, label_noise=0.5 or random, "
                    "demos=balanced (comma-separated; default: T-Few demonstrations, original order, gold labels).")
 @click.option("--variant-b", default=None, help="The same for METHOD_B (e.g. icl icl --variant-b label_noise=1.0).")
+@click.option("--train-a", default=None,
+              help="Only runs of METHOD_A with these training settings, e.g. scale_parameter=false or "
+                   "lr=0.0003,steps=150 (--method-args syntax; a setting a run does not store is at the method's "
+                   "default).")
+@click.option("--train-b", default=None, help="The same for METHOD_B (e.g. adapter adapter --train-b "
+                                              "scale_parameter=false).")
 @store_option
-def compare(method_a, method_b, task, metric, k_a, k_b, preset, variant_a, variant_b, store_path):
+def compare(method_a, method_b, task, metric, k_a, k_b, preset, variant_a, variant_b, train_a, train_b, store_path):
     """Compare two methods on the same examples: paired bootstrap CI and McNemar's test.
 
     Predictions are paired on (model, task, template, seed, example id). Each side holds the runs of one
-    demonstration variant (--variant-a/-b), so one method can be compared with itself under another variant.
+    demonstration variant (--variant-a/-b) and training settings (--train-a/-b), so one method can be compared
+    with itself under another variant or setting.
     """
+    from harness.methods import parse_method_args
     from harness.report.variants import parse_variant, select_variant
     from harness.report.tables import select_runs
     from harness.results import examples, runs as runs_frame
 
     with user_errors():
         chosen_a, chosen_b = parse_variant(variant_a), parse_variant(variant_b)
+        settings_a, settings_b = parse_method_args(train_a), parse_method_args(train_b)
     store = open_store(store_path)
     runs = select_runs(runs_frame(store))
     for column, value in (("task", task), ("preset", preset)):
@@ -188,8 +202,11 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, variant_a, varia
         if m not in methods:
             raise UserError(f"no finished runs of method {m!r}" + (f" on task {task!r}" if task else "")
                             + f"; methods in the store: {', '.join(methods) or 'none'}")
-    cells_a = _runs_by_cell(select_variant(runs, chosen_a), method_a, k_a)
-    cells_b = _runs_by_cell(select_variant(runs, chosen_b), method_b, k_b)
+    cells_a = _runs_by_cell(select_variant(runs, chosen_a), method_a, k_a, settings_a)
+    cells_b = _runs_by_cell(select_variant(runs, chosen_b), method_b, k_b, settings_b)
+    for m, side, wanted in ((method_a, cells_a, train_a), (method_b, cells_b, train_b)):
+        if wanted and side.empty:
+            raise UserError(f"no finished runs of method {m!r} with training settings {wanted}")
     common = cells_a[CELL].merge(cells_b[CELL])
     if common.empty:
         raise UserError(f"{method_a!r} and {method_b!r} share no (model, task, template, seed) cell")
@@ -200,8 +217,9 @@ def compare(method_a, method_b, task, metric, k_a, k_b, preset, variant_a, varia
     a, b = pairs["correct_a"].to_numpy(), pairs["correct_b"].to_numpy()
     if not len(a):
         raise UserError(f"{method_a!r} and {method_b!r} share no evaluated example")
-    if variant_a or variant_b:  # name the variants in the output
-        method_a, method_b = (f"{m} [{v or 'default'}]" for m, v in ((method_a, variant_a), (method_b, variant_b)))
+    if variant_a or variant_b or train_a or train_b:  # name the variants in the output
+        method_a, method_b = (f"{m} [{', '.join(x for x in (v, t) if x) or 'default'}]"
+                              for m, v, t in ((method_a, variant_a, train_a), (method_b, variant_b, train_b)))
     diff = stats.paired_bootstrap_diff(a, b)
     test = stats.mcnemar(a, b)
     click.echo(f"{method_a} vs {method_b}: {metric}" + (f" on {task}" if task else " on all tasks"))

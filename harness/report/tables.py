@@ -1,9 +1,10 @@
 """Report tables from the runs frame (:func:`harness.results.runs`): T-Few Table 1 style summary, per-task
 accuracy, and per-method costs; and the selection and grouping of runs they share.
 
-Runs are grouped by (model, method). When one method of one model was run with several ``k`` or presets, each
-variant gets its own group, labelled e.g. ``icl k=4`` or ``lora preset=quick``, so different experiments are
-never pooled into one median. In-context methods (no training) are recognised by name: ``icl...`` (k-shot) and
+Runs are grouped by (model, method). When one method of one model was run with several ``k`` or presets, or with
+training settings that differ within one preset (:mod:`.train_variants`), each variant gets its own group,
+labelled e.g. ``icl k=4``, ``lora preset=quick`` or ``adapter scale_parameter=false``, so different experiments
+are never pooled into one median. In-context methods (no training) are recognised by name: ``icl...`` (k-shot) and
 ``zeroshot``; every other method is taken to be a trained (PEFT) method.
 
 Per-run cost figures (FLOPs, bytes, seconds) are summarized by their median over runs (:func:`stats.median`, as an
@@ -23,6 +24,7 @@ import pandas as pd
 from harness.report import stats
 from harness.report.format import (Table, fmt_acc, fmt_bytes, fmt_flops, fmt_interval, fmt_params,
                                    fmt_seconds)
+from harness.report.train_variants import train_variants
 from harness.results import frame
 from harness.store import METRIC_COLUMNS
 
@@ -121,24 +123,29 @@ class Group:
     k: int | None
     preset: str | None
     label: str
+    train: str | None = None  # the training settings that vary within the cell (``scale_parameter=false``)
 
 
-# The group columns with_groups adds, in the order groups are listed (missing k/preset last).
-GROUP_COLUMNS = ("model", "icl_rank", "method", "group_k", "group_preset", "label")
+# The group columns with_groups adds, in the order groups are listed (missing k/preset last; training variants
+# in the order of their values, train_rank).
+GROUP_COLUMNS = ("model", "icl_rank", "method", "group_k", "group_preset", "train_rank", "group_train", "label")
 
 
 def with_groups(runs: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
     """The runs in run order, numbers as float64, with the columns of their (model, method) group: ``group_k``
     and ``group_preset`` (the run's k and preset where they vary within its model's method, else missing),
-    ``label`` (``icl k=4``, ``lora preset=quick``) and ``icl_rank``."""
+    ``group_train`` and ``train_rank`` (the training settings that vary within its model's method and preset, as
+    ``scale_parameter=false lr=0.0003``, else missing; :mod:`.train_variants`), ``label`` (``icl k=4``,
+    ``lora preset=quick``, ``adapter scale_parameter=false``) and ``icl_rank``."""
     df = sort_runs(frame(runs)).astype(dict.fromkeys(METRIC_COLUMNS, "float64"))
     cell = df.groupby(["model", "method"], dropna=False)
     for column in ("k", "preset"):
         varies = cell[column].transform(lambda s: s.nunique(dropna=False) > 1).astype(bool)
         df[f"group_{column}"] = df[column].where(varies)
+    df["group_train"], df["train_rank"] = train_variants(df)
     label = df["method"].astype(object)
-    for column, name in (("group_k", "k"), ("group_preset", "preset")):
-        label = label + df[column].astype(object).map(lambda v: "" if pd.isna(v) else f" {name}={v}")
+    for column, name in (("group_k", " k="), ("group_preset", " preset="), ("group_train", " ")):
+        label = label + df[column].astype(object).map(lambda v: "" if pd.isna(v) else f"{name}{v}")
     df["label"] = label
     df["icl_rank"] = [0 if is_in_context(m) else 1 for m in df["method"]]
     return df
@@ -146,12 +153,14 @@ def with_groups(runs: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
 
 def groups(runs: Iterable[dict] | pd.DataFrame, by: tuple[str, ...] = ()) -> list[tuple[tuple, Group, pd.DataFrame]]:
     """Per (``by`` columns..., model, method variant), sorted: the ``by`` values, the :class:`Group` and its
-    runs (in run order). Runs of one method with several ``k`` or presets form one group each."""
+    runs (in run order). Runs of one method with several ``k``, presets or training settings form one group
+    each."""
     out = []
     for key, rs in with_groups(runs).groupby([*by, *GROUP_COLUMNS], sort=True, dropna=False):
-        *head, model, icl_rank, method, k, preset, label = key
+        *head, model, icl_rank, method, k, preset, _, train, label = key
         out.append((tuple(head), Group(model, int(icl_rank), method, None if pd.isna(k) else int(k),
-                                       None if pd.isna(preset) else preset, label), rs))
+                                       None if pd.isna(preset) else preset, label,
+                                       None if pd.isna(train) else train), rs))
     return out
 
 
