@@ -1,6 +1,7 @@
 """The sanity tables of docs/results.md (issue 11), read from a results store: the majority-class share of each
 task, the constant predictors per cell, the first and last training loss of every trained group, the runs that did
-not finish, and the environment the runs recorded. Markdown on stdout.
+not finish, and the environment the runs recorded. Markdown on stdout. A cell is the report's: runs of one method
+whose training settings differ (``adapter scale_parameter=false``) are separate rows, labelled as in the tables.
 
     python -m benchmarks.results_sanity STORE.sqlite
 """
@@ -14,8 +15,18 @@ import statistics
 import sys
 
 
+def cell_labels(path: str) -> dict[str, str]:
+    """run id -> the label of its report cell (``lora``, ``adapter scale_parameter=false``) for finished runs."""
+    from harness.report.tables import with_groups
+    from harness.results import runs
+
+    df = with_groups(runs(path, status="finished"))
+    return dict(zip(df["run_id"], df["label"]))
+
+
 def main(path: str) -> None:
     db = sqlite3.connect(path)
+    label = cell_labels(path)
 
     def column(run_id: str, name: str) -> list:
         return [r[0] for r in db.execute(f"SELECT {name} FROM examples WHERE run_id = ? ORDER BY position", (run_id,))]
@@ -34,14 +45,12 @@ def main(path: str) -> None:
           "95% of the examples, and the median over runs of the most frequent prediction's share:\n")
     print("| Task | Model | Method | Runs | Runs >= 95% one class | Median top-prediction share |\n"
           "|:---|:---|:---|---:|---:|---:|")
-    cells = db.execute("SELECT DISTINCT task, model, method FROM runs WHERE status = 'finished' "
-                       "ORDER BY task, model, method")
-    for task, model, method in cells.fetchall():
-        shares = []
-        for (run_id,) in db.execute("SELECT run_id FROM runs WHERE task = ? AND model = ? AND method = ? "
-                                    "AND status = 'finished'", (task, model, method)).fetchall():
-            counts = collections.Counter(column(run_id, "prediction"))
-            shares.append(max(counts.values()) / sum(counts.values()))
+    cells: dict[tuple, list[float]] = collections.defaultdict(list)
+    for run_id, task, model, method in db.execute("SELECT run_id, task, model, method FROM runs "
+                                                  "WHERE status = 'finished'").fetchall():
+        counts = collections.Counter(column(run_id, "prediction"))
+        cells[(task, model, label.get(run_id, method))].append(max(counts.values()) / sum(counts.values()))
+    for (task, model, method), shares in sorted(cells.items()):
         print(f"| {task} | {model} | {method} | {len(shares)} | {sum(s >= 0.95 for s in shares)} | "
               f"{100 * statistics.median(shares):.0f}% |")
 
@@ -50,11 +59,11 @@ def main(path: str) -> None:
     print("| Task | Model | Method | Groups | Steps | Loss first | Loss last | Train seconds |\n"
           "|:---|:---|:---|---:|---:|:---|:---|:---|")
     groups: dict[tuple, dict] = collections.defaultdict(dict)
-    for task, model, method, extra, seconds in db.execute(
-            "SELECT task, model, method, extra_json, train_seconds FROM runs WHERE status = 'finished' "
+    for run_id, task, model, method, extra, seconds in db.execute(
+            "SELECT run_id, task, model, method, extra_json, train_seconds FROM runs WHERE status = 'finished' "
             "AND train_seconds > 0"):
         e = json.loads(extra or "{}")
-        groups[(task, model, method)][e.get("group")] = (e.get("steps"), e.get("loss_first"), e.get("loss_last"), seconds)
+        groups[(task, model, label.get(run_id, method))][e.get("group")] = (e.get("steps"), e.get("loss_first"), e.get("loss_last"), seconds)
 
     def span(values: list) -> str:
         return f"{min(values):.2f} to {max(values):.2f}" if values else "-"

@@ -15,6 +15,14 @@ wrongly: transformers 5.17.0 turns the Gemma 3 GGUF's tokenizer into one that sp
 docs/benchmarks.md (d); :mod:`harness.tokenizer_check` now refuses such a tokenizer at load).
 
     python -m benchmarks.withdraw_runs STORE.sqlite --model gemma3-270m --transformers 5.17.0
+
+With ``--fishmask-sparse`` it withdraws instead every finished FishMask run trained as zero-initialised sparse
+deltas under Adafactor with ``scale_parameter`` (the only FishMask update before ``update=dense``; no ``update`` key
+in the stored settings, or ``update=sparse``): Adafactor scales each step by ``max(1e-3, RMS(param))``, so deltas
+starting at zero moved at most ``lr x 1e-3`` a step and never trained (round 15, docs/benchmarks.md (d): the 20
+SmolLM2 copa runs ended at loss 1.7-3.1 with zero-shot's accuracy). T-Few masks the full tensor's gradient instead.
+
+    python -m benchmarks.withdraw_runs STORE.sqlite --fishmask-sparse
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ TOKENIZER_REASON = ("transformers {version} converted this model's tokenizer wro
                     "harness.tokenizer_check now refuses it); re-run with a transformers that converts it correctly")
 REASON = ("trained {dtype} parameters without float32 master weights (updates below bfloat16 resolution "
           "were rounded away; fixed in b3431cc, where such runs get new ids); re-run")
+
+
+FISHMASK_REASON = ("FishMask trained zero-initialised sparse deltas under Adafactor scale_parameter=True (steps of at "
+                   "most lr x 1e-3: the masked entries barely moved, so the model stayed the base model); T-Few masks "
+                   "the full tensor's gradient (update=dense, new run ids); re-run")
+
+
+def fishmask_sparse(config: dict) -> bool:
+    """Whether a run is FishMask with zero-initialised sparse deltas stepped by Adafactor with scale_parameter."""
+    train = config.get("train") or {}
+    return (config.get("method") == "fishmask" and train.get("optimizer") == "adafactor"
+            and bool(train.get("scale_parameter")) and train.get("update", "sparse") == "sparse")
 
 
 def stale(config: dict) -> bool:
@@ -47,9 +67,13 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--model", help="with --transformers: withdraw this model's runs made under that version")
     parser.add_argument("--transformers", help="the transformers version whose tokenizer conversion was wrong")
+    parser.add_argument("--fishmask-sparse", action="store_true",
+                        help="withdraw FishMask runs of sparse zero-initialised deltas under Adafactor scale_parameter")
     args = parser.parse_args()
     if bool(args.model) != bool(args.transformers):
         parser.error("--model and --transformers go together")
+    if args.fishmask_sparse and args.model:
+        parser.error("--fishmask-sparse and --model are separate withdrawals: run them one at a time")
     db = sqlite3.connect(args.store)
     rows = db.execute("SELECT run_id, config_json, env_json FROM runs WHERE status = 'finished'").fetchall()
     if args.model:
@@ -57,6 +81,11 @@ def main() -> None:
             return cfg.get("model") == args.model and env.get("packages", {}).get("transformers") == args.transformers
 
         reason = TOKENIZER_REASON.format(version=args.transformers)
+    elif args.fishmask_sparse:
+        def hit(cfg: dict, env: dict) -> bool:
+            return fishmask_sparse(cfg)
+
+        reason = FISHMASK_REASON
     else:
         def hit(cfg: dict, env: dict) -> bool:
             return stale(cfg)

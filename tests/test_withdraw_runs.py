@@ -1,5 +1,6 @@
 """benchmarks/withdraw_runs.py --model --transformers: withdraws exactly one model's runs made under one
-transformers version (a tokenizer that version converted wrongly), with the reason; reports leave them out."""
+transformers version (a tokenizer that version converted wrongly), with the reason; reports leave them out.
+--fishmask-sparse: withdraws exactly the FishMask runs of sparse deltas under Adafactor with scale_parameter."""
 
 from __future__ import annotations
 
@@ -33,3 +34,26 @@ def test_withdraws_one_models_runs_of_one_transformers_version(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--model", "gemma3-270m"])
     with pytest.raises(SystemExit):
         main()
+
+
+def test_withdraws_fishmask_sparse_deltas_under_scaled_adafactor(tmp_path, monkeypatch, capsys):
+    from benchmarks.withdraw_runs import main
+
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    base = {"optimizer": "adafactor", "scale_parameter": True, "lr": 3e-4, "keep_ratio": 0.002}
+    configs = {"old": {"method": "fishmask", "train": base},                          # before update= existed
+               "sparse": {"method": "fishmask", "train": {**base, "update": "sparse"}},
+               "dense": {"method": "fishmask", "train": {**base, "update": "dense"}},
+               "unscaled": {"method": "fishmask", "train": {**base, "scale_parameter": False}},
+               "adapter": {"method": "adapter", "train": base}}
+    for run_id, cfg in configs.items():
+        store.write(RunResult(run_id, {"task": "copa", "model": "smollm2-135m", **cfg}, "finished",
+                              {"accuracy": 0.5, "n_eval": 1}, []))
+    monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--fishmask-sparse"])
+    main()
+    rows = dict(sqlite3.connect(path).execute("SELECT run_id, status FROM runs").fetchall())
+    assert rows == {"old": "withdrawn", "sparse": "withdrawn", "dense": "finished", "unscaled": "finished",
+                    "adapter": "finished"}
+    assert "scale_parameter" in store.get_run("old")["error"]
+    assert "withdrew 2 of 5" in capsys.readouterr().out
