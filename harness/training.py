@@ -101,6 +101,17 @@ def make_optimizer(params: list, settings: dict, *, fused: bool = False) -> torc
     raise HarnessError(f"unknown optimizer {settings['optimizer']!r}; use adafactor or adamw")
 
 
+def optimizer_view(model, params: list) -> MasterWeights:
+    """What the optimizer steps for the trainable ``params`` of ``model``: their :class:`MasterWeights` (float32
+    copies of 16-bit ones), unless modules of ``model`` are of a class with an ``optimizer_view(model, params)``
+    static method, which then makes an object of the same interface (FishMask's ``update=dense``: the masked
+    tensors whole, with masked gradients, :class:`harness.methods.fishmask.DenseMasks`)."""
+    kinds = {type(m) for m in model.modules() if callable(getattr(type(m), "optimizer_view", None))}
+    if len(kinds) > 1:
+        raise HarnessError(f"modules of several classes define optimizer_view: {sorted(k.__name__ for k in kinds)}")
+    return kinds.pop().optimizer_view(model, params) if kinds else MasterWeights(params)
+
+
 def make_schedule(optimizer, settings: dict):
     """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant.
 
@@ -242,7 +253,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     rng = random.Random(seed)
     torch.manual_seed(seed)
     sampler = _Sampler(len(train_examples), rng)
-    masters = MasterWeights(params)  # float32 copies of bfloat16/float16 trainable parameters
+    masters = optimizer_view(model, params)  # float32 copies of bfloat16/float16 trainable parameters
     optimizer = make_optimizer(masters.params, settings, fused=device.type == "cuda")
     schedule = make_schedule(optimizer, settings)
     if not any(schedule.lr_lambdas[0](s) > 0 for s in range(settings["steps"])):
