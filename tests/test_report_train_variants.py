@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.report.breakeven import break_even_table
 from harness.report.tables import groups, summary_table, with_groups
-from harness.report.train_variants import fmt_setting
+from harness.report.train_variants import fmt_setting, method_defaults
 from harness.store import ExampleScore, RunResult, Store
 
 ADAPTER = {"batch_size": 8, "grad_accum": 1, "init_std": 0.01, "losses": ["lm"], "lr": 0.003, "max_grad_norm": 1.0,
@@ -55,10 +55,16 @@ def test_scale_parameter_ablation_gets_its_own_cell():
                                        "adapter lr=0.003 scale_parameter=true"]
 
 
+def defaults(method, preset="paper") -> dict:
+    """A run's stored settings at the method's current defaults (lists as JSON gives them back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in method_defaults(method, preset).items()}
+
+
 def test_equal_settings_keep_todays_labels():
-    quick = {**ADAPTER, "steps": 20, "batch_size": 4}
+    lora, quick = defaults("lora"), defaults("lora", "quick")
+    assert (quick["steps"], quick["batch_size"]) != (lora["steps"], lora["batch_size"])
     runs = [run(0, "adapter", ADAPTER, 0.5), run(1, "adapter", dict(ADAPTER), 0.7), run(0, "icl", {}, 0.4, k=4),
-            run(0, "zeroshot", None, 0.3), run(0, "lora", ADAPTER, 0.5), run(0, "lora", quick, 0.6, preset="quick")]
+            run(0, "zeroshot", None, 0.3), run(0, "lora", lora, 0.5), run(0, "lora", quick, 0.6, preset="quick")]
     df = with_groups(runs)
     assert df["group_train"].isna().all() and (df["train_rank"] == 0).all()
     # the quick preset's steps and batch size are explained by the preset: not repeated in the label
@@ -70,7 +76,7 @@ def test_a_setting_missing_from_older_runs_is_at_the_default():
     old = {k: v for k, v in ADAPTER.items() if k != "zero_up"}
     assert list(summary([run(0, "adapter", ADAPTER, 0.5), run(1, "adapter", old, 0.7)])) == ["adapter"]
     # intrinsic_said's LATER_ARGS (update, embedding) are left out of the stored settings at their defaults
-    said = {"lr": 0.003, "steps": 1000}
+    said = {"lr": 0.03, "steps": 1000}
     assert list(summary([run(0, "intrinsic_said", {**said, "embedding": False}, 0.5),
                          run(1, "intrinsic_said", said, 0.7)])) == ["intrinsic_said"]
     assert list(summary([run(0, "intrinsic_said", {**said, "embedding": True}, 0.5),
@@ -81,6 +87,23 @@ def test_a_setting_missing_from_older_runs_is_at_the_default():
     assert list(summary(mystery)) == ["mystery"]
     assert {k: v[-1] for k, v in summary([*mystery, run(3, "mystery", {"x": 2}, 0.5)]).items()} == {
         "mystery x=1": "3", "mystery x=2": "1"}
+
+
+def test_a_cell_run_only_off_the_default_is_labelled():
+    """Every run of a cell at scale_parameter=false (no default runs beside them): the label still says so, so the
+    cell is never read as the method's default; a cell at the defaults keeps its bare name."""
+    off = {**ADAPTER, "scale_parameter": False}
+    assert list(summary([run(0, "adapter", off, 0.5), run(1, "adapter", dict(off), 0.7)])) == [
+        "adapter scale_parameter=false"]
+    assert list(summary([run(0, "adapter", ADAPTER, 0.5), run(1, "adapter", dict(ADAPTER), 0.7)])) == ["adapter"]
+    # a default of None is resolved per run (AdaLoRA's total_step: the run's steps): never off the default
+    ada = defaults("adalora")
+    assert ada["total_step"] is None
+    assert list(summary([run(0, "adalora", {**ada, "total_step": 1000}, 0.5)])) == ["adalora"]
+    assert list(summary([run(0, "adalora", {**ada, "total_step": 1000, "init_r": 6}, 0.5)])) == ["adalora init_r=6"]
+    # mixed: a key varying within the cell and one off the default everywhere are both named
+    runs = [run(0, "adapter", {**off, "lr": 1e-3}, 0.5), run(1, "adapter", {**off, "lr": 3e-3}, 0.7)]
+    assert list(summary(runs)) == ["adapter lr=0.001 scale_parameter=false", "adapter lr=0.003 scale_parameter=false"]
 
 
 def test_fmt_setting():

@@ -4,8 +4,10 @@ A trained run's settings are its config's ``train`` dict (``{"lr": 0.003, "scale
 ...}``; empty or absent for in-context runs). Runs of one (model, method, preset) whose ``train`` dicts differ
 (``--method-args scale_parameter=false``, ``--steps 150``, ``--lr ...`` beside default runs) are told apart by the
 keys whose values differ: :func:`train_variants` gives each run the text ``scale_parameter=false`` (keys sorted,
-joined by spaces) and a rank that orders those variants within the cell. Runs with equal ``train`` dicts get none,
-so their labels stay ``lora``, ``icl k=4``, ``lora preset=quick``. Differences that the preset explains (the
+joined by spaces) and a rank that orders those variants within the cell. A key that all runs of a cell hold at one
+value other than the method's current default (a cell run only as an ablation) is named the same way, so a reader
+never takes it for the default. Runs with equal ``train`` dicts at the defaults get none, so their labels stay
+``lora``, ``icl k=4``, ``lora preset=quick``. Differences that the preset explains (the
 ``quick`` preset's steps and batch size) are not repeated: variation is judged within one preset.
 
 A key missing from some runs' dicts is a setting added after they were stored (``LATER_ARGS`` of the method's
@@ -92,6 +94,15 @@ def _fills(trains: list[dict], keys: list[str], defaults: dict | None) -> dict:
     return fills
 
 
+def _off_default(key: str, full: list[dict], defaults: dict | None) -> bool:
+    """Every run of the cell has ``key`` at one value other than the method's current default (an ablation run
+    alone, e.g. ``--method-args scale_parameter=false`` for the whole cell): named in the label too. A default of
+    None is one the run resolves (AdaLoRA's ``total_step``: the run's steps), so it is never off."""
+    if defaults is None or key not in defaults or defaults[key] is None:
+        return False
+    return all(_canon(f[key]) != _canon(defaults[key]) for f in full)
+
+
 def train_variants(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Per run of ``runs`` (a frame with ``model``, ``method``, ``preset`` and ``config``, in run order): the
     text of its training settings that vary within its (model, method, preset), e.g. ``scale_parameter=false``
@@ -104,13 +115,13 @@ def train_variants(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     for (_, method, preset), sub in runs.groupby(["model", "method", "preset"], sort=False, dropna=False):
         idx = list(sub.index)
         cell = [trains[i] for i in idx]
-        first = {k: _canon(v) for k, v in cell[0].items()}
-        if all({k: _canon(v) for k, v in t.items()} == first for t in cell[1:]):
-            continue  # equal dicts (in-context runs: all empty): no variant
         keys = sorted({k for t in cell for k in t})
-        fills = _fills(cell, keys, None if pd.isna(preset) else method_defaults(method, preset))
+        if not keys:
+            continue  # in-context runs: no training settings
+        defaults = None if pd.isna(preset) else method_defaults(method, preset)
+        fills = _fills(cell, keys, defaults)
         full = [{k: t.get(k, fills[k]) for k in keys} for t in cell]
-        varying = [k for k in keys if len({_canon(f[k]) for f in full}) > 1]
+        varying = [k for k in keys if len({_canon(f[k]) for f in full}) > 1 or _off_default(k, full, defaults)]
         if not varying:
             continue
         sort_keys = [tuple(_sort_setting(f[k]) for k in varying) for f in full]
