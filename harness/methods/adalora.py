@@ -4,6 +4,10 @@ through peft's ``AdaLoraConfig``: an SVD-shaped update ``W + P diag(E) Q`` per a
 rank budget from ``init_r`` per layer on average down to ``target_r`` (cubic schedule between ``tinit`` and
 ``total_step - tfinal``, paper sec. 3.3, eq. 12). The pruning runs after every optimizer step
 (``update_and_allocate``, through :class:`MethodInfo`'s ``on_step`` hook); ``total_step`` is the run's ``steps``.
+The hook runs :mod:`harness.methods.adalora_allocator`, peft's ``update_and_allocate`` in multi-tensor ops
+(SmolLM2-135M: 10,713 aten ops a step down to 51 on the CPU, 447 on CUDA, where it keeps peft's per-tensor means),
+bit-equal to peft's (``tests/test_adalora_allocator.py``, on the CPU): the results are peft's, so the config
+fields and run ids are unchanged.
 
 Trainable parameters (at initialisation, pruned entries stay parameters, masked to zero): per adapted layer
 ``init_r (d_in + d_out + 1)`` (P: d_out x r, Q: r x d_in, E: r). SmolLM2-135M, all 7 linears per block at init_r=12:
@@ -87,8 +91,11 @@ def apply(model, cfg: AdaLoraArgs):
 
 
 def on_step(model, step: int) -> None:
-    """After each optimizer step (gradients still in place): update importance scores, prune to the budget."""
-    model.base_model.update_and_allocate(step)
+    """After each optimizer step (gradients still in place): update importance scores, prune to the budget.
+    peft's ``update_and_allocate`` computed in a few multi-tensor ops (:mod:`harness.methods.adalora_allocator`)."""
+    from harness.methods.adalora_allocator import update_and_allocate
+
+    update_and_allocate(model.base_model, step)
 
 
 def overhead(model, cfg: AdaLoraArgs) -> Overhead:
