@@ -128,7 +128,12 @@ class DenseMasks:
     :class:`harness.master_weights.MasterWeights`): for each masked tensor a float32 copy of the whole tensor (its
     master weight), whose gradient is the tensor's gradient times the mask (:meth:`pull_grads`) and whose masked
     entries go back to ``entries`` (:meth:`push`); the model's other trainable parameters in a
-    :class:`~harness.master_weights.MasterWeights`."""
+    :class:`~harness.master_weights.MasterWeights`.
+
+    The masked tensors' copies of one device and dtype are views of one flat buffer (:class:`_FlatMasks`), so that
+    scattering the gradients and gathering the entries back are a few ops per step, not a few per tensor (each op
+    is a kernel launch on CUDA, and small-model training is launch-bound); the numbers are those of the per-tensor
+    loop."""
 
     def __init__(self, model, params: list):
         import torch
@@ -137,7 +142,7 @@ class DenseMasks:
         from harness.master_weights import LOW_PRECISION, MasterWeights
 
         cls, wanted = _classes()["dense"], {id(p) for p in params}
-        self.dense: list[tuple[object, torch.Tensor]] = []  # (MaskedEntries module, float32 copy of its tensor)
+        found: list[tuple[object, torch.Tensor]] = []  # (MaskedEntries module, the frozen tensor W0)
         seen: set[int] = set()
         for plist in model.modules():
             if not isinstance(plist, ParametrizationList):
@@ -145,10 +150,14 @@ class DenseMasks:
             for m in plist:
                 if isinstance(m, cls) and id(m.entries) in wanted and id(m) not in seen:  # tied: one module
                     seen.add(id(m))
-                    dtype = torch.float32 if plist.original.dtype in LOW_PRECISION else plist.original.dtype
-                    full = plist.original.detach().to(dtype=dtype, copy=True)
-                    full.view(-1)[getattr(m, INDEX)] = m.entries.detach().to(dtype)
-                    self.dense.append((m, torch.nn.Parameter(full)))
+                    found.append((m, plist.original))
+        groups: dict[tuple, list] = {}
+        for m, original in found:
+            groups.setdefault((original.device, original.dtype), []).append((m, original))
+        self.flats = [_FlatMasks(members, torch.float32 if dtype in LOW_PRECISION else dtype)
+                      for (_, dtype), members in groups.items()]
+        full_of = {id(m): full for flat in self.flats for m, full in zip(flat.modules, flat.masters)}
+        self.dense: list[tuple[object, torch.Tensor]] = [(m, full_of[id(m)]) for m, _ in found]  # (module, copy)
         covered = {id(m.entries) for m, _ in self.dense}
         self.rest = MasterWeights([p for p in params if id(p) not in covered])
         self.params = self.rest.params + [full for _, full in self.dense]  # what the optimizer holds
@@ -162,29 +171,73 @@ class DenseMasks:
     def pull_grads(self) -> None:
         """As :meth:`MasterWeights.pull_grads`; a masked tensor's copy gets its gradient at the masked entries and
         exact zeros elsewhere (T-Few's ``param.grad *= mask``)."""
-        import torch
-
         self.rest.pull_grads()
-        for m, full in self.dense:
-            grad = m.entries.grad
-            full.grad = None if grad is None else torch.zeros_like(full).view(-1).index_copy_(
-                0, getattr(m, INDEX), grad.to(full.dtype)).view_as(full)
-            m.entries.grad = None
+        for flat in self.flats:
+            flat.pull_grads()
 
     def push(self) -> None:
         """The masked entries of each updated copy back into ``entries`` (one rounding to their dtype)."""
-        import torch
-
         self.rest.push()
-        with torch.no_grad():
-            for m, full in self.dense:
-                m.entries.copy_(full.view(-1)[getattr(m, INDEX)])
+        for flat in self.flats:
+            flat.push()
 
     def zero_grad(self) -> None:
         self.rest.zero_grad()
         for m, full in self.dense:
             m.entries.grad = None
             full.grad = None
+
+
+class _FlatMasks:
+    """The float32 copies (``masters``, in the order of ``members``) of masked tensors of one device and dtype, as
+    views of one flat buffer, with the masked entries' flat indices in it (``index``): a step's gradients are one
+    scatter into a fresh zero buffer (:meth:`pull_grads`) and the updated entries one gather (:meth:`push`)."""
+
+    def __init__(self, members: list, dtype):
+        import torch
+
+        self.modules = [m for m, _ in members]
+        self.entries = [m.entries for m in self.modules]
+        self.shapes = [original.shape for _, original in members]
+        self.sizes = [original.numel() for _, original in members]
+        self.counts = [m.entries.numel() for m in self.modules]
+        offsets = [0]
+        for n in self.sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.index = torch.cat([getattr(m, INDEX) + start for m, start in zip(self.modules, offsets)])
+        flat = torch.empty(sum(self.sizes), dtype=dtype, device=members[0][1].device)
+        for view, (_, original) in zip(flat.split(self.sizes), members):  # no second copy of them all at once
+            view.copy_(original.detach().reshape(-1))
+        flat[self.index] = torch.cat([e.detach().reshape(-1) for e in self.entries]).to(dtype)
+        self.flat = flat
+        self.masters = [torch.nn.Parameter(v.view(shape)) for v, shape in zip(flat.split(self.sizes), self.shapes)]
+
+    def pull_grads(self) -> None:
+        import torch
+
+        grads = [e.grad for e in self.entries]
+        buffer = torch.zeros_like(self.flat)  # fresh each step: its views are the copies' gradients until zero_grad
+        views = [v.view(shape) for v, shape in zip(buffer.split(self.sizes), self.shapes)]
+        if all(g is not None for g in grads):
+            buffer.index_copy_(0, self.index, torch.cat(grads).to(buffer.dtype))
+            for full, view in zip(self.masters, views):
+                full.grad = view
+        else:  # some masked tensor had no gradient this step: its copy gets none, as the optimizer expects
+            for m, full, view, grad in zip(self.modules, self.masters, views, grads):
+                full.grad = None if grad is None else view.view(-1).index_copy_(
+                    0, getattr(m, INDEX), grad.to(buffer.dtype)).view_as(view)
+        for e in self.entries:
+            e.grad = None
+
+    def push(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            values = self.flat.index_select(0, self.index)
+            dtypes = {e.dtype for e in self.entries}
+            if len(dtypes) == 1:
+                values = values.to(dtypes.pop())  # the rounding copy_ would do, once for all
+            torch._foreach_copy_(self.entries, list(values.split(self.counts)))
 
 
 def _owners(model) -> dict[int, list[tuple[object, str]]]:
