@@ -1,107 +1,109 @@
-"""Count the aten ops dispatched per training step and per ``on_step`` hook of one method, on the CPU.
+"""Count the aten ops dispatched per training step of one method as ``harness run`` trains it, on the CPU, with the
+phase counter of :mod:`benchmarks.packed_profile` (forward, loss, backward, clip, optimizer, other) plus the
+method's ``on_step`` hook (AdaLoRA's rank allocation) as a phase of its own.
 
-Each dispatched op is (about) one kernel launch on a GPU, so the count is a proxy for launch-bound step time:
-it runs ``harness run`` for 4 steps on copa (2 examples, SmolLM2-135M, float32, CPU) with a
-``TorchDispatchMode`` counter around ``harness.training.training_step`` (forward, backward, optimizer) and
-around the method's ``on_step`` hook (AdaLoRA's rank allocation), then prints one line per call with the count,
-the seconds and, for the last step and each hook call, the most frequent ops.
+Each dispatched op is at least one kernel launch on a GPU (views count too, though they launch nothing), so the
+count per step is the cost of a launch-bound step, as the small models' trainings of the results grid are. It runs
+``harness run`` on copa (2 examples, seed 0, ``connective``, SmolLM2-135M, float32) for ``--warmup + --steps``
+steps and counts the ``--steps`` after the warmup, the training only (the Fisher pass before it and the
+evaluation after it are not counted). ``--cuda-path`` (default) makes the CPU run build the optimizers a CUDA
+run builds (fused AdamW: 2 ops a step; the multi-tensor :class:`harness.optim.Adafactor`), so the optimizer's count
+is the GPU's; ``--cpu-path`` counts the CPU's (transformers' per-tensor Adafactor, the AdamW loop). Padding and
+the rest are the CPU run's.
 
     python -m benchmarks.count_ops adalora                         # harness.methods.adalora_allocator
     python -m benchmarks.count_ops adalora --allocator per-tensor  # its non-CPU path (a mean per tensor)
     python -m benchmarks.count_ops adalora --allocator peft        # peft's own update_and_allocate
-    python -m benchmarks.count_ops lora --method-args r=4
+    python -m benchmarks.count_ops compacter --method-args scale_parameter=false
 
-Counts are of ops seen at the Python dispatch level: a ``_foreach`` op over many tensors counts once (on CUDA it
-is one or a few launches), views count though they launch nothing. Takes about a minute per method.
+Prints, after the run's own table, one line of JSON: ops per step by phase and in total, and the most frequent ops
+per phase. About a minute a method.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import dataclasses
-import time
-
-from torch.utils._python_dispatch import TorchDispatchMode
+import json
+import tempfile
 
 
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-        self.by = collections.Counter()
+def _hook(info, allocator: str):
+    """The method's ``on_step`` hook, AdaLoRA's swapped for ``--allocator``."""
+    hook = info.on_step
+    if hook is None or allocator == "harness":
+        return hook
+    if allocator == "peft":
+        return lambda model, step: model.base_model.update_and_allocate(step)
+    from harness.methods.adalora_allocator import fast_allocator
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        self.by[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+    def per_tensor(model, step):
+        fast_allocator(model.base_model, grouped=False)  # built once, before the hook's first use
+        hook(model, step)
+    return per_tensor
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method")
     parser.add_argument("--method-args", default="")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--store", default=None, help="sqlite store (default: a temporary file)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="optimizer steps (and on_step hooks) before counting (at least 1)")
+    parser.add_argument("--steps", type=int, default=3, help="counted steps")
+    parser.add_argument("--cuda-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="the optimizers a CUDA run builds (default) or the CPU's (--no-cuda-path)")
     parser.add_argument("--allocator", choices=("harness", "per-tensor", "peft"), default="harness",
                         help="adalora's hook: the harness's allocator (grouped means on the CPU), the harness's "
                              "with a mean per tensor (its CUDA path), or peft's update_and_allocate")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (counting starts after an optimizer step)")
 
-    import tempfile
-
-    import harness.training as training
+    import harness.peft_runner
+    from benchmarks.packed_profile import _patched, _phase, count_steps
     from harness.cli import main as cli
     from harness.methods import get_method
 
-    calls = []
-    step_fn = training.training_step
-
-    def counted_step(*a, **k):
-        with Count() as c:
-            start = time.perf_counter()
-            out = step_fn(*a, **k)
-            seconds = time.perf_counter() - start
-        calls.append(("step", c.n, seconds, c.by))
-        return out
-
-    training.training_step = counted_step
     info = get_method(args.method)
-    if info.on_step is not None:
-        hook = info.on_step
-        if args.allocator == "peft":
-            def hook(model, step):
-                model.base_model.update_and_allocate(step)
-        elif args.allocator == "per-tensor":
-            from harness.methods.adalora_allocator import fast_allocator
+    hook, on_step_ops = _hook(info, args.allocator), {}
 
-            def hook(model, step, hook=hook):
-                fast_allocator(model.base_model, grouped=False)  # built once, before the hook's first use
-                hook(model, step)
+    def run(counter):
+        def train(*a, **k):
+            try:
+                return trainer(*a, **k)
+            finally:
+                counter.active = False  # the evaluation after training is not counted
+                on_step_ops["total"] = counter.ops["on_step"]
 
-        def counted_hook(model, step, hook=hook):
-            with Count() as c:
-                start = time.perf_counter()
-                hook(model, step)
-                seconds = time.perf_counter() - start
-            calls.append(("on_step", c.n, seconds, c.by))
+        trainer = harness.peft_runner.train
+        calls = [0]
 
-        object.__setattr__(info, "on_step", counted_hook) if dataclasses.is_dataclass(info) else \
-            setattr(info, "on_step", counted_hook)
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = ["run", "--methods", args.method, "--tasks", "copa", "--seeds", "0", "--templates", "connective",
-                "--limit", "2", "--steps", str(args.steps), "--store", args.store or f"{tmp}/ops.sqlite",
-                "--device", "cpu", "--quiet"]
-        if args.method_args:
-            argv += ["--method-args", args.method_args]
-        try:
-            cli(argv, standalone_mode=False)
-        except SystemExit:
-            pass
-    last_step = max(i for i, c in enumerate(calls) if c[0] == "step") if calls else -1
-    for i, (kind, n, seconds, by) in enumerate(calls):
-        top = by.most_common(6) if kind == "on_step" or i == last_step else ""
-        print(args.method, args.method_args, kind, n, f"{seconds:.2f}s", top)
+        def counted(model, step):  # the hooks after the counted steps' optimizer steps, as phase "on_step"
+            calls[0] += 1
+            if calls[0] > args.warmup:
+                return _phase(counter, hook, "on_step", "other")(model, step)
+            active, counter.active = counter.active, False  # a warmup step's hook (AdaLoRA's first: set-up)
+            try:
+                return hook(model, step)
+            finally:
+                counter.active = active
+        with tempfile.TemporaryDirectory() as tmp, _patched(harness.peft_runner, "train", train):
+            argv = ["run", "--methods", args.method, "--tasks", "copa", "--seeds", "0", "--templates", "connective",
+                    "--limit", "2", "--steps", str(args.warmup + args.steps), "--store", f"{tmp}/ops.sqlite",
+                    "--device", "cpu", "--quiet"] + (["--method-args", args.method_args] if args.method_args else [])
+            old = info.on_step
+            object.__setattr__(info, "on_step", counted if hook else None)  # MethodInfo is a frozen dataclass
+            try:
+                cli(argv, standalone_mode=False)
+            finally:
+                object.__setattr__(info, "on_step", old)
+
+    summary = count_steps(run, args.warmup, args.steps, cuda_path=args.cuda_path)
+    per = summary["ops_per_step"]
+    per["on_step"] = on_step_ops.get("total", 0) / args.steps
+    per["total"] += per["on_step"]
+    print(json.dumps({"method": args.method, "method_args": args.method_args, "cuda_path": args.cuda_path,
+                      "allocator": args.allocator if info.on_step is not None else None, "ops_per_step": per,
+                      "top_ops": summary["top_ops"]}))
 
 
 if __name__ == "__main__":
