@@ -326,8 +326,28 @@ def test_break_even_hand_example():
 def test_break_even_table(runs):
     rows = {row[1]: row for row in break_even_table(runs).rows}
     assert set(rows) == {"ia3", "lora"}  # zero-shot is not a comparison side
-    assert rows["lora"][2:7] == ("icl", "1.0e15", "1.0e11", "1.0e12", "1,111")
-    assert rows["ia3"][6] == f"{5e14 / 8.8e11:,.0f}"
+    assert rows["lora"][2:8] == ("icl", "cb, rte", "1.0e15", "1.0e11", "1.0e12", "1,111")
+    assert rows["ia3"][7] == f"{5e14 / 8.8e11:,.0f}"
+
+
+def test_break_even_compares_a_method_on_its_own_tasks(runs, tmp_path):
+    """A method run on rte alone meets ICL's rte runs, not ICL's median over rte and cb (whose rows are 4x as
+    long here): 1e15 / (1e12 - 1e11) queries, where the pooled ICL median would give 1e15 / (2.5e12 - 1e11)."""
+    frame = runs.copy()
+    icl_cb = (frame["method"] == "icl") & (frame["task"] == "cb")
+    frame.loc[icl_cb, "infer_flops_per_example"] = 4e12
+    frame = frame[~((frame["method"] == "lora") & (frame["task"] == "cb"))]
+    rows = {row[1]: row for row in break_even_table(frame).rows}
+    assert rows["lora"][3] == "rte" and rows["lora"][6] == "1.0e12"
+    assert rows["lora"][7] == "1,111"
+    assert rows["ia3"][3] == "cb, rte" and rows["ia3"][6] == "2.5e12"  # both tasks: ICL's median over both
+    plots = {p.name: p for p in make_plots(frame, tmp_path / "plots")}
+    assert plots["break_even"].paths  # ia3 against icl is drawn; lora is named in a note instead
+    assert any("lora vs icl left out of the figure" in n for n in plots["break_even"].notes)
+    frame = frame[~((frame["method"] == "icl") & (frame["task"] == "rte"))]
+    table = break_even_table(frame)
+    assert "lora" not in {row[1] for row in table.rows}
+    assert any("lora and icl share no task" in n for n in table.notes)
 
 
 def test_report_without_icl_and_only_random(tmp_path):

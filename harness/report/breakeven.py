@@ -1,8 +1,9 @@
 """Break-even between a trained (PEFT) method and k-shot ICL, as pure functions, and its report table.
 
 Total cost of answering ``n`` queries: ``train FLOPs + n x inference FLOPs per example``. ICL trains nothing
-(a missing training figure counts as zero). Per (model, method) the figures are medians over runs; a PEFT
-method's training FLOPs are those of one adapter. Only k-shot ICL methods (``icl...``) are the comparison side;
+(a missing training figure counts as zero). Per (model, method) the figures are medians over runs of the tasks
+both sides ran (a PEFT method run on copa alone meets ICL's copa runs); a PEFT method's training FLOPs are those of
+one adapter. Only k-shot ICL methods (``icl...``) are the comparison side;
 zero-shot is not a competitor worth a break-even (it is cheaper at every n by construction).
 """
 
@@ -59,40 +60,106 @@ def break_even(peft_train: float, peft_infer: float, icl_train: float, icl_infer
     return BreakEven(None, "icl", f"no crossover: {icl_name} cheaper at every n")
 
 
-def cost_groups(runs) -> tuple[dict[str, dict[str, list]], list[str]]:
-    """Per model: ``icl`` and ``peft`` lists of (group, train FLOPs, inference FLOPs); notes on groups left out."""
+class CostSide(NamedTuple):
+    """One (model, method variant) side of a break-even: its group, runs and median costs over those runs."""
+
+    group: object
+    runs: object  # pandas DataFrame of the group's runs
+    train: float
+    infer: float
+
+    @property
+    def tasks(self) -> frozenset:
+        return frozenset(self.runs["task"].dropna())
+
+
+def _median_costs(rs, icl: bool) -> tuple[float, float]:
+    """(train FLOPs, inference FLOPs per example), medians over ``rs``; ICL's missing training figure is zero."""
+    infer, train = rs[["infer_flops_per_example", "train_flops"]].agg(stats.median)
+    if icl and math.isnan(train):
+        train = 0.0  # ICL trains nothing; a missing figure means zero
+    return float(train), float(infer)
+
+
+def cost_groups(runs) -> tuple[dict[str, dict[str, list[CostSide]]], list[str]]:
+    """Per model: ``icl`` and ``peft`` lists of :class:`CostSide`; notes on groups left out."""
     per_model: dict[str, dict[str, list]] = defaultdict(lambda: {"icl": [], "peft": []})
     notes = []
     for _, g, rs in groups(runs):
         if is_in_context(g.method) and not is_icl(g.method):
             continue  # zero-shot
-        infer, train = rs[["infer_flops_per_example", "train_flops"]].agg(stats.median)
-        if is_icl(g.method) and math.isnan(train):
-            train = 0.0  # ICL trains nothing; a missing figure means zero
+        train, infer = _median_costs(rs, is_icl(g.method))
         if math.isnan(infer) or math.isnan(train):
             notes.append(f"{g.model}: {g.label} left out (no {'inference' if math.isnan(infer) else 'training'} "
                          "FLOPs)")
             continue
-        per_model[g.model]["icl" if is_icl(g.method) else "peft"].append((g, train, infer))
+        per_model[g.model]["icl" if is_icl(g.method) else "peft"].append(CostSide(g, rs, train, infer))
     return dict(per_model), notes
 
 
+class Pair(NamedTuple):
+    """A PEFT side and an ICL side costed over the same tasks (``tasks``: those both ran, sorted)."""
+
+    peft: CostSide
+    icl: CostSide
+    tasks: tuple[str, ...]
+    same_tasks: bool  # both sides ran exactly these tasks (their group medians are compared as they are)
+    peft_train: float
+    peft_infer: float
+    icl_train: float
+    icl_infer: float
+    break_even: BreakEven
+
+
+def pair_costs(peft: CostSide, icl: CostSide) -> Pair | None:
+    """Compare like with like: inference FLOPs per example differ several-fold between tasks (rte's rows are long,
+    copa's short), so a method run on copa alone is costed against ICL's runs on copa alone, not its median over
+    five tasks. Both sides' medians are taken over the tasks both ran; ``None`` when they share none."""
+    shared = peft.tasks & icl.tasks
+    if not shared:
+        return None
+    if peft.tasks == icl.tasks:
+        costs = (peft.train, peft.infer, icl.train, icl.infer)
+    else:
+        costs = (*_median_costs(peft.runs[peft.runs["task"].isin(shared)], False),
+                 *_median_costs(icl.runs[icl.runs["task"].isin(shared)], True))
+    be = break_even(*costs, peft.group.label, icl.group.label)
+    return Pair(peft, icl, tuple(sorted(shared)), peft.tasks == icl.tasks, *costs, be)
+
+
+def pairs_of(sides: dict[str, list[CostSide]]) -> tuple[list[Pair], list[str]]:
+    """Every PEFT x ICL pair of one model with a task in common; notes on those without."""
+    pairs, notes = [], []
+    for p in sides["peft"]:
+        for i in sides["icl"]:
+            pair = pair_costs(p, i)
+            if pair is None:
+                notes.append(f"{p.group.model}: {p.group.label} and {i.group.label} share no task")
+            else:
+                pairs.append(pair)
+    return pairs, notes
+
+
 def break_even_table(runs: list[dict]) -> Table:
-    """Per model, PEFT method and ICL method: their costs and the break-even number of queries (``runs``: a runs
-    frame or run dicts)."""
+    """Per model, PEFT method and ICL method: their costs over the tasks both ran and the break-even number of
+    queries (``runs``: a runs frame or run dicts)."""
     per_model, notes = cost_groups(runs)
     rows = []
     for model in sorted(per_model):
-        sides = per_model[model]
-        for pg, ptrain, pinfer in sides["peft"]:
-            for ig, itrain, iinfer in sides["icl"]:
-                be = break_even(ptrain, pinfer, itrain, iinfer, pg.label, ig.label)
-                rows.append((model, pg.label, ig.label, fmt_flops(ptrain), fmt_flops(pinfer), fmt_flops(iinfer),
-                             "none" if be.n is None else fmt_count(be.n), be.text))
+        pairs, pair_notes = pairs_of(per_model[model])
+        notes += pair_notes
+        for pr in pairs:
+            be = pr.break_even
+            rows.append((model, pr.peft.group.label, pr.icl.group.label, ", ".join(pr.tasks),
+                         fmt_flops(pr.peft_train), fmt_flops(pr.peft_infer), fmt_flops(pr.icl_infer),
+                         "none" if be.n is None else fmt_count(be.n), be.text))
     return Table("Break-even: PEFT against ICL",
-                 ("Model", "PEFT", "ICL", "PEFT training FLOPs", "PEFT FLOPs/example", "ICL FLOPs/example",
+                 ("Model", "PEFT", "ICL", "Tasks", "PEFT training FLOPs", "PEFT FLOPs/example", "ICL FLOPs/example",
                   "Break-even n", "Verdict"),
-                 tuple(rows), "llllrrrl",
+                 tuple(rows), "lllllrrrl",
                  ("Total cost of n queries: training FLOPs + n x inference FLOPs per example (medians over runs; ICL "
                   "trains nothing). Break-even n: the number of queries at which both cost the same.",
+                  "Both sides are costed over the same tasks (Tasks: those both ran): a method run on fewer tasks "
+                  "than ICL is compared with ICL's runs on its tasks, since inference FLOPs per example differ "
+                  "several-fold between tasks.",
                   *[f"Left out: {n}." for n in notes]), "tab:breakeven")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from harness.report import stats
 from harness.report.canvas import MARKERS, PlotResult, new_figure, save_figure
-from harness.report.breakeven import break_even, cost_groups, fmt_count, total_cost
+from harness.report.breakeven import cost_groups, fmt_count, pairs_of, total_cost
 from harness.report.format import fmt_bytes, fmt_flops
 from harness.report.tables import extra_metric, groups, is_in_context
 from harness.report.variants import default_runs, variant_plots
@@ -133,35 +133,47 @@ def plot_icl_vs_k(runs, out_dir: Path, metric: str = "accuracy") -> PlotResult:
 
 
 def plot_break_even(runs, out_dir: Path) -> PlotResult:
+    """Total cost lines of each model's PEFT and ICL sides. A line is a side's medians over its runs, so only
+    pairs that ran the same tasks are drawn; a PEFT method run on fewer tasks than ICL is left to the break-even
+    table, which costs both sides over the tasks they share (a note names it)."""
     name, title = "break_even", "Total cost vs number of queries: PEFT against ICL"
     per_model, notes = cost_groups(runs)
-    models = sorted(m for m, sides in per_model.items() if sides["icl"] and sides["peft"])
+    drawn = {}
     for m in sorted(per_model):
-        if m not in models:
-            notes.append(f"{m}: skipped (needs both ICL and PEFT runs with FLOPs)")
-    if not models:
+        pairs, pair_notes = pairs_of(per_model[m])
+        same = [pr for pr in pairs if pr.same_tasks]
+        for pr in pairs:
+            if not pr.same_tasks:
+                notes.append(f"{m}: {pr.peft.group.label} vs {pr.icl.group.label} left out of the figure (compared "
+                             f"on {', '.join(pr.tasks)} only: see the break-even table)")
+        if same:
+            drawn[m] = same
+        else:
+            notes.append(f"{m}: skipped (needs both ICL and PEFT runs with FLOPs on the same tasks)")
+    if not drawn:
         return PlotResult(name, title, notes=("skipped: needs ICL and PEFT runs of one model with FLOPs", *notes))
-    fig, axes = new_figure(title, ncols=len(models))
-    for ax, model in zip(axes, models):
-        sides = per_model[model]
-        pairs = [(p, i, break_even(p[1], p[2], i[1], i[2], p[0].label, i[0].label))
-                 for p in sides["peft"] for i in sides["icl"]]
-        crossings = [be.n for _, _, be in pairs if be.n is not None]
+    fig, axes = new_figure(title, ncols=len(drawn))
+    for ax, model in zip(axes, sorted(drawn)):
+        pairs = drawn[model]
+        icl_sides = list({id(pr.icl): pr.icl for pr in pairs}.values())  # sides hold frames: dedupe by identity
+        peft_sides = list({id(pr.peft): pr.peft for pr in pairs}.values())
+        crossings = [pr.break_even.n for pr in pairs if pr.break_even.n is not None]
         n_max = max([1e6] + [10 * n for n in crossings])
         n = np.logspace(0, np.log10(n_max), 200)
-        for j, (g, train, infer) in enumerate(sides["icl"]):
-            ax.plot(n, total_cost(train, infer, n), linestyle="--", color="black" if j == 0 else f"0.{3 + j % 6}",
-                    label=f"{g.label}: {fmt_flops(train)} + n x {fmt_flops(infer)}")
-        for j, (g, train, infer) in enumerate(sides["peft"]):
-            ax.plot(n, total_cost(train, infer, n), color=f"C{j % 10}",
-                    label=f"{g.label}: {fmt_flops(train)} + n x {fmt_flops(infer)}")
-        for k, ((pg, ptrain, pinfer), (ig, _, _), be) in enumerate(pairs):
-            j = sides["peft"].index((pg, ptrain, pinfer))
-            text = f"{pg.label} vs {ig.label}: {be.text}"
+        for j, side in enumerate(icl_sides):
+            ax.plot(n, total_cost(side.train, side.infer, n), linestyle="--",
+                    color="black" if j == 0 else f"0.{3 + j % 6}",
+                    label=f"{side.group.label}: {fmt_flops(side.train)} + n x {fmt_flops(side.infer)}")
+        for j, side in enumerate(peft_sides):
+            ax.plot(n, total_cost(side.train, side.infer, n), color=f"C{j % 10}",
+                    label=f"{side.group.label}: {fmt_flops(side.train)} + n x {fmt_flops(side.infer)}")
+        for k, pr in enumerate(pairs):
+            j, be = [id(x) for x in peft_sides].index(id(pr.peft)), pr.break_even
+            text = f"{pr.peft.group.label} vs {pr.icl.group.label}: {be.text}"
             if be.n is None:
                 ax.plot([], [], linestyle="none", marker=MARKERS[k % len(MARKERS)], color=f"C{j % 10}", label=text)
                 continue
-            cost = float(total_cost(ptrain, pinfer, be.n))
+            cost = float(total_cost(pr.peft_train, pr.peft_infer, be.n))
             ax.plot([be.n], [cost], linestyle="none", marker=MARKERS[k % len(MARKERS)], markersize=9,
                     color=f"C{j % 10}", label=text)
             ax.annotate(f"n = {fmt_count(be.n)}", (be.n, cost), textcoords="offset points", xytext=(8, -14),
