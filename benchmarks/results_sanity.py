@@ -56,7 +56,8 @@ def main(path: str) -> None:
               f"{100 * statistics.median(shares):.0f}% |")
 
     print("\nTraining: the first and last logged loss of every trained group (one adapter per task, method and seed; "
-          "range over the seeds) and its training seconds (wall, 10 trainings side by side on the GPU):\n")
+          "range over the seeds) and its training seconds (wall, while 5 to 15 trainings "
+          "shared the GPU, as each round ran them: docs/benchmarks.md (d)):\n")
     print("| Task | Model | Method | Groups | Steps | Loss first | Loss last | Train seconds |\n"
           "|:---|:---|:---|---:|---:|:---|:---|:---|")
     groups: dict[tuple, dict] = collections.defaultdict(dict)
