@@ -540,3 +540,17 @@ def test_scatter_with_two_models_gives_a_method_one_colour_and_a_model_one_marke
     assert colour[0] == colour[2] and colour[1] == colour[3] and colour[0] != colour[1]  # per method
     assert marker[0] == marker[1] and marker[2] == marker[3] and marker[0] != marker[2]  # per model
     assert ax.get_legend()._loc == 6  # "center left", anchored outside the axes (bbox_to_anchor x > 1)
+
+
+def test_pooled_tables_name_methods_that_ran_fewer_tasks(runs):
+    """A median pooled over tasks is only comparable between methods that ran the same tasks: the summary and
+    family tables say which ran which when they differ, and say nothing when every method ran every task."""
+    from harness.report.tables import family_table
+
+    assert not any("ran different tasks" in n for n in summary_table(runs).notes)
+    fewer = runs[~((runs["method"] == "lora") & (runs["task"] == "cb"))]
+    for table in (summary_table(fewer), family_table(fewer)):
+        notes = [n for n in table.notes if "ran different tasks" in n]
+        assert notes == ["m: its methods ran different tasks (cb, rte: icl, zeroshot, ia3; rte: lora); medians "
+                         "pooled over tasks compare only methods that ran the same tasks: compare the others per "
+                         "task."], table.notes

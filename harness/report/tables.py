@@ -170,6 +170,22 @@ def mean_of_task_medians(runs: pd.DataFrame, metric: str = "accuracy") -> float:
     return sum(medians) / len(medians) if len(medians) else math.nan
 
 
+def task_coverage_notes(runs: pd.DataFrame) -> list[str]:
+    """Per model whose methods ran different task sets: which methods ran which tasks (a median pooled over tasks
+    compares like with like only between methods that ran the same ones)."""
+    notes = []
+    for model, of_model in runs.groupby("model", sort=True):
+        by_tasks: dict[tuple, list[str]] = {}
+        for _, g, rs in groups(of_model):
+            by_tasks.setdefault(tuple(sorted(rs["task"].dropna().unique())), []).append(g.label)
+        if len(by_tasks) > 1:
+            parts = "; ".join(f"{', '.join(tasks)}: {', '.join(labels)}" for tasks, labels in
+                              sorted(by_tasks.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+            notes.append(f"{model}: its methods ran different tasks ({parts}); medians pooled over tasks compare "
+                         "only methods that ran the same tasks: compare the others per task.")
+    return notes
+
+
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -204,6 +220,7 @@ def summary_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy")
         "Inference FLOPs per evaluated example, training FLOPs and disk space (checkpoint bytes) are medians over "
         "runs. Training FLOPs are those of one trained adapter (shared by all templates of a task and seed), never "
         "summed over templates. Bytes are in decimal SI units (1 MB = 10^6 bytes).",
+        *task_coverage_notes(runs),
     )
     return Table(f"Summary per model and method (metric: {metric})",
                  ("Model", "Method", "Inference FLOPs/example", "Training FLOPs", "Disk space", f"{metric} median",
@@ -384,6 +401,7 @@ def family_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy") 
         f"Families: Lialin et al. 2023 (arXiv 2303.15647), section 3, as `harness methods` lists them; a stored "
         "method the registry does not know is `other`. Merges: the trained change folds into the base weights "
         f"(no inference overhead). {metric} in percent, median over runs; trainable parameters, median over runs.",
+        *task_coverage_notes(runs),
     )
     return Table(f"Methods by family (metric: {metric})",
                  ("Family", "Model", "Method", f"{metric} median", "Trainable params", "Merges", "Runs"),
