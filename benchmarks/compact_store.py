@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from benchmarks.store_arg import store_path
 from harness.float_json import compact
 
 
@@ -59,4 +60,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(store_path(sys.argv, __doc__))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sqlite3
 import statistics
 import sys
+
+from benchmarks.store_arg import store_path
 
 
 def cell_labels(path: str) -> dict[str, str]:
@@ -100,11 +101,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        print(__doc__.strip().splitlines()[-1].strip().replace("python", "usage: python", 1), file=sys.stderr)
-        sys.exit(2)
-    if not os.path.isfile(sys.argv[1]):  # sqlite3.connect would create an empty store of any name
-        print(f"error: no results store at {sys.argv[1]}: give the path of a .sqlite store (gunzip/unxz it first)",
-              file=sys.stderr)
-        sys.exit(2)
-    main(sys.argv[1])
+    main(store_path(sys.argv, __doc__))
