@@ -41,7 +41,7 @@ header=$([ -f "$DOC" ] && awk -v m="$MARKER" 'index($0, m) == 1 {exit} {print}' 
   echo
   echo "### Sanity of every cell (benchmarks/results_sanity.py on the same store)"
   echo
-  "$PYTHON" "$(dirname "$0")/results_sanity.py" "$DB"
+  "$PYTHON" -m benchmarks.results_sanity "$DB"
 } > "$DOC.new"
 mv "$DOC.new" "$DOC"
 rm -rf "$tmp"
