@@ -56,6 +56,10 @@
 #     bash .gpu/run_device_real.sh assemble grid          (422 s: 15 trainings side by side, 320-339 s each)
 # A machine can be taken back mid-call ("taken back for other work"): the call's runs are lost, the store carried
 # in is not; start again with call A (round 2 lost one call this way, about 10 s of device time).
+# Round 17 (2026-12-06): script + .gpu/src_fix (26 MB: a depth-1 clone packs the committed result stores) + data +
+# whl + store + the tracked tree was 68.4 MB, refused before it ran; so after the parts, one call installs the
+# wheels (carry script, the code tree, whl):  SRC=$PWD/.gpu/src_fix bash .gpu/run_device_real.sh assemble
+# and every grid call carries script, the code tree, data and store (no whl):  ... bash .gpu/run_device_real.sh grid
 # Files under /tmp survive between calls only while the machine stays warm (30 s after a call): make the part,
 # assemble and grid calls back to back; on a fresh machine start again with the parts (the carried store keeps
 # the finished runs). The calls of the first round (2026-12-02; carry: at most 8 paths and 64 MiB a call, the
