@@ -506,7 +506,7 @@ def test_missing_store_and_baseline_are_user_errors(tmp_path):
 
 
 def test_family_table_groups_by_the_registry_and_unknown_methods_are_other(tmp_path):
-    from harness.report.tables import family_table, method_family
+    from harness.report.families import family_table, method_family
 
     assert method_family("lora") == "reparametrization" and method_family("fishmask") == "selective"
     assert method_family("icl") == "in-context" and method_family("no_such_method") == "other"
@@ -545,7 +545,7 @@ def test_scatter_with_two_models_gives_a_method_one_colour_and_a_model_one_marke
 def test_pooled_tables_name_methods_that_ran_fewer_tasks(runs):
     """A median pooled over tasks is only comparable between methods that ran the same tasks: the summary and
     family tables say which ran which when they differ, and say nothing when every method ran every task."""
-    from harness.report.tables import family_table
+    from harness.report.families import family_table
 
     assert not any("ran different tasks" in n for n in summary_table(runs).notes)
     fewer = runs[~((runs["method"] == "lora") & (runs["task"] == "cb"))]

@@ -15,7 +15,8 @@ from harness.report.format import Table, latex_escape, to_latex, to_markdown
 from harness.report.canvas import PlotResult
 from harness.report.mixed import mixed_table
 from harness.report.variants import default_runs, variant_tables
-from harness.report.tables import (calibration_table, cost_table, family_table, k_curve_table, settings_lines,
+from harness.report.families import family_table
+from harness.report.tables import (calibration_table, cost_table, k_curve_table, settings_lines,
                                    summary_table, task_table)
 
 TITLE = "When does PEFT beat in-context learning? Results report"

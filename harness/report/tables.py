@@ -186,7 +186,7 @@ def task_coverage_notes(runs: pd.DataFrame) -> list[str]:
     return notes
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
@@ -206,7 +206,7 @@ def metric_notes(runs: pd.DataFrame, metric: str) -> tuple[str, ...]:
 
 def summary_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy") -> Table:
     """(a) Per (model, method), in the layout of T-Few's Table 1."""
-    _check_metric(metric)
+    check_metric(metric)
     runs, rows = frame(runs), []
     for _, g, rs in groups(runs):
         m = rs[["infer_flops_per_example", "train_flops", "checkpoint_bytes", metric]].agg(stats.median)
@@ -231,7 +231,7 @@ def summary_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy")
 def task_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy",
                n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED) -> Table:
     """(b) Per task x (model, method): median with IQR over templates and seeds, mean with bootstrap 95% CI."""
-    _check_metric(metric)
+    check_metric(metric)
     runs, rows = frame(runs), []
     for (task,), g, rs in groups(runs, by=("task",)):
         vals = rs[metric].dropna().tolist()  # in run order: the bootstrap resamples by position
@@ -283,7 +283,7 @@ def extra_metric(runs: pd.DataFrame, name: str) -> pd.Series:
 def k_curve_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy") -> Table | None:
     """ICL ``metric`` per task and k (median, IQR over templates and seeds), zero-shot as k = 0; None unless some
     (model, task) has k-shot runs with two or more k (a k-curve, ``--k 0,1,2,...``)."""
-    _check_metric(metric)
+    check_metric(metric)
     runs = frame(runs)
     icl = runs[runs["method"].map(is_in_context) & runs["k"].notna()]
     shot = icl[icl["method"].map(is_icl)]
@@ -359,50 +359,3 @@ def settings_lines(runs: Iterable[dict] | pd.DataFrame) -> list[str]:
         f"KV cache: {distinct(config('kv_cache'))}",
         f"Evaluation limit: {distinct(config('limit'))}",
     ]
-
-
-def method_family(method: str | None) -> str:
-    """The family of a stored method name from the registry (:data:`harness.methods.FAMILIES`); a name the
-    registry does not know (a method since removed, a method of another branch) is ``other``."""
-    from harness.methods import get_method
-
-    try:
-        return get_method(str(method)).family
-    except Exception:  # noqa: BLE001 - unknown names, peft types this peft lacks
-        return "other"
-
-
-def method_merges(method: str | None) -> bool | None:
-    from harness.methods import get_method
-
-    try:
-        return get_method(str(method)).merges
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def family_table(runs: Iterable[dict] | pd.DataFrame, metric: str = "accuracy") -> Table:
-    """(d) Per family (Lialin et al. 2023's taxonomy, from the method registry) x (model, method): median
-    accuracy, trainable parameters, whether the method merges into the base weights."""
-    from harness.methods import FAMILIES
-
-    _check_metric(metric)
-    runs, rows = frame(runs), []
-    for _, g, rs in groups(runs):
-        family = method_family(g.method)
-        m = rs[["trainable_params", metric]].agg(stats.median)
-        merges = method_merges(g.method)
-        rows.append((FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), family, g.model, g.label,
-                     fmt_acc(m[metric]), fmt_params(m["trainable_params"]),
-                     fmt_acc(None) if merges is None else ("yes" if merges else "no"), str(len(rs))))
-    rows.sort(key=lambda r: r[:3])  # stable: run order within a family and model
-    notes = (
-        *metric_notes(runs, metric),
-        f"Families: Lialin et al. 2023 (arXiv 2303.15647), section 3, as `harness methods` lists them; a stored "
-        "method the registry does not know is `other`. Merges: the trained change folds into the base weights "
-        f"(no inference overhead). {metric} in percent, median over runs; trainable parameters, median over runs.",
-        *task_coverage_notes(runs),
-    )
-    return Table(f"Methods by family (metric: {metric})",
-                 ("Family", "Model", "Method", f"{metric} median", "Trainable params", "Merges", "Runs"),
-                 tuple(r[1:] for r in rows), "lllrrlr", notes, "tab:families")

@@ -23,7 +23,7 @@ import pandas as pd
 from harness.demos import RANDOM_LABELS
 from harness.report.format import Table, fmt_acc
 from harness.report.canvas import MARKERS, PlotResult, new_figure, save_figure
-from harness.report.tables import _check_metric, groups, is_icl, metric_notes
+from harness.report.tables import check_metric, groups, is_icl, metric_notes
 from harness.results import frame
 from harness.spec import VARIANT_DEFAULTS
 
@@ -88,7 +88,7 @@ def _k_shot(runs) -> pd.DataFrame:
 def spread_table(runs, metric: str = "accuracy") -> Table | None:
     """Spread of ``metric`` due to order, demonstration set and template (module docstring); None unless some
     run has a permuted order (``--orders``)."""
-    _check_metric(metric)
+    check_metric(metric)
     df = _k_shot(runs)
     df = df[df["noise"].map(lambda p: p == 0.0).astype(bool)]  # astype: an empty map is object, read as columns
     if not (df["order"] > 0).any():
@@ -128,7 +128,7 @@ def _noise_cells(runs, metric: str) -> pd.DataFrame:
 def label_noise_table(runs, metric: str = "accuracy") -> Table | None:
     """Mean ``metric`` per label-noise level (0 = gold labels) per task and method; None unless some run has
     label noise (``--label-noise``)."""
-    _check_metric(metric)
+    check_metric(metric)
     df = _noise_cells(runs, metric)
     if not (df["noise"] != 0.0).any():
         return None
@@ -156,7 +156,7 @@ def label_noise_table(runs, metric: str = "accuracy") -> Table | None:
 def demos_table(runs, metric: str = "accuracy") -> Table | None:
     """T-Few subsets against class-balanced demonstrations (gold labels, original order), paired by (template,
     seed); None unless some run has ``--demos balanced``."""
-    _check_metric(metric)
+    check_metric(metric)
     df = _k_shot(runs)
     df = df[(df["order"] == 0) & df["noise"].map(lambda p: p == 0.0).astype(bool)]
     if not (df["demos"] == "balanced").any():
