@@ -15,9 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+import pandas as pd
+
 from harness.report import stats
 from harness.report.format import Table, fmt_flops
-from harness.report.tables import groups, is_icl, is_in_context
+from harness.report.tables import Group, groups, is_icl, is_in_context
 
 
 class BreakEven(NamedTuple):
@@ -63,10 +65,10 @@ def break_even(peft_train: float, peft_infer: float, icl_train: float, icl_infer
 class CostSide(NamedTuple):
     """One (model, method variant) side of a break-even: its group, runs and median costs over those runs."""
 
-    group: object
-    runs: object  # pandas DataFrame of the group's runs
-    train: float
-    infer: float
+    group: Group
+    runs: pd.DataFrame  # the group's runs
+    train: float  # median training FLOPs (of one adapter; 0 for ICL)
+    infer: float  # median inference FLOPs per evaluated example
 
     @property
     def tasks(self) -> frozenset:
@@ -103,12 +105,16 @@ class Pair(NamedTuple):
     peft: CostSide
     icl: CostSide
     tasks: tuple[str, ...]
-    same_tasks: bool  # both sides ran exactly these tasks (their group medians are compared as they are)
     peft_train: float
     peft_infer: float
     icl_train: float
     icl_infer: float
     break_even: BreakEven
+
+    @property
+    def same_tasks(self) -> bool:
+        """Both sides ran exactly ``tasks``, so their group medians (the figure's lines) are what was compared."""
+        return self.peft.tasks == self.icl.tasks
 
 
 def pair_costs(peft: CostSide, icl: CostSide) -> Pair | None:
@@ -124,7 +130,7 @@ def pair_costs(peft: CostSide, icl: CostSide) -> Pair | None:
         costs = (*_median_costs(peft.runs[peft.runs["task"].isin(shared)], False),
                  *_median_costs(icl.runs[icl.runs["task"].isin(shared)], True))
     be = break_even(*costs, peft.group.label, icl.group.label)
-    return Pair(peft, icl, tuple(sorted(shared)), peft.tasks == icl.tasks, *costs, be)
+    return Pair(peft, icl, tuple(sorted(shared)), *costs, be)
 
 
 def pairs_of(sides: dict[str, list[CostSide]]) -> tuple[list[Pair], list[str]]:

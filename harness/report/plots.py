@@ -147,16 +147,16 @@ def plot_break_even(runs, out_dir: Path) -> PlotResult:
                 notes.append(f"{m}: {pr.peft.group.label} vs {pr.icl.group.label} left out of the figure (compared "
                              f"on {', '.join(pr.tasks)} only: see the break-even table)")
         if same:
-            drawn[m] = same
+            drawn[m] = (per_model[m], same)
         else:
             notes.append(f"{m}: skipped (needs both ICL and PEFT runs with FLOPs on the same tasks)")
     if not drawn:
         return PlotResult(name, title, notes=("skipped: needs ICL and PEFT runs of one model with FLOPs", *notes))
     fig, axes = new_figure(title, ncols=len(drawn))
     for ax, model in zip(axes, sorted(drawn)):
-        pairs = drawn[model]
-        icl_sides = list({id(pr.icl): pr.icl for pr in pairs}.values())  # sides hold frames: dedupe by identity
-        peft_sides = list({id(pr.peft): pr.peft for pr in pairs}.values())
+        sides, pairs = drawn[model]
+        icl_sides = [s for s in sides["icl"] if any(pr.icl is s for pr in pairs)]
+        peft_sides = [s for s in sides["peft"] if any(pr.peft is s for pr in pairs)]
         crossings = [pr.break_even.n for pr in pairs if pr.break_even.n is not None]
         n_max = max([1e6] + [10 * n for n in crossings])
         n = np.logspace(0, np.log10(n_max), 200)
@@ -168,7 +168,7 @@ def plot_break_even(runs, out_dir: Path) -> PlotResult:
             ax.plot(n, total_cost(side.train, side.infer, n), color=f"C{j % 10}",
                     label=f"{side.group.label}: {fmt_flops(side.train)} + n x {fmt_flops(side.infer)}")
         for k, pr in enumerate(pairs):
-            j, be = [id(x) for x in peft_sides].index(id(pr.peft)), pr.break_even
+            j, be = next(j for j, s in enumerate(peft_sides) if s is pr.peft), pr.break_even
             text = f"{pr.peft.group.label} vs {pr.icl.group.label}: {be.text}"
             if be.n is None:
                 ax.plot([], [], linestyle="none", marker=MARKERS[k % len(MARKERS)], color=f"C{j % 10}", label=text)
