@@ -60,6 +60,7 @@ from harness.scoring import metrics_from_examples, score_prompts, uncached_work
 from harness.spec import RunSpec
 from harness.store import RunResult
 from harness.tokenizer_check import run_env
+from harness.train_state import TrainState
 from harness.training import train
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,16 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         overhead = method_overhead(model, first.method, settings)
         trainable, total = count_params(model)
         trainable_vocab = costs.trainable_vocab_params(model)
+        # an interrupted training continues from its last state (harness.train_state); not for methods whose state
+        # lives outside the parameters and optimizer (AdaLoRA's allocator, FishMask's masks)
+        state = (TrainState(Path(artifacts_dir) / f"{group_hash(first)}.train_state.pt")
+                 if info.on_step is None and info.prepare is None else None)
         stats = train(model, lm.tokenizer, train_examples, task, settings, first.seed, progress, method=first.method,
-                      compile=compile)
+                      compile=compile, state=state)
         model.eval()
         folder = save_trained(model, info, Path(artifacts_dir) / group_hash(first))
+        if state is not None:
+            state.remove()
     except Exception as exc:  # noqa: BLE001 - recorded; the other groups go on
         error, tb = _one_line(exc), traceback.format_exc(limit=8)
         log.warning("training %s/%s/seed %s failed: %s", first.task, first.method, first.seed, error)

@@ -39,6 +39,7 @@ from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # 
                             length_normalized_loss, lm_loss, training_forward, unlikelihood_loss)
 from harness.methods.base import Overhead, train_overhead_flops
 from harness.scoring import encode_pair
+from harness.train_state import TrainState, restore
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ TRAIN_PADDING_CHOICES = PADDING_CHOICES + ("right-causal",)
 
 
 def train(model, tokenizer, train_examples: list[dict], task, settings: dict, seed: int, progress: bool = False,
-          *, method: str | None = None, compile: str | bool | None = "auto", padding: str = "auto") -> TrainStats:
+          *, method: str | None = None, compile: str | bool | None = "auto", padding: str = "auto",
+          state: TrainState | None = None) -> TrainStats:
     """Train ``model``'s trainable parameters in place on ``train_examples`` (see the module docstring).
 
     ``method`` (a registry name) tells how to pad (peft prompt learning drops position ids) and what the method
@@ -222,7 +224,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     the loop warns and goes on eagerly, and evaluation never uses a compiled model. On CUDA the optimizer is
     the fused one (:func:`make_optimizer`) and rows are right-padded (``padding``: ``auto``, ``left``, ``right`` or
     ``right-causal``, right padding without an attention mask), since SDPA gives NaN gradients for the fully masked
-    query rows of left padding.
+    query rows of left padding. ``state`` (:mod:`harness.train_state`): where the training keeps its state between
+    steps; a training whose state file exists continues at the step it reached (the caller removes the file).
     """
     from harness.methods import get_method, method_overhead
 
@@ -266,10 +269,19 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     effective = micro * accum
     stats = TrainStats([], {name: [] for name in settings["losses"]}, 0, 0.0, Work(), 0, 0, 0, micro, accum,
                        compiled=mode is not None)
+    first_step, before = 0, 0.0  # a resumed training: its first step and the seconds of the earlier part
+    key = {"settings": settings, "seed": seed, "examples": len(train_examples), "method": method,
+           "params": [list(p.shape) for p in params]}
+    saved = state.load(key) if state is not None else None
+    if saved is not None:
+        restore(saved, params=params, masters=masters, optimizer=optimizer, schedule=schedule, rng=rng)
+        sampler.queue, stats, micro, accum = saved["queue"], saved["stats"], saved["micro"], saved["accum"]
+        first_step, before, stats.compiled = saved["next_step"], stats.seconds, mode is not None
+        log.info("resuming the training at step %d of %d (%s)", first_step, settings["steps"], state.path)
     start = time.perf_counter()
     was_training = model.training
     model.train()
-    bar = tqdm(range(settings["steps"]), disable=not progress, desc="train", leave=False)
+    bar = tqdm(range(first_step, settings["steps"]), disable=not progress, desc="train", leave=False)
     try:
         for step in bar:
             step_start = time.perf_counter()
@@ -315,13 +327,17 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
             stats.step_seconds.append(time.perf_counter() - step_start)
             stats.step_tokens.append(work.tokens)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if state is not None and step + 1 < settings["steps"] and state.due():
+                stats.seconds = before + time.perf_counter() - start
+                state.save(key, step, params=params, masters=masters, optimizer=optimizer, schedule=schedule,
+                           rng=rng, queue=sampler.queue, stats=stats, micro=micro, accum=accum)
     finally:
         uncompile_blocks(compiled)
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
         masters.zero_grad()
     stats.steps = len(stats.losses)
-    stats.seconds = time.perf_counter() - start
+    stats.seconds = before + time.perf_counter() - start
     stats.overhead_flops = train_overhead_flops(overhead, stats.work.tokens, stats.rows, stats.forwards,
                                                 stats.work.logit_positions, work=stats.work)
     stats.peak_memory_bytes = costs.peak_memory_bytes(device)

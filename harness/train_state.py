@@ -1,0 +1,107 @@
+"""A training's state between steps, on disk, so that an interrupted training continues at the step it reached.
+
+:func:`harness.training.train` writes a :class:`TrainState` file after a step when enough time has passed since
+the last write (at least ``min_seconds``, and at least ``cost_factor`` times the last write's duration, so writing
+costs at most about 1/``cost_factor`` of the training: a large model's state is large), and reads it back at the
+start of a training whose file exists. The file holds everything the next step depends on: the trainable
+parameters and their float32 masters, the optimizer's and the schedule's states, the example sampler (Python RNG
+and queue), torch's CPU and CUDA RNG states, the micro-batching after any out-of-memory halving, and the stats of
+the steps so far. So the resumed training computes the same steps as an uninterrupted one (bit for bit on the
+CPU: ``tests/test_train_state.py``) and reports the seconds of both parts.
+
+The runner names the file after the training group (``ADAPTERS/<group hash>.train_state.pt``, beside the adapter
+folder it will write) and removes it once the adapter is saved. The file also records the training settings,
+seed and example count; one that does not match is ignored (with a warning) and overwritten. Methods with state
+outside these (AdaLoRA's rank allocator, FishMask's Fisher masks) are not resumed: the runner passes no state
+file for them, and they start again from step 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a training keeps its state (``path``) and how often it writes it."""
+
+    path: Path
+    min_seconds: float = 60.0  # wall seconds between writes at least (0: after every step; tests)
+    cost_factor: float = 20.0  # and at least this many times the last write's duration
+    _last: float = dataclasses.field(default_factory=time.perf_counter, init=False, repr=False)
+    _cost: float = dataclasses.field(default=0.0, init=False, repr=False)
+
+    def due(self) -> bool:
+        """Whether enough time has passed since the last write (or the training's start)."""
+        return time.perf_counter() - self._last >= max(self.min_seconds, self.cost_factor * self._cost)
+
+    def save(self, key: dict, step: int, *, params, masters, optimizer, schedule, rng: random.Random, queue: list,
+             stats, micro: int, accum: int) -> None:
+        """Write the state after ``step`` (0-based, done) atomically: a killed write leaves the previous file."""
+        start = time.perf_counter()
+        state = {
+            "format": FORMAT, "key": _key_text(key), "next_step": step + 1,
+            "params": [p.detach().cpu().clone() for p in params],
+            "masters": [p.detach().cpu().clone() for p in masters.params],
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "rng": rng.getstate(), "queue": list(queue), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "stats": stats, "micro": micro, "accum": accum,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self._last = time.perf_counter()
+        self._cost = self._last - start
+
+    def load(self, key: dict) -> dict | None:
+        """The saved state when the file exists and was written for ``key``; else None."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)  # a file this module wrote
+        except Exception as exc:  # noqa: BLE001 - a damaged file: train from the start
+            log.warning("ignoring the training state %s (%s: %s); training from step 0", self.path,
+                        type(exc).__name__, exc)
+            return None
+        if state.get("format") != FORMAT or state.get("key") != _key_text(key):
+            log.warning("ignoring the training state %s: written for another training; training from step 0",
+                        self.path)
+            return None
+        self._last = time.perf_counter()
+        return state
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def restore(state: dict, *, params, masters, optimizer, schedule, rng: random.Random) -> None:
+    """Put ``state`` (from :meth:`TrainState.load`) back into a freshly set-up training."""
+    for p, saved in zip(params, state["params"], strict=True):
+        p.copy_(saved)
+    for p, saved in zip(masters.params, state["masters"], strict=True):
+        p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _key_text(key: dict) -> str:
+    return json.dumps(key, sort_keys=True, default=str)

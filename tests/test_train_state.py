@@ -1,0 +1,136 @@
+"""harness.train_state: an interrupted training continues at the step it reached and ends where an uninterrupted
+one ends, bit for bit on the CPU (real SmolLM2 with (IA)3 under Adafactor; a tiny bfloat16 model with LayerNorm
+tuning for the float32 master weights), and ``harness``'s run loop resumes a killed run's training."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+
+import pytest
+import torch
+
+from tests.conftest import SHORT_CB
+from harness import peft_runner, training
+from harness.methods import apply_method, training_settings
+from harness.train_state import TrainState
+
+
+class Killed(BaseException):
+    """Stands for the SIGKILL of a call's deadline: not an Exception, so nothing on the way catches it."""
+
+
+def _kill_at(monkeypatch, at_step: int) -> None:
+    """Make :func:`harness.training.training_step` die when it is called for ``at_step``."""
+    real = training.training_step
+
+    def step(backward, optimizer, masters, settings, step=0):
+        if step == at_step:
+            raise Killed
+        return real(backward, optimizer, masters, settings, step)
+
+    monkeypatch.setattr(training, "training_step", step)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(smollm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("method", ["ia3", "ln_tuning"])
+def test_an_interrupted_training_ends_where_an_uninterrupted_one_does(method, smollm, tiny_bf16, cb, tmp_path,
+                                                                      monkeypatch):
+    base = smollm.model if method == "ia3" else tiny_bf16  # ln_tuning in bfloat16: float32 masters
+    # lr 1e-2 and no warmup: every step moves the weights; batch 1 of 2 examples: the kill falls mid-epoch
+    settings = training_settings(method, "quick", {"steps": 4, "batch_size": 1, "n_train": 2, "lr": 1e-2,
+                                                   "warmup_ratio": 0.0})
+
+    def fresh():
+        torch.manual_seed(0)
+        return apply_method(copy.deepcopy(base), method, settings)
+
+    whole_model = fresh()
+    whole = training.train(whole_model, smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method=method)
+
+    state = TrainState(tmp_path / "t.train_state.pt", min_seconds=0, cost_factor=0)
+    _kill_at(monkeypatch, 3)
+    with pytest.raises(Killed):
+        training.train(fresh(), smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method=method, state=state)
+    assert state.path.exists()  # written after step 2, the last one done
+    monkeypatch.undo()
+    resumed_model = fresh()
+    resumed = training.train(resumed_model, smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method=method,
+                             state=state)
+
+    assert resumed.steps == 4 and len(resumed.step_seconds) == 4
+    assert resumed.losses == whole.losses and resumed.components == whole.components
+    assert resumed.work == whole.work and resumed.rows == whole.rows
+    assert len(set(whole.losses)) == 4  # the weights moved every step
+    now = dict(resumed_model.named_parameters())
+    for name, p in whole_model.named_parameters():
+        assert torch.equal(p, now[name]), name
+
+
+def test_a_state_of_another_training_is_ignored(smollm, tiny_bf16, cb, tmp_path, caplog):
+    settings = training_settings("ln_tuning", "quick", {"steps": 2, "batch_size": 1, "n_train": 2, "lr": 1e-2,
+                                                        "warmup_ratio": 0.0})
+
+    def fresh():
+        torch.manual_seed(0)
+        return apply_method(copy.deepcopy(tiny_bf16), "ln_tuning", settings)
+
+    state = TrainState(tmp_path / "t.train_state.pt", min_seconds=0, cost_factor=0)
+    training.train(fresh(), smollm.tokenizer, SHORT_CB, cb, {**settings, "steps": 3}, seed=3, method="ln_tuning",
+                   state=state)  # leaves the state after step 1 of 3
+    assert state.path.exists()
+    expected = training.train(fresh(), smollm.tokenizer, SHORT_CB, cb, settings, seed=4, method="ln_tuning")
+    with caplog.at_level(logging.WARNING, logger="harness.train_state"):
+        got = training.train(fresh(), smollm.tokenizer, SHORT_CB, cb, settings, seed=4, method="ln_tuning",
+                             state=state)
+    assert "written for another training" in caplog.text
+    assert got.losses == expected.losses and got.steps == 2
+
+
+def test_a_killed_run_resumes_its_training(smollm, cb, data_dir, tmp_path, monkeypatch, caplog):
+    """`harness run` killed mid-training, run again: the training continues at its last state (the run stores
+    the same accuracy and log-probs as an uninterrupted run) and the state file is gone afterwards."""
+    from harness import api
+    from harness.store import Store
+
+    monkeypatch.setattr(peft_runner, "TrainState", functools.partial(TrainState, min_seconds=0, cost_factor=0))
+    specs = api.plan(["cb"], ["ia3"], seeds=[0], templates=["gpt3_style"], preset="quick", limit=2,
+                     train_overrides={"steps": 4, "batch_size": 1, "n_train": 2, "lr": 1e-2, "warmup_ratio": 0.0},
+                     data_dir=data_dir,
+                     device="cpu", dtype="float32")
+
+    def load(spec):
+        return dataclasses.replace(smollm, model=copy.deepcopy(smollm.model))
+
+    def run(store):
+        return api.run(specs, store=store, data_dir=data_dir, progress=False, loader=load)
+
+    whole_store, store = tmp_path / "whole" / "s.sqlite", tmp_path / "killed" / "s.sqlite"
+    assert [r.status for r in run(whole_store)] == ["finished"]
+    _kill_at(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(store)
+    states = list(store.parent.rglob("*.train_state.pt"))
+    assert len(states) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(peft_runner, "TrainState", functools.partial(TrainState, min_seconds=0, cost_factor=0))
+    with caplog.at_level(logging.INFO, logger="harness.training"):
+        resumed = run(store)
+    assert "resuming the training at step 2 of 4" in caplog.text
+    assert [r.status for r in resumed] == ["finished"]
+    assert not states[0].exists()
+    (a,), (b,) = Store(whole_store).runs(), Store(store).runs()
+    assert a["run_id"] == b["run_id"] and a["accuracy"] == b["accuracy"]
+    assert len(a["losses"]) == 4 and b["losses"] == a["losses"] and b["train_seconds"] > 0
+    assert list(Store(store).examples([b["run_id"]])) == list(Store(whole_store).examples([a["run_id"]]))
