@@ -85,7 +85,10 @@ class TrainState:
         return state
 
     def remove(self) -> None:
+        """Delete the state file and any half-written copy a killed write left (``<name>.<pid>.tmp``)."""
         self.path.unlink(missing_ok=True)
+        for stale in self.path.parent.glob(self.path.name + ".*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 @torch.no_grad()

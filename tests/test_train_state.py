@@ -134,3 +134,12 @@ def test_a_killed_run_resumes_its_training(smollm, cb, data_dir, tmp_path, monke
     assert a["run_id"] == b["run_id"] and a["accuracy"] == b["accuracy"]
     assert len(a["losses"]) == 4 and b["losses"] == a["losses"] and b["train_seconds"] > 0
     assert list(Store(store).examples([b["run_id"]])) == list(Store(whole_store).examples([a["run_id"]]))
+
+
+def test_remove_deletes_the_state_and_half_written_copies(tmp_path):
+    state = TrainState(tmp_path / "g.train_state.pt")
+    for name in ("g.train_state.pt", "g.train_state.pt.123.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "other.train_state.pt.1.tmp").write_bytes(b"x")
+    state.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.train_state.pt.1.tmp"]
