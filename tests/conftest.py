@@ -39,6 +39,35 @@ def smollm():
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 
 
+def model_signature(model) -> tuple:
+    """Cheap evidence of a model's state: its module count (methods inject modules), whether peft wrapped it, the
+    sum of its 1-D parameters (norms, biases) and of every 2-D parameter's first row (full fine-tuning moves those)."""
+    import torch
+
+    with torch.no_grad():
+        vectors = sum(float(p.double().sum()) for p in model.parameters() if p.dim() == 1)
+        rows = sum(float(p[0].double().sum()) for p in model.parameters() if p.dim() == 2)
+    return sum(1 for _ in model.modules()), hasattr(model, "peft_config"), vectors, rows
+
+
+_BASE_SIGNATURES: dict[int, tuple] = {}  # id of the session's smollm model -> its signature when first seen
+
+
+@pytest.fixture(autouse=True)
+def _shared_model_stays_the_base_model(request):
+    """A test that trains through ``api.run(..., loader=lambda spec: smollm)`` changes the session's model in
+    place (the runner applies the method to the model it is given), and every later test would score a trained
+    model. Fail the test that does it."""
+    if "smollm" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("smollm").model
+    _BASE_SIGNATURES.setdefault(id(model), model_signature(model))
+    yield
+    assert model_signature(model) == _BASE_SIGNATURES[id(model)], \
+        "this test changed the shared smollm fixture's model: give api.run a copy (copy.deepcopy(smollm.model))"
+
+
 @pytest.fixture(scope="session")
 def cb():
     from harness.tasks import load_task

@@ -3,6 +3,9 @@ conversion) is refused when the model loads; real subword tokenizers pass."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 
 from harness.errors import HarnessError
@@ -68,7 +71,7 @@ def test_every_run_records_its_tokenizers_fingerprint(tmp_path, data_dir, smollm
     specs = api.plan(["cb"], ["zeroshot", "ia3"], seeds=[0], templates=["gpt3_style"], preset="quick", limit=1,
                      train_overrides={"steps": 1}, data_dir=data_dir, device="cpu", dtype="float32")
     results = api.run(specs, store=tmp_path / "s.sqlite", data_dir=data_dir, progress=False,
-                      loader=lambda spec: smollm)
+                      loader=lambda spec: dataclasses.replace(smollm, model=copy.deepcopy(smollm.model)))
     assert [r.status for r in results] == ["finished"] * len(specs) and len(specs) == 2
     expected = tokenizer_fingerprint(smollm.tokenizer)
     assert {r["method"]: r["env"]["tokenizer"] for r in Store(tmp_path / "s.sqlite").runs()} == \
