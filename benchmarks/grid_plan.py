@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
+
+from benchmarks.store_arg import require_store
 
 SEEDS = 5  # the T-Few subsets' data seeds: 0, 1, 32, 42, 1024
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -149,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=545, help="a call's GRID_TIMEOUT in seconds (545)")
     parser.add_argument("--overhead", type=float, default=40, help="seconds a job adds to its trainings (40)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.store):
-        print(f"error: no results store at {args.store}: give the path of a .sqlite store (gunzip/unxz it first)",
-              file=sys.stderr)
-        return 2
+    require_store(args.store)
     from harness.report.tables import with_groups
     from harness.results import runs
     from harness.tasks import load_task

@@ -59,4 +59,6 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
     assert grid_plan.main([str(store), "--model", "smollm2-135m"]) == 0
     out = capsys.readouterr().out
     assert "--methods unipelt --tasks wsc --workers 5 --method-args scale_parameter=false" in out
-    assert grid_plan.main([str(tmp_path / "absent.sqlite")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        grid_plan.main([str(tmp_path / "absent.sqlite")])
+    assert exit_.value.code == 2 and "no results store" in capsys.readouterr().err
