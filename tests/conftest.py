@@ -50,7 +50,10 @@ def model_signature(model) -> tuple:
     return sum(1 for _ in model.modules()), hasattr(model, "peft_config"), vectors, rows
 
 
-_BASE_SIGNATURES: dict[int, tuple] = {}  # id of the session's smollm model -> its signature when first seen
+@pytest.fixture(scope="session")
+def smollm_signature(smollm) -> tuple:
+    """:func:`model_signature` of the session's SmolLM2 as loaded."""
+    return model_signature(smollm.model)
 
 
 @pytest.fixture(autouse=True)
@@ -61,10 +64,9 @@ def _shared_model_stays_the_base_model(request):
     if "smollm" not in request.fixturenames:
         yield
         return
-    model = request.getfixturevalue("smollm").model
-    _BASE_SIGNATURES.setdefault(id(model), model_signature(model))
+    model, before = request.getfixturevalue("smollm").model, request.getfixturevalue("smollm_signature")
     yield
-    assert model_signature(model) == _BASE_SIGNATURES[id(model)], \
+    assert model_signature(model) == before, \
         "this test changed the shared smollm fixture's model: give api.run a copy (copy.deepcopy(smollm.model))"
 
 
