@@ -7,7 +7,9 @@ start of a training whose file exists. The file holds everything the next step d
 parameters and their float32 masters, the optimizer's and the schedule's states, the example sampler (Python RNG
 and queue), torch's CPU and CUDA RNG states, the micro-batching after any out-of-memory halving, and the stats of
 the steps so far. So the resumed training computes the same steps as an uninterrupted one (bit for bit on the
-CPU: ``tests/test_train_state.py``) and reports the seconds of both parts.
+CPU: ``tests/test_train_state.py``). Its figures: the losses, tokens and FLOPs of all steps (the saved stats carry
+on), ``seconds`` (``train_seconds``) the sum of both parts' training wall time (neither part's model loading), and
+peak memory that of the process that finished it (the same model, batches and optimizer as the first part's).
 
 The runner names the file after the training group (``ADAPTERS/<group hash>.train_state.pt``, beside the adapter
 folder it will write) and removes it once the adapter is saved. The file also records the training settings,
