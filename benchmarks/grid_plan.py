@@ -3,13 +3,22 @@ seconds the store recorded, calls of side-by-side trainings that fit a call's de
 
 A cell is (model, task, method with its grid settings): 5 data seeds x the task's templates, finished runs counted
 under the report's labels (``adapter scale_parameter=false``). Each missing trained cell is one job of
-``benchmarks/run_device_real.sh grid`` (``--methods M --tasks T --workers 5``: five trainings); a call holds
-``--width / 5`` jobs of one model and one code tree. A job's seconds are estimated from the longest training the
-store recorded for that model and label on another task, scaled by the (IA)3 training of the two tasks
-(``ia3`` ran every task of both models), or from the other model's record scaled the same way; plus
-``--overhead`` for loading and evaluation (rounds 17-18: a job took 25-35 s more than its longest training). The
-records were taken with 5 to 15 trainings side by side, so an estimate is a guide for choosing GRID_TIMEOUT, not a
-promise: keep the deadline's margin.
+``benchmarks/run_device_real.sh grid`` (``--methods M --tasks T --workers 5``: five trainings, each then evaluated
+once per template); a call holds ``--width / 5`` jobs of one model and one code tree. A job's seconds are
+
+    longest training (x --slowdown when the call has other jobs)  +  templates x seconds evaluating a run
+    +  --overhead (loading)
+
+each term estimated from the store's record of that model and label on another task, scaled by a reference
+method's ratio between the two tasks (or from the other model's record, scaled the same way): (IA)3 for training
+and for most evaluations, prompt tuning for the evaluation of peft's prompt-learning methods, which score one row
+at a time without a cache (``ia3`` and ``prompt_tuning`` ran every task of both models). Round 19 lost a P-tuning
+wic job planned at 235 s to the evaluation the first planner left out: P-tuning evaluates a wic run in about
+50 s, four templates 200 s. The records were taken with 5 to 15 trainings side by side, so ``--slowdown``
+(default 1.3: round 18 measured 1.0-1.4x between neighbours, round 19 1.27x for UniPELT beside P-tuning, against
+its record alone) covers other neighbours, and the GPU-heavy methods (``HEAVY``: round 19's AdaLoRA beside FishMask, each under 400 s
+with a light neighbour, passed 500 s together) never share a call. An estimate is a guide for choosing
+GRID_TIMEOUT, not a promise: keep the deadline's margin.
 
     python -m benchmarks.grid_plan STORE.sqlite --model smollm2-135m --width 10 --deadline 545
 """
@@ -37,18 +46,40 @@ GRID = {
 # Methods whose launch cuts came after the frozen tree (docs/benchmarks.md (d), round 16): run from .gpu/src_fix.
 FIX_TREE = {"adalora", "fishmask"}
 REFERENCE = "ia3"
+# peft's prompt-learning methods: evaluated without the KV cache, one row at a time (docs/results.md, prompt tuning),
+# so their evaluation scales with the task's rows as prompt tuning's does, not as (IA)3's.
+PROMPT_LEARNING = {"prompt_tuning", "ptuning", "prefix_tuning"}
+EVAL_REFERENCE_PROMPT = "prompt_tuning"
+# Methods that fill the GPU by themselves (round 19: AdaLoRA beside FishMask passed 500 s where each took under
+# 400 s beside a light job or alone; UniPELT has the most launches a step, benchmarks/count_ops.py): one a call.
+HEAVY = {"adalora", "fishmask", "unipelt"}
+# Methods whose trainings restart from step 0 when killed (harness.peft_runner gives methods with on_step or prepare
+# no mid-training state); the others continue in the next back-to-back call from a tree at 933d86d or later.
+RESTARTS = {"adalora", "fishmask"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One missing cell of the grid and its job's estimated seconds (None: nothing recorded to estimate from)."""
+    """One missing cell of the grid and its job's estimated seconds without the loading overhead (None: nothing
+    recorded to estimate from): ``train`` seconds of the longest training as recorded, ``evaluation`` seconds of
+    one run (one template), ``templates`` runs a training."""
 
     model: str
     task: str
     method: str
     settings: str
     done: int
-    seconds: float | None
+    train: float | None
+    evaluation: float = 0.0
+    templates: int = 4
+
+    @property
+    def seconds(self) -> float | None:
+        return self.job_seconds(1.0)
+
+    def job_seconds(self, slowdown: float) -> float | None:
+        """The job without loading: its trainings (side by side) slowed by ``slowdown``, then its evaluations."""
+        return None if self.train is None else self.train * slowdown + self.templates * self.evaluation
 
     @property
     def label(self) -> str:
@@ -64,15 +95,16 @@ class Cell:
         return ".gpu/src_fix" if self.method in FIX_TREE else ".gpu/src"
 
 
-def estimate(longest: dict[tuple[str, str, str], float], model: str, task: str, label: str) -> float | None:
-    """Seconds of the longest training of ``label`` on ``task`` for ``model``: its own record on another task
-    (the longest after scaling) scaled by the reference method's ratio between the tasks, else the other model's
-    record scaled by the reference's ratio between the models and tasks. ``longest``: (model, task, label) ->
-    the longest recorded training seconds."""
+def estimate(longest: dict[tuple[str, str, str], float], model: str, task: str, label: str,
+             reference: str = REFERENCE) -> float | None:
+    """Seconds of ``label`` on ``task`` for ``model``: its own record on another task (the longest after scaling)
+    scaled by the reference method's ratio between the tasks, else the other model's record scaled by the
+    reference's ratio between the models and tasks. ``longest``: (model, task, label) -> recorded seconds (the
+    longest training, or a run's evaluation)."""
     def scaled(src_model: str) -> float | None:
         best = None
         for (m, t, lab), secs in longest.items():
-            ref_from, ref_to = longest.get((m, t, REFERENCE)), longest.get((model, task, REFERENCE))
+            ref_from, ref_to = longest.get((m, t, reference)), longest.get((model, task, reference))
             if m == src_model and lab == label and ref_from and ref_to:
                 value = secs * ref_to / ref_from
                 best = value if best is None else max(best, value)
@@ -91,7 +123,9 @@ def missing_cells(runs, templates: dict[str, int], models=MODELS, tasks=TASKS, g
     """The grid's trained cells with fewer finished runs than seeds x templates, with their estimates. ``runs``:
     the store's finished runs with the report's ``label`` column (:func:`harness.report.tables.with_groups`)."""
     trained = runs[runs["train_seconds"].notna() & (runs["train_seconds"] > 0)]
-    longest = {key: float(v) for key, v in trained.groupby(["model", "task", "label"])["train_seconds"].max().items()}
+    by_label = trained.groupby(["model", "task", "label"])
+    longest = {key: float(v) for key, v in by_label["train_seconds"].max().items()}
+    evaluation = {key: float(v) for key, v in by_label["eval_seconds"].mean().dropna().items()}
     done = runs.groupby(["model", "task", "label"]).size().to_dict()
     cells = []
     for model in models:
@@ -100,45 +134,70 @@ def missing_cells(runs, templates: dict[str, int], models=MODELS, tasks=TASKS, g
                 label = f"{method} {settings}".strip()
                 n = int(done.get((model, task, label), 0))
                 if n < SEEDS * templates[task]:
-                    cells.append(Cell(model, task, method, settings, n, estimate(longest, model, task, label)))
+                    train = estimate(longest, model, task, label)
+                    ref = EVAL_REFERENCE_PROMPT if method in PROMPT_LEARNING else REFERENCE
+                    evals = estimate(evaluation, model, task, label, reference=ref)
+                    cells.append(Cell(model, task, method, settings, n, train, evals or 0.0, templates[task]))
     return cells
 
 
-def plan_calls(cells: list[Cell], width: int, deadline: float, overhead: float) -> tuple[list[list[Cell]], list[Cell]]:
-    """Calls of at most ``width // 5`` jobs of one model and code tree whose longest job (estimate + overhead)
-    fits ``deadline``; jobs of similar length share a call (longest first). Returns the calls and the cells left
-    out (no estimate, or too long for one call)."""
+def plan_calls(cells: list[Cell], width: int, deadline: float, overhead: float,
+               slowdown: float = 1.0) -> tuple[list[list[Cell]], list[Cell]]:
+    """Calls of at most ``width // 5`` jobs of one model and code tree, at most one of them ``HEAVY``, that fit
+    ``deadline`` (:func:`call_seconds`: a job beside others slowed by ``slowdown``, a job alone as recorded);
+    jobs of similar length share a call (longest first, each into the first open call that still fits with it).
+    Returns the calls and the cells left out (no estimate, or too long for one call even alone)."""
     jobs_a_call = max(1, width // 5)
     fits = [c for c in cells if c.seconds is not None and c.seconds + overhead <= deadline]
     left = [c for c in cells if c not in fits]
     calls: list[list[Cell]] = []
     for (model, tree) in sorted({(c.model, c.tree) for c in fits}, key=lambda k: (MODELS.index(k[0]), k[1])):
-        group = sorted((c for c in fits if (c.model, c.tree) == (model, tree)), key=lambda c: -c.seconds)
-        calls += [group[i:i + jobs_a_call] for i in range(0, len(group), jobs_a_call)]
+        group_calls: list[list[Cell]] = []
+        for cell in sorted((c for c in fits if (c.model, c.tree) == (model, tree)), key=lambda c: -c.seconds):
+            heavy = cell.method in HEAVY
+            home = next((call for call in group_calls if len(call) < jobs_a_call
+                         and not (heavy and any(c.method in HEAVY for c in call))
+                         and call_seconds(call + [cell], overhead, slowdown) <= deadline), None)
+            if home is None:
+                group_calls.append([cell])
+            else:
+                home.append(cell)
+        calls += group_calls
     return calls, left
 
 
-def call_seconds(call: list[Cell], overhead: float) -> float:
-    return max(c.seconds for c in call) + overhead
+def call_seconds(call: list[Cell], overhead: float, slowdown: float = 1.0) -> float:
+    """A call's estimated seconds: its longest job (slowed when it has neighbours) plus loading."""
+    factor = slowdown if len(call) > 1 else 1.0
+    return max(c.job_seconds(factor) for c in call) + overhead
 
 
 def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: int, deadline: float,
-           overhead: float) -> str:
+           overhead: float, slowdown: float = 1.0) -> str:
+    def sec(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
     lines = [f"Missing trained cells: {len(cells)} ({5 * len(cells)} trainings).", "",
-             "| model | task | method | finished runs | est. s a training |", "|:---|:---|:---|---:|---:|"]
-    lines += [f"| {c.model} | {c.task} | {c.label} | {c.done} | "
-              f"{'-' if c.seconds is None else f'{c.seconds:.0f}'} |" for c in cells]
-    total = sum(call_seconds(call, overhead) for call in calls)
+             "| model | task | method | finished runs | est. s a training | est. s evaluating a run | est. s a job |",
+             "|:---|:---|:---|---:|---:|---:|---:|"]
+    lines += [f"| {c.model} | {c.task} | {c.label} | {c.done} | {sec(c.train)} | {sec(c.evaluation)} | "
+              f"{sec(None if c.seconds is None else c.seconds + overhead)} |" for c in cells]
+    total = sum(call_seconds(call, overhead, slowdown) for call in calls)
     lines += ["", f"Calls of {width} trainings side by side at most, GRID_TIMEOUT={deadline:.0f}: {len(calls)} calls, "
               f"about {total:,.0f} s of device time (machine start and parts not counted).", ""]
     for n, call in enumerate(calls, 1):
         src = "SRC=$PWD/.gpu/src_fix " if call[0].tree.endswith("src_fix") else ""
         jobs = "; ".join(c.job for c in call)
-        lines.append(f"{n}. {call[0].model}, ~{call_seconds(call, overhead):.0f} s: "
+        lines.append(f"{n}. {call[0].model}, ~{call_seconds(call, overhead, slowdown):.0f} s: "
                      f'`{src}GRID_JOBS="{jobs}"`')
     if left:
-        lines += ["", "Not planned (no recorded training to estimate from, or longer than one call): "
-                  + ", ".join(f"{c.model} {c.task} {c.label}" for c in left) + "."]
+        def why(c: Cell) -> str:
+            if c.seconds is None:
+                return "nothing recorded to estimate from"
+            return "restarts when killed: needs a longer call" if c.method in RESTARTS else \
+                "resumes in a back-to-back call from a tree at 933d86d or later"
+        lines += ["", "Not planned (longer than one call, or no estimate): "
+                  + ", ".join(f"{c.model} {c.task} {c.label} ({why(c)})" for c in left) + "."]
     return "\n".join(lines)
 
 
@@ -148,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", choices=MODELS, help="only this model (repeatable)")
     parser.add_argument("--width", type=int, default=10, help="trainings side by side in a call (default 10)")
     parser.add_argument("--deadline", type=float, default=545, help="a call's GRID_TIMEOUT in seconds (545)")
-    parser.add_argument("--overhead", type=float, default=40, help="seconds a job adds to its trainings (40)")
+    parser.add_argument("--overhead", type=float, default=30,
+                        help="seconds a job adds to its trainings and evaluations: loading (30)")
+    parser.add_argument("--slowdown", type=float, default=1.3,
+                        help="factor on recorded training seconds for a job with neighbours in its call (1.3)")
     args = parser.parse_args(argv)
     require_store(args.store)
     from harness.report.tables import with_groups
@@ -158,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     finished = with_groups(runs(args.store, status="finished"))
     templates = {t: len(load_task(t).templates) for t in TASKS}
     cells = missing_cells(finished, templates, models=tuple(args.model or MODELS))
-    calls, left = plan_calls(cells, args.width, args.deadline, args.overhead)
-    print(render(cells, calls, left, args.width, args.deadline, args.overhead))
+    calls, left = plan_calls(cells, args.width, args.deadline, args.overhead, args.slowdown)
+    print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown))
     return 0
 
 
