@@ -319,7 +319,12 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         if [ $((SECONDS - start)) -ge "$GRID_TIMEOUT" ] || [ "$SECONDS" -ge "$CALL_DEADLINE" ]; then
           echo "deadline reached (${GRID_TIMEOUT} s of grid or ${CALL_DEADLINE} s of script): killing the jobs"
           for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
-          sleep 2; break
+          sleep 2
+          # how far the killed trainings got: trees at 933d86d or later save a training's state about every
+          # minute in <store>.artifacts/adapters, and the same job continues it in a back-to-back call (/tmp
+          # survives while the machine is warm); older trees save none, and AdaLoRA and FishMask restart
+          (cd "$ROOT" && "$PYTHON" -m harness.train_state "${STORE%.sqlite}.artifacts/adapters")
+          break
         fi
         sleep 2
       done

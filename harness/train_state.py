@@ -108,5 +108,23 @@ def restore(state: dict, *, params, masters, optimizer, schedule, rng: random.Ra
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
+def saved_steps(folder: str | Path) -> dict[str, int]:
+    """The training states in ``folder`` (an adapters folder, ``<store>.artifacts/adapters``): file name -> the
+    step its training continues at. What a run killed mid-training leaves for the next one."""
+    steps = {}
+    for path in sorted(Path(folder).glob("*.train_state.pt")):
+        steps[path.name] = int(torch.load(path, map_location="cpu", weights_only=False)["next_step"])
+    return steps
+
+
 def _key_text(key: dict) -> str:
     return json.dumps(key, sort_keys=True, default=str)
+
+
+if __name__ == "__main__":  # python -m harness.train_state ADAPTERS_FOLDER: how far killed trainings got
+    import sys
+
+    found = saved_steps(sys.argv[1])
+    print(f"saved training states: {len(found)} (a killed training without one starts again from step 0)")
+    for name, step in found.items():
+        print(f"  {name}: continues at step {step}")

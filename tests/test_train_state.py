@@ -15,7 +15,7 @@ import torch
 from tests.conftest import SHORT_CB
 from harness import peft_runner, training
 from harness.methods import apply_method, training_settings
-from harness.train_state import TrainState
+from harness.train_state import TrainState, saved_steps
 
 
 class Killed(BaseException):
@@ -123,6 +123,7 @@ def test_a_killed_run_resumes_its_training(smollm, cb, data_dir, tmp_path, monke
         run(store)
     states = list(store.parent.rglob("*.train_state.pt"))
     assert len(states) == 1
+    assert saved_steps(states[0].parent) == {states[0].name: 2}  # what run_device_real.sh prints at a deadline
     monkeypatch.undo()
     monkeypatch.setattr(peft_runner, "TrainState", functools.partial(TrainState, min_seconds=0, cost_factor=0))
     with caplog.at_level(logging.INFO, logger="harness.training"):
