@@ -11,8 +11,9 @@ once per template); a call holds ``--width / 5`` jobs of one model and one code 
 
 each term estimated from the store's record of that model and label on another task, scaled by a reference
 method's ratio between the two tasks (or from the other model's record, scaled the same way): (IA)3 for training
-and for most evaluations, prompt tuning for the evaluation of peft's prompt-learning methods, which score one row
-at a time without a cache (``ia3`` and ``prompt_tuning`` ran every task of both models). Round 19 lost a P-tuning
+and for most evaluations, prompt tuning for the evaluation of methods scored without the KV cache
+(``MethodInfo.supports_kv_cache`` false: prompt learning, MAM, UniPELT), which score one row at a time (``ia3``
+and ``prompt_tuning`` ran every task of both models). Round 19 lost a P-tuning
 wic job planned at 235 s to the evaluation the first planner left out: P-tuning evaluates a wic run in about
 50 s, four templates 200 s. The records were taken with 5 to 15 trainings side by side, so ``--slowdown``
 (default 1.3: round 18 measured 1.0-1.4x between neighbours, round 19 1.27x for UniPELT beside P-tuning, against
@@ -46,16 +47,12 @@ GRID = {
 # Methods whose launch cuts came after the frozen tree (docs/benchmarks.md (d), round 16): run from .gpu/src_fix.
 FIX_TREE = {"adalora", "fishmask"}
 REFERENCE = "ia3"
-# peft's prompt-learning methods: evaluated without the KV cache, one row at a time (docs/results.md, prompt tuning),
-# so their evaluation scales with the task's rows as prompt tuning's does, not as (IA)3's.
-PROMPT_LEARNING = {"prompt_tuning", "ptuning", "prefix_tuning"}
-EVAL_REFERENCE_PROMPT = "prompt_tuning"
+# The reference for the evaluation of methods scored without the KV cache, one row at a time (docs/results.md,
+# prompt tuning): their evaluation scales with the task's rows as prompt tuning's does, not as (IA)3's.
+EVAL_REFERENCE_UNCACHED = "prompt_tuning"
 # Methods that fill the GPU by themselves (round 19: AdaLoRA beside FishMask passed 500 s where each took under
 # 400 s beside a light job or alone; UniPELT has the most launches a step, benchmarks/count_ops.py): one a call.
 HEAVY = {"adalora", "fishmask", "unipelt"}
-# Methods whose trainings restart from step 0 when killed (harness.peft_runner gives methods with on_step or prepare
-# no mid-training state); the others continue in the next back-to-back call from a tree at 933d86d or later.
-RESTARTS = {"adalora", "fishmask"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +119,8 @@ def estimate(longest: dict[tuple[str, str, str], float], model: str, task: str, 
 def missing_cells(runs, templates: dict[str, int], models=MODELS, tasks=TASKS, grid=GRID) -> list[Cell]:
     """The grid's trained cells with fewer finished runs than seeds x templates, with their estimates. ``runs``:
     the store's finished runs with the report's ``label`` column (:func:`harness.report.tables.with_groups`)."""
+    from harness.methods import get_method
+
     trained = runs[runs["train_seconds"].notna() & (runs["train_seconds"] > 0)]
     by_label = trained.groupby(["model", "task", "label"])
     longest = {key: float(v) for key, v in by_label["train_seconds"].max().items()}
@@ -135,7 +134,7 @@ def missing_cells(runs, templates: dict[str, int], models=MODELS, tasks=TASKS, g
                 n = int(done.get((model, task, label), 0))
                 if n < SEEDS * templates[task]:
                     train = estimate(longest, model, task, label)
-                    ref = EVAL_REFERENCE_PROMPT if method in PROMPT_LEARNING else REFERENCE
+                    ref = REFERENCE if get_method(method).supports_kv_cache else EVAL_REFERENCE_UNCACHED
                     evals = estimate(evaluation, model, task, label, reference=ref)
                     cells.append(Cell(model, task, method, settings, n, train, evals or 0.0, templates[task]))
     return cells
@@ -191,11 +190,13 @@ def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: 
         lines.append(f"{n}. {call[0].model}, ~{call_seconds(call, overhead, slowdown):.0f} s: "
                      f'`{src}GRID_JOBS="{jobs}"`')
     if left:
+        from harness.methods import get_method
+
         def why(c: Cell) -> str:
             if c.seconds is None:
                 return "nothing recorded to estimate from"
-            return "restarts when killed: needs a longer call" if c.method in RESTARTS else \
-                "resumes in a back-to-back call from a tree at 933d86d or later"
+            return "resumes in a back-to-back call from a tree at 933d86d or later" \
+                if get_method(c.method).resumable else "restarts when killed: needs a longer call"
         lines += ["", "Not planned (longer than one call, or no estimate): "
                   + ", ".join(f"{c.model} {c.task} {c.label} ({why(c)})" for c in left) + "."]
     return "\n".join(lines)

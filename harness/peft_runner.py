@@ -196,10 +196,8 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
         overhead = method_overhead(model, first.method, settings)
         trainable, total = count_params(model)
         trainable_vocab = costs.trainable_vocab_params(model)
-        # an interrupted training continues from its last state (harness.train_state); not for methods whose state
-        # lives outside the parameters and optimizer (AdaLoRA's allocator, FishMask's masks)
-        state = (TrainState(Path(artifacts_dir) / f"{group_hash(first)}.train_state.pt")
-                 if info.on_step is None and info.prepare is None else None)
+        # an interrupted training continues from its last state (harness.train_state) where the method allows
+        state = TrainState(Path(artifacts_dir) / f"{group_hash(first)}.train_state.pt") if info.resumable else None
         stats = train(model, lm.tokenizer, train_examples, task, settings, first.seed, progress, method=first.method,
                       compile=compile, state=state)
         model.eval()

@@ -113,7 +113,8 @@ def saved_steps(folder: str | Path) -> dict[str, int]:
     step its training continues at. What a run killed mid-training leaves for the next one."""
     steps = {}
     for path in sorted(Path(folder).glob("*.train_state.pt")):
-        steps[path.name] = int(torch.load(path, map_location="cpu", weights_only=False)["next_step"])
+        # mmap: only the step is read, not a full fine-tuning's parameters and optimizer state
+        steps[path.name] = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["next_step"])
     return steps
 
 

@@ -52,19 +52,22 @@ def test_a_job_beside_others_is_slowed_and_a_pair_that_would_pass_the_deadline_s
     assert [[c.method for c in call] for call in calls] == [["dora", "lokr"], ["oft"]]
 
 
-def test_a_job_counts_its_evaluations_scaled_like_prompt_tuning_for_prompt_learning():
-    """Round 19's P-tuning wic job, planned from its training alone, ran past the deadline: peft's prompt
-    learning evaluates one row at a time, so its evaluation scales with prompt tuning's between tasks."""
+def test_a_job_counts_its_evaluations_scaled_like_prompt_tuning_for_uncached_methods():
+    """Round 19's P-tuning wic job, planned from its training alone, ran past the deadline: methods scored without
+    the KV cache (prompt learning, MAM) evaluate one row at a time, so their evaluation scales with prompt
+    tuning's between tasks."""
     rows = [("ia3", "wsc", 270, 1.0), ("ia3", "wic", 270, 2.0), ("prompt_tuning", "wsc", 180, 12.0),
-            ("prompt_tuning", "wic", 270, 48.0), ("ptuning", "wsc", 220, 13.0), ("lora", "wsc", 230, 1.0)]
+            ("prompt_tuning", "wic", 270, 48.0), ("ptuning", "wsc", 220, 13.0), ("lora", "wsc", 230, 1.0),
+            ("mam", "wsc", 250, 3.0)]
     runs = pd.DataFrame([{"model": "smollm2-135m", "task": t, "label": m, "train_seconds": tr, "eval_seconds": ev}
                          for m, t, tr, ev in rows])
     cells = {c.method: c for c in grid_plan.missing_cells(runs, {"wsc": 4, "wic": 4}, models=("smollm2-135m",),
-                                                          tasks=("wic",), grid={"ptuning": "", "lora": ""})}
+                                                          tasks=("wic",), grid={"ptuning": "", "lora": "", "mam": ""})}
     assert cells["ptuning"].train == pytest.approx(220)  # 220 x 270/270 ((IA)3's training ratio)
     assert cells["ptuning"].evaluation == pytest.approx(52)  # 13 x 48/12 (prompt tuning's), not 13 x 2/1
     assert cells["ptuning"].seconds == pytest.approx(220 + 4 * 52)
     assert cells["lora"].evaluation == pytest.approx(2)  # 1 x 2/1 ((IA)3's)
+    assert cells["mam"].evaluation == pytest.approx(12)  # 3 x 48/12: MAM carries a prefix, no cache
 
 
 def test_plan_of_the_committed_store(tmp_path, capsys):
@@ -88,6 +91,9 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
     assert grid_plan.main([str(store), "--model", "smollm2-135m"]) == 0
     out = capsys.readouterr().out
     assert '--methods fishmask --tasks wsc --workers 5"`' in out  # alone: HEAVY
+    # over one call: AdaLoRA keeps no mid-training state (MethodInfo.resumable), VeRA does
+    assert "smollm2-135m cb adalora (restarts when killed" in out
+    assert "smollm2-135m cb vera (resumes in a back-to-back call" in out
     with pytest.raises(SystemExit) as exit_:
         grid_plan.main([str(tmp_path / "absent.sqlite")])
     assert exit_.value.code == 2 and "no results store" in capsys.readouterr().err

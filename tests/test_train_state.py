@@ -144,3 +144,14 @@ def test_remove_deletes_the_state_and_half_written_copies(tmp_path):
     (tmp_path / "other.train_state.pt.1.tmp").write_bytes(b"x")
     state.remove()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.train_state.pt.1.tmp"]
+
+
+def test_only_methods_without_outside_state_resume():
+    """AdaLoRA (rank allocator, ``on_step``) and FishMask (masks, ``prepare``) keep state a TrainState does not
+    hold, so the runner gives them none; the other methods resume."""
+    from harness.methods import get_method, list_methods
+
+    restarting = {m.name for m in list_methods() if m.kind == "peft" and not m.resumable}
+    assert {"adalora", "fishmask"} <= restarting
+    assert all(get_method(m).on_step is not None or get_method(m).prepare is not None for m in restarting)
+    assert get_method("ia3").resumable and get_method("lora").resumable

@@ -91,6 +91,13 @@ class MethodInfo:
     trains_model_dtype: bool = False
     costs_version: int = 0
 
+    @property
+    def resumable(self) -> bool:
+        """Whether a killed training of this method can continue from its saved state (harness.train_state):
+        not when state lives outside the parameters and optimizer (``on_step``: AdaLoRA's allocator; ``prepare``:
+        FishMask's masks)."""
+        return self.on_step is None and self.prepare is None
+
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         check(self.family in FAMILIES, f"method {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
