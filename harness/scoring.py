@@ -218,8 +218,11 @@ def score_cached(model, rows: list[Row], batch_size: int, dims: ModelDims, pad_i
 
 def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts: list[list[list[int]]],
                       dims: ModelDims, pad_id: int, device, fast: bool) -> tuple[list[list[float]], Work]:
-    """``fast``: the architecture allows :mod:`harness.attention`'s paths (shared-prefix attention after a prefix,
-    right-padded causal rows without a mask for one-token choices, with or without a prefix)."""
+    """``fast``: the architecture allows :mod:`harness.attention`'s paths after a prefix (shared-prefix attention;
+    right-padded causal rows without a mask for one-token choices). Without a prefix (zero-shot, an adapter's
+    evaluation) the queries stay left-padded with a mask: the right-padded path gives other bfloat16 numbers (the
+    same run ids could not then reproduce the published runs; docs/results.md, round 20), so taking it needs a new
+    ``SCORING_VERSION``."""
     work = Work()
     n_prefix = len(cache.ids)
     shared = fast and n_prefix > 0
@@ -232,8 +235,7 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
     q_pos = n_prefix + (q_mask.cumsum(-1) - 1).clamp(min=0)
     lc = max(len(c) for cs in conts for c in cs)
     extra = {"shared_prefix": cache.shared()} if shared else {}
-    if fast and lc == 1:  # no own cache needed: right-padded rows, causal without a mask (flash on CUDA); without a
-        # prefix (zero-shot, an adapter's evaluation) too, where left padding would need a mask (no flash kernel)
+    if shared and lc == 1:  # no own cache needed: right-padded rows, causal without a mask (flash on CUDA)
         logits = attention.last_token_logits(model, queries, n_prefix, pad_id, device, extra.get("shared_prefix"))
         last_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     else:

@@ -185,9 +185,11 @@ def test_non_finite_logprobs_raise_naming_example_and_choice(smollm, cb, use_cac
     assert math.isfinite(score_prompts(smollm.model, smollm.tokenizer, prompts[:1]).examples[0].logprobs[0])
 
 
-def test_zero_shot_one_token_choices_take_the_right_padded_path_and_equal_naive(smollm, data_dir, monkeypatch):
-    """No prefix (cb's gpt3_style at k=0) and one-token choices: right-padded causal rows without a mask (what the
-    shared-prefix path does after a prefix), not left padding with a mask; the same numbers as the naive path."""
+def test_zero_shot_one_token_choices_stay_left_padded_and_equal_naive(smollm, data_dir, monkeypatch):
+    """No prefix (cb's gpt3_style at k=0) and one-token choices: left-padded queries with a mask, not the
+    right-padded maskless rows the shared-prefix path takes after a prefix. 8817784 took that path here too: equal in
+    float32, but other bfloat16 log-probs (CPU and H100: up to 0.36 and 1.9 on wsc) under the same run ids, so the
+    published runs no longer reproduced; docs/results.md, round 20. Taking it again needs a new SCORING_VERSION."""
     from harness import attention
 
     task = load_task("cb")
@@ -197,7 +199,7 @@ def test_zero_shot_one_token_choices_take_the_right_padded_path_and_equal_naive(
     real = attention.last_token_logits
     monkeypatch.setattr(attention, "last_token_logits", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     cached = score_prompts(smollm.model, smollm.tokenizer, prompts, "", use_cache=True, batch_size=4)
-    assert cached.prefix_tokens == 0 and calls and set(calls) == {0}  # n_prefix 0, the fast path
+    assert cached.prefix_tokens == 0 and calls == []  # no prefix: not the right-padded path
     naive = score_prompts(smollm.model, smollm.tokenizer, prompts, "", use_cache=False, batch_size=4)
     for a, b in zip(cached.examples, naive.examples):
         for x, y in zip(a.logprobs, b.logprobs):
