@@ -84,12 +84,13 @@ def main(path: str) -> None:
     print(f"\nRuns not finished (left out of every table above): {total}."
           + "".join(f"\n- {task} {model} {method}: {n} run(s) {status}: {error}"
                     for task, model, method, status, n, error in bad))
-    commits = sorted(str(r[0]) for r in db.execute("SELECT DISTINCT json_extract(env_json, '$.git_commit') FROM runs"))
+    commits = sorted(str(r[0]) for r in db.execute("SELECT DISTINCT json_extract(env_json, '$.git_commit') FROM runs "
+                                                  "WHERE status = 'finished'"))
     envs = db.execute("SELECT DISTINCT json_extract(env_json, '$.gpu'), json_extract(env_json, '$.python'), "
-                      "json_extract(env_json, '$.packages') FROM runs").fetchall()
+                      "json_extract(env_json, '$.packages') FROM runs WHERE status = 'finished'").fetchall()
     described = "; ".join(f"{gpu}, Python {py}, " + ", ".join(f"{k} {v}" for k, v in json.loads(pk).items() if v)
                           for gpu, py, pk in envs)
-    print(f"\nEnvironment the runs recorded: commit {', '.join(commits)}; {described}.")
+    print(f"\nEnvironment the finished runs recorded: commit {', '.join(commits)}; {described}.")
     tokenizers = db.execute("SELECT model, json_extract(env_json, '$.tokenizer'), COUNT(*) FROM runs "
                             "WHERE status = 'finished' GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
     per_model: dict[str, list[str]] = {}

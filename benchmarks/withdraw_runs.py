@@ -23,6 +23,14 @@ starting at zero moved at most ``lr x 1e-3`` a step and never trained (round 15,
 SmolLM2 copa runs ended at loss 1.7-3.1 with zero-shot's accuracy). T-Few masks the full tensor's gradient instead.
 
     python -m benchmarks.withdraw_runs STORE.sqlite --fishmask-sparse
+
+With ``--commit SHA`` it withdraws instead every finished run made by a code tree at that commit (the commit each
+run recorded in its environment): 292a898 scored one-token choices without a prefix (an adapter's evaluation,
+zero-shot) on the right-padded path of 8817784, which gives other bfloat16 log-probs than the grid's trees under
+the same run ids (round 20, docs/results_rounds.md; reverted in bde8a16). A re-run from a fixed tree replaces them
+(same run ids); ``results/paper/rerun_scoring_path.sqlite.xz`` keeps a copy.
+
+    python -m benchmarks.withdraw_runs STORE.sqlite --commit 292a898
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ REASON = ("trained {dtype} parameters without float32 master weights (updates be
 FISHMASK_REASON = ("FishMask trained zero-initialised sparse deltas under Adafactor scale_parameter=True (steps of at "
                    "most lr x 1e-3: the masked entries barely moved, so the model stayed the base model); T-Few masks "
                    "the full tensor's gradient (update=dense, new run ids); re-run")
+
+
+COMMIT_REASON = ("scored at {commit}, whose evaluation of one-token choices without a prefix (8817784's right-padded "
+                 "path) gives other bfloat16 log-probs than the grid's trees under the same run ids; reverted in "
+                 "bde8a16: re-run from bde8a16 or later")
 
 
 def fishmask_sparse(config: dict) -> bool:
@@ -69,11 +82,12 @@ def main() -> None:
     parser.add_argument("--transformers", help="the transformers version whose tokenizer conversion was wrong")
     parser.add_argument("--fishmask-sparse", action="store_true",
                         help="withdraw FishMask runs of sparse zero-initialised deltas under Adafactor scale_parameter")
+    parser.add_argument("--commit", help="withdraw the runs made by the code at this commit (a prefix of its hash)")
     args = parser.parse_args()
+    if sum(map(bool, (args.model, args.fishmask_sparse, args.commit))) > 1:
+        parser.error("--model, --fishmask-sparse and --commit are separate withdrawals: run them one at a time")
     if bool(args.model) != bool(args.transformers):
         parser.error("--model and --transformers go together")
-    if args.fishmask_sparse and args.model:
-        parser.error("--fishmask-sparse and --model are separate withdrawals: run them one at a time")
     db = sqlite3.connect(args.store)
     rows = db.execute("SELECT run_id, config_json, env_json FROM runs WHERE status = 'finished'").fetchall()
     if args.model:
@@ -81,6 +95,11 @@ def main() -> None:
             return cfg.get("model") == args.model and env.get("packages", {}).get("transformers") == args.transformers
 
         reason = TOKENIZER_REASON.format(version=args.transformers)
+    elif args.commit:
+        def hit(cfg: dict, env: dict) -> bool:
+            return str(env.get("git_commit") or "").startswith(args.commit)
+
+        reason = COMMIT_REASON.format(commit=args.commit)
     elif args.fishmask_sparse:
         def hit(cfg: dict, env: dict) -> bool:
             return fishmask_sparse(cfg)

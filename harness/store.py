@@ -7,7 +7,8 @@ Guarantees:
 - WAL mode and a generous busy timeout let several processes write one store without losing rows;
 - failed runs are stored with status ``failed`` and their reason; they are retried on the next invocation;
 - runs found wrong after the fact are marked ``withdrawn`` with the reason (``benchmarks/withdraw_runs.py``): kept, never
-  reported, and never matched by a new plan (a fix that changes numbers changes the run ids).
+  reported, and never matched by a new plan when the fix changes the run ids; when the fix restores the numbers
+  those ids stand for (a code tree that scored differently, ``--commit``), a re-run replaces them.
 - a ``finished`` run never holds a NaN or infinite log-prob (:meth:`ExampleScore.check_finite`).
 
 Per choice we keep the summed log-probability, its token count and its character count, so any normalization

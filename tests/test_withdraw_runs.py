@@ -57,3 +57,23 @@ def test_withdraws_fishmask_sparse_deltas_under_scaled_adafactor(tmp_path, monke
                     "adapter": "finished"}
     assert "scale_parameter" in store.get_run("old")["error"]
     assert "withdrew 2 of 5" in capsys.readouterr().out
+
+
+def test_withdraws_the_runs_of_one_commit(tmp_path, monkeypatch, capsys):
+    """--commit: exactly the finished runs whose environment names that commit (a prefix of the hash)."""
+    from benchmarks.withdraw_runs import main
+
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    for run_id, commit in {"new": "292a898f8b74", "old": "245611ae03e6", "none": None}.items():
+        store.write(RunResult(run_id, {"task": "wsc", "method": "lokr", "model": "smollm2-135m"}, "finished",
+                              {"accuracy": 0.5, "n_eval": 1}, [], env={"git_commit": commit}))
+    monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--commit", "292a898"])
+    main()
+    rows = dict(sqlite3.connect(path).execute("SELECT run_id, status FROM runs").fetchall())
+    assert rows == {"new": "withdrawn", "old": "finished", "none": "finished"}
+    assert "8817784" in store.get_run("new")["error"]
+    assert "withdrew 1 of 3" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--commit", "292a898", "--fishmask-sparse"])
+    with pytest.raises(SystemExit):
+        main()
