@@ -27,7 +27,10 @@
 #                 store, under one deadline ($GRID_TIMEOUT s, default 540, and at most $CALL_DEADLINE s, 565,
 #                 after the script started: call B's assemble took 55 s); past it every job is killed. The store
 #                 is ALWAYS copied to $OUT afterwards (SQLite backup, a consistent copy even after a kill; gzipped).
-#                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way is lost.
+#                 Finished runs are skipped by run id, so the next call resumes; a training killed mid-way
+#                 continues at its last saved step (trees at 933d86d or later, all methods but AdaLoRA and
+#                 FishMask): its state comes back as $OUT/train_states.tar.gz (up to $STATES_MAX_MB, 15) and a
+#                 call that carries it in as .gpu/store/train_states.tar.gz restores it, on a fresh machine too.
 #   summary       runs per task x method x status in the store
 #   (GRID_GPUS=2 on an nvidia-h200-x2 machine: job i of a grid stage runs on GPU i mod 2; device time counts the
 #   machine, not its GPUs, so two plans a call: GRID_JOBS="--methods lora,ln_tuning --tasks wic --workers 10;
@@ -97,6 +100,7 @@ MODEL=${MODEL:-smollm2-135m}               # or gemma3-270m (stages gemma-assemb
 RERUN_STORE=${RERUN_STORE:-/tmp/rerun/rerun.sqlite}  # a job's own `--store $RERUN_STORE` (a fresh store: reruns)
 GRID_TIMEOUT=${GRID_TIMEOUT:-540}         # seconds of a grid stage, and
 CALL_DEADLINE=${CALL_DEADLINE:-565}       # seconds since this script started (a call may run 600 s; the copy follows)
+STATES_MAX_MB=${STATES_MAX_MB:-15}         # killed trainings' states copied back (smallest first) up to this size
 GRID_GPUS=${GRID_GPUS:-1}                 # GPUs of the machine: job i of a grid stage runs on GPU i mod GRID_GPUS
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
@@ -208,6 +212,12 @@ src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2])
 src.backup(dst); dst.close(); src.close()" "$RERUN_STORE" /tmp/rerun-copy.sqlite &&
       gzip -6 -c /tmp/rerun-copy.sqlite > "$OUT/rerun.sqlite.gz" && ls -l "$OUT/rerun.sqlite.gz"
   fi
+  # killed trainings' states (trees at 933d86d or later): back beside the store, so that a fresh machine or a later
+  # session continues them (carry .gpu/store/train_states.tar.gz in; benchmarks/carry_states.py; round 20 lost two
+  # trainings' states when the machine went back between calls)
+  rm -f "$OUT/train_states.tar.gz"
+  (cd "$ROOT" && "$PYTHON" -m benchmarks.carry_states pack "${STORE%.sqlite}.artifacts/adapters" \
+     "$OUT/train_states.tar.gz" --max-mb "$STATES_MAX_MB")
   for f in "$OUT"/paper.sqlite.gz "$OUT"/rerun.sqlite.gz; do  # a file that comes back is at most 16 MiB
     if [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15728640 ]; then split -b 15M "$f" "$f.part." && rm "$f"; fi
   done
@@ -288,6 +298,10 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
           "$G/store/paper.sqlite.xz" "$STORE.tmp" && rm -f "$STORE-wal" "$STORE-shm" && mv "$STORE.tmp" "$STORE"
       elif [ -f "$G/store/paper.sqlite.gz" ]; then
         gunzip -c "$G/store/paper.sqlite.gz" > "$STORE.tmp" && rm -f "$STORE-wal" "$STORE-shm" && mv "$STORE.tmp" "$STORE"
+      fi
+      if [ -f "$G/store/train_states.tar.gz" ]; then  # states of trainings an earlier call left unfinished (above)
+        (cd "$ROOT" && "$PYTHON" -m benchmarks.carry_states unpack "$G/store/train_states.tar.gz" \
+           "${STORE%.sqlite}.artifacts/adapters")
       fi
       [ -f "$STORE" ] && echo "resuming $STORE ($("$PYTHON" -c "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT COUNT(*) FROM runs').fetchone()[0])" "$STORE" 2>/dev/null || echo '?') runs)"
       IFS=';' read -ra jobs <<< "$jobs_text"
