@@ -69,6 +69,7 @@ class Cell:
     train: float | None
     evaluation: float = 0.0
     templates: int = 4
+    code_tree: str | None = None  # one tree for every cell (--tree); None: the frozen trees by method
 
     @property
     def seconds(self) -> float | None:
@@ -89,6 +90,8 @@ class Cell:
 
     @property
     def tree(self) -> str:
+        if self.code_tree:
+            return self.code_tree
         return ".gpu/src_fix" if self.method in FIX_TREE else ".gpu/src"
 
 
@@ -185,7 +188,7 @@ def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: 
     lines += ["", f"Calls of {width} trainings side by side at most, GRID_TIMEOUT={deadline:.0f}: {len(calls)} calls, "
               f"about {total:,.0f} s of device time (machine start and parts not counted).", ""]
     for n, call in enumerate(calls, 1):
-        src = "SRC=$PWD/.gpu/src_fix " if call[0].tree.endswith("src_fix") else ""
+        src = "" if call[0].tree == ".gpu/src" else f"SRC=$PWD/{call[0].tree} "
         jobs = "; ".join(c.job for c in call)
         lines.append(f"{n}. {call[0].model}, ~{call_seconds(call, overhead, slowdown):.0f} s: "
                      f'`{src}GRID_JOBS="{jobs}"`')
@@ -212,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a job adds to its trainings and evaluations: loading (30)")
     parser.add_argument("--slowdown", type=float, default=1.3,
                         help="factor on recorded training seconds for a job with neighbours in its call (1.3)")
+    parser.add_argument("--tree", help="one code tree for every call (e.g. .gpu/src_new2, a tree at bde8a16 or later, "
+                        "once the rerun check passed on the GPU: docs/benchmarks.md (d), round 20); default: the "
+                        "frozen trees, .gpu/src_fix for AdaLoRA and FishMask, .gpu/src for the others")
     args = parser.parse_args(argv)
     require_store(args.store)
     from harness.report.tables import with_groups
@@ -221,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     finished = with_groups(runs(args.store, status="finished"))
     templates = {t: len(load_task(t).templates) for t in TASKS}
     cells = missing_cells(finished, templates, models=tuple(args.model or MODELS))
+    if args.tree:
+        cells = [dataclasses.replace(c, code_tree=args.tree.rstrip("/")) for c in cells]
     calls, left = plan_calls(cells, args.width, args.deadline, args.overhead, args.slowdown)
     print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown))
     return 0

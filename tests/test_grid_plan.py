@@ -42,6 +42,18 @@ def test_calls_respect_width_deadline_and_code_tree():
         grid_plan.render(cells, calls, left, 10, 545, 40)
 
 
+def test_one_tree_for_every_cell_lets_a_heavy_method_share_a_call_with_a_light_one():
+    """--tree: every call runs from that tree (AdaLoRA beside a light job, still never beside FishMask)."""
+    import dataclasses
+
+    cells = [dataclasses.replace(c, code_tree=".gpu/src_new2")
+             for c in (_cell("adalora", seconds=300), _cell("oft", seconds=200), _cell("fishmask", seconds=250))]
+    calls, left = plan_calls(cells, width=10, deadline=545, overhead=40)
+    assert [[c.method for c in call] for call in calls] == [["adalora", "oft"], ["fishmask"]]
+    text = grid_plan.render(cells, calls, left, 10, 545, 40)
+    assert text.count("SRC=$PWD/.gpu/src_new2 GRID_JOBS=") == 2 and "src_fix" not in text
+
+
 def test_a_job_beside_others_is_slowed_and_a_pair_that_would_pass_the_deadline_splits():
     dora, lokr, oft = _cell("dora", seconds=400), _cell("lokr", seconds=390), _cell("oft", seconds=200)
     assert call_seconds([dora], 40, slowdown=1.3) == pytest.approx(440)  # alone: as recorded
