@@ -198,7 +198,7 @@ def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: 
         def why(c: Cell) -> str:
             if c.seconds is None:
                 return "nothing recorded to estimate from"
-            return "resumes in a back-to-back call from a tree at 933d86d or later" \
+            return "resumes in a later call from a tree at bde8a16 or later" \
                 if get_method(c.method).resumable else "restarts when killed: needs a longer call"
         lines += ["", "Not planned (longer than one call, or no estimate): "
                   + ", ".join(f"{c.model} {c.task} {c.label} ({why(c)})" for c in left) + "."]

@@ -105,7 +105,7 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
     assert '--methods fishmask --tasks wsc --workers 5"`' in out  # alone: HEAVY
     # over one call: AdaLoRA keeps no mid-training state (MethodInfo.resumable), VeRA does
     assert "smollm2-135m cb adalora (restarts when killed" in out
-    assert "smollm2-135m cb vera (resumes in a back-to-back call" in out
+    assert "smollm2-135m cb vera (resumes in a later call from a tree at bde8a16" in out
     with pytest.raises(SystemExit) as exit_:
         grid_plan.main([str(tmp_path / "absent.sqlite")])
     assert exit_.value.code == 2 and "no results store" in capsys.readouterr().err
