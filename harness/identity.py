@@ -11,7 +11,10 @@ grid coordinates and settings, that is:
   local folder, the Hub commit of a Hub id, or the config and seed of a ``random:`` model; cached per file by
   (path, size, mtime) so a 100 MB file is read once, not once per run;
 - ``scoring_version``: :data:`SCORING_VERSION`, bumped by hand whenever scoring or training numerics change
-  (tokenization, the scorer, losses, optimizer semantics, schedule), so stores made by older code re-run.
+  (tokenization, the scorer, losses, optimizer semantics, schedule), so stores made by older code re-run. "Numerics"
+  means in every dtype: a path equal in float32 can move bfloat16 scores (8817784's padding change did, under
+  unchanged ids; reverted in bde8a16). Before landing a scorer or attention change, compare the stores of
+  ``harness run --methods zeroshot --tasks wsc,wic --limit 48 --dtype bfloat16 --device cpu`` before and after.
 
 Changing any of these makes new run ids (the old runs stay in the store, untouched); unchanged inputs keep
 their ids, so finished runs are skipped.
