@@ -125,26 +125,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 
 def last_token_logits(model, queries: list[list[int]], n_prefix: int, pad_id: int, device,
-                      shared_prefix: SharedPrefix | None) -> torch.Tensor:
+                      shared_prefix: SharedPrefix) -> torch.Tensor:
     """Logits [B, V] after each query's last token, the queries following the shared prefix (inside
-    :func:`shared_prefix_attention`; ``shared_prefix`` None and ``n_prefix`` 0: no prefix). Rows are right-padded:
-    padding after a row's tokens is never seen by them under causal attention, so no mask is needed and the own part
-    runs as causal flash attention; the final hidden states are gathered at each row's last token and projected."""
+    :func:`shared_prefix_attention`). Rows are right-padded: padding after a row's tokens is never seen by them under
+    causal attention, so no mask is needed and the own part runs as causal flash attention; the final hidden states
+    are gathered at each row's last token and projected. Only after a prefix: without one the scorer keeps left
+    padding with a mask (the numbers the run ids stand for in bfloat16; harness/scoring.py)."""
     B, width = len(queries), max(len(q) for q in queries)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     for b, q in enumerate(queries):
         ids[b, :len(q)] = torch.tensor(q, dtype=torch.long)
     pos = (n_prefix + torch.arange(width)).expand(B, width)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {}
-    if shared_prefix is not None:
-        if torch.device(device).type == "cpu":  # padding does not attend to the prefix (SharedPrefix.valid:
-            # bit-identical numbers on the CPU's fused kernel, tests/test_fastpaths.py)
-            valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(q) for q in queries]).unsqueeze(1)  # [B, W]
-            shared_prefix = dataclasses.replace(shared_prefix, valid=valid)
-        extra["shared_prefix"] = shared_prefix
+    if torch.device(device).type == "cpu":  # padding does not attend to the prefix (SharedPrefix.valid: bit-identical
+        # numbers on the CPU's fused kernel, tests/test_fastpaths.py)
+        valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(q) for q in queries]).unsqueeze(1)  # [B, width]
+        shared_prefix = dataclasses.replace(shared_prefix, valid=valid)
     hidden = base.get_decoder()(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False,
-                                **extra).last_hidden_state  # [B, width, d]
+                                shared_prefix=shared_prefix).last_hidden_state  # [B, width, d]
     last = torch.tensor([len(q) - 1 for q in queries], device=device)
     return base.get_output_embeddings()(hidden[torch.arange(B, device=device), last])  # [B, V]
 

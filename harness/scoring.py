@@ -236,7 +236,7 @@ def _score_from_cache(model, cache: PrefixCache, queries: list[list[int]], conts
     lc = max(len(c) for cs in conts for c in cs)
     extra = {"shared_prefix": cache.shared()} if shared else {}
     if shared and lc == 1:  # no own cache needed: right-padded rows, causal without a mask (flash on CUDA)
-        logits = attention.last_token_logits(model, queries, n_prefix, pad_id, device, extra.get("shared_prefix"))
+        logits = attention.last_token_logits(model, queries, n_prefix, pad_id, device, extra["shared_prefix"])
         last_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     else:
         if shared:  # own keys only in the cache; the prefix through the shared K/V
