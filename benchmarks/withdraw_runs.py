@@ -83,9 +83,13 @@ def main() -> None:
     parser.add_argument("--fishmask-sparse", action="store_true",
                         help="withdraw FishMask runs of sparse zero-initialised deltas under Adafactor scale_parameter")
     parser.add_argument("--commit", help="withdraw the runs made by the code at this commit (a prefix of its hash)")
+    parser.add_argument("--reason", help="with --commit: why (default: the reason of 292a898's runs, 8817784's "
+                        "scoring path)")
     args = parser.parse_args()
     if sum(map(bool, (args.model, args.fishmask_sparse, args.commit))) > 1:
         parser.error("--model, --fishmask-sparse and --commit are separate withdrawals: run them one at a time")
+    if args.reason and not args.commit:
+        parser.error("--reason goes with --commit")
     if bool(args.model) != bool(args.transformers):
         parser.error("--model and --transformers go together")
     db = sqlite3.connect(args.store)
@@ -99,7 +103,7 @@ def main() -> None:
         def hit(cfg: dict, env: dict) -> bool:
             return str(env.get("git_commit") or "").startswith(args.commit)
 
-        reason = COMMIT_REASON.format(commit=args.commit)
+        reason = args.reason or COMMIT_REASON.format(commit=args.commit)
     elif args.fishmask_sparse:
         def hit(cfg: dict, env: dict) -> bool:
             return fishmask_sparse(cfg)

@@ -74,6 +74,9 @@ def test_withdraws_the_runs_of_one_commit(tmp_path, monkeypatch, capsys):
     assert rows == {"new": "withdrawn", "old": "finished", "none": "finished"}
     assert "8817784" in store.get_run("new")["error"]
     assert "withdrew 1 of 3" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--commit", "245611a", "--reason", "a planted bug"])
+    main()
+    assert store.get_run("old")["error"] == "a planted bug" and store.get_run("old")["status"] == "withdrawn"
     monkeypatch.setattr(sys, "argv", ["withdraw_runs", str(path), "--commit", "292a898", "--fishmask-sparse"])
     with pytest.raises(SystemExit):
         main()
