@@ -42,7 +42,8 @@
 #                 per attention backend ($PROBE_STEPS steps, default 20; $PROBE_ARGS: more options, e.g.
 #                 "--methods ia3,full --attention sdpa --paddings right"), into $OUT/train_memory_probe.json
 # A job may name its own store (`--store /tmp/rerun/rerun.sqlite`: a rerun into a fresh store, copied back as
-# rerun.sqlite.gz); files over 15 MiB come back split (NAME.part.aa, ...: cat them).
+# rerun.sqlite.gz; compare it with `python -m benchmarks.rerun_check STORE rerun.sqlite.gz` before trusting the
+# tree); files over 15 MiB come back split (NAME.part.aa, ...: cat them).
 #
 # Round 2 (2026-12-03, commit b7a559c): the tree had grown (embedded data), so 45 MB parts no longer fitted beside
 # .gpu/src, .gpu/store and .gpu/data in one call: three parts of 33 MB, one call each:
