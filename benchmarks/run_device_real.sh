@@ -352,6 +352,9 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         i=$((i + 1))
       done
       copy_back
+      if [ -f "$RERUN_STORE" ]; then  # a rerun beside the jobs: does this tree reproduce the store's runs? (round 20)
+        (cd "$ROOT" && "$PYTHON" -m benchmarks.rerun_check "$STORE" "$RERUN_STORE" | tail -5)
+      fi
       summary ;;
     memprobe)  # peak GPU memory and step time of one training per attention backend (benchmarks/train_memory_probe.py;
       # round 7: a Gemma 3 (IA)3 process held 18.7 GB against SmolLM2's 5.0 GB): run it before a Gemma grid call
