@@ -103,7 +103,11 @@ def compare_stores(store: Path, rerun: Path) -> list[RunComparison]:
         equal, worst, moved = compare_rows(*rows)
         out.append(RunComparison(run_id, task, method, template, seed, len(rows[0]), equal, worst, moved,
                                  acc_store, acc_rerun))
+    unmatched = db.execute("SELECT COUNT(*) FROM r.runs WHERE run_id NOT IN (SELECT run_id FROM main.runs)").fetchone()[0]
     db.close()
+    if unmatched:
+        print(f"note: {unmatched} run(s) of {rerun} are not in {store}: not compared (other ids: other settings, "
+              "data or scoring version)", file=sys.stderr)
     return out
 
 

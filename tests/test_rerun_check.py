@@ -63,6 +63,9 @@ def test_a_faithful_rerun_passes_and_one_ulp_fails(tmp_path, capsys):
     rerun = _rerun_of(store, tmp_path / "rerun.sqlite", "task='wsc' AND method='lokr' AND seed=0")
     assert rerun_check.main([str(store), str(rerun)]) == 0
     assert "PASS: 4 runs, 416 rows" in capsys.readouterr().out
+    assert rerun_check.main([str(rerun), str(store)]) == 0  # the other way round: the store's other runs are noted
+    err = capsys.readouterr().err
+    assert "are not in" in err and "not compared" in err
 
     db = sqlite3.connect(rerun)  # plant the smallest possible change: one choice of one example, one float32 ulp
     run_id, position, logprobs = db.execute("SELECT run_id, position, logprobs_json FROM examples "
