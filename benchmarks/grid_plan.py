@@ -22,6 +22,13 @@ with a light neighbour, passed 500 s together) never share a call. An estimate i
 GRID_TIMEOUT, not a promise: keep the deadline's margin.
 
     python -m benchmarks.grid_plan STORE.sqlite --model smollm2-135m --width 10 --deadline 545
+
+With ``--pipeline`` the resumable cells are planned instead as one queue run two jobs at a time
+(``run_device_real.sh grid`` with ``GRID_SLOTS=2``: a job that ends frees its slot for the next; a job killed at
+the deadline continues in the next call from its trainings' saved state), so cells longer than a call need no
+call of their own and no slot idles while a call has time left; AdaLoRA and FishMask, which restart when killed,
+are planned as calls that must fit (:func:`plan_pipeline`). Session 29 counted 33 resumable SmolLM2 cells at about
+11,300 s this way, where the calls that fit held 25 of them in about 10,100 s and left the other 11 over a call.
 """
 
 from __future__ import annotations
@@ -174,6 +181,97 @@ def call_seconds(call: list[Cell], overhead: float, slowdown: float = 1.0) -> fl
     return max(c.job_seconds(factor) for c in call) + overhead
 
 
+@dataclasses.dataclass
+class QueuedJob:
+    """A job of :func:`plan_pipeline`'s queue in one call: its cell, the call-relative second it starts, whether it
+    started in an earlier call (carried: a killed job resumes), and whether it ends in this call."""
+
+    cell: Cell
+    start: float
+    carried: bool = False
+    finishes: bool = True
+
+
+def plan_pipeline(cells: list[Cell], width: int, deadline: float, overhead: float, slowdown: float = 1.0,
+                  grace: float = 15.0, min_start: float = 120.0) -> tuple[list[tuple[list[QueuedJob], float]],
+                                                                          list[Cell]]:
+    """The resumable cells as one queue run ``width // 5`` jobs at a time (``run_device_real.sh grid`` with
+    GRID_SLOTS): a job that ends frees its slot for the next while ``min_start`` seconds of the call are left, and
+    a job killed at the deadline continues in the next call from the state its trainings saved ``grace`` seconds
+    before (``harness.train_state``), paying ``overhead`` (loading) again. A job's seconds are
+    :meth:`Cell.job_seconds` with ``slowdown`` (it always has neighbours); a ``HEAVY`` one does not start beside
+    another (the next job in the queue goes first). Methods that restart when killed (AdaLoRA, FishMask) are left
+    to :func:`plan_calls`. Returns [(the call's jobs in start order, the call's seconds)] and the cells not queued."""
+    from harness.methods import get_method
+
+    queue = sorted((c for c in cells if c.seconds is not None and get_method(c.method).resumable),
+                   key=lambda c: (MODELS.index(c.model), c.tree, -c.seconds))
+    left = [c for c in cells if c not in queue]
+    slots = max(1, width // 5)
+    calls: list[tuple[list[QueuedJob], float]] = []
+    running: list[tuple[Cell, float]] = []  # (cell, work left in seconds, slowed) carried into the next call
+    while queue or running:
+        jobs = [QueuedJob(cell, 0.0, carried=True) for cell, _ in running]
+        ends = [overhead + work for _, work in running]
+        running = []
+        now = 0.0
+        while True:
+            free = len([e for e in ends if e > now]) < slots
+            if free and queue and deadline - now >= min_start:
+                busy = [j.cell for j, e in zip(jobs, ends) if e > now]
+                same = [c for c in queue if c.model == (busy[0].model if busy else queue[0].model)
+                        and c.tree == (busy[0].tree if busy else queue[0].tree)]
+                pick = next((c for c in same if not (c.method in HEAVY and any(b.method in HEAVY for b in busy))),
+                            same[0] if same else None)
+                if pick is not None:
+                    queue.remove(pick)
+                    jobs.append(QueuedJob(pick, now))
+                    ends.append(now + overhead + pick.job_seconds(slowdown))
+                    continue
+            later = [e for e in ends if e > now]
+            if not later:
+                break
+            now = min(later)
+            if now >= deadline:
+                break
+        for job, end in zip(jobs, ends):
+            job.finishes = end <= deadline
+            if not job.finishes:  # progress kept: up to the save `grace` before the kill, after its loading
+                kept = max(0.0, deadline - grace - job.start - overhead)
+                running.append((job.cell, end - job.start - overhead - kept))
+        calls.append((jobs, min(deadline, max(ends))))
+    return calls, left
+
+
+def render_pipeline(calls: list[tuple[list[QueuedJob], float]], left: list[Cell], width: int, deadline: float,
+                    spare: int = 2) -> str:
+    """Each call's GRID_JOBS: the jobs the plan starts in it (those carried first) and ``spare`` more of the queue
+    (they start only if a slot frees in time: estimates are guides)."""
+    order = [job.cell for jobs, _ in calls for job in jobs if not job.carried]
+    total, lines = 0.0, []
+    for n, (jobs, seconds) in enumerate(calls, 1):
+        total += seconds
+        started = [job.cell for job in jobs]
+        new = [job.cell for job in jobs if not job.carried]
+        after = order.index(new[-1]) + 1 if new else next(
+            (order.index(c) + 1 for c in reversed(started) if c in order), 0)
+        extra = [c for c in order[after:after + spare] if c not in started]
+        tree = jobs[0].cell.tree
+        src = "" if tree == ".gpu/src" else f"SRC=$PWD/{tree} "
+        ends = ", ".join(f"{j.cell.task} {j.cell.label}{' (carried)' if j.carried else ''}: "
+                         f"{'ends' if j.finishes else 'runs on'}" for j in jobs)
+        lines.append(f"{n}. {jobs[0].cell.model}, ~{seconds:.0f} s (total ~{total:,.0f} s): `{src}GRID_SLOTS="
+                     f"{max(1, width // 5)} GRID_JOBS=\"{'; '.join(c.job for c in started + extra)}\"` ({ends})")
+    head = [f"Pipeline of the resumable cells, {max(1, width // 5)} jobs at a time as a queue, GRID_TIMEOUT="
+            f"{deadline:.0f}: {len(calls)} calls, about {total:,.0f} s of device time (back to back on one warm "
+            "machine; between machines only 2-3 trainings' states travel, benchmarks/carry_states.py: end a "
+            "session on a call whose jobs all end). If a call ends otherwise than planned, pass its unfinished "
+            "jobs first in the next call.", ""]
+    tail = ["", "Left to the calls above (restart when killed, or no estimate): "
+            + ", ".join(f"{c.model} {c.task} {c.label}" for c in left) + "."] if left else []
+    return "\n".join(head + lines + tail)
+
+
 def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: int, deadline: float,
            overhead: float, slowdown: float = 1.0) -> str:
     def sec(value: float | None) -> str:
@@ -218,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", help="one code tree for every call (e.g. .gpu/src_new2, a tree at bde8a16 or later, "
                         "once the rerun check passed on the GPU: docs/benchmarks.md (d), round 20); default: the "
                         "frozen trees, .gpu/src_fix for AdaLoRA and FishMask, .gpu/src for the others")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="keep the width full and let resumable jobs run on across calls (plan_pipeline)")
+    parser.add_argument("--grace", type=float, default=15,
+                        help="with --pipeline: seconds of progress a killed job loses (SAVE_GRACE, 15)")
     args = parser.parse_args(argv)
     require_store(args.store)
     from harness.report.tables import with_groups
@@ -229,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     cells = missing_cells(finished, templates, models=tuple(args.model or MODELS))
     if args.tree:
         cells = [dataclasses.replace(c, code_tree=args.tree.rstrip("/")) for c in cells]
+    if args.pipeline:  # the resumable cells as a queue; the others as calls that must fit
+        queued, rest = plan_pipeline(cells, args.width, args.deadline, args.overhead, args.slowdown, args.grace)
+        calls, left = plan_calls(rest, args.width, args.deadline, args.overhead, args.slowdown)
+        print(render_pipeline(queued, rest, args.width, args.deadline) + "\n")
+        print(render(rest, calls, left, args.width, args.deadline, args.overhead, args.slowdown))
+        return 0
     calls, left = plan_calls(cells, args.width, args.deadline, args.overhead, args.slowdown)
     print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown))
     return 0

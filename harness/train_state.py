@@ -11,6 +11,11 @@ CPU: ``tests/test_train_state.py``). Its figures: the losses, tokens and FLOPs o
 on), ``seconds`` (``train_seconds``) the sum of both parts' training wall time (neither part's model loading), and
 peak memory that of the process that finished it (the same model, batches and optimizer as the first part's).
 
+A caller that is about to kill the trainings (the device script at its deadline) asks them to write their
+state now: :func:`request_save` touches ``SAVE_REQUEST`` in the states' folder, and every training there writes
+its state after its next step (once per request: a request older than a training's last write or start is
+ignored), so a killed training loses the seconds after the request instead of up to ``min_seconds``.
+
 The runner names the file after the training group (``ADAPTERS/<group hash>.train_state.pt``, beside the adapter
 folder it will write) and removes it once the adapter is saved. The file also records the training settings,
 seed and example count; one that does not match is ignored (with a warning) and overwritten. Methods with state
@@ -33,6 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+SAVE_REQUEST = "SAVE_NOW"  # a file in the states' folder: every training there writes its state after its next step
 
 
 @dataclasses.dataclass
@@ -44,10 +50,17 @@ class TrainState:
     cost_factor: float = 20.0  # and at least this many times the last write's duration
     _last: float = dataclasses.field(default_factory=time.perf_counter, init=False, repr=False)
     _cost: float = dataclasses.field(default=0.0, init=False, repr=False)
+    _last_wall: float = dataclasses.field(default_factory=time.time, init=False, repr=False)  # for requests' mtimes
 
     def due(self) -> bool:
-        """Whether enough time has passed since the last write (or the training's start)."""
-        return time.perf_counter() - self._last >= max(self.min_seconds, self.cost_factor * self._cost)
+        """Whether enough time has passed since the last write (or the training's start), or a save was requested
+        after it (:func:`request_save`)."""
+        if time.perf_counter() - self._last >= max(self.min_seconds, self.cost_factor * self._cost):
+            return True
+        try:
+            return (self.path.parent / SAVE_REQUEST).stat().st_mtime > self._last_wall
+        except FileNotFoundError:
+            return False
 
     def save(self, key: dict, step: int, *, params, masters, optimizer, schedule, rng: random.Random, queue: list,
              stats, micro: int, accum: int) -> None:
@@ -67,6 +80,7 @@ class TrainState:
         torch.save(state, tmp)
         os.replace(tmp, self.path)
         self._last = time.perf_counter()
+        self._last_wall = time.time()
         self._cost = self._last - start
 
     def load(self, key: dict) -> dict | None:
@@ -84,6 +98,7 @@ class TrainState:
                         self.path)
             return None
         self._last = time.perf_counter()
+        self._last_wall = time.time()
         return state
 
     def remove(self) -> None:
@@ -108,6 +123,16 @@ def restore(state: dict, *, params, masters, optimizer, schedule, rng: random.Ra
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
+def request_save(folder: str | Path) -> Path:
+    """Ask every training keeping its state in ``folder`` to write it after its next step (see the module
+    docstring); returns the request file. ``python -m harness.train_state --request-save FOLDER``."""
+    request = Path(folder) / SAVE_REQUEST
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.touch()
+    os.utime(request)  # an existing file: a new request
+    return request
+
+
 def saved_steps(folder: str | Path) -> dict[str, int]:
     """The training states in ``folder`` (an adapters folder, ``<store>.artifacts/adapters``): file name -> the
     step its training continues at. What a run killed mid-training leaves for the next one."""
@@ -122,9 +147,12 @@ def _key_text(key: dict) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
 
-if __name__ == "__main__":  # python -m harness.train_state ADAPTERS_FOLDER: how far killed trainings got
+if __name__ == "__main__":  # python -m harness.train_state [--request-save] ADAPTERS_FOLDER
     import sys
 
+    if sys.argv[1] == "--request-save":  # before a kill: every training there writes its state after its next step
+        print(f"requested a state save: {request_save(sys.argv[2])}")
+        sys.exit(0)
     found = saved_steps(sys.argv[1])
     print(f"saved training states: {len(found)} (a killed training without one starts again from step 0)")
     for name, step in found.items():

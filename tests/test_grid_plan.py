@@ -111,3 +111,35 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         grid_plan.main([str(tmp_path / "absent.sqlite")])
     assert exit_.value.code == 2 and "no results store" in capsys.readouterr().err
+
+
+def test_the_pipeline_keeps_the_slots_full_across_calls_and_leaves_restarting_methods_to_calls():
+    """--pipeline: resumable cells as one queue, 2 jobs at a time; a job longer than a call runs on into the next
+    (carried, paying its loading again and losing the grace before the kill); AdaLoRA and FishMask are not queued."""
+    cells = [_cell("dora", seconds=700), _cell("lokr", seconds=300), _cell("oft", seconds=300),
+             _cell("vera", seconds=200), _cell("adalora", seconds=300), _cell("fishmask", seconds=250),
+             _cell("mam", seconds=None, settings="scale_parameter=false")]
+    calls, left = grid_plan.plan_pipeline(cells, width=10, deadline=545, overhead=30, slowdown=1.0, grace=15,
+                                          min_start=120)
+    assert {c.method for c in left} == {"adalora", "fishmask", "mam"}
+    starts = [job.cell.method for jobs, _ in calls for job in jobs if not job.carried]
+    assert sorted(starts) == ["dora", "lokr", "oft", "vera"]  # each queued once
+    first, second = calls[0][0], calls[1][0]
+    # call 1: dora (730 s with loading) runs on; lokr ends at 330 s and oft takes its slot (330 + 330 > 545: on)
+    assert [(j.cell.method, j.start, j.finishes) for j in first] == [("dora", 0, False), ("lokr", 0, True),
+                                                                     ("oft", 330, False)]
+    assert calls[0][1] == 545 and all(seconds <= 545 for _, seconds in calls)
+    # call 2: both carried first; dora kept 545 - 15 - 30 = 500 s of its 700 and needs 30 + 200 more
+    assert [(j.cell.method, j.carried) for j in second[:2]] == [("dora", True), ("oft", True)]
+    assert all(j.finishes for j in second)
+    assert [j.cell.method for j in second if not j.carried] == ["vera"]
+    text = grid_plan.render_pipeline(calls, left, 10, 545)
+    assert 'GRID_SLOTS=2 GRID_JOBS="--methods dora --tasks rte --workers 5; --methods lokr' in text
+
+
+def test_the_pipeline_never_starts_a_heavy_job_beside_another_when_it_can_wait():
+    cells = [_cell("unipelt", seconds=400, settings="scale_parameter=false"),
+             _cell("unipelt", task="cb", seconds=390, settings="scale_parameter=false"), _cell("lora", seconds=100)]
+    calls, _ = grid_plan.plan_pipeline(cells, width=10, deadline=545, overhead=30, slowdown=1.0)
+    jobs = calls[0][0]
+    assert [(j.cell.method, j.cell.task) for j in jobs[:2]] == [("unipelt", "rte"), ("lora", "rte")]

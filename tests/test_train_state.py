@@ -155,3 +155,28 @@ def test_only_methods_without_outside_state_resume():
     assert {"adalora", "fishmask"} <= restarting
     assert all(get_method(m).on_step is not None or get_method(m).prepare is not None for m in restarting)
     assert get_method("ia3").resumable and get_method("lora").resumable
+
+
+def test_a_save_request_makes_every_training_there_write_once(tmp_path):
+    """The device script's deadline: ``request_save`` (SAVE_NOW in the states' folder) makes ``due()`` true for the
+    trainings started before it, once; a request older than a training's start or last write is ignored."""
+    import random
+    import time
+    from types import SimpleNamespace
+
+    from harness.train_state import SAVE_REQUEST, request_save
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = TrainState(tmp_path / "g.train_state.pt", min_seconds=1e9)  # the clock never makes it due
+    other = TrainState(tmp_path / "h.train_state.pt", min_seconds=1e9)
+    assert not state.due() and not other.due()
+    time.sleep(1.1)  # past a coarse (1 s) file-time resolution
+    assert request_save(tmp_path).name == SAVE_REQUEST
+    assert state.due() and other.due()
+    time.sleep(1.1)
+    state.save({"k": 1}, 3, params=[param], masters=SimpleNamespace(params=[]), optimizer=optimizer,
+               schedule=schedule, rng=random.Random(0), queue=[], stats={}, micro=1, accum=1)
+    assert not state.due() and other.due()  # one write per request; the other training has not written yet
+    assert not TrainState(tmp_path / "late.train_state.pt", min_seconds=1e9).due()  # started after the request
