@@ -26,8 +26,9 @@ GRID_TIMEOUT, not a promise: keep the deadline's margin.
 With ``--pipeline`` the resumable cells are planned instead as one queue run two jobs at a time
 (``run_device_real.sh grid`` with ``GRID_SLOTS=2``: a job that ends frees its slot for the next; a job killed at
 the deadline continues in the next call from its trainings' saved state), so cells longer than a call need no
-call of their own and no slot idles while a call has time left; AdaLoRA and FishMask, which restart when killed,
-are planned as calls that must fit (:func:`plan_pipeline`). Session 29 counted 33 resumable SmolLM2 cells at about
+call of their own and no slot idles while a call has time left; FishMask, which restarts when killed, is planned
+as calls that must fit (:func:`plan_pipeline`), and so is AdaLoRA with ``--restarting adalora`` for a tree before
+its saved allocator state (session 29; ``.gpu/src_new2`` is one). Session 29 counted 33 resumable SmolLM2 cells at about
 11,300 s this way, where the calls that fit held 25 of them in about 10,100 s and left the other 11 over a call.
 """
 
@@ -193,18 +194,23 @@ class QueuedJob:
 
 
 def plan_pipeline(cells: list[Cell], width: int, deadline: float, overhead: float, slowdown: float = 1.0,
-                  grace: float = 15.0, min_start: float = 120.0) -> tuple[list[tuple[list[QueuedJob], float]],
-                                                                          list[Cell]]:
+                  grace: float = 15.0, min_start: float = 120.0,
+                  restarting: frozenset[str] = frozenset()) -> tuple[list[tuple[list[QueuedJob], float]], list[Cell]]:
     """The resumable cells as one queue run ``width // 5`` jobs at a time (``run_device_real.sh grid`` with
     GRID_SLOTS): a job that ends frees its slot for the next while ``min_start`` seconds of the call are left, and
     a job killed at the deadline continues in the next call from the state its trainings saved ``grace`` seconds
     before (``harness.train_state``), paying ``overhead`` (loading) again. A job's seconds are
     :meth:`Cell.job_seconds` with ``slowdown`` (it always has neighbours); a ``HEAVY`` one does not start beside
-    another (the next job in the queue goes first). Methods that restart when killed (AdaLoRA, FishMask) are left
-    to :func:`plan_calls`. Returns [(the call's jobs in start order, the call's seconds)] and the cells not queued."""
+    another (the next job in the queue goes first). Methods that restart when killed (FishMask) are left
+    to :func:`plan_calls`, and so are the methods in ``restarting`` (resumable in this code but not in the tree
+    the calls run: AdaLoRA before session 29's ``step_state``). Returns [(the call's jobs in start order, the call's
+    seconds)] and the cells not queued."""
     from harness.methods import get_method
 
-    queue = sorted((c for c in cells if c.seconds is not None and get_method(c.method).resumable),
+    if min_start >= deadline:
+        raise ValueError(f"min_start ({min_start:g} s) must be below the deadline ({deadline:g} s)")
+    queue = sorted((c for c in cells if c.seconds is not None and get_method(c.method).resumable
+                    and c.method not in restarting),
                    key=lambda c: (MODELS.index(c.model), c.tree, -c.seconds))
     left = [c for c in cells if c not in queue]
     slots = max(1, width // 5)
@@ -213,14 +219,14 @@ def plan_pipeline(cells: list[Cell], width: int, deadline: float, overhead: floa
     while queue or running:
         jobs = [QueuedJob(cell, 0.0, carried=True) for cell, _ in running]
         ends = [overhead + work for _, work in running]
+        home = jobs[0].cell if jobs else queue[0]  # a call runs one model from one code tree (SRC)
         running = []
         now = 0.0
         while True:
             free = len([e for e in ends if e > now]) < slots
             if free and queue and deadline - now >= min_start:
                 busy = [j.cell for j, e in zip(jobs, ends) if e > now]
-                same = [c for c in queue if c.model == (busy[0].model if busy else queue[0].model)
-                        and c.tree == (busy[0].tree if busy else queue[0].tree)]
+                same = [c for c in queue if c.model == home.model and c.tree == home.tree]
                 pick = next((c for c in same if not (c.method in HEAVY and any(b.method in HEAVY for b in busy))),
                             same[0] if same else None)
                 if pick is not None:
@@ -228,6 +234,8 @@ def plan_pipeline(cells: list[Cell], width: int, deadline: float, overhead: floa
                     jobs.append(QueuedJob(pick, now))
                     ends.append(now + overhead + pick.job_seconds(slowdown))
                     continue
+            if not jobs:  # nothing of this call's model and tree could start: the next call takes the queue's head
+                break
             later = [e for e in ends if e > now]
             if not later:
                 break
@@ -273,7 +281,7 @@ def render_pipeline(calls: list[tuple[list[QueuedJob], float]], left: list[Cell]
 
 
 def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: int, deadline: float,
-           overhead: float, slowdown: float = 1.0) -> str:
+           overhead: float, slowdown: float = 1.0, restarting: frozenset[str] = frozenset()) -> str:
     def sec(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
@@ -296,8 +304,10 @@ def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: 
         def why(c: Cell) -> str:
             if c.seconds is None:
                 return "nothing recorded to estimate from"
-            return "resumes in a later call from a tree at bde8a16 or later" \
-                if get_method(c.method).resumable else "restarts when killed: needs a longer call"
+            if not get_method(c.method).resumable or c.method in restarting:
+                return "restarts when killed: needs a longer call"
+            since = "session 29's step_state" if get_method(c.method).step_state else "bde8a16"
+            return f"resumes in a later call from a tree at {since} or later"
         lines += ["", "Not planned (longer than one call, or no estimate): "
                   + ", ".join(f"{c.model} {c.task} {c.label} ({why(c)})" for c in left) + "."]
     return "\n".join(lines)
@@ -320,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the width full and let resumable jobs run on across calls (plan_pipeline)")
     parser.add_argument("--grace", type=float, default=15,
                         help="with --pipeline: seconds of progress a killed job loses (SAVE_GRACE, 15)")
+    parser.add_argument("--restarting", default="",
+                        help="methods to plan as restarting when killed though this code resumes them: the tree "
+                        "the calls run predates their saved state (e.g. adalora with .gpu/src_new2, bde8a16)")
     args = parser.parse_args(argv)
     require_store(args.store)
+    restarting = frozenset(m for m in args.restarting.split(",") if m)
     from harness.report.tables import with_groups
     from harness.results import runs
     from harness.tasks import load_task
@@ -332,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tree:
         cells = [dataclasses.replace(c, code_tree=args.tree.rstrip("/")) for c in cells]
     if args.pipeline:  # the resumable cells as a queue; the others as calls that must fit
-        queued, rest = plan_pipeline(cells, args.width, args.deadline, args.overhead, args.slowdown, args.grace)
+        queued, rest = plan_pipeline(cells, args.width, args.deadline, args.overhead, args.slowdown, args.grace,
+                                     restarting=restarting)
         calls, left = plan_calls(rest, args.width, args.deadline, args.overhead, args.slowdown)
         print(render_pipeline(queued, rest, args.width, args.deadline) + "\n")
-        print(render(rest, calls, left, args.width, args.deadline, args.overhead, args.slowdown))
+        print(render(rest, calls, left, args.width, args.deadline, args.overhead, args.slowdown, restarting))
         return 0
     calls, left = plan_calls(cells, args.width, args.deadline, args.overhead, args.slowdown)
-    print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown))
+    print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown, restarting))
     return 0
 
 

@@ -6,7 +6,8 @@ costs at most about 1/``cost_factor`` of the training: a large model's state is 
 start of a training whose file exists. The file holds everything the next step depends on: the trainable
 parameters and their float32 masters, the optimizer's and the schedule's states, the example sampler (Python RNG
 and queue), torch's CPU and CUDA RNG states, the micro-batching after any out-of-memory halving, and the stats of
-the steps so far. So the resumed training computes the same steps as an uninterrupted one (bit for bit on the
+the steps so far, and what a method keeps between steps (``MethodInfo.step_state``: AdaLoRA's importance
+scores and rank pattern). So the resumed training computes the same steps as an uninterrupted one (bit for bit on the
 CPU: ``tests/test_train_state.py``). Its figures: the losses, tokens and FLOPs of all steps (the saved stats carry
 on), ``seconds`` (``train_seconds``) the sum of both parts' training wall time (neither part's model loading), and
 peak memory that of the process that finished it (the same model, batches and optimizer as the first part's).
@@ -19,7 +20,7 @@ ignored), so a killed training loses the seconds after the request instead of up
 The runner names the file after the training group (``ADAPTERS/<group hash>.train_state.pt``, beside the adapter
 folder it will write) and removes it once the adapter is saved. The file also records the training settings,
 seed and example count; one that does not match is ignored (with a warning) and overwritten. Methods with state
-outside these (AdaLoRA's rank allocator, FishMask's Fisher masks) are not resumed: the runner passes no state
+outside these that they cannot save (FishMask's Fisher masks) are not resumed: the runner passes no state
 file for them, and they start again from step 0.
 """
 
@@ -63,7 +64,7 @@ class TrainState:
             return False
 
     def save(self, key: dict, step: int, *, params, masters, optimizer, schedule, rng: random.Random, queue: list,
-             stats, micro: int, accum: int) -> None:
+             stats, micro: int, accum: int, method_state: dict | None = None) -> None:
         """Write the state after ``step`` (0-based, done) atomically: a killed write leaves the previous file."""
         start = time.perf_counter()
         state = {
@@ -74,6 +75,7 @@ class TrainState:
             "rng": rng.getstate(), "queue": list(queue), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "stats": stats, "micro": micro, "accum": accum,
+            "method_state": method_state,  # MethodInfo.step_state's (AdaLoRA's allocator), else None
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")

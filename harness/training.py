@@ -236,6 +236,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         raise HarnessError("the model has no trainable parameters; apply a method first")
     needs_right = method is not None and not get_method(method).position_ids
     on_step = get_method(method).on_step if method is not None else None
+    step_state = get_method(method).step_state if method is not None else None  # (get, set) of on_step's state
     if padding not in TRAIN_PADDING_CHOICES:
         raise HarnessError(f"padding must be one of {', '.join(TRAIN_PADDING_CHOICES)}, got {padding!r}")
     if padding == "right-causal" and needs_right:
@@ -275,6 +276,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     saved = state.load(key) if state is not None else None
     if saved is not None:
         restore(saved, params=params, masters=masters, optimizer=optimizer, schedule=schedule, rng=rng)
+        if step_state is not None:
+            step_state[1](model, saved.get("method_state"))
         sampler.queue, stats, micro, accum = saved["queue"], saved["stats"], saved["micro"], saved["accum"]
         first_step, before, stats.compiled = saved["next_step"], stats.seconds, mode is not None
         log.info("resuming the training at step %d of %d (%s)", first_step, settings["steps"], state.path)
@@ -330,7 +333,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
             if state is not None and step + 1 < settings["steps"] and state.due():
                 stats.seconds = before + time.perf_counter() - start
                 state.save(key, step, params=params, masters=masters, optimizer=optimizer, schedule=schedule,
-                           rng=rng, queue=sampler.queue, stats=stats, micro=micro, accum=accum)
+                           rng=rng, queue=sampler.queue, stats=stats, micro=micro, accum=accum,
+                           method_state=step_state[0](model) if step_state is not None else None)
     finally:
         uncompile_blocks(compiled)
         model.train(was_training)

@@ -102,11 +102,13 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
     assert all(c.seconds and c.seconds > 100 for c in cells if c.task == "wic")  # every family has a record
     rte = {c.method: c for c in cells if c.task == "rte"}
     assert rte["ptuning"].evaluation > 10 * rte["dora"].evaluation > 0  # one row at a time against cached
+    assert grid_plan.main([str(store), "--model", "smollm2-135m", "--restarting", "adalora"]) == 0
+    assert "smollm2-135m cb adalora (restarts when killed" in capsys.readouterr().out  # a tree before it
     assert grid_plan.main([str(store), "--model", "smollm2-135m"]) == 0
     out = capsys.readouterr().out
     assert '--methods fishmask --tasks cb --workers 5"`' in out  # alone: HEAVY
-    # over one call: AdaLoRA keeps no mid-training state (MethodInfo.resumable), VeRA does
-    assert "smollm2-135m cb adalora (restarts when killed" in out
+    # over one call: AdaLoRA saves its allocator's state since session 29 (MethodInfo.step_state), VeRA always did
+    assert "smollm2-135m cb adalora (resumes in a later call from a tree at session 29's step_state" in out
     assert "smollm2-135m cb vera (resumes in a later call from a tree at bde8a16" in out
     with pytest.raises(SystemExit) as exit_:
         grid_plan.main([str(tmp_path / "absent.sqlite")])
@@ -115,12 +117,13 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
 
 def test_the_pipeline_keeps_the_slots_full_across_calls_and_leaves_restarting_methods_to_calls():
     """--pipeline: resumable cells as one queue, 2 jobs at a time; a job longer than a call runs on into the next
-    (carried, paying its loading again and losing the grace before the kill); AdaLoRA and FishMask are not queued."""
+    (carried, paying its loading again and losing the grace before the kill); FishMask (restarts) is not queued,
+    nor AdaLoRA for a tree before its saved state (``restarting``)."""
     cells = [_cell("dora", seconds=700), _cell("lokr", seconds=300), _cell("oft", seconds=300),
              _cell("vera", seconds=200), _cell("adalora", seconds=300), _cell("fishmask", seconds=250),
              _cell("mam", seconds=None, settings="scale_parameter=false")]
     calls, left = grid_plan.plan_pipeline(cells, width=10, deadline=545, overhead=30, slowdown=1.0, grace=15,
-                                          min_start=120)
+                                          min_start=120, restarting=frozenset({"adalora"}))
     assert {c.method for c in left} == {"adalora", "fishmask", "mam"}
     starts = [job.cell.method for jobs, _ in calls for job in jobs if not job.carried]
     assert sorted(starts) == ["dora", "lokr", "oft", "vera"]  # each queued once
@@ -135,6 +138,11 @@ def test_the_pipeline_keeps_the_slots_full_across_calls_and_leaves_restarting_me
     assert [j.cell.method for j in second if not j.carried] == ["vera"]
     text = grid_plan.render_pipeline(calls, left, 10, 545)
     assert 'GRID_SLOTS=2 GRID_JOBS="--methods dora --tasks rte --workers 5; --methods lokr' in text
+    calls, left = grid_plan.plan_pipeline(cells, width=10, deadline=545, overhead=30, slowdown=1.0)
+    assert {c.method for c in left} == {"fishmask", "mam"}  # AdaLoRA resumes from this code's trees
+    # AdaLoRA's frozen tree (.gpu/src_fix without --tree) never runs in a call of .gpu/src's jobs: a call has one SRC
+    assert [(j.cell.method, j.start) for j in calls[1][0] if not j.carried] == [("vera", 160)]
+    assert [(j.cell.method, j.start) for j in calls[2][0]] == [("adalora", 0)] and len(calls) == 3
 
 
 def test_the_pipeline_never_starts_a_heavy_job_beside_another_when_it_can_wait():

@@ -147,14 +147,15 @@ def test_remove_deletes_the_state_and_half_written_copies(tmp_path):
 
 
 def test_only_methods_without_outside_state_resume():
-    """AdaLoRA (rank allocator, ``on_step``) and FishMask (masks, ``prepare``) keep state a TrainState does not
-    hold, so the runner gives them none; the other methods resume."""
+    """FishMask (masks, ``prepare``) keeps state a TrainState does not hold, so the runner gives it none; AdaLoRA's
+    allocator state travels in the TrainState (``step_state``); the other methods resume."""
     from harness.methods import get_method, list_methods
 
     restarting = {m.name for m in list_methods() if m.kind == "peft" and not m.resumable}
-    assert {"adalora", "fishmask"} <= restarting
-    assert all(get_method(m).on_step is not None or get_method(m).prepare is not None for m in restarting)
-    assert get_method("ia3").resumable and get_method("lora").resumable
+    assert "fishmask" in restarting and "adalora" not in restarting
+    assert all(get_method(m).prepare is not None or (get_method(m).on_step is not None
+                                                     and get_method(m).step_state is None) for m in restarting)
+    assert get_method("ia3").resumable and get_method("lora").resumable and get_method("adalora").resumable
 
 
 def test_a_save_request_makes_every_training_there_write_once(tmp_path):
@@ -180,3 +181,35 @@ def test_a_save_request_makes_every_training_there_write_once(tmp_path):
                schedule=schedule, rng=random.Random(0), queue=[], stats={}, micro=1, accum=1)
     assert not state.due() and other.due()  # one write per request; the other training has not written yet
     assert not TrainState(tmp_path / "late.train_state.pt", min_seconds=1e9).due()  # started after the request
+
+
+@pytest.mark.parametrize("kill_at", [3, 5])  # during the budget schedule; in the final phase (after end = 4)
+def test_an_interrupted_adalora_training_ends_where_an_uninterrupted_one_does(kill_at, smollm, tiny_bf16, cb,
+                                                                                tmp_path, monkeypatch):
+    """AdaLoRA's rank allocation keeps importance scores and a rank pattern between steps (``step_state``): a
+    resumed training masks the same ranks and ends with the same parameters, bit for bit on the CPU."""
+    settings = training_settings("adalora", "quick", {"steps": 6, "batch_size": 1, "n_train": 2, "lr": 1e-2,
+                                                      "warmup_ratio": 0.0, "method_args": {"tinit": 1, "tfinal": 2,
+                                                                                           "init_r": 4, "target_r": 2}})
+
+    def fresh():
+        torch.manual_seed(0)
+        return apply_method(copy.deepcopy(tiny_bf16).float(), "adalora", settings)
+
+    whole_model = fresh()
+    whole = training.train(whole_model, smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method="adalora")
+    state = TrainState(tmp_path / "t.train_state.pt", min_seconds=0, cost_factor=0)
+    _kill_at(monkeypatch, kill_at)
+    with pytest.raises(Killed):
+        training.train(fresh(), smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method="adalora", state=state)
+    monkeypatch.undo()
+    resumed_model = fresh()
+    resumed = training.train(resumed_model, smollm.tokenizer, SHORT_CB, cb, settings, seed=3, method="adalora",
+                             state=state)
+    assert resumed.losses == whole.losses and len(set(whole.losses)) == 6
+    config = whole_model.base_model.peft_config["default"]
+    assert config.rank_pattern == resumed_model.base_model.peft_config["default"].rank_pattern
+    assert any(not all(keep) for keep in config.rank_pattern.values())  # ranks were pruned
+    now = dict(resumed_model.named_parameters())
+    for name, p in whole_model.named_parameters():
+        assert torch.equal(p, now[name]), name

@@ -64,7 +64,8 @@ class MethodInfo:
     4-bit base counted as the matrices it holds (:func:`harness.costs.logical_numel`), its adapted layers found.
 
     Optional hooks: ``on_step(model, step)`` runs after every optimizer step, gradients still in place (AdaLoRA's
-    rank allocation); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in
+    rank allocation), and ``step_state`` = (get(model) -> dict, set(model, dict)) saves and restores what it keeps
+    between steps, so a killed training resumes (:mod:`harness.train_state`); ``quantize`` (``"nf4"``) asks the model loader for a quantized base (QLoRA), checked in
     :func:`harness.api.plan` before any model loads.
     Data-dependent methods (FishMask): ``prepare(model, tokenizer, train_examples, task, settings, seed) -> Work``
     runs after ``apply`` and before training (the runner adds its forward + backward FLOPs, with every parameter's
@@ -85,6 +86,7 @@ class MethodInfo:
     merges: bool = False
     mixed_batches: bool = False
     on_step: Callable | None = None
+    step_state: tuple[Callable, Callable] | None = None
     quantize: str | None = None
     prepare: Callable | None = None
     restore: Callable | None = None
@@ -94,9 +96,9 @@ class MethodInfo:
     @property
     def resumable(self) -> bool:
         """Whether a killed training of this method can continue from its saved state (harness.train_state):
-        not when state lives outside the parameters and optimizer (``on_step``: AdaLoRA's allocator; ``prepare``:
-        FishMask's masks)."""
-        return self.on_step is None and self.prepare is None
+        not when state lives outside the parameters and optimizer and the method cannot save it (``on_step``
+        without ``step_state``; ``prepare``: FishMask's masks). AdaLoRA saves its allocator's (session 29)."""
+        return (self.on_step is None or self.step_state is not None) and self.prepare is None
 
     def __post_init__(self):
         check(self.kind in KINDS, f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")

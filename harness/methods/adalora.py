@@ -4,6 +4,7 @@ through peft's ``AdaLoraConfig``: an SVD-shaped update ``W + P diag(E) Q`` per a
 rank budget from ``init_r`` per layer on average down to ``target_r`` (cubic schedule between ``tinit`` and
 ``total_step - tfinal``, paper sec. 3.3, eq. 12). The pruning runs after every optimizer step
 (``update_and_allocate``, through :class:`MethodInfo`'s ``on_step`` hook); ``total_step`` is the run's ``steps``.
+The allocator's state is saved with a training's (``step_state``), so a killed AdaLoRA training resumes.
 The hook runs :mod:`harness.methods.adalora_allocator`, peft's ``update_and_allocate`` in multi-tensor ops
 (SmolLM2-135M: 10,713 aten ops a step down to 51 on the CPU, 447 on CUDA, where it keeps peft's per-tensor means),
 bit-equal to peft's (``tests/test_adalora_allocator.py``, on the CPU): the results are peft's, so the config
@@ -98,6 +99,37 @@ def on_step(model, step: int) -> None:
     update_and_allocate(model.base_model, step)
 
 
+def get_step_state(model) -> dict:
+    """What the rank allocation keeps between steps: peft's ``RankAllocator`` importance scores (``ipt``,
+    ``exp_avg_ipt``, ``exp_avg_unc``: name -> tensor; with :mod:`harness.methods.adalora_allocator` views of its flat
+    buffers) and the adapter's ``rank_pattern``, as CPU copies (:mod:`harness.train_state` saves them)."""
+    tuner = model.base_model
+    allocator = tuner.rankallocator
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    scores = {name: {k: v.detach().cpu().clone() for k, v in getattr(allocator, name).items()}
+              for name in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+    pattern = None if config.rank_pattern is None else {k: list(v) for k, v in config.rank_pattern.items()}
+    return {**scores, "rank_pattern": pattern}
+
+
+def set_step_state(model, state: dict) -> None:
+    """Put :func:`get_step_state`'s dict back into a freshly applied model: peft's dicts hold the scores again (the
+    fast allocator's flat buffers are rebuilt from them at its next step) and the config the rank pattern."""
+    from harness.methods.adalora_allocator import FAST_ATTR, FastAllocator
+
+    tuner = model.base_model
+    allocator = tuner.rankallocator
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, name, {k: v.to(device) for k, v in state[name].items()})
+    config.rank_pattern = None if state["rank_pattern"] is None else {k: list(v) for k, v in
+                                                                      state["rank_pattern"].items()}
+    fast = getattr(allocator, FAST_ATTR, None)
+    if isinstance(fast, FastAllocator):
+        fast.release()  # rebinds to the dicts above at its next step
+
+
 def overhead(model, cfg: AdaLoraArgs) -> Overhead:
     """Unmerged: ``x Q^T`` (2 r d_in), ``* E`` (r), ``(.) P^T`` (2 r d_out) per token and layer at r = init_r
     (peft masks pruned ranks, it does not drop them). Merged: 0."""
@@ -109,4 +141,4 @@ def overhead(model, cfg: AdaLoraArgs) -> Overhead:
 register(MethodInfo(
     "adalora", "peft", "AdaLoRA (Zhang et al. 2023): SVD-form LoRA on all linears, rank budget 12 -> 8 pruned",
     config_cls=AdaLoraArgs, apply=apply, overhead=overhead, family="reparametrization", merges=True,
-    mixed_batches=True, on_step=on_step))
+    mixed_batches=True, on_step=on_step, step_state=(get_step_state, set_step_state)))
