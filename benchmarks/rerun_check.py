@@ -13,6 +13,11 @@ decimal: :mod:`benchmarks.compact_store`), and the predictions. It prints one li
 equal, predictions moved, both accuracies) and exits 0 when every row of every run is equal, 1 when any differs
 (withdraw that tree's runs: ``python -m benchmarks.withdraw_runs STORE --commit SHA``), 2 on bad input (a missing
 store, no run of RERUN in STORE, a run whose examples differ in number).
+
+Not ``harness check``: that gate compares cells with an absolute log-prob tolerance (1e-4 by default, across CPU
+platforms), and the stores here keep the same float32 value in two decimal forms (17 digits, or the shortest after
+:mod:`benchmarks.compact_store`: up to 4.8e-7 apart), so no tolerance both passes equal values and fails a one-ulp
+change; the identity of a tree is equality, compared as float32 and matched by run id.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.store_arg import require_store
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,6 @@ def compare_rows(store_rows: list[tuple[str, int]], rerun_rows: list[tuple[str, 
 
 def _open(path: Path, tmp: Path) -> Path:
     """A plain SQLite file for PATH (a .gz or .xz is decompressed into TMP)."""
-    if not path.is_file():
-        raise SystemExit(f"error: no results store at {path}; pass the grid's store and the rerun's "
-                         "(.sqlite, .sqlite.gz or .sqlite.xz)")
     opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix)
     if opener is None:
         return path
@@ -83,23 +87,23 @@ def _open(path: Path, tmp: Path) -> Path:
 
 
 def compare_stores(store: Path, rerun: Path) -> list[RunComparison]:
-    """Every run of RERUN that STORE holds too, compared (see the module docstring); raises SystemExit(2 text)
-    when none is shared or a run's examples differ in number."""
+    """Every run of RERUN that STORE holds too, compared (see the module docstring); raises ValueError when none
+    is shared or a run's examples differ in number or choices."""
     db = sqlite3.connect(store)
     db.execute("ATTACH DATABASE ? AS r", (str(rerun),))
     runs = db.execute("SELECT q.run_id, q.task, q.method, q.template, q.seed, p.accuracy, q.accuracy "
                       "FROM r.runs q JOIN main.runs p USING (run_id) ORDER BY q.task, q.method, q.seed, "
                       "q.template").fetchall()
     if not runs:
-        raise SystemExit(f"error: no run of {rerun} is in {store}: rerun a cell the store holds (same model, task, "
+        raise ValueError(f"no run of {rerun} is in {store}: rerun a cell the store holds (same model, task, "
                          "method, seed and settings: the run ids must match)")
     out = []
     for run_id, task, method, template, seed, acc_store, acc_rerun in runs:
         rows = [db.execute(f"SELECT logprobs_json, prediction FROM {schema}.examples WHERE run_id=? "
                            "ORDER BY position", (run_id,)).fetchall() for schema in ("main", "r")]
         if len(rows[0]) != len(rows[1]):
-            raise SystemExit(f"error: run {run_id} has {len(rows[0])} examples in {store} and {len(rows[1])} in "
-                             f"{rerun}: not the same evaluation (a --limit?); rerun without it")
+            raise ValueError(f"run {run_id} has {len(rows[0])} examples in {store} and {len(rows[1])} in {rerun}: "
+                             "not the same evaluation (a --limit?); rerun without it")
         equal, worst, moved = compare_rows(*rows)
         out.append(RunComparison(run_id, task, method, template, seed, len(rows[0]), equal, worst, moved,
                                  acc_store, acc_rerun))
@@ -120,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("store", type=Path, help="the grid's store (the runs published so far)")
     parser.add_argument("rerun", type=Path, help="the rerun's fresh store (the same runs from the new tree)")
     args = parser.parse_args(argv)
+    for path in (args.store, args.rerun):
+        require_store(str(path))  # exit 2 with a one-line error
     with tempfile.TemporaryDirectory() as tmp:
         try:
             results = compare_stores(_open(args.store, Path(tmp)), _open(args.rerun, Path(tmp)))
-        except SystemExit as exc:
-            print(exc, file=sys.stderr)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     for c in results:
         print(f"{c.task} {c.method} seed {c.seed} {c.template} {c.run_id[:12]}: max |d log-prob| "

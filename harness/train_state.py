@@ -130,8 +130,7 @@ def request_save(folder: str | Path) -> Path:
     docstring); returns the request file. ``python -m harness.train_state --request-save FOLDER``."""
     request = Path(folder) / SAVE_REQUEST
     request.parent.mkdir(parents=True, exist_ok=True)
-    request.touch()
-    os.utime(request)  # an existing file: a new request
+    request.touch()  # an existing file gets a new mtime: a new request
     return request
 
 

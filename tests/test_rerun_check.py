@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks import rerun_check
 
@@ -83,8 +84,9 @@ def test_a_faithful_rerun_passes_and_one_ulp_fails(tmp_path, capsys):
 
 def test_bad_input_exits_2(tmp_path, capsys):
     store = _plain(PAPER / "smollm2-135m.sqlite.xz", tmp_path / "store.sqlite")
-    assert rerun_check.main([str(store), str(tmp_path / "absent.sqlite.gz")]) == 2
-    assert "no results store" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        rerun_check.main([str(store), str(tmp_path / "absent.sqlite.gz")])
+    assert exit_.value.code == 2 and "no results store" in capsys.readouterr().err
     other = _rerun_of(store, tmp_path / "none.sqlite", "0")  # no run at all: nothing to compare
     assert rerun_check.main([str(store), str(other)]) == 2
     assert "no run of" in capsys.readouterr().err
