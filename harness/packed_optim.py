@@ -12,7 +12,9 @@ slice updated exactly as its group's own optimizer would update it alone, in one
   group's slices), for all groups at once.
 
 So a packed step's optimizer, clipping and norm costs do not grow with N (per adapted tensor, not per group and
-tensor: on a GPU, where a small model's step is bound by kernel launches, that is what packing is for).
+tensor: on a GPU, where a small model's step is bound by kernel launches, that is what packing is for), nor with
+the number of adapted tensors: tensors of one shape (SmolLM2's 60 key/value and 30 feed-forward (IA)3 vectors)
+are stacked and updated in one pass (:func:`harness.optim.factored_update_` for the factored ones).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import torch
 
 from harness.errors import HarnessError
+from harness.optim import factored_update_
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -48,45 +51,65 @@ class SlicedAdafactor(torch.optim.Optimizer):
         if closure is not None:
             raise HarnessError("SlicedAdafactor takes no closure")
         for group in self.param_groups:
+            buckets: dict[tuple, list[torch.Tensor]] = {}  # same shape, dtypes, device, step: one pass each
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad  # [N, *slice]
-                factored = grad.dim() - 1 >= 2  # as transformers decides for one slice
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    if factored:
-                        state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1]).to(grad)  # [N, ..., rows]
-                        state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:]).to(grad)
+                    kw = {"dtype": torch.float32 if p.grad.dtype in _LOW_PRECISION else p.grad.dtype,
+                          "device": p.device}
+                    if p.grad.dim() - 1 >= 2:  # factored, as transformers decides for one slice
+                        state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **kw)  # [N, ..., rows]
+                        state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **kw)  # [N, ..., cols]
                     else:
-                        state["exp_avg_sq"] = torch.zeros_like(grad)
-                p32 = p.float() if p.dtype in _LOW_PRECISION else p
+                        state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
                 state["step"] += 1
-                lr = group["lr"]
-                if group["scale_parameter"]:  # max(eps[1], RMS(p)) x lr, per slice
-                    lr = _slice_rms(p32).clamp(min=group["eps"][1]) * lr  # [N, 1, ...]
-                beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
-                update = (grad**2) + group["eps"][0]
-                if factored:
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.mul_(beta2t).add_(update.mean(dim=-1), alpha=(1.0 - beta2t))
-                    col.mul_(beta2t).add_(update.mean(dim=-2), alpha=(1.0 - beta2t))
-                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-                    c_factor = col.unsqueeze(-2).rsqrt()
-                    update = torch.mul(r_factor, c_factor)
-                    update.mul_(grad)
-                else:
-                    exp_avg_sq = state["exp_avg_sq"]
-                    exp_avg_sq.mul_(beta2t).add_(update, alpha=(1.0 - beta2t))
-                    update = exp_avg_sq.rsqrt().mul_(grad)
-                update.div_((_slice_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-                update.mul_(lr)
-                if group["weight_decay"] != 0:
-                    p32.add_(p32 * (-group["weight_decay"] * lr))
-                p32.add_(-update)
-                if p.dtype in _LOW_PRECISION:
-                    p.copy_(p32)
+                buckets.setdefault((p.shape, p.dtype, p.grad.dtype, p.device, state["step"]), []).append(p)
+            for (_, _, _, _, step), params in buckets.items():
+                self._bucket_step(params, step, group)
+
+    def _bucket_step(self, params: list[torch.Tensor], step: int, group: dict) -> None:
+        """P stacked tensors [N, *slice] of one shape as P x N slices [P x N, *slice], in one pass."""
+        states = [self.state[p] for p in params]
+        keys = sorted(states[0].keys() - {"step"})  # exp_avg_sq, or exp_avg_sq_col and exp_avg_sq_row
+
+        def slices(tensors: list[torch.Tensor]) -> torch.Tensor:  # [P x N, *slice]; a view of a single tensor
+            return tensors[0] if len(tensors) == 1 else torch.stack(tensors).flatten(0, 1)
+
+        grad = slices([p.grad for p in params])
+        grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
+        p32 = slices(params)
+        update_p = p32.float() if p32.dtype in _LOW_PRECISION else p32
+        moments = {k: slices([s[k] for s in states]) for k in keys}
+        if "exp_avg_sq" in moments:
+            _unfactored_update_(update_p, grad, moments["exp_avg_sq"], step, group)
+        else:
+            factored_update_(update_p, grad, moments["exp_avg_sq_row"], moments["exp_avg_sq_col"], step, group)
+        if len(params) > 1:  # write the stacks back
+            n = params[0].shape[0]
+            torch._foreach_copy_(params, list(update_p.unflatten(0, (-1, n)).unbind(0)))
+            for k in keys:
+                torch._foreach_copy_([s[k] for s in states], list(moments[k].unflatten(0, (-1, n)).unbind(0)))
+        elif update_p is not p32:
+            p32.copy_(update_p)
+
+
+def _unfactored_update_(p32: torch.Tensor, grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                        group: dict) -> None:
+    """transformers' Adafactor update of M < 2-D parameters stacked as [M, ...] (one slice each), in place."""
+    lr = group["lr"]
+    if group["scale_parameter"]:  # max(eps[1], RMS(p)) x lr, per slice
+        lr = _slice_rms(p32).clamp(min=group["eps"][1]) * lr  # [M, 1, ...]
+    beta2t = 1.0 - math.pow(step, group["decay_rate"])
+    exp_avg_sq.mul_(beta2t).add_((grad**2) + group["eps"][0], alpha=(1.0 - beta2t))
+    update = exp_avg_sq.rsqrt().mul_(grad)
+    update.div_((_slice_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+    update.mul_(lr)
+    if group["weight_decay"] != 0:
+        p32.add_(p32 * (-group["weight_decay"] * lr))
+    p32.sub_(update)
 
 
 def make_sliced_optimizer(params: list[torch.Tensor], settings: dict, *, fused: bool = False):
@@ -106,13 +129,19 @@ def make_sliced_optimizer(params: list[torch.Tensor], settings: dict, *, fused: 
 def clip_per_group(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor | None:
     """Each group's gradient norm [N] (the norm of its slices' norms, as ``clip_grad_norm_`` computes one group's)
     and, with ``max_norm``, each group's slices scaled by ``clamp(max_norm / (norm + 1e-6), max=1)``; None without
-    ``max_norm`` (no clipping, as :func:`harness.training.training_step`)."""
+    ``max_norm`` (no clipping, as :func:`harness.training.training_step`). Gradients of one shape are stacked
+    [P, N, ...], so the ops do not grow with the number of tensors either."""
     if not max_norm:
         return None
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack([torch.linalg.vector_norm(g, 2, dim=tuple(range(1, g.dim()))) for g in grads], dim=1)
-    total = torch.linalg.vector_norm(norms, 2, dim=1)  # [N]
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            buckets.setdefault((p.grad.shape, p.grad.dtype, p.grad.device), []).append(p.grad)
+    stacks = [torch.stack(grads) for grads in buckets.values()]  # [P, N, ...] each
+    norms = torch.cat([torch.linalg.vector_norm(g, 2, dim=tuple(range(2, g.dim()))) for g in stacks])  # [T, N]
+    total = torch.linalg.vector_norm(norms, 2, dim=0)  # [N]
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # [N]
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    for grads, stack in zip(buckets.values(), stacks):
+        stack.mul_(coef.view(1, -1, *([1] * (stack.dim() - 2))).to(stack.dtype))
+        torch._foreach_copy_(grads, list(stack.unbind(0)))
     return total

@@ -228,13 +228,16 @@ def test_cli_pack_2_stores_what_pack_1_stores(tmp_path, data_dir, caplog):
 
 @pytest.mark.parametrize("scale_parameter", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_sliced_adafactor_updates_each_slice_as_transformers_adafactor(scale_parameter, weight_decay):
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_sliced_adafactor_updates_each_slice_as_transformers_adafactor(scale_parameter, weight_decay, repeats):
+    """Each group's slices as its own transformers Adafactor after clipping per group; with repeats, tensors of one
+    shape are stacked into one pass (the optimizer's and the clipping's buckets)."""
     from transformers.optimization import Adafactor
 
     from harness.packed_optim import SlicedAdafactor, clip_per_group
 
     gen = torch.Generator().manual_seed(0)
-    shapes = [(6, 1), (1, 5), (4, 3), (7,)]  # IA3's 2-D vectors, a LoRA-like matrix, a 1-D tensor
+    shapes = [(6, 1), (1, 5), (4, 3), (7,)] * repeats  # IA3's 2-D vectors, a LoRA-like matrix, a 1-D tensor
     n = 3
     alone = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes] for _ in range(n)]
     stacked = [torch.nn.Parameter(torch.stack([alone[g][i].detach() for g in range(n)]).clone())
@@ -256,6 +259,27 @@ def test_sliced_adafactor_updates_each_slice_as_transformers_adafactor(scale_par
         for i, p in enumerate(stacked):
             for g in range(n):
                 torch.testing.assert_close(p[g].detach(), alone[g][i].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_sliced_step_ops_do_not_grow_with_tensors_of_one_shape():
+    """The packed optimizer and clipping of SmolLM2-like (IA)3 vectors (keys and values [N, d, 1], feed-forward
+    [N, 1, d']) take as many ops for 30 layers as for 2: one pass per shape, not per tensor."""
+    from tests.test_optim import OpCounter
+
+    from harness.packed_optim import SlicedAdafactor, clip_per_group
+
+    def ops_per_step(layers: int) -> int:
+        stacked = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 12, 1), (3, 12, 1), (3, 1, 20)] * layers]
+        opt = SlicedAdafactor(stacked, lr=1e-2, weight_decay=0.0, scale_parameter=True)
+        for _ in range(2):  # the first step makes the state
+            for p in stacked:
+                p.grad = torch.randn_like(p)
+            with OpCounter() as counter:
+                clip_per_group(stacked, 1.0)
+                opt.step()
+        return sum(counter.ops.values())
+
+    assert ops_per_step(2) == ops_per_step(30)
 
 
 def test_group_losses_equal_each_groups_own_losses():
