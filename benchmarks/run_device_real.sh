@@ -24,6 +24,8 @@
 #                 wheels into /tmp/site, and convert the GGUF once (before several processes would)
 #   grid1..grid8  the plans below; `grid` runs $GRID_JOBS instead (';'-separated `harness run` options), all at
 #                 once, or GRID_SLOTS=N of them at a time as a queue: a job that ends frees its slot for the next
+#                 (and only while its --workers fit beside the running jobs' in the GPU's memory, GRID_GIB_PER_TRAINING
+#                 GiB each: an H200 holds 13 trainings, an H100 7; round 22's plan for an H200 lost a call on an H100)
 #                 while GRID_MIN_START s (120) are left; at the deadline the running ones are killed (their
 #                 trainings asked to save their state SAVE_GRACE s before: `python -m benchmarks.grid_plan STORE
 #                 --pipeline` plans such calls; pass the same queue, less its finished jobs, to the next call)
@@ -109,6 +111,9 @@ GRID_MIN_START=${GRID_MIN_START:-120}      # a queued job starts only while this
 SAVE_GRACE=${SAVE_GRACE:-15}              # seconds before a grid stage's kill that trainings are asked to save
 STATES_MAX_MB=${STATES_MAX_MB:-15}         # killed trainings' states copied back (smallest first) up to this size
 GRID_GPUS=${GRID_GPUS:-1}                 # GPUs of the machine: job i of a grid stage runs on GPU i mod GRID_GPUS
+GRID_GIB_PER_TRAINING=${GRID_GIB_PER_TRAINING:-11}  # GPU memory a training process may take (SmolLM2: 3-11 GiB):
+# the queue starts a job only while its --workers fit beside the running jobs' in the GPU's memory (an H200 holds
+# 13, an H100 7; round 22 ran 11 on an H100 from a plan made for the H200 and lost the call to out-of-memory)
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -321,6 +326,30 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
           > "$OUT/${stage}_gpumem.csv" 2>&1 &
         monitor=$!
       fi
+      capacity=999  # trainings that fit in one GPU's memory (GRID_GIB_PER_TRAINING each)
+      if [ "$DEVICE" = cuda ] && command -v nvidia-smi > /dev/null; then
+        gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | tr -dc 0-9)
+        [ -n "$gpu_mib" ] && capacity=$(( gpu_mib / (GRID_GIB_PER_TRAINING * 1024) * GRID_GPUS )) &&
+          echo "GPU memory ${gpu_mib} MiB: at most $capacity trainings at once ($GRID_GIB_PER_TRAINING GiB each)"
+      fi
+      job_workers=()  # each job's --workers (1 when not given): the trainings it runs at once
+      for job in "${jobs[@]}"; do
+        w=$(grep -oE -- '--workers[ =][0-9]+' <<< "$job" | tail -1 | tr -dc 0-9)
+        job_workers+=("${w:-1}")
+      done
+      if [ -z "${HARNESS_GPU_SHARE:-}" ]; then  # evaluation batches: each process takes 1/share of the free memory
+        total=0; for w in "${job_workers[@]}"; do total=$((total + w)); done
+        export HARNESS_GPU_SHARE=$(( total < capacity ? total : capacity ))
+      fi
+      running_workers() {  # the --workers of the jobs still running
+        local total=0 k
+        for k in "${!pids[@]}"; do kill -0 "${pids[$k]}" 2>/dev/null && total=$((total + job_workers[k])); done
+        echo "$total"
+      }
+      fits() {  # job $next fits beside the running ones (or nothing runs: a job larger than the GPU runs alone)
+        local used; used=$(running_workers)
+        [ "$used" = 0 ] || [ $((used + job_workers[next])) -le "$capacity" ]
+      }
       launch() {  # start job $next of the queue
         local i=$next job=${jobs[$next]} log="$OUT/${stage}_job$next.log"
         echo "job $i: harness run $job (log $log) at $((SECONDS - start)) s"
@@ -334,7 +363,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
            --device "$DEVICE" --data-dir "$G/data" --quiet $EXTRA) > "$log" 2>&1 &
         pids+=($!); next=$((next + 1))
       }
-      while [ "$next" -lt "${#jobs[@]}" ] && [ "$next" -lt "$slots" ]; do
+      while [ "$next" -lt "${#jobs[@]}" ] && [ "$next" -lt "$slots" ] && fits; do
         launch
         sleep 3  # the first job creates a new store alone
       done
@@ -345,7 +374,7 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         # a queue (GRID_SLOTS below the jobs): a freed slot starts the next job while GRID_MIN_START s are left
         # (resumable methods: a job killed at the deadline continues in the next call; put AdaLoRA and FishMask,
         # which restart, first in a call's queue)
-        if [ "$alive" -lt "$slots" ] && [ "$next" -lt "${#jobs[@]}" ] &&
+        if [ "$alive" -lt "$slots" ] && [ "$next" -lt "${#jobs[@]}" ] && fits &&
            [ $((GRID_TIMEOUT - (SECONDS - start))) -ge "$GRID_MIN_START" ] &&
            [ $((CALL_DEADLINE - SECONDS)) -ge "$GRID_MIN_START" ]; then
           launch; continue
@@ -379,6 +408,10 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         i=$((i + 1))
       done
       for ((; i < ${#jobs[@]}; i++)); do echo "job $i: not started (no slot freed in time): ${jobs[$i]}"; done
+      # at most 8 files come back from $OUT: the logs and the memory trace as one archive, so that the store's
+      # parts, rerun.sqlite.gz and train_states.tar.gz always do (round 22: five job logs crowded the last two out)
+      (cd "$OUT" && tar -czf "${stage}_logs.tar.gz" "${stage}"_job*.log $([ -f "${stage}_gpumem.csv" ] && echo "${stage}_gpumem.csv") &&
+         rm -f "${stage}"_job*.log "${stage}_gpumem.csv")
       copy_back
       if [ -f "$RERUN_STORE" ]; then  # a rerun beside the jobs: does this tree reproduce the store's runs? (round 20)
         (cd "$ROOT" && "$PYTHON" -m benchmarks.rerun_check "$STORE" "$RERUN_STORE" | tail -5)
