@@ -16,7 +16,7 @@ FAKE_PYTHON = f"""#!/usr/bin/env bash
 # a job (`python -m harness.cli run ...`): note its start and end; anything else: the real Python
 if [ "$1 $2" = "-m harness.cli" ]; then
   job=$(grep -oE -- '--tasks [a-z]+' <<< "$*" | cut -d' ' -f2)
-  echo "start $job" >> "$EVENTS"; sleep 5; echo "end $job" >> "$EVENTS"; exit 0
+  echo "start $job" >> "$EVENTS"; sleep 6; echo "end $job" >> "$EVENTS"; exit 0
 fi
 exec {sys.executable} "$@"
 """
