@@ -143,6 +143,7 @@ def plan(
                                 master_weights=info.trains_model_dtype and dt in LOW_PRECISION,
                                 costs_version=info.costs_version,
                                 seq2seq_costs=seq2seq_costs if info.kind == "peft" else 0,
+                                optimizer_version=identity.optimizer_version(dev.type, dict(settings)),
                                 demos=source, order=order, label_noise=noise, **common))
     return specs
 
@@ -268,6 +269,10 @@ def check_inputs(specs: list[RunSpec], data_dir: Path | None) -> None:
         if spec.scoring_version != identity.SCORING_VERSION:
             raise HarnessError(f"this harness scores with SCORING_VERSION {identity.SCORING_VERSION}, the runs were "
                                f"planned with {spec.scoring_version}: install the same harness everywhere")
+        if spec.optimizer_version != identity.optimizer_version(spec.device, dict(spec.train)):
+            raise HarnessError(f"this harness trains {spec.method} on {spec.device} with optimizer version "
+                               f"{identity.optimizer_version(spec.device, dict(spec.train))}, the runs were planned "
+                               f"with {spec.optimizer_version}: install the same harness everywhere")
         if spec.load_from not in fingerprints:
             fingerprints[spec.load_from] = identity.model_fingerprint(spec.load_from)
         if spec.model_fingerprint and fingerprints[spec.load_from] != spec.model_fingerprint:

@@ -16,6 +16,10 @@ grid coordinates and settings, that is:
   unchanged ids; reverted in bde8a16). Before landing a scorer or attention change, compare the stores of
   ``harness run --methods zeroshot --tasks wsc,wic --limit 48 --dtype bfloat16 --device cpu`` before and after.
 
+- ``optimizer_version``: :func:`optimizer_version`, for PEFT runs trained by Adafactor on CUDA only (the CPU trains
+  with transformers' own class): :data:`CUDA_ADAFACTOR_VERSION` of :mod:`harness.optim`'s update, whose float32
+  rounding on CUDA depends on how its reductions are batched.
+
 Changing any of these makes new run ids (the old runs stay in the store, untouched); unchanged inputs keep
 their ids, so finished runs are skipped.
 """
@@ -38,6 +42,16 @@ SCORING_VERSION = 2
 # learning the prompt is counted as encoded once per choice, as it runs.
 SEQ2SEQ_COSTS_VERSION = 2
 ENCODER_DECODER_TYPES = ("t5", "mt5", "umt5")
+# Bump when harness.optim.Adafactor's update (CUDA only: harness.training.make_optimizer's fused path) is computed
+# differently, even if equal in exact arithmetic. 1: factored parameters of one shape updated as one stack, every
+# reduction per slice (session 31; bit for bit the per-parameter update on the CPU, not promised on CUDA).
+CUDA_ADAFACTOR_VERSION = 1
+
+
+def optimizer_version(device: str, settings: dict) -> int:
+    """The optimizer-implementation version a run's id hashes (``RunSpec.optimizer_version``): nonzero only for a
+    training by Adafactor on CUDA, so every other run keeps its id."""
+    return CUDA_ADAFACTOR_VERSION if device == "cuda" and settings.get("optimizer") == "adafactor" else 0
 
 _HASH_CHUNK = 1 << 20
 

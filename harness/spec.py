@@ -81,6 +81,9 @@ class RunSpec:
     # identity.SEQ2SEQ_COSTS_VERSION for a PEFT run on an encoder-decoder model (0 otherwise): the version of the
     # encoder-decoder FLOPs accounting. Hashed only when nonzero, so causal models' runs keep their ids.
     seq2seq_costs: int = 0
+    # identity.optimizer_version: harness.optim's Adafactor version for a training by Adafactor on CUDA (0
+    # otherwise). Hashed only when nonzero, so CPU runs and other optimizers' runs keep their ids.
+    optimizer_version: int = 0
     # in-context runs: also compute accuracy_calibrated and accuracy_mutual_info (harness.calibration). Not hashed
     # (it adds figures and changes none): a run stored without them is not finished for a --calibrate plan
     # (Store.finished_ids(calibrated=True)), so it is re-run and replaced by one with them.
@@ -126,6 +129,8 @@ class RunSpec:
             del out["costs_version"]  # likewise
         if not out["seq2seq_costs"]:
             del out["seq2seq_costs"]  # likewise
+        if not out["optimizer_version"]:
+            del out["optimizer_version"]  # likewise
         for key, default in VARIANT_DEFAULTS.items():  # likewise (issue 15)
             if out[key] == default:
                 del out[key]

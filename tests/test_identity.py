@@ -283,3 +283,22 @@ def test_encoder_decoder_flops_accounting_changes_only_encoder_decoder_peft_ids(
         by_method = {s.method: s for s in specs}
         assert by_method["lora"].seq2seq_costs == expected and by_method["icl"].seq2seq_costs == 0
         assert ("seq2seq_costs" in by_method["lora"].identity()) == bool(expected)
+
+
+def test_adafactor_runs_on_cuda_hash_the_optimizer_version(world, monkeypatch):
+    """harness.optim's Adafactor (CUDA only) has its own version in the ids of the runs it trains: a change in
+    how it batches its reductions re-runs them; every CPU run and every other optimizer's run keeps its id."""
+    cpu = api.plan([str(world["task"])], ["ia3", "lora", "icl"], seeds=[0], templates="all", preset="quick", limit=4,
+                   k=2, data_dir=world["data"], model=str(world["weights"]), device="cpu", dtype="float32")
+    assert {s.optimizer_version for s in cpu} == {0} and all("optimizer_version" not in s.identity() for s in cpu)
+    settings = {s.method: dict(s.train) for s in cpu}
+    assert identity.optimizer_version("cuda", settings["ia3"]) == identity.CUDA_ADAFACTOR_VERSION >= 1
+    assert identity.optimizer_version("cuda", settings["lora"]) == 0  # AdamW
+    assert identity.optimizer_version("cpu", settings["ia3"]) == 0  # transformers' Adafactor
+    ia3 = next(s for s in cpu if s.method == "ia3")
+    on_cuda = dataclasses.replace(ia3, device="cuda", optimizer_version=identity.CUDA_ADAFACTOR_VERSION)
+    assert on_cuda.run_id != dataclasses.replace(ia3, device="cuda").run_id
+    # a plan made by a harness with another optimizer version is refused before anything loads (Ray workers)
+    monkeypatch.setattr(identity, "CUDA_ADAFACTOR_VERSION", identity.CUDA_ADAFACTOR_VERSION + 1)
+    with pytest.raises(HarnessError, match="optimizer version"):
+        api.check_inputs([on_cuda], world["data"])
