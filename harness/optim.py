@@ -27,8 +27,8 @@ as ``[M, rows, cols]`` and updated in one pass with every reduction per slice (:
 the per-parameter update on the CPU), so their ops do not grow with M either. Note that peft stores (IA)^3's
 vectors as 2-D (``[d_out, 1]`` for keys/values, ``[1, d_in]`` for the feed-forward), so HF, T-Few's setting and
 this class all factor them (the factored estimate of a ``[d, 1]`` tensor equals the unfactored one up to
-rounding): the 90 vectors of SmolLM2-135M are two stacks (``[60, 192, 1]``, ``[30, 1, 1536]``), about 70 ops a
-step instead of 28 for each vector. Treating them as 1-D
+rounding): the 90 vectors of SmolLM2-135M are two stacks (``[60, 192, 1]``, ``[30, 1, 1536]``), 80 ops a
+step (counted: docs/benchmarks.md) instead of 28 for each vector. Treating them as 1-D
 would save launches but change the numbers at rounding level, and with them every stored (IA)^3 result.
 
 The numerics follow HF op for op: float32 compute and moments for 16-bit parameters, ``beta2t = 1 -
