@@ -89,6 +89,40 @@ def factored_update_(p32: torch.Tensor, grad: torch.Tensor, row: torch.Tensor, c
     p32.sub_(update)
 
 
+def stacked_update_(params: list[torch.Tensor], states: list[dict[str, Any]], keys: Iterable[str],
+                    update: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None], *,
+                    slices_in_params: bool = False) -> None:
+    """Run ``update(p32, grad, moments)`` once for P parameters of one shape and dtype, then write the results back.
+
+    The parameters, their grads and their states' ``keys`` are stacked along a new dim 0 ([P, ...]), or, with
+    ``slices_in_params`` (packed [N, ...] tensors, :mod:`harness.packed_optim`), joined along their own dim 0
+    ([P x N, ...]); ``update`` treats every index of dim 0 as its own parameter and updates p32 and the moments in
+    place. One tensor is viewed, not copied; 16-bit parameters are updated as float32 and rounded back."""
+    keys = tuple(keys)
+
+    def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if len(tensors) == 1:
+            return tensors[0] if slices_in_params else tensors[0].unsqueeze(0)
+        stacked = torch.stack(tensors)
+        return stacked.flatten(0, 1) if slices_in_params else stacked
+
+    def unstack(t: torch.Tensor) -> list[torch.Tensor]:
+        return list((t.unflatten(0, (len(params), -1)) if slices_in_params else t).unbind(0))
+
+    grad = stack([p.grad for p in params])
+    grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
+    stacked_p = stack(params)
+    p32 = stacked_p.float() if stacked_p.dtype in _LOW_PRECISION else stacked_p
+    moments = {k: stack([s[k] for s in states]) for k in keys}
+    update(p32, grad, moments)
+    if len(params) > 1:  # the stacks are copies: write them back
+        torch._foreach_copy_(params, unstack(p32))
+        for k in keys:
+            torch._foreach_copy_([s[k] for s in states], unstack(moments[k]))
+    elif p32 is not stacked_p:
+        stacked_p.copy_(p32)
+
+
 class _Flat:
     """N < 2-D parameters laid end to end (T elements): their second moments live in one (T,) buffer, of which the
     per-parameter ``state["exp_avg_sq"]`` are views, and reusable (T,) buffers for the update and the parameter.
@@ -173,23 +207,9 @@ class Adafactor(torch.optim.Optimizer):
 
     def _factored_step(self, params: list[torch.Tensor], step: int, group: dict[str, Any]) -> None:
         """HF's update for M >= 2-D parameters of one shape, device, dtype and step count, stacked as [M, ...]."""
-        states = [self.state[p] for p in params]
-        if len(params) == 1:  # views: the update writes through to the parameter and its state
-            grad, p32 = params[0].grad.unsqueeze(0), params[0].unsqueeze(0)
-            row, col = states[0]["exp_avg_sq_row"].unsqueeze(0), states[0]["exp_avg_sq_col"].unsqueeze(0)
-        else:
-            grad, p32 = torch.stack([p.grad for p in params]), torch.stack(params)  # [M, ..., rows, cols]
-            row = torch.stack([s["exp_avg_sq_row"] for s in states])  # [M, ..., rows]
-            col = torch.stack([s["exp_avg_sq_col"] for s in states])  # [M, ..., cols]
-        grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
-        update_p = p32.float() if p32.dtype in _LOW_PRECISION else p32
-        factored_update_(update_p, grad, row, col, step, group)
-        if len(params) > 1:
-            torch._foreach_copy_(params, list(update_p.unbind(0)))
-            torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(row.unbind(0)))
-            torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(col.unbind(0)))
-        elif update_p is not p32:
-            p32.copy_(update_p)
+        stacked_update_(params, [self.state[p] for p in params], ("exp_avg_sq_row", "exp_avg_sq_col"),
+                        lambda p32, grad, m: factored_update_(p32, grad, m["exp_avg_sq_row"], m["exp_avg_sq_col"],
+                                                              step, group))
 
     def _unfactored_step(self, params: list[torch.Tensor], step: int, key: tuple[Any, ...],
                          group: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import math
 import torch
 
 from harness.errors import HarnessError
-from harness.optim import factored_update_
+from harness.optim import factored_update_, stacked_update_
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -73,27 +73,15 @@ class SlicedAdafactor(torch.optim.Optimizer):
     def _bucket_step(self, params: list[torch.Tensor], step: int, group: dict) -> None:
         """P stacked tensors [N, *slice] of one shape as P x N slices [P x N, *slice], in one pass."""
         states = [self.state[p] for p in params]
-        keys = sorted(states[0].keys() - {"step"})  # exp_avg_sq, or exp_avg_sq_col and exp_avg_sq_row
-
-        def slices(tensors: list[torch.Tensor]) -> torch.Tensor:  # [P x N, *slice]; a view of a single tensor
-            return tensors[0] if len(tensors) == 1 else torch.stack(tensors).flatten(0, 1)
-
-        grad = slices([p.grad for p in params])
-        grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
-        p32 = slices(params)
-        update_p = p32.float() if p32.dtype in _LOW_PRECISION else p32
-        moments = {k: slices([s[k] for s in states]) for k in keys}
-        if "exp_avg_sq" in moments:
-            _unfactored_update_(update_p, grad, moments["exp_avg_sq"], step, group)
+        if "exp_avg_sq" in states[0]:
+            stacked_update_(params, states, ("exp_avg_sq",),
+                            lambda p32, grad, m: _unfactored_update_(p32, grad, m["exp_avg_sq"], step, group),
+                            slices_in_params=True)
         else:
-            factored_update_(update_p, grad, moments["exp_avg_sq_row"], moments["exp_avg_sq_col"], step, group)
-        if len(params) > 1:  # write the stacks back
-            n = params[0].shape[0]
-            torch._foreach_copy_(params, list(update_p.unflatten(0, (-1, n)).unbind(0)))
-            for k in keys:
-                torch._foreach_copy_([s[k] for s in states], list(moments[k].unflatten(0, (-1, n)).unbind(0)))
-        elif update_p is not p32:
-            p32.copy_(update_p)
+            stacked_update_(params, states, ("exp_avg_sq_row", "exp_avg_sq_col"),
+                            lambda p32, grad, m: factored_update_(p32, grad, m["exp_avg_sq_row"],
+                                                                  m["exp_avg_sq_col"], step, group),
+                            slices_in_params=True)
 
 
 def _unfactored_update_(p32: torch.Tensor, grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
