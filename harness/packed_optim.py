@@ -122,12 +122,17 @@ def clip_per_group(params: list[torch.Tensor], max_norm: float | None) -> torch.
     if not max_norm:
         return None
     buckets: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            buckets.setdefault((p.grad.shape, p.grad.dtype, p.grad.device), []).append(p.grad)
+    order: dict[tuple, list[int]] = {}  # each bucket's tensors' positions among the grads
+    for i, g in enumerate(p.grad for p in params if p.grad is not None):
+        key = (g.shape, g.dtype, g.device)
+        buckets.setdefault(key, []).append(g)
+        order.setdefault(key, []).append(i)
     stacks = [torch.stack(grads) for grads in buckets.values()]  # [P, N, ...] each
     norms = torch.cat([torch.linalg.vector_norm(g, 2, dim=tuple(range(2, g.dim()))) for g in stacks])  # [T, N]
-    total = torch.linalg.vector_norm(norms, 2, dim=0)  # [N]
+    position = torch.tensor([i for positions in order.values() for i in positions]).argsort()
+    # back in the grads' order, [N, T] as clip_grad_norm_ stacks them: the same sum, bit for bit
+    norms = norms.index_select(0, position.to(norms.device)).T.contiguous()
+    total = torch.linalg.vector_norm(norms, 2, dim=1)  # [N]
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # [N]
     for grads, stack in zip(buckets.values(), stacks):
         stack.mul_(coef.view(1, -1, *([1] * (stack.dim() - 2))).to(stack.dtype))

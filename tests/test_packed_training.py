@@ -261,6 +261,26 @@ def test_sliced_adafactor_updates_each_slice_as_transformers_adafactor(scale_par
                 torch.testing.assert_close(p[g].detach(), alone[g][i].detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_clip_per_group_equals_clip_grad_norm_of_each_group_bit_for_bit():
+    """Gradients bucketed by shape, their norms put back in the parameters' order: each group's norm and clipped
+    gradients are exactly what ``clip_grad_norm_`` gives that group alone (CPU float32)."""
+    from harness.packed_optim import clip_per_group
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 12, 1), (3, 7), (3, 12, 1), (3, 1, 20), (3, 7)] * 4  # shapes interleaved: buckets reorder them
+    stacked = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in stacked:
+        p.grad = torch.randn(p.shape, generator=gen) * 5
+    alone = [[torch.nn.Parameter(torch.zeros(s[1:])) for s in shapes] for _ in range(3)]
+    for g, params in enumerate(alone):
+        for p, q in zip(params, stacked):
+            p.grad = q.grad[g].clone()
+    norms = clip_per_group(stacked, 1.0)
+    for g, params in enumerate(alone):
+        assert torch.equal(norms[g], torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=False))
+        assert all(torch.equal(p.grad, q.grad[g]) for p, q in zip(params, stacked))
+
+
 def test_sliced_step_ops_do_not_grow_with_tensors_of_one_shape():
     """The packed optimizer and clipping of SmolLM2-like (IA)3 vectors (keys and values [N, d, 1], feed-forward
     [N, 1, d']) take as many ops for 30 layers as for 2: one pass per shape, not per tensor."""
