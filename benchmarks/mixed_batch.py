@@ -207,6 +207,15 @@ def main(argv=None) -> None:
     lm = load_model(args.model, args.device, args.dtype)
     started = time.perf_counter()
     rows = []
+
+    def save(complete: bool) -> list[dict]:
+        """Write what is measured so far (after every cell: a run killed by a device call's limit keeps it)."""
+        summary = ratios(rows)
+        write_json(args.out, {"benchmark": "mixed_batch", "args": vars(args), "env": environment(lm.device),
+                              "complete": complete, "total_seconds": time.perf_counter() - started,
+                              "rows": rows, "summary": summary})
+        return summary
+
     with tempfile.TemporaryDirectory(prefix="mixed-batch-") as tmp:
         for method in methods:
             folders = None if method == "icl" else make_adapters(args, method, max(ns), Path(tmp))
@@ -214,10 +223,8 @@ def main(argv=None) -> None:
                 rows += measure(args, lm, method, n, folders)
                 print(json.dumps({k: rows[-2][k] for k in ("method", "n_tasks", "examples_per_second")}
                                  | {"task_by_task": rows[-1]["examples_per_second"]}), flush=True)
-    summary = ratios(rows)
-    payload = {"benchmark": "mixed_batch", "args": vars(args), "env": environment(lm.device),
-               "total_seconds": time.perf_counter() - started, "rows": rows, "summary": summary}
-    write_json(args.out, payload)
+                save(complete=False)
+    summary = save(complete=True)
     print_table(summary, ["method", "n_tasks", "mixed_ex_s", "task_by_task_ex_s", "speedup", "state_mixed_mb",
                           "state_task_by_task_mb", "peak_mixed_mb", "peak_task_by_task_mb", "tasks_per_batch",
                           "max_abs_diff"])
