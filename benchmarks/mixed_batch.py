@@ -22,7 +22,8 @@ two modes (float32: <= 1e-4 expected). With ``--repeats R`` the two modes altern
 fastest repeat (on a machine shared with other work, the least disturbed one).
 
     python -m benchmarks.mixed_batch --device cpu --queries 16 --ns 1,2,5,20,100     # the embedded model
-    python -m benchmarks.mixed_batch --model random:llama-1b --device cuda --dtype bfloat16 \\
+    python -m benchmarks.mixed_batch --model random:llama-1b --device cuda --dtype bfloat16 --queries 128 \\
+        --ns 1,5,20,100 --task rte --repeats 3 --data-dir .benchdata/data \\
         --out $OUT/mixed_batch_cuda.json --plot $OUT/mixed_batch_cuda.png
 
 Writes JSON (``--out``, default ``benchmarks/results/mixed_batch_cpu.json``), a PNG plot (``--plot``) and prints a
@@ -196,7 +197,9 @@ def main(argv=None) -> None:
     ap.add_argument("--init-noise", type=float, default=0.02,
                     help="LoRA/(IA)3: noise added to the initialised adapter (absolute; soft prompts: 0.5 x std)")
     ap.add_argument("--noise", type=float, default=0.1, help="perturbation of the adapter copies (x std)")
-    ap.add_argument("--repeats", type=int, default=1, help="measure each mode this often, keep the fastest")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="measure each mode this often, keep the fastest (the first meets each batch shape first: on "
+                         "the GPU a run with 1 repeat had batches of the same work 3x apart)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "mixed_batch_cpu.json"))
