@@ -26,8 +26,9 @@ fastest repeat (on a machine shared with other work, the least disturbed one).
         --ns 1,5,20,100 --task rte --repeats 3 --data-dir .benchdata/data \\
         --out $OUT/mixed_batch_cuda.json --plot $OUT/mixed_batch_cuda.png
 
-Writes JSON (``--out``, default ``benchmarks/results/mixed_batch_cpu.json``), a PNG plot (``--plot``) and prints a
-Markdown table.
+Writes JSON (``--out``, default ``benchmarks/results/mixed_batch_cpu.json``; rewritten after every cell, with
+``"complete": false`` until the last, so a run killed by a device call's limit keeps what it measured), a PNG plot
+(``--plot``) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--noise", type=float, default=0.1, help="perturbation of the adapter copies (x std)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="measure each mode this often, keep the fastest (the first meets each batch shape first: on "
-                         "the GPU a run with 1 repeat had batches of the same work 3x apart)")
+                         "the GPU a run with 1 repeat had median batch latencies of the same work up to 3.5x apart)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "mixed_batch_cpu.json"))

@@ -129,10 +129,12 @@ def clip_per_group(params: list[torch.Tensor], max_norm: float | None) -> torch.
         order.setdefault(key, []).append(i)
     stacks = [torch.stack(grads) for grads in buckets.values()]  # [P, N, ...] each
     rows = [row for g in stacks for row in torch.linalg.vector_norm(g, 2, dim=tuple(range(2, g.dim()))).unbind(0)]
-    position = {i: k for k, i in enumerate(i for positions in order.values() for i in positions)}
+    in_grads_order: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    for i, row in zip((i for positions in order.values() for i in positions), rows):
+        in_grads_order[i] = row
     # [N, T] in the grads' order, as clip_grad_norm_ stacks them: the same sum, bit for bit (no index tensor to
     # upload: a copy from host memory would synchronize the CUDA stream)
-    norms = torch.stack([rows[position[i]] for i in range(len(rows))], dim=1)
+    norms = torch.stack(in_grads_order, dim=1)
     total = torch.linalg.vector_norm(norms, 2, dim=1)  # [N]
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # [N]
     for grads, stack in zip(buckets.values(), stacks):
