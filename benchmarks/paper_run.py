@@ -5,7 +5,8 @@ start, model build, training, evaluation, store writes). Then reads the store: r
 the summed per-run seconds. With ``--timeout`` the command is stopped when it runs past it, and the remaining
 runs are estimated from the finished ones of the same method (marked as an estimate). With ``--extra "--steps S"``
 the run trains S steps instead of the preset's 1000 and the full run's time is extrapolated from the measured
-training seconds (training time is linear in steps; everything else is run in full).
+training seconds (training time is linear in steps; everything else is run in full; trainings side by side under
+``--workers`` / ``--pack`` count once per unit that ran at the same time: ``steps_extrapolation``).
 
     python -m benchmarks.paper_run --model random:smollm2-135m --device cuda --data-dir .benchdata/data \\
         --store $OUT/paper.sqlite --out $OUT/paper.json
@@ -38,6 +39,25 @@ def group_summary(runs: list[dict]) -> dict:
                 "loss_last": r.get("loss_last"), "train_peak_memory_gib": peak / 2**30 if peak else None,
                 "workers": r.get("env", {}).get("workers")}  # None: not recorded (before --workers was)
     return dict(sorted(out.items()))
+
+
+def option(extra: list[str], name: str) -> int:
+    """The integer value of ``name`` in the extra CLI options (1 when absent)."""
+    return int(extra[extra.index(name) + 1]) if name in extra else 1
+
+
+def steps_extrapolation(train_seconds: dict, steps: int, full_steps: int, workers: int = 1, pack: int = 1) -> float:
+    """Seconds to add to a ``--steps S`` run's wall time for the preset's ``full_steps``.
+
+    Training time scales with steps (fixed shapes per step). ``train_seconds`` maps each trained group to its
+    stored training seconds (a packed group stores its pack's time / N, so a pack's groups sum to the pack's
+    time). Trainings run ``workers`` at a time, a pack of ``pack`` groups being one unit, so the added time is
+    (full / S - 1) x the summed training seconds / the number of units that ran side by side (each unit's
+    seconds were measured while sharing the device with the others).
+    """
+    units = -(-len(train_seconds) // max(pack, 1))
+    side_by_side = max(1, min(workers, units))
+    return (full_steps / steps - 1) * sum(train_seconds.values()) / side_by_side
 
 
 def main(argv=None) -> None:
@@ -84,14 +104,13 @@ def main(argv=None) -> None:
             if mean is not None and method != "icl":
                 mean = per[method]["seconds"] / done / n_templates  # a group's 4 runs share one training
             estimate += (n - done) * mean if mean is not None else float("nan")
-    # --steps S below the preset's: training time scales with steps (fixed shapes per step), so the full run is
-    # the measured wall time plus (full / S - 1) x the training seconds of every trained group (seed x method)
     trained = {(r["method"], r["seed"]): r.get("train_seconds") or 0.0 for r in runs if r["method"] != "icl"}
     groups = group_summary(runs)
     extra = args.extra.split()
     if "--steps" in extra and not timed_out:
         steps = int(extra[extra.index("--steps") + 1])
-        estimate = wall + (args.full_steps / steps - 1) * sum(trained.values())
+        estimate = wall + steps_extrapolation(trained, steps, args.full_steps, option(extra, "--workers"),
+                                              option(extra, "--pack"))
     rows = [{"method": m, "expected_runs": expected.get(m), **v} for m, v in sorted(per.items())]
     summary = {"command": " ".join(cmd), "wall_seconds": wall, "returncode": rc, "timed_out": timed_out,
                "estimated_total_seconds": estimate, "train_seconds_per_group": {f"{m}/{s}": v for (m, s), v in
