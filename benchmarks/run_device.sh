@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks on a lent GPU machine (see docs/benchmarks.md): bash benchmarks/run_device.sh STAGE...
-# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, nanprobe, mfu, loop, t5.
+# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, paperpack, nanprobe, mfu,
+# loop, t5.
 # Expects .whl/ (transformers, peft wheels) and .benchdata/ (data/rte, cache/tokenizers/smollm2-135m, and for t5
 # cache/tokenizers/smollm2-135m-32128) carried beside the checkout, and $OUT for results.
 set -u
@@ -60,5 +61,15 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
            python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store /tmp/paper/paper.sqlite \
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20
            cp /tmp/paper/paper.sqlite "$OUT/" ;;
+    paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
+        # two packs side by side) against --workers 10, one after the other on one machine, each at
+        # PAPERPACK_STEPS steps (the full preset's time extrapolated: benchmarks.paper_run.steps_extrapolation)
+        for c in "pack|--pack 5 --workers 2" "w10|--workers 10"; do
+          t=${c%%|*}; rm -rf "/tmp/pp_$t"; mkdir -p "/tmp/pp_$t"; echo "--- $t $(date -u +%H:%M:%S)"
+          python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store "/tmp/pp_$t/paper.sqlite" \
+            --timeout "${PAPER_TIMEOUT:-250}" --extra "${c#*|} --steps ${PAPERPACK_STEPS:-300}" \
+            --out "$OUT/paper_$t.json" 2>&1 | grep -v -i warn | tail -9
+          cp "/tmp/pp_$t/paper.sqlite" "$OUT/paper_$t.sqlite"
+        done ;;
   esac
 done
