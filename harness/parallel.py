@@ -19,6 +19,7 @@ workers on a machine of ``C`` cores ran ``N x C`` busy threads, and on 2 cores t
 from __future__ import annotations
 
 import concurrent.futures as futures
+from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -56,6 +57,15 @@ def worker_threads(workers: int) -> int | None:
     import torch
 
     return max(1, torch.get_num_threads() // workers)
+
+
+def worker_failure(exc: BaseException) -> str:
+    """The one-line error stored on the runs of a unit whose worker process failed: a dead process (the pool
+    broke) is most often one the OS killed for memory, so the line names that and the fix."""
+    if isinstance(exc, BrokenProcessPool):
+        return ("a worker process died (most often killed by the OS for lack of memory): run again with fewer "
+                "--workers, a smaller --pack or --train-batch-size; finished runs stay stored and a rerun redoes only these")
+    return f"worker process failed: {type(exc).__name__}: {exc}".strip()
 
 
 def _init_worker(share: int, threads: int | None) -> None:
@@ -119,7 +129,7 @@ def _pool(body, units: list, specs_of: list[list[RunSpec]], workers: int, data_d
             try:
                 results = done.result()
             except Exception as exc:  # noqa: BLE001 - the worker process died; its group is recorded as failed
-                results = failed_results(group, f"worker process failed: {type(exc).__name__}: {exc}".strip(), env)
+                results = failed_results(group, worker_failure(exc), env)
             yield from results
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

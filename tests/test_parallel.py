@@ -102,3 +102,13 @@ def test_workers_are_checked(data_dir):
         run(specs, store=":memory:", workers=0)
     with pytest.raises(HarnessError, match="custom loader"):
         run(specs, store=":memory:", workers=2, loader=lambda spec: None)
+
+
+def test_a_dead_worker_names_memory_and_the_fix():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from harness.parallel import worker_failure
+
+    line = worker_failure(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    assert "memory" in line and "--workers" in line and "--pack" in line and "\n" not in line
+    assert worker_failure(ValueError("boom")) == "worker process failed: ValueError: boom"
