@@ -41,21 +41,26 @@ def group_summary(runs: list[dict]) -> dict:
     return dict(sorted(out.items()))
 
 
-def option(extra: list[str], name: str) -> int:
-    """The integer value of ``name`` in the extra CLI options (1 when absent)."""
-    return int(extra[extra.index(name) + 1]) if name in extra else 1
+def option(extra: list[str], name: str) -> int | None:
+    """The integer value of ``name`` in the extra CLI options (None when absent)."""
+    return int(extra[extra.index(name) + 1]) if name in extra else None
 
 
 def steps_extrapolation(train_seconds: dict, steps: int, full_steps: int, workers: int = 1, pack: int = 1) -> float:
     """Seconds to add to a ``--steps S`` run's wall time for the preset's ``full_steps``.
 
-    Training time scales with steps (fixed shapes per step). ``train_seconds`` maps each trained group to its
-    stored training seconds (a packed group stores its pack's time / N, so a pack's groups sum to the pack's
-    time). Trainings run ``workers`` at a time, a pack of ``pack`` groups being one unit, so the added time is
-    (full / S - 1) x the summed training seconds / the number of units that ran side by side (each unit's
-    seconds were measured while sharing the device with the others).
+    Training time scales with steps (fixed shapes per step; a one-time cost of the first steps, e.g. compiling at
+    ``--compile auto``, is scaled too, so the estimate errs high). ``train_seconds`` maps each trained group
+    ``(method, seed)`` to its stored training seconds (a packed group stores its pack's time / N, so a pack's groups
+    sum to the pack's time). A unit is one training process's work: a group, or a pack of up to ``pack`` groups of
+    one method (``harness.packed_runner.make_packs``); ``workers`` units run at a time, so the added time is
+    (full / S - 1) x the summed training seconds / the number of units that ran side by side (each unit's seconds
+    were measured while it shared the device with the others).
     """
-    units = -(-len(train_seconds) // max(pack, 1))
+    per_method: dict = {}
+    for method, _seed in train_seconds:
+        per_method[method] = per_method.get(method, 0) + 1
+    units = sum(-(-n // max(pack, 1)) for n in per_method.values())
     side_by_side = max(1, min(workers, units))
     return (full_steps / steps - 1) * sum(train_seconds.values()) / side_by_side
 
@@ -107,10 +112,10 @@ def main(argv=None) -> None:
     trained = {(r["method"], r["seed"]): r.get("train_seconds") or 0.0 for r in runs if r["method"] != "icl"}
     groups = group_summary(runs)
     extra = args.extra.split()
-    if "--steps" in extra and not timed_out:
-        steps = int(extra[extra.index("--steps") + 1])
-        estimate = wall + steps_extrapolation(trained, steps, args.full_steps, option(extra, "--workers"),
-                                              option(extra, "--pack"))
+    steps = option(extra, "--steps")
+    if steps is not None and not timed_out:
+        estimate = wall + steps_extrapolation(trained, steps, args.full_steps, option(extra, "--workers") or 1,
+                                              option(extra, "--pack") or 1)
     rows = [{"method": m, "expected_runs": expected.get(m), **v} for m, v in sorted(per.items())]
     summary = {"command": " ".join(cmd), "wall_seconds": wall, "returncode": rc, "timed_out": timed_out,
                "estimated_total_seconds": estimate, "train_seconds_per_group": {f"{m}/{s}": v for (m, s), v in

@@ -22,8 +22,12 @@ def test_packs_are_units():
     seconds = {(m, s): 12.0 / 5 for m in ("lora", "ia3") for s in range(5)}
     assert steps_extrapolation(seconds, 100, 1000, workers=2, pack=5) == pytest.approx(9 * 12.0)
     assert steps_extrapolation(seconds, 100, 1000, workers=1, pack=5) == pytest.approx(9 * 24.0)
+    # packs hold one method's groups: --pack 3 cuts 5 lora and 5 ia3 groups into 3 + 2 and 3 + 2, four units
+    assert steps_extrapolation(seconds, 100, 1000, workers=4, pack=3) == pytest.approx(9 * 24.0 / 4)
+    assert steps_extrapolation({("lora", 0): 1.0, ("ia3", 0): 1.0}, 100, 1000, workers=2, pack=5) == \
+        pytest.approx(9 * 1.0)  # two methods, one group each: two packs of one side by side
 
 
-def test_option_reads_integers_with_default_one():
+def test_option_reads_integers():
     assert option("--pack 5 --workers 2 --compile off".split(), "--workers") == 2
-    assert option(["--compile", "off"], "--pack") == 1
+    assert option(["--compile", "off"], "--pack") is None
