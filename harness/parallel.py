@@ -19,10 +19,10 @@ workers on a machine of ``C`` cores ran ``N x C`` busy threads, and on 2 cores t
 from __future__ import annotations
 
 import concurrent.futures as futures
-from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from harness.jobs import failed_results
@@ -64,7 +64,8 @@ def worker_failure(exc: BaseException) -> str:
     broke) is most often one the OS killed for memory, so the line names that and the fix."""
     if isinstance(exc, BrokenProcessPool):
         return ("a worker process died (most often killed by the OS for lack of memory): run again with fewer "
-                "--workers, a smaller --pack or --train-batch-size; finished runs stay stored and a rerun redoes only these")
+                "--workers, a smaller --pack or --train-batch-size; finished runs stay stored and a rerun redoes "
+                "only these")
     return f"worker process failed: {type(exc).__name__}: {exc}".strip()
 
 

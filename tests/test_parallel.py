@@ -104,11 +104,25 @@ def test_workers_are_checked(data_dir):
         run(specs, store=":memory:", workers=2, loader=lambda spec: None)
 
 
-def test_a_dead_worker_names_memory_and_the_fix():
-    from concurrent.futures.process import BrokenProcessPool
+def _die(*_args):
+    """A worker body that dies as the OS's out-of-memory kill leaves it: abruptly, no exception to pickle."""
+    import os
 
+    os._exit(137)
+
+
+def test_a_dead_worker_stores_a_line_naming_memory_and_the_fix(data_dir, tmp_path):
+    from harness.parallel import _pool
+
+    specs = plan(["cb"], ["lora"], seeds=[0], templates="gpt3_style", preset="quick", data_dir=str(data_dir))
+    results = list(_pool(_die, [specs], [specs], 1, data_dir, tmp_path, 8, [{"workers": 1}], "off"))
+    assert [r.run_id for r in results] == [s.run_id for s in specs]
+    for r in results:
+        assert r.status == "failed" and "\n" not in r.error
+        assert "memory" in r.error and "--workers" in r.error and "--pack" in r.error, r.error
+
+
+def test_other_worker_errors_keep_their_type():
     from harness.parallel import worker_failure
 
-    line = worker_failure(BrokenProcessPool("A process in the process pool was terminated abruptly"))
-    assert "memory" in line and "--workers" in line and "--pack" in line and "\n" not in line
     assert worker_failure(ValueError("boom")) == "worker process failed: ValueError: boom"
