@@ -37,6 +37,7 @@ def group_summary(runs: list[dict]) -> dict:
             out[f"{r['method']}/{r['seed']}"] = {
                 "steps": r.get("steps"), "train_seconds": r.get("train_seconds"), "loss_first": r.get("loss_first"),
                 "loss_last": r.get("loss_last"), "train_peak_memory_gib": peak / 2**30 if peak else None,
+                "first_step_seconds": r.get("first_step_seconds"),
                 "workers": r.get("env", {}).get("workers")}  # None: not recorded (before --workers was)
     return dict(sorted(out.items()))
 
@@ -46,11 +47,14 @@ def option(extra: list[str], name: str) -> int | None:
     return int(extra[extra.index(name) + 1]) if name in extra else None
 
 
-def steps_extrapolation(train_seconds: dict, steps: int, full_steps: int, workers: int = 1, pack: int = 1) -> float:
+def steps_extrapolation(train_seconds: dict, steps: int, full_steps: int, workers: int = 1, pack: int = 1,
+                        first_step_seconds: dict | None = None) -> float:
     """Seconds to add to a ``--steps S`` run's wall time for the preset's ``full_steps``.
 
-    Training time scales with steps (fixed shapes per step; a one-time cost of the first steps, e.g. compiling at
-    ``--compile auto``, is scaled too, so the estimate errs high). ``train_seconds`` maps each trained group
+    Training time scales with steps (fixed shapes per step). With ``first_step_seconds`` (per group, stored as
+    ``first_step_seconds`` since session 34) the first step's one-time costs (compiling under ``--compile on``,
+    allocator warm-up) are kept out of the scaling: the S - 1 later steps' seconds scale to full - 1; without it
+    every step scales and the estimate errs high by (full / S - 1) x the first step. ``train_seconds`` maps each trained group
     ``(method, seed)`` to its stored training seconds (a packed group stores its pack's time / N, so a pack's groups
     sum to the pack's time). A unit is one training process's work: a group, or a pack of up to ``pack`` groups of
     one method (``harness.packed_runner.make_packs``); ``workers`` units run at a time, so the added time is
@@ -62,6 +66,9 @@ def steps_extrapolation(train_seconds: dict, steps: int, full_steps: int, worker
         per_method[method] = per_method.get(method, 0) + 1
     units = sum(-(-n // max(pack, 1)) for n in per_method.values())
     side_by_side = max(1, min(workers, units))
+    if first_step_seconds is not None and steps > 1:
+        later = sum(t - first_step_seconds[key] for key, t in train_seconds.items())
+        return (full_steps - steps) / (steps - 1) * later / side_by_side
     return (full_steps / steps - 1) * sum(train_seconds.values()) / side_by_side
 
 
@@ -110,12 +117,14 @@ def main(argv=None) -> None:
                 mean = per[method]["seconds"] / done / n_templates  # a group's 4 runs share one training
             estimate += (n - done) * mean if mean is not None else float("nan")
     trained = {(r["method"], r["seed"]): r.get("train_seconds") or 0.0 for r in runs if r["method"] != "icl"}
+    first = {(r["method"], r["seed"]): r.get("first_step_seconds") for r in runs if r["method"] != "icl"}
+    first = first if first and None not in first.values() else None  # None: runs before it was stored
     groups = group_summary(runs)
     extra = args.extra.split()
     steps = option(extra, "--steps")
     if steps is not None and not timed_out:
         estimate = wall + steps_extrapolation(trained, steps, args.full_steps, option(extra, "--workers") or 1,
-                                              option(extra, "--pack") or 1)
+                                              option(extra, "--pack") or 1, first)
     rows = [{"method": m, "expected_runs": expected.get(m), **v} for m, v in sorted(per.items())]
     summary = {"command": " ".join(cmd), "wall_seconds": wall, "returncode": rc, "timed_out": timed_out,
                "estimated_total_seconds": estimate, "train_seconds_per_group": {f"{m}/{s}": v for (m, s), v in

@@ -63,8 +63,10 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
            cp /tmp/paper/paper.sqlite "$OUT/" ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at
-        # PAPERPACK_STEPS steps (the full preset's time extrapolated: benchmarks.paper_run.steps_extrapolation)
-        for c in "pack|--pack 5 --workers 2" "w10|--workers 10"; do
+        # PAPERPACK_STEPS steps (the full preset's time extrapolated: benchmarks.paper_run.steps_extrapolation);
+        # PAPERPACK_PACK / PAPERPACK_BASE replace the two runs' options (e.g. PAPERPACK_PACK="--pack 5 --workers 2
+        # --compile on": the first step's compile is kept out of the extrapolation)
+        for c in "pack|${PAPERPACK_PACK:---pack 5 --workers 2}" "w10|${PAPERPACK_BASE:---workers 10}"; do
           t=${c%%|*}; rm -rf "/tmp/pp_$t"; mkdir -p "/tmp/pp_$t"; echo "--- $t $(date -u +%H:%M:%S)"
           python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store "/tmp/pp_$t/paper.sqlite" \
             --timeout "${PAPER_TIMEOUT:-250}" --extra "${c#*|} --steps ${PAPERPACK_STEPS:-300}" \

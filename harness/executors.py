@@ -24,7 +24,6 @@ and only runs with the same thread count agree bit for bit (others within about 
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -34,8 +33,6 @@ from harness.jobs import Job, JobContext, run_icl_job, run_peft_job
 from harness.models import LoadedModel, resolve_device_dtype
 from harness.spec import RunSpec
 from harness.store import RunResult
-
-log = logging.getLogger("harness")
 
 EXECUTORS = ("local", "ray")
 RAY_INSTALL = "pip install 'harness[ray]'"
@@ -114,8 +111,6 @@ class LocalProcessExecutor:
         from harness.packed_runner import make_packs
 
         packs = [[list(j.specs) for j in pack] for pack in make_packs(trained, self.pack)]
-        if ctx.compile in ("on", "model", True) and any(len(p) > 1 for p in packs):
-            log.info("packed trainings run eagerly (--compile %s applies to the groups trained alone)", ctx.compile)
         envs = [env_of(p[0][0].model, resolve_device_dtype(p[0][0].device)[0])
                 | ({"workers": self.workers} if self.workers > 1 else {}) for p in packs]
         if self.workers > 1:
@@ -134,7 +129,7 @@ class LocalProcessExecutor:
                 yield from run_peft_job(lambda: load(first), Job("peft", tuple(pack[0])), ctx, env)
             else:
                 yield from run_pack(lambda: load(first), pack, ctx.data_dir, ctx.artifacts_dir,
-                                    batch_size=ctx.batch_size, progress=ctx.progress, env=env)
+                                    batch_size=ctx.batch_size, progress=ctx.progress, env=env, compile=ctx.compile)
 
 
 def check_pack(pack) -> None:

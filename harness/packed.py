@@ -39,6 +39,7 @@ import time
 import torch
 
 from harness import costs
+from harness.compiling import compile_mode, for_training, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
@@ -90,8 +91,12 @@ def _group_work(prompts, encode, max_length, overhead: Overhead, windows) -> tup
 
 
 def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMember], settings: dict, *,
-                 method: str, padding: str = "auto", progress: bool = False) -> list[TrainStats | Exception]:
+                 method: str, padding: str = "auto", progress: bool = False,
+                 compile: str | bool | None = "auto") -> list[TrainStats | Exception]:
     """Train every member's adapter (``packed.params[g]``) for ``settings["steps"]`` steps in one model.
+
+    ``compile`` as :func:`harness.training.train`'s (:func:`harness.compiling.compile_mode`): the per-row hooks
+    trace into the compiled blocks (no graph break); a compiler failure on the first step goes on eagerly.
 
     Returns per member its :class:`TrainStats` (``seconds``: its share, the pack's wall time / N; ``step_seconds``
     likewise) or the exception that stopped it (:class:`TrainingDiverged`). ``model``'s own adapter is left as it
@@ -136,6 +141,10 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
     stats = [TrainStats([], {name: [] for name in settings["losses"]}, 0, 0.0, Work(), 0, 0, 0, micro, accum)
              for _ in members]
     outcome: list[TrainStats | Exception] = list(stats)
+    mode = compile_mode(compile)
+    forward_model, compiled = for_training(model, mode)
+    for s in stats:
+        s.compiled = mode is not None
     active = list(range(n))
     clip = settings.get("max_grad_norm")
     start = time.perf_counter()
@@ -153,8 +162,8 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                     optimizer.zero_grad(set_to_none=True)
                     masters.zero_grad()
                     try:
-                        values = _forward_backward(model, tokenizer, packed, batches, micro, settings, dims,
-                                                   overhead, right_pad, logit_index, encode)
+                        values = _forward_backward(forward_model, tokenizer, packed, batches, micro, settings,
+                                                   dims, overhead, right_pad, logit_index, encode)
                         break
                     except torch.OutOfMemoryError:
                         if micro == 1:
@@ -165,6 +174,15 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                             torch.cuda.empty_cache()
                         log.warning("out of memory at packed step %d: micro-batch %d x %d accumulation steps "
                                     "(token means now per smaller micro-batch)", step, micro, accum)
+                    except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
+                        if not stats[0].compiled or step > 0:
+                            raise
+                        log.warning("torch.compile failed (%s: %s); training the pack eagerly", type(exc).__name__,
+                                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                        uncompile_blocks(compiled)
+                        compiled, forward_model = [], model
+                        for s in stats:
+                            s.compiled = False
                 masters.pull_grads()
                 norms = clip_per_group(masters.params, clip)  # [N] or None
                 host = _read(values, norms)  # one device read per step
@@ -202,6 +220,7 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                 for g in active:
                     stats[g].step_seconds.append(step_seconds)
     finally:
+        uncompile_blocks(compiled)
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
         masters.zero_grad()

@@ -69,7 +69,8 @@ def make_packs(jobs: list[Job], size: int) -> list[list[Job]]:
 
 
 def run_pack(load_base: Callable[[], LoadedModel], groups: list[list[RunSpec]], data_dir, artifacts_dir: Path, *,
-             batch_size: int = 8, progress: bool = False, env: dict | None = None) -> Iterator[RunResult]:
+             batch_size: int = 8, progress: bool = False, env: dict | None = None,
+             compile: str | bool | None = "auto") -> Iterator[RunResult]:
     """Train ``groups`` (of one :func:`pack_key`) in one packed training and yield one result per spec (module
     docstring). A failure before or during training fails every group; a group that diverges fails alone."""
     from harness.methods import apply_method, get_method, method_overhead
@@ -109,7 +110,7 @@ def run_pack(load_base: Callable[[], LoadedModel], groups: list[list[RunSpec]], 
             trainable_vocab = costs.trainable_vocab_params(model)
             packed = PackedAdapters(model, initial)
             outcomes = train_packed(model, lm.tokenizer, packed, members, settings, method=first.method,
-                                    progress=progress)
+                                    progress=progress, compile=compile)
             model.eval()
     except Exception as exc:  # noqa: BLE001 - recorded; the other packs go on
         error, tb = _one_line(exc), traceback.format_exc(limit=8)

@@ -92,7 +92,7 @@ def _train_pack(groups: list[list[RunSpec]], data_dir, artifacts_dir: Path, batc
     env = env | {"torch_threads": torch.get_num_threads()}
     first = groups[0][0]
     return list(run_pack(lambda: load_model(first.load_from, first.device, first.dtype), groups, data_dir,
-                         artifacts_dir, batch_size=batch_size, progress=False, env=env))
+                         artifacts_dir, batch_size=batch_size, progress=False, env=env, compile=compile))
 
 
 def run_packs(packs: list[list[list[RunSpec]]], workers: int, data_dir, artifacts_dir: Path, *, batch_size: int,

@@ -244,7 +244,8 @@ def group_results(model, lm: LoadedModel, info, task, specs: list[RunSpec], data
         "grad_accum": stats.grad_accum,
     }
     extra = {"losses": stats.losses, "loss_components": stats.components, "overhead": dataclasses.asdict(overhead),
-             "group": group_hash(first), "compiled": stats.compiled} | (extra or {})
+             "group": group_hash(first), "compiled": stats.compiled,
+             "first_step_seconds": stats.step_seconds[0] if stats.step_seconds else None} | (extra or {})
     for spec in specs:
         try:
             metrics, examples = evaluate(model, lm.tokenizer, info, task, spec, data_dir, dims, overhead,

@@ -31,3 +31,12 @@ def test_packs_are_units():
 def test_option_reads_integers():
     assert option("--pack 5 --workers 2 --compile off".split(), "--workers") == 2
     assert option(["--compile", "off"], "--pack") is None
+
+
+def test_the_first_step_is_not_scaled():
+    # a compiled pack of five: the first step held a 60 s compile, the 99 later steps 40 s in all
+    seconds = {("lora", s): 100.0 / 5 for s in range(5)}
+    first = {("lora", s): 60.0 / 5 for s in range(5)}
+    added = steps_extrapolation(seconds, 100, 1000, workers=1, pack=5, first_step_seconds=first)
+    assert added == pytest.approx(900 / 99 * 40.0)  # 999 later steps at 40 / 99 s each, less the 99 measured
+    assert steps_extrapolation(seconds, 100, 1000, workers=1, pack=5) == pytest.approx(9 * 100.0)  # errs high
