@@ -30,6 +30,10 @@ the top 10 by self time (``--profile``). The GPU measurement of docs/benchmarks.
     python -m benchmarks.packed_training --device cuda --model gemma3-270m --task copa --methods ia3,tfew \
         --ns 1,2,5 --steps 20 --warmup 3 --repeats 2 --out $OUT/packed_training_gemma_cuda.json
 
+``--compile on`` (or ``model``) trains both kinds under compiled blocks, as ``harness run --compile`` does (give
+``--warmup`` the compile's steps; a row's ``compiled`` is False when a compile fell back to eager). On the GPU all of
+it in one call: ``bash benchmarks/run_device.sh setup packprof``.
+
 On a CPU the step is compute-bound and packing gains little; on a GPU a small model's step is launch-bound
 (issue 16), which packing is for. Recorded results: docs/benchmarks.md.
 """
@@ -42,6 +46,7 @@ import time
 import torch
 
 from benchmarks.common import environment, print_table, write_json
+from harness.compiling import COMPILE_CHOICES
 from harness.data import few_shot_examples, resolve_data_dir
 from harness.methods import apply_method, training_settings
 from harness.models import load_model
@@ -52,33 +57,37 @@ from harness.training import train
 SEEDS = [0, 1, 32, 42, 1024, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 
 
-def separate(lm, members, method: str, settings: dict, warmup: int, padding: str = "auto") -> dict:
+def separate(lm, members, method: str, settings: dict, warmup: int, padding: str = "auto",
+             compile: str = "auto") -> dict:
     """N trainings one after another; seconds of their timed steps."""
-    seconds, losses = 0.0, []
+    seconds, losses, compiled = 0.0, [], True
     for m in members:
         torch.manual_seed(m.seed)
         model = apply_method(lm.model, method, settings)
         stats = train(model, lm.tokenizer, m.train_examples, m.task, settings, m.seed, method=method,
-                      padding=padding)
+                      padding=padding, compile=compile)
         seconds += sum(stats.step_seconds[warmup:])
         losses.append(stats.losses[-1])
+        compiled = compiled and stats.compiled
         model.unload()
-    return {"seconds": seconds, "last_losses": losses}
+    return {"seconds": seconds, "last_losses": losses, "compiled": compiled}
 
 
-def packed(lm, members, method: str, settings: dict, warmup: int, padding: str = "auto") -> dict:
+def packed(lm, members, method: str, settings: dict, warmup: int, padding: str = "auto",
+           compile: str = "auto") -> dict:
     """The N trainings in one packed training; seconds of its timed steps."""
     initial = [group_initial_tensors(lm.model, method, settings, m.seed) for m in members]
     model = apply_method(lm.model, method, settings)
     adapters = PackedAdapters(model, initial)
-    outcomes = train_packed(model, lm.tokenizer, adapters, members, settings, method=method, padding=padding)
+    outcomes = train_packed(model, lm.tokenizer, adapters, members, settings, method=method, padding=padding,
+                            compile=compile)
     model.unload()
     failed = [o for o in outcomes if isinstance(o, Exception)]
     if failed:
         raise failed[0]
     # each group's step_seconds is its share (the pack's step wall time / N)
     seconds = sum(outcomes[0].step_seconds[warmup:]) * len(members)
-    return {"seconds": seconds, "last_losses": [o.losses[-1] for o in outcomes]}
+    return {"seconds": seconds, "last_losses": [o.losses[-1] for o in outcomes], "compiled": outcomes[0].compiled}
 
 
 def _inspect(args, lm, method: str, settings: dict, members: list) -> dict:
@@ -88,8 +97,9 @@ def _inspect(args, lm, method: str, settings: dict, members: list) -> dict:
 
     padding = "right" if args.cuda_path or lm.device.type == "cuda" else "auto"
     out = {}
-    runs = {"separate": [lambda _c, m=m: separate(lm, [m], method, settings, args.warmup, padding) for m in members],
-            "packed": [lambda _c: packed(lm, members, method, settings, args.warmup, padding)]}
+    runs = {"separate": [lambda _c, m=m: separate(lm, [m], method, settings, args.warmup, padding, args.compile)
+                         for m in members],
+            "packed": [lambda _c: packed(lm, members, method, settings, args.warmup, padding, args.compile)]}
     for kind, fns in runs.items():
         if args.count_ops:
             counts = [count_steps(fn, args.warmup, args.steps, cuda_path=args.cuda_path) for fn in fns]
@@ -159,6 +169,8 @@ def main() -> None:
                         help="instead of timing: torch.profiler per step (ops/kernels, busy vs wall, top 10)")
     parser.add_argument("--cuda-path", action="store_true",
                         help="on the CPU, take a CUDA run's code paths (right padding, fused optimizers)")
+    parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                        help="as harness run --compile, for both kinds (on: give --warmup the compile's steps)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -184,28 +196,30 @@ def main() -> None:
                 print_table([_brief(row)], list(_brief(row)))
                 continue
             if not rows or rows[-1]["method"] != method:  # untimed: the method's first training warms caches up
-                separate(lm, members[:1], method, settings, args.warmup)
+                separate(lm, members[:1], method, settings, args.warmup, compile=args.compile)
             ones, togethers = [], []
             for r in range(args.repeats):  # alternating which goes first, the fastest of each kept
                 if r % 2:
-                    togethers.append(packed(lm, members, method, settings, args.warmup))
-                ones.append(separate(lm, members, method, settings, args.warmup))
+                    togethers.append(packed(lm, members, method, settings, args.warmup, compile=args.compile))
+                ones.append(separate(lm, members, method, settings, args.warmup, compile=args.compile))
                 if not r % 2:
-                    togethers.append(packed(lm, members, method, settings, args.warmup))
+                    togethers.append(packed(lm, members, method, settings, args.warmup, compile=args.compile))
             one = min(ones, key=lambda x: x["seconds"])
             together = min(togethers, key=lambda x: x["seconds"])
             drift = max(abs(a - b) for a, b in zip(one["last_losses"], together["last_losses"]))
             row = {"method": method, "n": n, "steps": args.steps,
                    "separate_steps_per_s": n * args.steps / one["seconds"],
                    "packed_steps_per_s": n * args.steps / together["seconds"],
-                   "last_loss_max_diff": drift, "wall_s": time.perf_counter() - start}
+                   "last_loss_max_diff": drift, "wall_s": time.perf_counter() - start,
+                   "compiled": one["compiled"] and together["compiled"]}  # False: eager (or a compile fell back)
             row["speedup"] = row["packed_steps_per_s"] / row["separate_steps_per_s"]
             rows.append(row)
             print_table([row], list(row))
     payload = {"benchmark": "packed_training", "model": args.model, "task": args.task, "dtype": str(lm.dtype),
                "settings": {"batch_size": settings["batch_size"], "warmup": args.warmup, "steps": args.steps,
                             "repeats": args.repeats, "threads": torch.get_num_threads(),
-                            "count_ops": args.count_ops, "profile": args.profile, "cuda_path": args.cuda_path},
+                            "count_ops": args.count_ops, "profile": args.profile, "cuda_path": args.cuda_path,
+                            "compile": args.compile},
                "environment": environment(lm.device), "rows": rows}
     print_table([_brief(r) for r in rows], list(_brief(rows[0])))
     if args.out:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks on a lent GPU machine (see docs/benchmarks.md): bash benchmarks/run_device.sh STAGE...
-# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, paperpack, nanprobe, mfu,
-# loop, t5.
+# Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, paperpack, packprof,
+# nanprobe, mfu, loop, t5.
 # Expects .whl/ (transformers, peft wheels) and .benchdata/ (data/rte, cache/tokenizers/smollm2-135m, and for t5
 # cache/tokenizers/smollm2-135m-32128) carried beside the checkout, and $OUT for results.
 set -u
@@ -61,6 +61,18 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
            python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store /tmp/paper/paper.sqlite \
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20
            cp /tmp/paper/paper.sqlite "$OUT/" ;;
+    packprof) # issue 16: where a packed step's time goes on the GPU (random:smollm2-135m, rte, batch 8): steps/s of
+        # N separate trainings against one pack of N, eager; the same for a pack of 5 under compiled blocks; then
+        # torch.profiler's device busy time against wall time per step (benchmarks/packed_training.py)
+        timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
+          --methods ia3,lora --ns 1,5,10 --steps 10 --warmup 3 --repeats 1 --out "$OUT/packed_training_cuda_eager.json" \
+          2>&1 | grep -v -i warn | tail -8
+        timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
+          --methods lora --ns 5 --steps 10 --warmup 4 --repeats 1 --compile on \
+          --out "$OUT/packed_training_cuda_compiled.json" 2>&1 | grep -v -i warn | tail -4
+        timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
+          --methods lora --ns 1,5,10 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" \
+          2>&1 | grep -v -i warn | tail -6 ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at
         # PAPERPACK_STEPS steps (the full preset's time extrapolated: benchmarks.paper_run.steps_extrapolation);
