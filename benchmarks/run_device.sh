@@ -62,14 +62,17 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20
            cp /tmp/paper/paper.sqlite "$OUT/" ;;
     packprof) # issue 16: where a packed step's time goes on the GPU (random:smollm2-135m, rte, batch 8): steps/s of
-        # N separate trainings against one pack of N, eager; the same for a pack of 5 under compiled blocks; then
+        # N separate trainings against one pack of N, eager; the same for a pack of 5 under compiled blocks and under
+        # CUDA graphs (--compile graphs); then
         # torch.profiler's device busy time against wall time per step (benchmarks/packed_training.py)
         timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
           --methods ia3,lora --ns 1,5,10 --steps 10 --warmup 3 --repeats 1 --out "$OUT/packed_training_cuda_eager.json" \
           2>&1 | grep -v -i warn | tail -8
-        timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
-          --methods lora --ns 5 --steps 10 --warmup 4 --repeats 1 --compile on \
-          --out "$OUT/packed_training_cuda_compiled.json" 2>&1 | grep -v -i warn | tail -4
+        for c in ${PACKPROF_COMPILE:-on graphs}; do  # compiled blocks, then the same under CUDA graphs
+          timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
+            --methods lora --ns 5 --steps 10 --warmup 4 --repeats 1 --compile "$c" \
+            --out "$OUT/packed_training_cuda_$c.json" 2>&1 | grep -v -i warn | tail -4
+        done
         timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
           --methods lora --ns 1,5,10 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" \
           2>&1 | grep -v -i warn | tail -6 ;;

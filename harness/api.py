@@ -306,8 +306,8 @@ def run(
 ) -> list[RunResult]:
     """Execute the specs not yet finished in ``store``; return the results produced by this call.
 
-    ``compile`` (``auto``/``off``: eager, ``on``: compiled blocks, ``model``: the whole model) is how PEFT
-    training forwards run (:func:`harness.compiling.compile_mode`). ``executor`` (:mod:`harness.executors`) runs
+    ``compile`` (``auto``/``off``: eager, ``on``: compiled blocks, ``model``: the whole model, ``graphs``: the
+    blocks under CUDA graphs) is how PEFT training forwards run (:func:`harness.compiling.compile_mode`). ``executor`` (:mod:`harness.executors`) runs
     the jobs: by default ``LocalProcessExecutor(workers)``, where ``workers`` PEFT training groups run at once, one
     process each (:mod:`harness.parallel`); ``executors.make_executor("ray", ...)`` runs every job as a Ray task.
     Results equal a serial run's (on CPU with as many torch threads); this process alone writes the store, one

@@ -84,9 +84,10 @@ def _existing_store(path: str) -> Store:
 @click.option("--losses", default=None, help="Training losses, comma-separated from lm,ul,ln (PEFT).")
 @click.option("--n-train", type=int, default=None, help="Training examples when no few-shot file exists (PEFT).")
 @click.option("--train-template", default=None, help="Fix the training template (default: random per example, as T-Few).")
-@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "model", "off"]), default="auto",
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "model", "graphs", "off"]), default="auto",
               show_default=True, help="PEFT training forwards: auto/off eager, on = torch.compile each transformer "
-              "block, model = the whole model (slow to compile).")
+              "block, model = the whole model (slow to compile), graphs = the blocks under CUDA graphs "
+              "(experimental; on the CPU as on).")
 @click.option("--workers", default=None, type=int,
               help="Local executor: PEFT trainings run at once, one process each (several small-model trainings "
                    "share a GPU) [default: 1]. Ray without --ray-address: runs at once on the local Ray instance "

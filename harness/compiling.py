@@ -2,7 +2,10 @@
 
 Measured on the H100 (docs/benchmarks.md, second round): compiling each block makes the T-Few loop's steps 1.6-1.9x
 faster after a compile of up to 100 s; compiling the whole model doubles the throughput of a 1B model's step but
-takes minutes with dynamic shapes. The default is eager.
+takes minutes with dynamic shapes. The default is eager. ``graphs`` (experimental, not yet measured on a GPU)
+compiles the blocks with ``mode="reduce-overhead"``: CUDA graphs replay each block's kernels in one launch, the
+lever for a small model's launch-bound step (issue 16); a graph is recorded per distinct input shape, and each
+training step starts a new cudagraph-tree iteration (:func:`step_begin`). On the CPU it compiles as ``on``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import torch
 
 from harness.errors import HarnessError
 
-COMPILE_CHOICES = ("auto", "on", "model", "off")
+COMPILE_CHOICES = ("auto", "on", "model", "graphs", "off")
 
 
 def compile_mode(choice: str | bool | None) -> str | None:
-    """How the training forwards run: None (eager), ``"blocks"`` (:func:`compile_blocks`, ``on``) or ``"model"``
-    (the whole model under ``torch.compile``: longer to compile, fewer kernels per step).
+    """How the training forwards run: None (eager), ``"blocks"`` (:func:`compile_blocks`, ``on``), ``"model"``
+    (the whole model under ``torch.compile``: longer to compile, fewer kernels per step) or ``"graphs"`` (the
+    blocks under CUDA graphs: the module docstring).
 
     ``auto`` (or None) is eager, on every device (the default: see the module docstring); ``True`` is
     ``blocks``. The eager float32 path on the CPU is bit-for-bit reproducible.
@@ -26,7 +30,7 @@ def compile_mode(choice: str | bool | None) -> str | None:
     choice = choice or "auto"
     if choice not in COMPILE_CHOICES:
         raise HarnessError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
-    return {"auto": None, "on": "blocks", "model": "model", "off": None}[choice]
+    return {"auto": None, "on": "blocks", "model": "model", "graphs": "graphs", "off": None}[choice]
 
 
 def repeated_blocks(model) -> list[torch.nn.Module]:
@@ -40,19 +44,20 @@ def repeated_blocks(model) -> list[torch.nn.Module]:
     return best
 
 
-def compile_blocks(model) -> list[torch.nn.Module]:
+def compile_blocks(model, mode: str | None = None) -> list[torch.nn.Module]:
     """Regional compilation: ``torch.compile`` each transformer block in place (dynamic sequence lengths).
 
     Every block runs the same code, so dynamo traces and inductor compiles one block (forward and backward) and
     all layers reuse it: tens of seconds instead of minutes for the whole model with dynamic shapes, and later
     trainings of the same architecture and method reuse it too. The fusions that matter (norms, rotary
-    embeddings, activations, the adapter's own ops) are inside the blocks. Undo with :func:`uncompile_blocks`.
+    embeddings, activations, the adapter's own ops) are inside the blocks. ``mode`` is ``torch.compile``'s
+    (``"reduce-overhead"``: CUDA graphs). Undo with :func:`uncompile_blocks`.
     """
     blocks = repeated_blocks(model)
     if not blocks:
         raise HarnessError(f"{type(model).__name__}: no repeated transformer blocks to compile; use --compile off")
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, mode=mode)
     return blocks
 
 
@@ -72,4 +77,13 @@ def for_training(model, mode: str | None) -> tuple[torch.nn.Module, list[torch.n
         return torch.compile(model, dynamic=True), []
     if mode == "blocks":
         return model, compile_blocks(model)
+    if mode == "graphs":
+        return model, compile_blocks(model, mode="reduce-overhead")
     return model, []
+
+
+def step_begin(mode: str | None) -> None:
+    """Before a training step's first forward: under ``graphs``, tell the cudagraph trees that a new iteration
+    begins (the last step's graph outputs may be overwritten); nothing otherwise."""
+    if mode == "graphs":
+        torch.compiler.cudagraph_mark_step_begin()

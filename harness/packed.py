@@ -39,7 +39,7 @@ import time
 import torch
 
 from harness import costs
-from harness.compiling import compile_mode, for_training, uncompile_blocks
+from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
@@ -161,6 +161,7 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                 while True:
                     optimizer.zero_grad(set_to_none=True)
                     masters.zero_grad()
+                    step_begin(mode if stats[0].compiled else None)
                     try:
                         values = _forward_backward(forward_model, tokenizer, packed, batches, micro, settings,
                                                    dims, overhead, right_pad, logit_index, encode)

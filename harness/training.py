@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from harness import costs
 from harness.master_weights import MasterWeights
-from harness.compiling import compile_mode, for_training, uncompile_blocks
+from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # noqa: F401  (re-exported)
@@ -289,6 +289,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         for step in bar:
             step_start = time.perf_counter()
             batch = [task.render(rng.choice(templates), train_examples[i]) for i in sampler.take(effective)]
+            step_begin(mode if stats.compiled else None)
 
             def backward():
                 nonlocal micro, accum, compiled, forward_model

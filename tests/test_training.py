@@ -265,7 +265,7 @@ def test_train_template_and_unlabelled_examples(tiny, smollm, cb):
 def test_compile_is_asked_for():
     assert compile_mode("auto") is None and compile_mode(None) is None and compile_mode("off") is None
     assert compile_mode(False) is None and compile_mode(True) == "blocks"
-    assert compile_mode("on") == "blocks" and compile_mode("model") == "model"
+    assert compile_mode("on") == "blocks" and compile_mode("model") == "model" and compile_mode("graphs") == "graphs"
     with pytest.raises(HarnessError, match="--compile must be one of"):
         compile_mode("fast")
 
