@@ -124,6 +124,37 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+def test_a_compile_failure_on_a_packs_first_step_falls_back_to_eager(tiny, smollm, data_dir, monkeypatch, caplog):
+    import harness.compiling as compiling
+    from harness.compiling import repeated_blocks
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("BackendCompilerFailed: simulated")
+
+    def compile_broken(model, mode=None):  # the first call of a compiled block raises, as a compiler failure does
+        blocks = repeated_blocks(model)
+        for block in blocks:
+            block._compiled_call_impl = broken
+        return blocks
+
+    monkeypatch.setattr(compiling, "compile_blocks", compile_broken)
+    settings = training_settings("ia3", "quick", {"steps": 2, "batch_size": 2, "lr": 3e-2, "warmup_ratio": 0.0})
+    members = _members(data_dir)[:2]
+    losses = []
+    for compile_ in ("on", "off"):
+        base = copy.deepcopy(tiny)
+        initial = [group_initial_tensors(base, "ia3", settings, m.seed) for m in members]
+        model = apply_method(base, "ia3", settings)
+        packed = PackedAdapters(model, initial)
+        outcomes = train_packed(model, smollm.tokenizer, packed, members, settings, method="ia3", compile=compile_)
+        assert not any(o.compiled for o in outcomes) and all(o.steps == 2 for o in outcomes)
+        assert all(block._compiled_call_impl is None for block in repeated_blocks(model))
+        losses.append([o.losses for o in outcomes])
+    assert losses[0] == losses[1]
+    assert "torch.compile failed (RuntimeError: BackendCompilerFailed: simulated); training the pack eagerly" \
+        in caplog.text
+
+
 @pytest.mark.slow
 def test_packed_tfew_on_the_real_model_equals_separate_training(smollm):
     """The embedded SmolLM2-135M (float32, CPU): three T-Few groups (seeds 0, 1, 32: each its own draws of
