@@ -270,6 +270,22 @@ def test_compile_is_asked_for():
         compile_mode("fast")
 
 
+def test_graphs_compile_blocks_for_cuda_graphs_and_mark_each_step(tiny, monkeypatch):
+    """``--compile graphs``: the blocks compiled with ``mode="reduce-overhead"``, and a cudagraph-tree step boundary
+    before each training step only under it."""
+    import harness.compiling as compiling
+
+    asked, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: asked.append(kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model, blocks = compiling.for_training(tiny.model, compile_mode("graphs"))
+    assert model is tiny.model and len(blocks) == len(asked) == 2
+    assert all(kw == {"dynamic": True, "mode": "reduce-overhead"} for kw in asked)
+    for mode in (None, "blocks", "model", "graphs"):
+        compiling.step_begin(mode)
+    assert marks == [1]
+
+
 def test_repeated_blocks_are_the_decoder_layers(tiny):
     blocks = repeated_blocks(tiny)
     assert blocks == list(tiny.model.layers) and len(blocks) == 2
