@@ -19,7 +19,9 @@ wic job planned at 235 s to the evaluation the first planner left out: P-tuning 
 (default 1.3: round 18 measured 1.0-1.4x between neighbours, round 19 1.27x for UniPELT beside P-tuning, against
 its record alone) covers other neighbours, and the GPU-heavy methods (``HEAVY``: round 19's AdaLoRA beside FishMask, each under 400 s
 with a light neighbour, passed 500 s together) never share a call. An estimate is a guide for choosing
-GRID_TIMEOUT, not a promise: keep the deadline's margin.
+GRID_TIMEOUT, not a promise: keep the deadline's margin. Each call also gets GRID_GIB_PER_TRAINING, its largest
+estimated memory peak (``peak_memory_bytes``, scaled the same way) + 2 GiB, with a warning where its width outgrows
+``--gpu-gib`` (the queue would hold jobs back).
 
     python -m benchmarks.grid_plan STORE.sqlite --model smollm2-135m --width 10 --deadline 545
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
 from benchmarks.store_arg import require_store
@@ -78,6 +81,7 @@ class Cell:
     evaluation: float = 0.0
     templates: int = 4
     code_tree: str | None = None  # one tree for every cell (--tree); None: the frozen trees by method
+    memory: float | None = None  # estimated GPU memory peak of a training, bytes (None: nothing recorded)
 
     @property
     def seconds(self) -> float | None:
@@ -135,6 +139,8 @@ def missing_cells(runs, templates: dict[str, int], models=MODELS, tasks=TASKS, g
     trained = runs[runs["train_seconds"].notna() & (runs["train_seconds"] > 0)]
     by_label = trained.groupby(["model", "task", "label"])
     longest = {key: float(v) for key, v in by_label["train_seconds"].max().items()}
+    peak = ({key: float(v) for key, v in by_label["peak_memory_bytes"].max().dropna().items()}
+            if "peak_memory_bytes" in trained else {})
     evaluation = {key: float(v) for key, v in by_label["eval_seconds"].mean().dropna().items()}
     done = runs.groupby(["model", "task", "label"]).size().to_dict()
     cells = []
@@ -147,8 +153,34 @@ def missing_cells(runs, templates: dict[str, int], models=MODELS, tasks=TASKS, g
                     train = estimate(longest, model, task, label)
                     ref = REFERENCE if get_method(method).supports_kv_cache else EVAL_REFERENCE_UNCACHED
                     evals = estimate(evaluation, model, task, label, reference=ref)
-                    cells.append(Cell(model, task, method, settings, n, train, evals or 0.0, templates[task]))
+                    cells.append(Cell(model, task, method, settings, n, train, evals or 0.0, templates[task],
+                                      memory=estimate(peak, model, task, label)))
     return cells
+
+
+def gib_per_training(cells: list[Cell], margin: float = 2.0) -> int | None:
+    """GRID_GIB_PER_TRAINING for a call of ``cells``: the largest estimated memory peak of a training in GiB plus
+    ``margin`` (a process holds its CUDA context and the allocator's cache beside the peak: round 25's wic
+    trainings, peaks 1.1-1.4 GB, held 2.4 GiB each, 15 at once in 36.6 GiB; round 22's AdaLoRA cb processes held
+    9.3-10.9 GiB, its estimated peak here ~10 GB), rounded up; None when a cell has no estimate."""
+    peaks = [c.memory for c in cells]
+    if not peaks or None in peaks:
+        return None
+    return math.ceil(max(peaks) / 2**30 + margin)
+
+
+def _gib(cells: list[Cell]) -> str:
+    gib = gib_per_training(cells)
+    return "" if gib is None else f"GRID_GIB_PER_TRAINING={gib} "
+
+
+def memory_note(cells: list[Cell], trainings: int, gpu_gib: float) -> str:
+    """A warning when ``trainings`` side by side at the call's GRID_GIB_PER_TRAINING exceed ``gpu_gib``: the queue
+    then starts a job only when its five fit, so the call runs fewer at once than planned (and takes longer)."""
+    gib = gib_per_training(cells)
+    if gib is None or gib * trainings <= gpu_gib:
+        return ""
+    return f" [memory: {trainings} trainings x {gib} GiB > {gpu_gib:g} GiB; {int(gpu_gib // gib)} fit at once]"
 
 
 def plan_calls(cells: list[Cell], width: int, deadline: float, overhead: float,
@@ -252,7 +284,7 @@ def plan_pipeline(cells: list[Cell], width: int, deadline: float, overhead: floa
 
 
 def render_pipeline(calls: list[tuple[list[QueuedJob], float]], left: list[Cell], width: int, deadline: float,
-                    spare: int = 2) -> str:
+                    spare: int = 2, gpu_gib: float = 79.6) -> str:
     """Each call's GRID_JOBS: the jobs the plan starts in it (those carried first) and ``spare`` more of the queue
     (they start only if a slot frees in time: estimates are guides)."""
     order = [job.cell for jobs, _ in calls for job in jobs if not job.carried]
@@ -268,8 +300,10 @@ def render_pipeline(calls: list[tuple[list[QueuedJob], float]], left: list[Cell]
         src = "" if tree == ".gpu/src" else f"SRC=$PWD/{tree} "
         ends = ", ".join(f"{j.cell.task} {j.cell.label}{' (carried)' if j.carried else ''}: "
                          f"{'ends' if j.finishes else 'runs on'}" for j in jobs)
-        lines.append(f"{n}. {jobs[0].cell.model}, ~{seconds:.0f} s (total ~{total:,.0f} s): `{src}GRID_SLOTS="
-                     f"{max(1, width // 5)} GRID_JOBS=\"{'; '.join(c.job for c in started + extra)}\"` ({ends})")
+        lines.append(f"{n}. {jobs[0].cell.model}, ~{seconds:.0f} s (total ~{total:,.0f} s): "
+                     f"`{_gib(started + extra)}{src}GRID_SLOTS="
+                     f"{max(1, width // 5)} GRID_JOBS=\"{'; '.join(c.job for c in started + extra)}\"` ({ends})"
+                     + memory_note(started + extra, 5 * max(1, width // 5), gpu_gib))
     head = [f"Pipeline of the resumable cells, {max(1, width // 5)} jobs at a time as a queue, GRID_TIMEOUT="
             f"{deadline:.0f}: {len(calls)} calls, about {total:,.0f} s of device time (back to back on one warm "
             "machine; between machines only 2-3 trainings' states travel, benchmarks/carry_states.py: end a "
@@ -281,7 +315,8 @@ def render_pipeline(calls: list[tuple[list[QueuedJob], float]], left: list[Cell]
 
 
 def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: int, deadline: float,
-           overhead: float, slowdown: float = 1.0, restarting: frozenset[str] = frozenset()) -> str:
+           overhead: float, slowdown: float = 1.0, restarting: frozenset[str] = frozenset(),
+           gpu_gib: float = 79.6) -> str:
     def sec(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
@@ -297,7 +332,7 @@ def render(cells: list[Cell], calls: list[list[Cell]], left: list[Cell], width: 
         src = "" if call[0].tree == ".gpu/src" else f"SRC=$PWD/{call[0].tree} "
         jobs = "; ".join(c.job for c in call)
         lines.append(f"{n}. {call[0].model}, ~{call_seconds(call, overhead, slowdown):.0f} s: "
-                     f'`{src}GRID_JOBS="{jobs}"`')
+                     f'`{_gib(call)}{src}GRID_JOBS="{jobs}"`' + memory_note(call, 5 * len(call), gpu_gib))
     if left:
         from harness.methods import get_method
 
@@ -326,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", help="one code tree for every call (e.g. .gpu/src_new2, a tree at bde8a16 or later, "
                         "once the rerun check passed on the GPU: docs/benchmarks.md (d), round 20); default: the "
                         "frozen trees, .gpu/src_fix for AdaLoRA and FishMask, .gpu/src for the others")
+    parser.add_argument("--gpu-gib", type=float, default=79.6,
+                        help="GPU memory in GiB, for the GRID_GIB_PER_TRAINING warnings (79.6: an H100 80GB; H200 139)")
     parser.add_argument("--pipeline", action="store_true",
                         help="keep the width full and let resumable jobs run on across calls (plan_pipeline)")
     parser.add_argument("--grace", type=float, default=15,
@@ -349,11 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         queued, rest = plan_pipeline(cells, args.width, args.deadline, args.overhead, args.slowdown, args.grace,
                                      restarting=restarting)
         calls, left = plan_calls(rest, args.width, args.deadline, args.overhead, args.slowdown)
-        print(render_pipeline(queued, rest, args.width, args.deadline) + "\n")
-        print(render(rest, calls, left, args.width, args.deadline, args.overhead, args.slowdown, restarting))
+        print(render_pipeline(queued, rest, args.width, args.deadline, gpu_gib=args.gpu_gib) + "\n")
+        print(render(rest, calls, left, args.width, args.deadline, args.overhead, args.slowdown, restarting,
+                     args.gpu_gib))
         return 0
     calls, left = plan_calls(cells, args.width, args.deadline, args.overhead, args.slowdown)
-    print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown, restarting))
+    print(render(cells, calls, left, args.width, args.deadline, args.overhead, args.slowdown, restarting,
+                 args.gpu_gib))
     return 0
 
 

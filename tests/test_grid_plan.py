@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmarks import grid_plan
-from benchmarks.grid_plan import Cell, call_seconds, estimate, plan_calls
+from benchmarks.grid_plan import Cell, call_seconds, estimate, gib_per_training, memory_note, plan_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +151,35 @@ def test_the_pipeline_never_starts_a_heavy_job_beside_another_when_it_can_wait()
     calls, _ = grid_plan.plan_pipeline(cells, width=10, deadline=545, overhead=30, slowdown=1.0)
     jobs = calls[0][0]
     assert [(j.cell.method, j.cell.task) for j in jobs[:2]] == [("unipelt", "rte"), ("lora", "rte")]
+
+
+def test_each_call_says_the_gpu_memory_a_training_takes_and_warns_when_its_width_does_not_fit():
+    import dataclasses
+
+    light = dataclasses.replace(_cell("vera", task="wic"), memory=1.3e9)
+    heavy = dataclasses.replace(_cell("adalora", task="cb"), memory=10.5e9)
+    assert gib_per_training([light]) == 4  # 1.21 GiB + 2, rounded up
+    assert gib_per_training([light, heavy]) == 12  # the largest of the call: the queue admits by one figure
+    assert gib_per_training([light, _cell("oft")]) is None  # a cell without a record: say nothing
+    assert memory_note([light] * 3, 15, 79.6) == ""  # 15 x 4 GiB fit an H100
+    assert memory_note([heavy], 15, 79.6) == " [memory: 15 trainings x 12 GiB > 79.6 GiB; 6 fit at once]"
+    calls, left = plan_calls([light, heavy], width=10, deadline=545, overhead=40)
+    text = grid_plan.render([light, heavy], calls, left, 10, 545, 40)
+    assert "`GRID_GIB_PER_TRAINING=12 SRC=$PWD/.gpu/src_fix GRID_JOBS=\"--methods adalora --tasks cb" in text
+    assert "[memory: 10 trainings x 12 GiB > 79.6 GiB" not in text  # adalora is HEAVY: alone, 5 x 12 fit
+
+
+def test_the_committed_records_size_light_wic_jobs_small_and_adalora_on_cb_large(tmp_path):
+    """From the committed SmolLM2 export: memory estimates scale a family's recorded peak on another task by
+    (IA)3's ratio between the tasks (cb's rows are ~3x wic's)."""
+    store = tmp_path / "smollm2.sqlite"
+    with lzma.open(ROOT / "results/paper/smollm2-135m.sqlite.xz") as src, open(store, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    from harness.report.tables import with_groups
+    from harness.results import runs
+
+    cells = {(c.task, c.method): c for c in grid_plan.missing_cells(
+        with_groups(runs(str(store), status="finished")), dict.fromkeys(grid_plan.TASKS, 4),
+        models=("smollm2-135m",))}
+    wic, cb = gib_per_training([cells["wic", "intrinsic_said"]]), gib_per_training([cells["cb", "adalora"]])
+    assert wic is not None and cb is not None and wic <= 6 < 10 <= cb
