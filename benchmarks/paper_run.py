@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from benchmarks.common import print_table, write_json
 from harness.spec import DEFAULT_SEEDS
@@ -54,16 +54,14 @@ def steps_extrapolation(train_seconds: dict, steps: int, full_steps: int, worker
     Training time scales with steps (fixed shapes per step). With ``first_step_seconds`` (per group, stored as
     ``first_step_seconds`` since session 34) the first step's one-time costs (compiling under ``--compile on``,
     allocator warm-up) are kept out of the scaling: the S - 1 later steps' seconds scale to full - 1; without it
-    every step scales and the estimate errs high by (full / S - 1) x the first step. ``train_seconds`` maps each trained group
-    ``(method, seed)`` to its stored training seconds (a packed group stores its pack's time / N, so a pack's groups
+    every step scales and the estimate errs high by (full / S - 1) x the first step. ``train_seconds`` maps each
+    trained group ``(method, seed)`` to its stored training seconds (a packed group stores its pack's time / N, so a pack's groups
     sum to the pack's time). A unit is one training process's work: a group, or a pack of up to ``pack`` groups of
     one method (``harness.packed_runner.make_packs``); ``workers`` units run at a time, so the added time is
     (full / S - 1) x the summed training seconds / the number of units that ran side by side (each unit's seconds
     were measured while it shared the device with the others).
     """
-    per_method: dict = {}
-    for method, _seed in train_seconds:
-        per_method[method] = per_method.get(method, 0) + 1
+    per_method = Counter(method for method, _seed in train_seconds)
     units = sum(-(-n // max(pack, 1)) for n in per_method.values())
     side_by_side = max(1, min(workers, units))
     if first_step_seconds is not None and steps > 1:

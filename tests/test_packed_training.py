@@ -102,8 +102,11 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
     settings = training_settings("lora", "quick", {"steps": 3, "batch_size": 2, "grad_accum": 2, "lr": 3e-2,
                                                    "warmup_ratio": 0.0})
     members = _members(data_dir)
+    from torch._dynamo.utils import counters
+
     results = {}
     for compile_ in ("off", "on", "graphs"):
+        counters.clear()
         base = copy.deepcopy(tiny)
         initial = [group_initial_tensors(base, "lora", settings, m.seed) for m in members]
         torch.manual_seed(members[0].seed)
@@ -112,6 +115,8 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
         outcomes = train_packed(model, smollm.tokenizer, packed, members, settings, method="lora", padding="right",
                                 compile=compile_)
         assert all(o.compiled == (compile_ != "off") for o in outcomes)
+        # the flag is not taken on trust: dynamo compiled the blocks' frames exactly when asked to
+        assert (counters["frames"]["ok"] > 0) == (compile_ != "off"), dict(counters["frames"])
         assert all(block._compiled_call_impl is None for block in repeated_blocks(model))
         results[compile_] = (outcomes, [[p.detach().clone() for p in group] for group in packed.params], initial)
     eager, eager_params, initial = results["off"]
