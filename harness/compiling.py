@@ -4,7 +4,8 @@ Measured on the H100 (docs/benchmarks.md, second round): compiling each block ma
 faster after a compile of up to 100 s; compiling the whole model doubles the throughput of a 1B model's step but
 takes minutes with dynamic shapes. The default is eager. ``graphs`` (experimental, not yet measured on a GPU)
 compiles the blocks with ``mode="reduce-overhead"``: CUDA graphs replay each block's kernels in one launch, the
-lever for a small model's launch-bound step (issue 16); a graph is recorded per distinct input shape, and each
+lever for a small model's launch-bound step (issue 16); a graph is recorded per distinct input shape, so the
+training rows are padded to a multiple of :data:`GRAPH_WIDTH_MULTIPLE` tokens (:func:`width_multiple`), and each
 training step starts a new cudagraph-tree iteration (:func:`step_begin`). On the CPU it compiles as ``on``.
 """
 
@@ -15,6 +16,7 @@ import torch
 from harness.errors import HarnessError
 
 COMPILE_CHOICES = ("auto", "on", "model", "graphs", "off")
+GRAPH_WIDTH_MULTIPLE = 64  # under graphs, training rows are padded to a multiple of this many tokens
 
 
 def compile_mode(choice: str | bool | None) -> str | None:
@@ -80,6 +82,13 @@ def for_training(model, mode: str | None) -> tuple[torch.nn.Module, list[torch.n
     if mode == "graphs":
         return model, compile_blocks(model, mode="reduce-overhead")
     return model, []
+
+
+def width_multiple(mode: str | None) -> int:
+    """What the training batches' padded width is rounded up to under ``mode``: under ``graphs``
+    :data:`GRAPH_WIDTH_MULTIPLE` (a CUDA graph is recorded per distinct input shape, and a batch's widest row varies
+    from step to step: rounding bounds the graphs to a few, at the cost of some padding), else 1 (no rounding)."""
+    return GRAPH_WIDTH_MULTIPLE if mode == "graphs" else 1
 
 
 def step_begin(mode: str | None) -> None:

@@ -121,7 +121,8 @@ def _head_on_positions(model, pos: torch.Tensor):
 
 def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
                     dims: ModelDims | None = None, overhead: Overhead | None = None,
-                    encode=None, logit_index: bool = False, causal_only: bool = False) -> ChoiceLogprobs:
+                    encode=None, logit_index: bool = False, causal_only: bool = False,
+                    width_multiple: int = 1) -> ChoiceLogprobs:
     """Differentiable per-token log-probabilities of every choice of every prompt given its context.
 
     One row per (prompt, choice): ``context + continuation`` tokens from :func:`encode_pair` (the pairs of
@@ -137,6 +138,9 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     docs/benchmarks.md (d), round 7).
     ``causal_only`` (with ``logit_index``): no attention mask; right padding sits after every real token, so causal
     attention alone keeps it out of every scored position (exact), and SDPA may take its unmasked kernels.
+    ``width_multiple``: the padded width rounded up to a multiple of it (not past ``max_length``), so that the
+    forwards see few distinct shapes (CUDA graphs record one per shape: :func:`harness.compiling.width_multiple`);
+    the extra columns are padding like any other, and the counted work stays the rows' own tokens.
     """
     overhead = overhead or Overhead()
     encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
@@ -162,6 +166,9 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
             rows.append((b, c, ctx, cont))
     R = len(rows)
     W = max(len(ctx) + len(cont) for _, _, ctx, cont in rows)
+    if width_multiple > 1:
+        rounded = -(-W // width_multiple) * width_multiple
+        W = max(W, min(rounded, max_length)) if max_length is not None else rounded
     ids_rows, mask_rows = [], []  # [R][W] each, built on the host and copied once
     first = []  # per row: absolute position whose logits predict the first continuation token
     work = Work()

@@ -39,7 +39,7 @@ import time
 import torch
 
 from harness import costs
-from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks
+from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks, width_multiple
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
@@ -164,7 +164,8 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                     step_begin(mode if stats[0].compiled else None)
                     try:
                         values = _forward_backward(forward_model, tokenizer, packed, batches, micro, settings,
-                                                   dims, overhead, right_pad, logit_index, encode)
+                                                   dims, overhead, right_pad, logit_index, encode,
+                                                   width_multiple(mode if stats[0].compiled else None))
                         break
                     except torch.OutOfMemoryError:
                         if micro == 1:
@@ -238,7 +239,7 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
 
 
 def _forward_backward(model, tokenizer, packed: PackedAdapters, batches: dict, micro: int, settings: dict, dims,
-                      overhead, right_pad: bool, logit_index: bool, encode) -> list:
+                      overhead, right_pad: bool, logit_index: bool, encode, width: int = 1) -> list:
     """One packed step's forwards and backwards: micro-batch i of every group in one forward; each group's losses
     on its own rows (:func:`harness.packed_losses.group_losses`, all groups in one computation), weighted by its
     micro-batch's share as :func:`harness.training._forward_backward` does.
@@ -257,7 +258,8 @@ def _forward_backward(model, tokenizer, packed: PackedAdapters, batches: dict, m
         weight_t = torch.tensor(weights, device=device)  # [G]
         with packed.rows(torch.tensor(row_groups, dtype=torch.long, device=device)):
             out = choice_logprobs(model, tokenizer, prompts, max_length=settings["max_length"], right_pad=right_pad,
-                                  dims=dims, overhead=overhead, encode=encode, logit_index=logit_index)
+                                  dims=dims, overhead=overhead, encode=encode, logit_index=logit_index,
+                                  width_multiple=width)
             parts = group_losses(settings["losses"], out.token_logprobs, out.token_mask, out.labels, slots,
                                  len(chunks))  # [n_losses, G]
             loss = parts[0]

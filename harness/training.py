@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from harness import costs
 from harness.master_weights import MasterWeights
-from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks
+from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks, width_multiple
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # noqa: F401  (re-exported)
@@ -146,7 +146,7 @@ class _Sampler:
 
 
 def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dims, overhead, right_pad, encode,
-                      logit_index: bool = False, causal_only: bool = False):
+                      logit_index: bool = False, causal_only: bool = False, width: int = 1):
     """Accumulate gradients of the summed losses over micro-batches.
 
     Returns (values, weights, work, rows): ``values`` [n_micro, 1 + n_losses] (total, then each loss) stays on the
@@ -156,7 +156,7 @@ def _forward_backward(model, tokenizer, prompts, micro: int, settings: dict, dim
         chunk = prompts[i:i + micro]
         out = choice_logprobs(model, tokenizer, chunk, max_length=settings["max_length"], right_pad=right_pad,
                               dims=dims, overhead=overhead, encode=encode, logit_index=logit_index,
-                              causal_only=causal_only)
+                              causal_only=causal_only, width_multiple=width)
         weight = len(chunk) / len(prompts)
         parts = [LOSS_FUNCTIONS[name](out.token_logprobs, out.token_mask, out.labels) for name in settings["losses"]]
         loss = parts[0]
@@ -296,7 +296,8 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                 while True:
                     try:
                         return _forward_backward(forward_model, tokenizer, batch, micro, settings, dims, overhead,
-                                                 right_pad, encode, logit_index, causal_only)
+                                                 right_pad, encode, logit_index, causal_only,
+                                                 width_multiple(mode if stats.compiled else None))
                     except torch.OutOfMemoryError:
                         if micro == 1:
                             raise

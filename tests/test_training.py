@@ -97,6 +97,27 @@ def test_right_padding_and_indexed_logits_change_no_logprob(tiny, smollm, cb):
             torch.testing.assert_close(padded.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def test_a_width_multiple_pads_to_few_shapes_and_changes_no_logprob(tiny, smollm, cb):
+    # --compile graphs rounds the training rows' width up (a CUDA graph per distinct shape): more padding, same values
+    prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
+    widths = []
+    handle = tiny.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    try:
+        for right_pad, logit_index in ((False, False), (True, False), (True, True)):
+            plain = choice_logprobs(tiny, smollm.tokenizer, prompts, right_pad=right_pad, logit_index=logit_index)
+            padded = choice_logprobs(tiny, smollm.tokenizer, prompts, right_pad=right_pad, logit_index=logit_index,
+                                     width_multiple=64)
+            assert torch.equal(padded.token_mask, plain.token_mask) and padded.work == plain.work
+            torch.testing.assert_close(padded.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
+            assert widths[-1] % 64 == 0 and widths[-2] % 64 != 0 and widths[-1] > widths[-2]
+        plain_width = widths[-2]
+        capped = choice_logprobs(tiny, smollm.tokenizer, prompts, max_length=plain_width + 3, width_multiple=64)
+        assert widths[-1] == plain_width + 3  # never wider than max_length
+        torch.testing.assert_close(capped.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+
+
 def test_indexed_logits_give_the_same_gradients_and_only_scored_positions_reach_the_head(tiny, smollm, cb):
     # right padding's logit_index: the head sees [R, T, d] (each row's own positions), not [R, W, d] or the union
     prompts = [cb.render(cb.templates[0], ex) for ex in SHORT_CB]
@@ -284,6 +305,26 @@ def test_graphs_compile_blocks_for_cuda_graphs_and_mark_each_step(tiny, monkeypa
     for mode in (None, "blocks", "model", "graphs"):
         compiling.step_begin(mode)
     assert marks == [1]
+
+
+def test_training_under_graphs_pads_every_step_to_the_width_multiple(tiny, smollm, cb, monkeypatch):
+    """Under ``--compile graphs`` every training forward is as wide as a multiple of GRAPH_WIDTH_MULTIPLE (few CUDA
+    graphs to record); eagerly the widest row sets the width. The compile itself is stubbed out (its own test)."""
+    import harness.training as training
+    from harness.compiling import GRAPH_WIDTH_MULTIPLE
+
+    monkeypatch.setattr(training, "for_training", lambda model, mode: (model, []))
+    settings = training_settings("ia3", "quick", {"steps": 3, "batch_size": 2, "n_train": 2, "lr": 1e-2,
+                                                 "warmup_ratio": 0.0})
+    widths = {}
+    for how in ("off", "graphs"):
+        model = apply_method(copy.deepcopy(tiny), "ia3", settings)
+        seen = widths[how] = []
+        model.get_input_embeddings().register_forward_hook(lambda m, args, out, seen=seen: seen.append(args[0].shape[1]))
+        stats = train(model, smollm.tokenizer, SHORT_CB, cb, settings, seed=0, method="ia3", compile=how)
+        assert stats.compiled == (how == "graphs") and len(seen) == 3
+    assert all(w % GRAPH_WIDTH_MULTIPLE == 0 for w in widths["graphs"]), widths
+    assert any(w % GRAPH_WIDTH_MULTIPLE for w in widths["off"]), widths
 
 
 def test_repeated_blocks_are_the_decoder_layers(tiny):
