@@ -17,7 +17,8 @@ with the method's defaults, the number of steps overridden.
     python -m benchmarks.packed_training --device cpu --out benchmarks/results/packed_training_cpu.json
     python -m benchmarks.packed_training --device cuda --steps 20 --warmup 3 --out $OUT/packed_training_cuda.json
 
-``--count-ops`` and ``--profile`` replace the timing (:mod:`benchmarks.packed_profile`): per (method, N), the
+``--only separate`` or ``--only packed`` times one kind (packs under a slow compile, without N compiled separate
+trainings before them). ``--count-ops`` and ``--profile`` replace the timing (:mod:`benchmarks.packed_profile`): per (method, N), the
 separate trainings (summed over the N groups) and the packed one, per training step: aten ops by phase, rows,
 padded and real tokens, logits and largest tensors (``--count-ops``, device-independent; ``--cuda-path`` makes a
 CPU run take CUDA's code paths), or ``torch.profiler``'s ops and kernels, device busy time against wall time and
@@ -130,7 +131,7 @@ def _summed(items: list[dict]) -> dict:
 
 def _brief(row: dict) -> dict:
     """The table line of a row: the timing figures, or the counts' and profile's headline numbers."""
-    if "speedup" in row:
+    if "wall_s" in row and not any(k.endswith(("_counts", "_profile")) for k in row):
         return row
     out = {"method": row["method"], "n": row["n"]}
     for kind in ("separate", "packed"):
@@ -171,6 +172,8 @@ def main() -> None:
                         help="on the CPU, take a CUDA run's code paths (right padding, fused optimizers)")
     parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                         help="as harness run --compile, for both kinds (on: give --warmup the compile's steps)")
+    parser.add_argument("--only", choices=("separate", "packed"), default=None,
+                        help="time one kind only (e.g. packs under a slow compile; no speedup in the row)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -195,31 +198,33 @@ def main() -> None:
                 rows.append(row)
                 print_table([_brief(row)], list(_brief(row)))
                 continue
-            if not rows or rows[-1]["method"] != method:  # untimed: the method's first training warms caches up
+            first = (not rows or rows[-1]["method"] != method) and args.only != "packed"
+            if first:  # untimed: the method's first training warms caches up
                 separate(lm, members[:1], method, settings, args.warmup, compile=args.compile)
-            ones, togethers = [], []
+            kinds = {"separate": [], "packed": []}
             for r in range(args.repeats):  # alternating which goes first, the fastest of each kept
-                if r % 2:
-                    togethers.append(packed(lm, members, method, settings, args.warmup, compile=args.compile))
-                ones.append(separate(lm, members, method, settings, args.warmup, compile=args.compile))
-                if not r % 2:
-                    togethers.append(packed(lm, members, method, settings, args.warmup, compile=args.compile))
-            one = min(ones, key=lambda x: x["seconds"])
-            together = min(togethers, key=lambda x: x["seconds"])
-            drift = max(abs(a - b) for a, b in zip(one["last_losses"], together["last_losses"]))
-            row = {"method": method, "n": n, "steps": args.steps,
-                   "separate_steps_per_s": n * args.steps / one["seconds"],
-                   "packed_steps_per_s": n * args.steps / together["seconds"],
-                   "last_loss_max_diff": drift, "wall_s": time.perf_counter() - start,
-                   "compiled": one["compiled"] and together["compiled"]}  # False: eager (or a compile fell back)
-            row["speedup"] = row["packed_steps_per_s"] / row["separate_steps_per_s"]
+                for kind in (("packed", "separate") if r % 2 else ("separate", "packed")):
+                    if args.only in (None, kind):
+                        fn = separate if kind == "separate" else packed
+                        kinds[kind].append(fn(lm, members, method, settings, args.warmup, compile=args.compile))
+            best = {k: min(v, key=lambda x: x["seconds"]) for k, v in kinds.items() if v}
+            row = {"method": method, "n": n, "steps": args.steps}
+            for kind, result in best.items():
+                row[f"{kind}_steps_per_s"] = n * args.steps / result["seconds"]
+            if len(best) == 2:
+                row["last_loss_max_diff"] = max(abs(a - b) for a, b in zip(best["separate"]["last_losses"],
+                                                                           best["packed"]["last_losses"]))
+            row["wall_s"] = time.perf_counter() - start
+            row["compiled"] = all(r["compiled"] for r in best.values())  # False: eager (or a compile fell back)
+            if len(best) == 2:
+                row["speedup"] = row["packed_steps_per_s"] / row["separate_steps_per_s"]
             rows.append(row)
             print_table([row], list(row))
     payload = {"benchmark": "packed_training", "model": args.model, "task": args.task, "dtype": str(lm.dtype),
                "settings": {"batch_size": settings["batch_size"], "warmup": args.warmup, "steps": args.steps,
                             "repeats": args.repeats, "threads": torch.get_num_threads(),
                             "count_ops": args.count_ops, "profile": args.profile, "cuda_path": args.cuda_path,
-                            "compile": args.compile},
+                            "compile": args.compile, "only": args.only},
                "environment": environment(lm.device), "rows": rows}
     print_table([_brief(r) for r in rows], list(_brief(rows[0])))
     if args.out:
