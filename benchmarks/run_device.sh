@@ -61,21 +61,27 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
            python3 -m benchmarks.paper_run --device cuda --data-dir "$DATA" --store /tmp/paper/paper.sqlite \
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20
            cp /tmp/paper/paper.sqlite "$OUT/" ;;
-    packprof) # issue 16: where a packed step's time goes on the GPU (random:smollm2-135m, rte, batch 8): steps/s of
-        # N separate trainings against one pack of N, eager; the same for a pack of 5 under compiled blocks and under
-        # CUDA graphs (--compile graphs); then
-        # torch.profiler's device busy time against wall time per step (benchmarks/packed_training.py)
-        timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
-          --methods ia3,lora --ns 1,5,10 --steps 10 --warmup 3 --repeats 1 --out "$OUT/packed_training_cuda_eager.json" \
-          2>&1 | grep -v -i warn | tail -8
-        for c in ${PACKPROF_COMPILE:-on graphs}; do  # compiled blocks, then the same under CUDA graphs
-          timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
-            --methods lora --ns 5 --steps 10 --warmup 4 --repeats 1 --compile "$c" \
-            --out "$OUT/packed_training_cuda_$c.json" 2>&1 | grep -v -i warn | tail -4
-        done
-        timeout "${PACKPROF_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
-          --methods lora --ns 1,5,10 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" \
-          2>&1 | grep -v -i warn | tail -6 ;;
+    packprof) # issue 16: where a packed step's time goes on the GPU (random:smollm2-135m, rte, batch 8), each run at
+        # most PACKPROF_TIMEOUT (default 100) s (the graphs packs PACKPROF_GRAPHS_TIMEOUT, 200), rows printed as they
+        # finish: eager, 1 and 5 separate trainings
+        # against packs of 1 and 5 (lora, ia3); then lora packs of 5, 10 and 1 under CUDA graphs (--compile graphs,
+        # packs only: no N compiled separate trainings first), one separate lora training under graphs, and a pack
+        # of 5 under compiled blocks (--compile on); then torch.profiler's device busy time against wall time per
+        # step, eager, only with PACKPROF_PROFILE=1 (the four runs take up to 500 s: one call without it).
+        P="python3 -m benchmarks.packed_training --device cuda --data-dir $DATA --repeats 1"
+        T="timeout ${PACKPROF_TIMEOUT:-100}"
+        $T $P --methods lora,ia3 --ns 1,5 --steps 10 --warmup 3 --out "$OUT/packed_training_cuda_eager.json" 2>&1 |
+          grep -v -i warn | tail -7
+        timeout "${PACKPROF_GRAPHS_TIMEOUT:-200}" $P --methods lora --ns 5,10,1 --steps 12 --warmup 8 --only packed --compile graphs \
+          --out "$OUT/packed_training_cuda_graphs.json" 2>&1 | grep -v -i warn | tail -7
+        $T $P --methods lora --ns 1 --steps 12 --warmup 8 --only separate --compile graphs \
+          --out "$OUT/packed_training_cuda_graphs_separate.json" 2>&1 | grep -v -i warn | tail -4
+        $T $P --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile on \
+          --out "$OUT/packed_training_cuda_on.json" 2>&1 | grep -v -i warn | tail -4
+        if [ "${PACKPROF_PROFILE:-0}" = 1 ]; then
+          $T $P --methods lora --ns 1,5 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" 2>&1 |
+            grep -v -i warn | tail -6
+        fi ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at
         # PAPERPACK_STEPS steps (the full preset's time extrapolated: benchmarks.paper_run.steps_extrapolation);
