@@ -9,7 +9,8 @@ paper's five T-Few subsets, then seeded samples of the train split) are trained 
 
 Each training runs ``--warmup`` untimed steps, then ``--steps`` timed ones (``train``'s own per-step clock; a
 device synchronize is part of every step, which reads the losses). The figure is training steps per second
-over all N groups (N x steps / seconds) and the speedup of packing. One untimed training per method comes first;
+over all N groups (N x steps / seconds) and the speedup of packing. One untimed training per method comes first
+(not under ``--only packed``);
 each (method, N) is measured ``--repeats`` times, alternating which of the two goes first, and the fastest of
 each is kept (a shared machine's other load only ever slows a measurement down). Settings: the ``paper`` preset (batch 8)
 with the method's defaults, the number of steps overridden.
@@ -131,7 +132,7 @@ def _summed(items: list[dict]) -> dict:
 
 def _brief(row: dict) -> dict:
     """The table line of a row: the timing figures, or the counts' and profile's headline numbers."""
-    if "wall_s" in row and not any(k.endswith(("_counts", "_profile")) for k in row):
+    if not any(k.endswith(("_counts", "_profile")) for k in row):  # a timing row
         return row
     out = {"method": row["method"], "n": row["n"]}
     for kind in ("separate", "packed"):

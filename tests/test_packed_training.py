@@ -97,7 +97,7 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
     """``--compile on`` with ``--pack``: the per-row hooks trace into the compiled blocks (no fallback to eager),
     the losses and the trained tensors equal the eager pack's, and the blocks are eager again afterwards; ``graphs``
     (CUDA graphs on a GPU) takes the same path on the CPU."""
-    from harness.compiling import repeated_blocks
+    from harness.compiling import GRAPH_WIDTH_MULTIPLE, repeated_blocks
 
     settings = training_settings("lora", "quick", {"steps": 3, "batch_size": 2, "grad_accum": 2, "lr": 3e-2,
                                                    "warmup_ratio": 0.0})
@@ -112,9 +112,13 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
         torch.manual_seed(members[0].seed)
         model = apply_method(base, "lora", settings)
         packed = PackedAdapters(model, initial)
+        widths = []  # each forward's padded width: under graphs a multiple of GRAPH_WIDTH_MULTIPLE (few CUDA graphs)
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: widths.append(a[0].shape[1]))
         outcomes = train_packed(model, smollm.tokenizer, packed, members, settings, method="lora", padding="right",
                                 compile=compile_)
+        hook.remove()
         assert all(o.compiled == (compile_ != "off") for o in outcomes)
+        assert all(w % GRAPH_WIDTH_MULTIPLE == 0 for w in widths) == (compile_ == "graphs"), (compile_, widths)
         # the flag is not taken on trust: dynamo compiled the blocks' frames exactly when asked to
         assert (counters["frames"]["ok"] > 0) == (compile_ != "off"), dict(counters["frames"])
         assert all(block._compiled_call_impl is None for block in repeated_blocks(model))
