@@ -70,8 +70,10 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
         # step, eager, only with PACKPROF_PROFILE=1 (the four runs take up to 500 s: one call without it).
         P="python3 -m benchmarks.packed_training --device cuda --data-dir $DATA --repeats 1"
         T="timeout ${PACKPROF_TIMEOUT:-100}"
-        $T $P --methods lora,ia3 --ns 1,5 --steps 10 --warmup 3 --out "$OUT/packed_training_cuda_eager.json" 2>&1 |
-          grep -v -i warn | tail -7
+        if [ "${PACKPROF_EAGER:-1}" = 1 ]; then  # PACKPROF_EAGER=0: the compiled runs only
+          $T $P --methods lora,ia3 --ns 1,5 --steps 10 --warmup 3 --out "$OUT/packed_training_cuda_eager.json" 2>&1 |
+            grep -v -i warn | tail -7
+        fi
         timeout "${PACKPROF_GRAPHS_TIMEOUT:-200}" $P --methods lora --ns 5,10,1 --steps 12 --warmup 8 --only packed --compile graphs \
           --out "$OUT/packed_training_cuda_graphs.json" 2>&1 | grep -v -i warn | tail -7
         $T $P --methods lora --ns 1 --steps 12 --warmup 8 --only separate --compile graphs \

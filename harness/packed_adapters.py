@@ -95,25 +95,26 @@ class PackedAdapters:
         """Per group, its tensors (views of the stacked leaves), in the order of the model's trainable ones."""
         return [[s[g] for s in self.stacked] for g in range(self.n)]
 
-    def _stack(self, i: int) -> torch.Tensor:
-        return self.stacked[i]  # [N, *shape]
-
     def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
         if self._rows is None or self._rows.shape[0] != x.shape[0]:
             raise RuntimeError("PackedAdapters: a forward outside rows() or with another number of rows")
         return self._rows
 
     def _hook(self, layer, kind: str, indices: list[int]):
+        # the hooks close over the stacked leaves themselves, not their indices: dynamo guards a closure's ints by
+        # value, so every layer's block would compile its own graph (past 8 layers the recompile limit sent the
+        # rest to eager); tensors are guarded by shape and dtype, and the layers of one shape share one graph
+        stacks = [self.stacked[i] for i in indices]  # each [N, *shape]
         if kind == "ia3" and layer.is_feedforward:
             def scale_input(module, args):
                 x = args[0]  # [R, L, d_in]
-                vec = self._stack(indices[0]).flatten(1)[self._rows_of(x)].unsqueeze(1)  # [R, 1, d_in]
+                vec = stacks[0].flatten(1)[self._rows_of(x)].unsqueeze(1)  # [R, 1, d_in]
                 return ((x.to(vec.dtype) * vec).to(x.dtype), *args[1:])
             return layer.base_layer.register_forward_pre_hook(scale_input)
         if kind == "prompt":  # peft puts one table's prompt before every row's embeddings, then calls the base
             def per_row_prompt(module, args, kwargs):  # model: there the first n positions become the row's group's
                 embeds = kwargs["inputs_embeds"]  # [R, n + L, d]
-                table = self._stack(indices[0])  # [N, n, d]
+                table = stacks[0]  # [N, n, d]
                 prompts = table[self._rows_of(embeds)].to(embeds.dtype)  # [R, n, d], as peft casts its prompts
                 return args, {**kwargs, "inputs_embeds": torch.cat((prompts, embeds[:, table.shape[1]:]), dim=1)}
             return self.model.base_model.register_forward_pre_hook(per_row_prompt, with_kwargs=True)
@@ -127,19 +128,19 @@ class PackedAdapters:
             def per_row_norm(module, args, out):  # args[0] [R, L, d]; the base norm's output is discarded
                 x = args[0]
                 rows = self._rows_of(x)
-                return torch.func.vmap(one_row)(x, *[self._stack(i)[rows] for i in indices])
+                return torch.func.vmap(one_row)(x, *[stack[rows] for stack in stacks])
             return layer.base_layer.register_forward_hook(per_row_norm)
         if kind == "ia3":
             def scale_output(module, args, out):  # out [R, L, d_out]
-                vec = self._stack(indices[0]).flatten(1)[self._rows_of(out)].unsqueeze(1)  # [R, 1, d_out]
+                vec = stacks[0].flatten(1)[self._rows_of(out)].unsqueeze(1)  # [R, 1, d_out]
                 return (out * vec).to(out.dtype)
             return layer.base_layer.register_forward_hook(scale_output)
         scaling = layer.scaling["default"]
 
         def low_rank(module, args, out):  # out [R, L, d_out]
             rows = self._rows_of(out)
-            a = self._stack(indices[0])[rows]  # [R, r, d_in]
-            b = self._stack(indices[1])[rows]  # [R, d_out, r]
+            a = stacks[0][rows]  # [R, r, d_in]
+            b = stacks[1][rows]  # [R, d_out, r]
             x = args[0].to(a.dtype)  # [R, L, d_in]
             delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # [R, L, d_out]
             return (out + delta * scaling).to(out.dtype)

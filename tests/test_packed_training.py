@@ -97,8 +97,14 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
     """``--compile on`` with ``--pack``: the per-row hooks trace into the compiled blocks (no fallback to eager),
     the losses and the trained tensors equal the eager pack's, and the blocks are eager again afterwards; ``graphs``
     (CUDA graphs on a GPU) takes the same path on the CPU."""
+    from transformers import LlamaForCausalLM
+
     from harness.compiling import GRAPH_WIDTH_MULTIPLE, repeated_blocks
 
+    config = copy.deepcopy(tiny.config)
+    config.num_hidden_layers = 4  # enough layers to tell one graph per layer from graphs the blocks share
+    torch.manual_seed(0)
+    deep = LlamaForCausalLM(config).eval()
     settings = training_settings("lora", "quick", {"steps": 3, "batch_size": 2, "grad_accum": 2, "lr": 3e-2,
                                                    "warmup_ratio": 0.0})
     members = _members(data_dir)
@@ -107,7 +113,7 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
     results = {}
     for compile_ in ("off", "on", "graphs"):
         counters.clear()
-        base = copy.deepcopy(tiny)
+        base = copy.deepcopy(deep)
         initial = [group_initial_tensors(base, "lora", settings, m.seed) for m in members]
         torch.manual_seed(members[0].seed)
         model = apply_method(base, "lora", settings)
@@ -121,6 +127,10 @@ def test_a_pack_under_compiled_blocks_trains_as_the_eager_pack(tiny, smollm, dat
         assert all(w % GRAPH_WIDTH_MULTIPLE == 0 for w in widths) == (compile_ == "graphs"), (compile_, widths)
         # the flag is not taken on trust: dynamo compiled the blocks' frames exactly when asked to
         assert (counters["frames"]["ok"] > 0) == (compile_ != "off"), dict(counters["frames"])
+        # ... and the blocks share their graphs: one for the first (its input needs no grad), one for the others;
+        # not one per layer (hooks that guarded on their layer's index did that, and past 8 layers the recompile
+        # limit left the rest eager while the run still said compiled)
+        assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]["unique_graphs"]
         assert all(block._compiled_call_impl is None for block in repeated_blocks(model))
         results[compile_] = (outcomes, [[p.detach().clone() for p in group] for group in packed.params], initial)
     eager, eager_params, initial = results["off"]
