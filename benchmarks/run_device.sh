@@ -62,27 +62,33 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
              --timeout "${PAPER_TIMEOUT:-560}" --extra "${PAPER_EXTRA:-}" --out "$OUT/paper.json" 2>&1 | grep -v -i warn | tail -20
            cp /tmp/paper/paper.sqlite "$OUT/" ;;
     packprof) # issue 16: where a packed step's time goes on the GPU (random:smollm2-135m, rte, batch 8), each run at
-        # most PACKPROF_TIMEOUT (default 100) s (the graphs packs PACKPROF_GRAPHS_TIMEOUT, 200), rows printed as they
-        # finish: eager, 1 and 5 separate trainings
-        # against packs of 1 and 5 (lora, ia3); then lora packs of 5, 10 and 1 under CUDA graphs (--compile graphs,
-        # packs only: no N compiled separate trainings first), one separate lora training under graphs, and a pack
-        # of 5 under compiled blocks (--compile on); then torch.profiler's device busy time against wall time per
-        # step, eager, only with PACKPROF_PROFILE=1 (the four runs take up to 500 s: one call without it).
+        # most PACKPROF_TIMEOUT (default 100) s (the compiled packs PACKPROF_COMPILED_TIMEOUT, 200), each run's log
+        # kept under $OUT (a crash shows its stack: PYTHONFAULTHANDLER): eager, 1 and 5 separate trainings against
+        # packs of 1 and 5, lora and ia3 (PACKPROF_EAGER=0 skips them); lora packs of 5 and 10 under compiled blocks
+        # (--compile on, packs only); with PACKPROF_GRAPHS=1 a pack of 5 and one separate lora training under CUDA
+        # graphs (--compile graphs: on the H100 in session 36 both died of a segfault in the first compiled
+        # backward, torch 2.11); with PACKPROF_PROFILE=1 torch.profiler's device busy time against wall per step.
         P="python3 -m benchmarks.packed_training --device cuda --data-dir $DATA --repeats 1"
         T="timeout ${PACKPROF_TIMEOUT:-100}"
-        if [ "${PACKPROF_EAGER:-1}" = 1 ]; then  # PACKPROF_EAGER=0: the compiled runs only
-          $T $P --methods lora,ia3 --ns 1,5 --steps 10 --warmup 3 --out "$OUT/packed_training_cuda_eager.json" 2>&1 |
-            grep -v -i warn | tail -7
+        TC="timeout ${PACKPROF_COMPILED_TIMEOUT:-200}"
+        export PYTHONFAULTHANDLER=1
+        show() { echo "rc $? ($1)"; grep -v -i warn "$OUT/$1.log" | grep -v 'it/s' | tail -"${2:-6}" | cut -c1-300; }
+        if [ "${PACKPROF_EAGER:-1}" = 1 ]; then
+          $T $P --methods lora,ia3 --ns 1,5 --steps 10 --warmup 3 --out "$OUT/packed_training_cuda_eager.json" \
+            > "$OUT/packprof_eager.log" 2>&1; show packprof_eager 7
         fi
-        timeout "${PACKPROF_GRAPHS_TIMEOUT:-200}" $P --methods lora --ns 5,10,1 --steps 12 --warmup 8 --only packed --compile graphs \
-          --out "$OUT/packed_training_cuda_graphs.json" 2>&1 | grep -v -i warn | tail -7
-        $T $P --methods lora --ns 1 --steps 12 --warmup 8 --only separate --compile graphs \
-          --out "$OUT/packed_training_cuda_graphs_separate.json" 2>&1 | grep -v -i warn | tail -4
-        $T $P --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile on \
-          --out "$OUT/packed_training_cuda_on.json" 2>&1 | grep -v -i warn | tail -4
+        $TC $P --methods lora --ns 5,10 --steps 12 --warmup 8 --only packed --compile on \
+          --out "$OUT/packed_training_cuda_on.json" > "$OUT/packprof_on.log" 2>&1; show packprof_on
+        if [ "${PACKPROF_GRAPHS:-0}" = 1 ]; then
+          $TC $P --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile graphs \
+            --out "$OUT/packed_training_cuda_graphs.json" > "$OUT/packprof_graphs.log" 2>&1; show packprof_graphs 30
+          $T $P --methods lora --ns 1 --steps 12 --warmup 8 --only separate --compile graphs \
+            --out "$OUT/packed_training_cuda_graphs_separate.json" > "$OUT/packprof_graphs_sep.log" 2>&1
+          show packprof_graphs_sep 30
+        fi
         if [ "${PACKPROF_PROFILE:-0}" = 1 ]; then
-          $T $P --methods lora --ns 1,5 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" 2>&1 |
-            grep -v -i warn | tail -6
+          $T $P --methods lora --ns 1,5 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" \
+            > "$OUT/packprof_profile.log" 2>&1; show packprof_profile
         fi ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from harness import environment, identity
+from harness.compiling import refuse_graphs_on_gpu
 from harness.data import few_shot_examples, few_shot_path, load_split, resolve_data_dir
 from harness.demos import balanced_examples, check_noise, check_source, n_orders, parse_source_list
 from harness.errors import HarnessError
@@ -333,6 +334,7 @@ def run(
     if skipped:
         log.info("skipping %d finished run(s) already in %s", skipped, db.path)
     executor.check(todo)
+    refuse_graphs_on_gpu(compile, [s.device for s in todo if s.train])
     load = loader or (lambda s: load_model(s.load_from, s.device, s.dtype, quantize=get_method(s.method).quantize))
     produced: list[RunResult] = []
     written: set[str] = set()

@@ -87,7 +87,7 @@ def _existing_store(path: str) -> Store:
 @click.option("--compile", "compile_", type=click.Choice(["auto", "on", "model", "graphs", "off"]), default="auto",
               show_default=True, help="PEFT training forwards: auto/off eager, on = torch.compile each transformer "
               "block, model = the whole model (slow to compile), graphs = the blocks under CUDA graphs "
-              "(experimental; on the CPU as on).")
+              "(experimental: refused for GPU training, where it crashed; on the CPU as on).")
 @click.option("--workers", default=None, type=int,
               help="Local executor: PEFT trainings run at once, one process each (several small-model trainings "
                    "share a GPU) [default: 1]. Ray without --ray-address: runs at once on the local Ray instance "

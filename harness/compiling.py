@@ -2,14 +2,17 @@
 
 Measured on the H100 (docs/benchmarks.md, second round): compiling each block makes the T-Few loop's steps 1.6-1.9x
 faster after a compile of up to 100 s; compiling the whole model doubles the throughput of a 1B model's step but
-takes minutes with dynamic shapes. The default is eager. ``graphs`` (experimental, not yet measured on a GPU)
-compiles the blocks with ``mode="reduce-overhead"``: CUDA graphs replay each block's kernels in one launch, the
-lever for a small model's launch-bound step (issue 16); a graph is recorded per distinct input shape, so the
+takes minutes with dynamic shapes. The default is eager. ``graphs`` (experimental; on an H100 its first compiled
+backward crashed the process, so GPU training refuses it: :func:`refuse_graphs_on_gpu`) compiles the blocks with
+``mode="reduce-overhead"``: CUDA graphs replay each block's kernels in one launch, the lever for a small model's launch-bound step (issue 16); a graph is recorded per distinct input shape, so the
 training rows are padded to a multiple of :data:`GRAPH_WIDTH_MULTIPLE` tokens (:func:`width_multiple`), and each
 training step starts a new cudagraph-tree iteration (:func:`step_begin`). On the CPU it compiles as ``on``.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterable
 
 import torch
 
@@ -33,6 +36,21 @@ def compile_mode(choice: str | bool | None) -> str | None:
     if choice not in COMPILE_CHOICES:
         raise HarnessError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
     return {"auto": None, "on": "blocks", "model": "model", "graphs": "graphs", "off": None}[choice]
+
+
+GRAPHS_ENV = "HARNESS_EXPERIMENTAL_GRAPHS"  # "1": let --compile graphs train on a GPU (it crashed there: below)
+
+
+def refuse_graphs_on_gpu(choice: str | bool | None, training_devices: Iterable[str]) -> None:
+    """Refuse ``--compile graphs`` for training on a GPU, before any model loads: on an H100 (torch 2.11, CUDA 13)
+    the first compiled backward crashed the process (a segmentation fault in the graph's backward, LoRA on a
+    random-weight SmolLM2, packed and not: docs/benchmarks.md, issue 16), and a crash cannot be caught to fall back
+    to eager. ``HARNESS_EXPERIMENTAL_GRAPHS=1`` lets it run (to test another torch); on the CPU it compiles as on."""
+    if compile_mode(choice) != "graphs" or os.environ.get(GRAPHS_ENV) == "1":
+        return
+    if any(d.startswith("cuda") for d in training_devices):
+        raise HarnessError("--compile graphs crashes GPU training (a segfault in the CUDA-graph backward, torch "
+                           f"2.11); use --compile on, or set {GRAPHS_ENV}=1 to try it anyway")
 
 
 def repeated_blocks(model) -> list[torch.nn.Module]:
