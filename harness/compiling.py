@@ -11,6 +11,7 @@ training step starts a new cudagraph-tree iteration (:func:`step_begin`). On the
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 
@@ -107,6 +108,17 @@ def width_multiple(mode: str | None) -> int:
     :data:`GRAPH_WIDTH_MULTIPLE` (a CUDA graph is recorded per distinct input shape, and a batch's widest row varies
     from step to step: rounding bounds the graphs to a few, at the cost of some padding), else 1 (no rounding)."""
     return GRAPH_WIDTH_MULTIPLE if mode == "graphs" else 1
+
+
+def strict_first_step(compiled: bool, step: int):
+    """Around the first training step's forwards and backward while compiled: hitting dynamo's recompile limit
+    raises instead of running that frame eagerly, so the training's compiler-failure fallback takes it (eager,
+    ``compiled`` false, a warning) rather than a run that says compiled while most of its blocks ran eagerly (what
+    per-layer guards did to packs: one graph per block, and past 8 the rest eager). Later steps keep dynamo's
+    default (a late new shape falls back for that frame only)."""
+    if not compiled or step > 0:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
 def step_begin(mode: str | None) -> None:

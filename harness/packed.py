@@ -39,7 +39,8 @@ import time
 import torch
 
 from harness import costs
-from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks, width_multiple
+from harness.compiling import (compile_mode, for_training, step_begin, strict_first_step, uncompile_blocks,
+                               width_multiple)
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
@@ -163,9 +164,10 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                     masters.zero_grad()
                     step_begin(mode if stats[0].compiled else None)
                     try:
-                        values = _forward_backward(forward_model, tokenizer, packed, batches, micro, settings,
-                                                   dims, overhead, right_pad, logit_index, encode,
-                                                   width_multiple(mode if stats[0].compiled else None))
+                        with strict_first_step(stats[0].compiled, step):
+                            values = _forward_backward(forward_model, tokenizer, packed, batches, micro, settings,
+                                                       dims, overhead, right_pad, logit_index, encode,
+                                                       width_multiple(mode if stats[0].compiled else None))
                         break
                     except torch.OutOfMemoryError:
                         if micro == 1:

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from harness import costs
 from harness.master_weights import MasterWeights
-from harness.compiling import compile_mode, for_training, step_begin, uncompile_blocks, width_multiple
+from harness.compiling import (compile_mode, for_training, step_begin, strict_first_step, uncompile_blocks,
+                               width_multiple)
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # noqa: F401  (re-exported)
@@ -295,9 +296,10 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                 nonlocal micro, accum, compiled, forward_model
                 while True:
                     try:
-                        return _forward_backward(forward_model, tokenizer, batch, micro, settings, dims, overhead,
-                                                 right_pad, encode, logit_index, causal_only,
-                                                 width_multiple(mode if stats.compiled else None))
+                        with strict_first_step(stats.compiled, step):
+                            return _forward_backward(forward_model, tokenizer, batch, micro, settings, dims,
+                                                     overhead, right_pad, encode, logit_index, causal_only,
+                                                     width_multiple(mode if stats.compiled else None))
                     except torch.OutOfMemoryError:
                         if micro == 1:
                             raise

@@ -117,3 +117,42 @@ def test_training_forward_turns_the_cache_off():
 
     training_forward(model, input_ids=1)
     assert calls == [{"input_ids": 1, "use_cache": False}]
+
+
+def test_a_compile_that_hits_the_recompile_limit_trains_eagerly_and_says_so(tiny, data_dir, caplog):
+    """Per-layer guards (each block's hook closing over its own int, as packs' hooks once did) make every block
+    compile its own graph; past dynamo's recompile limit the rest would run eagerly while the run said compiled.
+    The first step now raises there, and training's compiler-failure fallback trains eagerly with a warning and
+    ``compiled`` false. (The limit lowered to 2 here: 4 layers then pass it as SmolLM2's 30 pass the default 8.)"""
+    import logging
+
+    from harness.data import few_shot_examples
+    from harness.tasks import load_task
+    from harness.training import train
+
+    model, tokenizer = tiny
+    task = load_task("cb")
+    examples = few_shot_examples(task, 0, data_dir, n=32)[:4]
+    settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "lr": 1e-2})
+    outcomes = {}
+    for planted in (False, True):
+        peft_model = apply_method(copy.deepcopy(model), "lora", settings)
+        hooks = []
+        if planted:
+            for layer, block in enumerate(peft_model.base_model.model.model.layers):
+                ones = [layer + 1]  # a closure int, guarded by value: each block's graph is its own
+
+                def scale(module, args, out, ones=ones):
+                    return out * (ones[0] // ones[0])
+                hooks.append(block.mlp.register_forward_hook(scale))
+        torch._dynamo.reset()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), torch._dynamo.config.patch(recompile_limit=2):
+            stats = train(peft_model, tokenizer, examples, task, settings, 0, method="lora", compile="on",
+                          progress=False)
+        for hook in hooks:
+            hook.remove()
+        torch._dynamo.reset()
+        outcomes[planted] = (stats.compiled, stats.steps, "torch.compile failed" in caplog.text)
+    assert outcomes[False] == (True, 2, False)
+    assert outcomes[True] == (False, 2, True), outcomes
