@@ -48,6 +48,8 @@ import time
 import torch
 
 from benchmarks.common import environment, print_table, write_json
+from benchmarks.graphs_variants import VARIANTS
+from benchmarks.graphs_variants import install as install_graphs_variant
 from harness.compiling import COMPILE_CHOICES
 from harness.data import few_shot_examples, resolve_data_dir
 from harness.methods import apply_method, training_settings
@@ -175,11 +177,17 @@ def main() -> None:
                         help="as harness run --compile, for both kinds (on: give --warmup the compile's steps)")
     parser.add_argument("--only", choices=("separate", "packed"), default=None,
                         help="time one kind only (e.g. packs under a slow compile; no speedup in the row)")
+    parser.add_argument("--graphs-variant", choices=VARIANTS, default=None,
+                        help="with --compile graphs: compile as this variant (benchmarks/graphs_variants.py)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if (args.count_ops or args.profile) and args.warmup < 1:
         parser.error("--count-ops and --profile start after the warmup's first optimizer step: --warmup 1 or more")
+    if args.graphs_variant and args.compile != "graphs":
+        parser.error("--graphs-variant goes with --compile graphs")
+    if args.graphs_variant:
+        install_graphs_variant(args.graphs_variant)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -225,7 +233,7 @@ def main() -> None:
                "settings": {"batch_size": settings["batch_size"], "warmup": args.warmup, "steps": args.steps,
                             "repeats": args.repeats, "threads": torch.get_num_threads(),
                             "count_ops": args.count_ops, "profile": args.profile, "cuda_path": args.cuda_path,
-                            "compile": args.compile, "only": args.only},
+                            "compile": args.compile, "only": args.only, "graphs_variant": args.graphs_variant},
                "environment": environment(lm.device), "rows": rows}
     print_table([_brief(r) for r in rows], list(_brief(rows[0])))
     if args.out:

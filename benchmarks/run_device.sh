@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks on a lent GPU machine (see docs/benchmarks.md): bash benchmarks/run_device.sh STAGE...
 # Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, paperpack, packprof,
-# nanprobe, mfu, loop, t5.
+# graphsprobe, nanprobe, mfu, loop, t5.
 # Expects .whl/ (transformers, peft wheels) and .benchdata/ (data/rte, cache/tokenizers/smollm2-135m, and for t5
 # cache/tokenizers/smollm2-135m-32128) carried beside the checkout, and $OUT for results.
 set -u
@@ -90,6 +90,19 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
           $T $P --methods lora --ns 1,5 --steps 3 --warmup 2 --profile --out "$OUT/packed_profile_cuda.json" \
             > "$OUT/packprof_profile.log" 2>&1; show packprof_profile
         fi ;;
+    graphsprobe) # issue 16: does any other way of compiling under CUDA graphs train without the segfault of
+        # --compile graphs (benchmarks/graphs_variants.py)? A lora pack of 5 (random:smollm2-135m, rte, 12 timed
+        # steps after 8) per variant, each in its own process (a crash ends only it) at most GRAPHSPROBE_TIMEOUT
+        # (default 130) s, the whole model's 200: about 480 s in all; compare with packprof's compiled-blocks pack
+        # (23.6 group-steps/s on the H100, session 36). GRAPHSPROBE_VARIANTS picks (space-separated).
+        export PYTHONFAULTHANDLER=1
+        for v in ${GRAPHSPROBE_VARIANTS:-blocks-static blocks-no-trees model-static}; do
+          t=${GRAPHSPROBE_TIMEOUT:-130}; [ "$v" = model-static ] && t=$((t + 70))
+          timeout "$t" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" --repeats 1 \
+            --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile graphs --graphs-variant "$v" \
+            --out "$OUT/graphs_$v.json" > "$OUT/graphs_$v.log" 2>&1
+          echo "rc $? ($v)"; grep -v -i warn "$OUT/graphs_$v.log" | grep -v 'it/s' | tail -4 | cut -c1-300
+        done ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at
         # PAPERPACK_STEPS steps (the full preset's time extrapolated: benchmarks.paper_run.steps_extrapolation);
