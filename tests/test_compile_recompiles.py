@@ -134,25 +134,23 @@ def test_a_compile_that_hits_the_recompile_limit_trains_eagerly_and_says_so(tiny
     task = load_task("cb")
     examples = few_shot_examples(task, 0, data_dir, n=32)[:4]
     settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "lr": 1e-2})
-    outcomes = {}
-    for planted in (False, True):
-        peft_model = apply_method(copy.deepcopy(model), "lora", settings)
-        hooks = []
-        if planted:
-            for layer, block in enumerate(peft_model.base_model.model.model.layers):
-                ones = [layer + 1]  # a closure int, guarded by value: each block's graph is its own
+    peft_model = apply_method(copy.deepcopy(model), "lora", settings)
+    hooks = []
+    for layer, block in enumerate(peft_model.base_model.model.model.layers):
+        ones = [layer + 1]  # a closure int, guarded by value: each block's graph is its own
 
-                def scale(module, args, out, ones=ones):
-                    return out * (ones[0] // ones[0])
-                hooks.append(block.mlp.register_forward_hook(scale))
-        torch._dynamo.reset()
-        caplog.clear()
+        def scale(module, args, out, ones=ones):
+            return out * (ones[0] // ones[0])
+        hooks.append(block.mlp.register_forward_hook(scale))
+    torch._dynamo.reset()
+    try:
         with caplog.at_level(logging.WARNING), torch._dynamo.config.patch(recompile_limit=2):
             stats = train(peft_model, tokenizer, examples, task, settings, 0, method="lora", compile="on",
                           progress=False)
+    finally:
         for hook in hooks:
             hook.remove()
         torch._dynamo.reset()
-        outcomes[planted] = (stats.compiled, stats.steps, "torch.compile failed" in caplog.text)
-    assert outcomes[False] == (True, 2, False)
-    assert outcomes[True] == (False, 2, True), outcomes
+    # (without the planted hooks the same training compiles: test_training's test_compiled_training_matches_eager)
+    assert (stats.compiled, stats.steps) == (False, 2)
+    assert "torch.compile failed (FailOnRecompileLimitHit" in caplog.text
