@@ -121,6 +121,14 @@ def strict_first_step(compiled: bool, step: int):
     return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
+def compile_failure(exc: BaseException) -> str:
+    """One line on why compiling the first step failed, for the fallback's warning."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if type(exc).__name__ == "FailOnRecompileLimitHit":
+        first = "the blocks cannot share a graph (a graph per layer passed dynamo's recompile limit)"
+    return f"{type(exc).__name__}: {first}"
+
+
 def step_begin(mode: str | None) -> None:
     """Before a training step's first forward: under ``graphs``, tell the cudagraph trees that a new iteration
     begins (the last step's graph outputs may be overwritten); nothing otherwise."""

@@ -39,8 +39,8 @@ import time
 import torch
 
 from harness import costs
-from harness.compiling import (compile_mode, for_training, step_begin, strict_first_step, uncompile_blocks,
-                               width_multiple)
+from harness.compiling import (compile_failure, compile_mode, for_training, step_begin, strict_first_step,
+                               uncompile_blocks, width_multiple)
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.master_weights import MasterWeights
@@ -181,8 +181,7 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
                     except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
                         if not stats[0].compiled or step > 0:
                             raise
-                        log.warning("torch.compile failed (%s: %s); training the pack eagerly", type(exc).__name__,
-                                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                        log.warning("torch.compile failed (%s); training the pack eagerly", compile_failure(exc))
                         uncompile_blocks(compiled)
                         compiled, forward_model = [], model
                         for s in stats:

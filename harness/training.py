@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from harness import costs
 from harness.master_weights import MasterWeights
-from harness.compiling import (compile_mode, for_training, step_begin, strict_first_step, uncompile_blocks,
-                               width_multiple)
+from harness.compiling import (compile_failure, compile_mode, for_training, step_begin, strict_first_step,
+                               uncompile_blocks, width_multiple)
 from harness.costs import ModelDims, Work
 from harness.errors import HarnessError
 from harness.losses import (LOSS_FUNCTIONS, ChoiceLogprobs, choice_logprobs,  # noqa: F401  (re-exported)
@@ -314,8 +314,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                     except Exception as exc:  # noqa: BLE001 - a compiler failure on the first step: go on eagerly
                         if not stats.compiled or step > 0:
                             raise
-                        log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__,
-                                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                        log.warning("torch.compile failed (%s); training eagerly", compile_failure(exc))
                         optimizer.zero_grad(set_to_none=True)
                         masters.zero_grad()
                         uncompile_blocks(compiled)
