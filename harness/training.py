@@ -252,6 +252,10 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     overhead = method_overhead(model, method, settings) if method else Overhead()
     dims = ModelDims.from_model(model)
     mode = compile_mode(compile)
+    if mode in ("blocks", "graphs") and method is not None and not get_method(method).shares_block_graph:
+        log.warning("%s: its blocks cannot share a compiled graph (each reads its own layer's state); training "
+                    "eagerly", method)
+        mode = None
     forward_model, compiled = for_training(model, mode)
     templates = ([task.template(settings["train_template"])] if settings.get("train_template")
                  else list(task.templates))

@@ -154,3 +154,34 @@ def test_a_compile_that_hits_the_recompile_limit_trains_eagerly_and_says_so(tiny
     # (without the planted hooks the same training compiles: test_training's test_compiled_training_matches_eager)
     assert (stats.compiled, stats.steps) == (False, 2)
     assert "torch.compile failed (FailOnRecompileLimitHit: the blocks cannot share a graph" in caplog.text
+
+
+def test_a_method_whose_blocks_cannot_share_a_graph_trains_eagerly_without_compiling(tiny, data_dir, caplog):
+    """The prefix family reads its layer's entry of the prefix cache (a graph per layer under compiled blocks: on
+    SmolLM2's 30 layers 8 compiles, then the limit and the fallback): its ``shares_block_graph`` is False and
+    ``--compile on`` trains it eagerly at once, with a warning, compiling nothing."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    from harness.data import few_shot_examples
+    from harness.methods import get_method
+    from harness.tasks import load_task
+    from harness.training import train
+
+    method = "prefix_tuning"
+    assert [m for m in ("prefix_tuning", "peft:prefix_tuning", "mam", "unipelt", "intrinsic_said", "lora", "ia3",
+                        "peft:prompt_tuning") if not get_method(m).shares_block_graph] == [
+        "prefix_tuning", "peft:prefix_tuning", "mam", "unipelt", "intrinsic_said"]
+    model, tokenizer = tiny
+    task = load_task("cb")
+    settings = training_settings(method, "quick", {"steps": 2, "batch_size": 2, "lr": 1e-2})
+    peft_model = apply_method(copy.deepcopy(model), method, settings)
+    torch._dynamo.reset()
+    counters.clear()
+    with caplog.at_level(logging.WARNING):
+        stats = train(peft_model, tokenizer, few_shot_examples(task, 0, data_dir, n=32)[:4], task, settings, 0,
+                      method=method, compile="on", progress=False)
+    assert (stats.compiled, stats.steps) == (False, 2)
+    assert f"{method}: its blocks cannot share a compiled graph" in caplog.text
+    assert counters["frames"]["ok"] == 0, dict(counters["frames"])

@@ -92,6 +92,9 @@ class MethodInfo:
     restore: Callable | None = None
     trains_model_dtype: bool = False
     costs_version: int = 0
+    shares_block_graph: bool = True  # False: each transformer block reads its own layer's state (the prefix
+    # family's cache entry, SAID's per-tensor rays), so compiled blocks would trace a graph per layer and pass
+    # dynamo's recompile limit: --compile on/graphs trains such a method eagerly, with a warning
 
     @property
     def resumable(self) -> bool:

@@ -94,4 +94,4 @@ def generic_method(type_name: str) -> MethodInfo:
         supports_kv_cache=not prompt_learning, apply=apply,
         position_ids=not prompt_learning or key in ("prefix_tuning", "cartridge"),
         family=peft_family(key), merges=key in MERGEABLE, mixed_batches=prompt_learning,
-        trains_model_dtype=key in MODEL_DTYPE_TYPES)
+        trains_model_dtype=key in MODEL_DTYPE_TYPES, shares_block_graph=key != "prefix_tuning")

@@ -384,4 +384,4 @@ def overhead(model, cfg: IntrinsicSAIDArgs) -> Overhead:
 register(MethodInfo(
     "intrinsic_said", "peft", "intrinsic SAID (Aghajanyan et al. 2021): 20k-dim Fastfood subspace + one scale per "
     "tensor", config_cls=IntrinsicSAIDArgs, apply=apply, overhead=overhead, artifact="tensors",
-    family="reparametrization", merges=True, restore=restore))
+    family="reparametrization", merges=True, restore=restore, shares_block_graph=False))

@@ -67,4 +67,4 @@ def overhead(model, cfg: MamArgs) -> Overhead:
 register(MethodInfo(
     "mam", "peft", "MAM adapter (He et al. 2022): prefix (l=30) + scaled parallel adapter on the feed-forward",
     config_cls=MamArgs, supports_kv_cache=False, apply=apply, overhead=overhead, artifact="tensors",
-    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True))
+    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True, shares_block_graph=False))

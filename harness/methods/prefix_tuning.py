@@ -55,4 +55,4 @@ def overhead(model, cfg: PrefixTuningArgs) -> Overhead:
 register(MethodInfo(
     "prefix_tuning", "peft", "prefix tuning (Li & Liang 2021): 10 trainable key/value positions per layer (MLP-512)",
     config_cls=PrefixTuningArgs, supports_kv_cache=False, apply=apply, overhead=overhead,
-    family="additive", mixed_batches=True))
+    family="additive", mixed_batches=True, shares_block_graph=False))

@@ -79,4 +79,4 @@ def overhead(model, cfg: UniPeltArgs) -> Overhead:
 register(MethodInfo(
     "unipelt", "peft", "UniPELT (Mao et al. 2022): gated LoRA (q,v) + gated FFN adapter + prefix (l=10, ungated)",
     config_cls=UniPeltArgs, supports_kv_cache=False, apply=apply, overhead=overhead, artifact="tensors",
-    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True))
+    family="hybrid", merges=False, mixed_batches=True, trains_model_dtype=True, shares_block_graph=False))
