@@ -4,9 +4,10 @@ Measured on the H100 (docs/benchmarks.md, second round): compiling each block ma
 faster after a compile of up to 100 s; compiling the whole model doubles the throughput of a 1B model's step but
 takes minutes with dynamic shapes. The default is eager. ``graphs`` (experimental; on an H100 its first compiled
 backward crashed the process, so GPU training refuses it: :func:`refuse_graphs_on_gpu`) compiles the blocks with
-``mode="reduce-overhead"``: CUDA graphs replay each block's kernels in one launch, the lever for a small model's launch-bound step (issue 16); a graph is recorded per distinct input shape, so the
-training rows are padded to a multiple of :data:`GRAPH_WIDTH_MULTIPLE` tokens (:func:`width_multiple`), and each
-training step starts a new cudagraph-tree iteration (:func:`step_begin`). On the CPU it compiles as ``on``.
+``mode="reduce-overhead"``: CUDA graphs replay each block's kernels in one launch, the lever for a small model's
+launch-bound step (issue 16); a graph is recorded per distinct input shape, so the training rows are padded to a
+multiple of :data:`GRAPH_WIDTH_MULTIPLE` tokens (:func:`width_multiple`), and each training step starts a new
+cudagraph-tree iteration (:func:`step_begin`). On the CPU it compiles as ``on``.
 """
 
 from __future__ import annotations
@@ -123,9 +124,12 @@ def strict_first_step(compiled: bool, step: int):
 
 def compile_failure(exc: BaseException) -> str:
     """One line on why compiling the first step failed, for the fallback's warning."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if type(exc).__name__ == "FailOnRecompileLimitHit":
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    if isinstance(exc, FailOnRecompileLimitHit):  # raised under strict_first_step
         first = "the blocks cannot share a graph (a graph per layer passed dynamo's recompile limit)"
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}"
 
 
