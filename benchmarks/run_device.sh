@@ -13,6 +13,8 @@ if [ -d .whl ]; then
 fi
 export HARNESS_CACHE_DIR=$PWD/.benchdata/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 DATA=$PWD/.benchdata/data
+# after a command that wrote $OUT/NAME.log: its exit status, then the log's last lines (default 6) without warnings
+show() { echo "rc $? ($1)"; grep -v -i warn "$OUT/$1.log" | grep -v 'it/s' | tail -"${2:-6}" | cut -c1-300; }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
@@ -72,7 +74,6 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
         T="timeout ${PACKPROF_TIMEOUT:-100}"
         TC="timeout ${PACKPROF_COMPILED_TIMEOUT:-200}"
         export PYTHONFAULTHANDLER=1
-        show() { echo "rc $? ($1)"; grep -v -i warn "$OUT/$1.log" | grep -v 'it/s' | tail -"${2:-6}" | cut -c1-300; }
         if [ "${PACKPROF_EAGER:-1}" = 1 ]; then
           $T $P --methods lora,ia3 --ns 1,5 --steps 10 --warmup 3 --out "$OUT/packed_training_cuda_eager.json" \
             > "$OUT/packprof_eager.log" 2>&1; show packprof_eager 7
@@ -100,8 +101,7 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
           t=${GRAPHSPROBE_TIMEOUT:-130}; [ "$v" = model-static ] && t=$((t + 70))
           timeout "$t" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" --repeats 1 \
             --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile graphs --graphs-variant "$v" \
-            --out "$OUT/graphs_$v.json" > "$OUT/graphs_$v.log" 2>&1
-          echo "rc $? ($v)"; grep -v -i warn "$OUT/graphs_$v.log" | grep -v 'it/s' | tail -4 | cut -c1-300
+            --out "$OUT/graphs_$v.json" > "$OUT/graphs_$v.log" 2>&1; show "graphs_$v" 4
         done ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at
