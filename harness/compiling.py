@@ -128,9 +128,24 @@ def compile_failure(exc: BaseException) -> str:
 
     if isinstance(exc, FailOnRecompileLimitHit):  # raised under strict_first_step
         first = "the blocks cannot share a graph (a graph per layer passed dynamo's recompile limit)"
-    else:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    elif str(exc).strip():
+        first = str(exc).strip().splitlines()[0]
+    else:  # a bare ``assert`` deep in the compiler (session 37's H100: "AssertionError: "): say where it was raised
+        first = f"raised at {_raise_site(exc)}"
     return f"{type(exc).__name__}: {first}"
+
+
+def _raise_site(exc: BaseException) -> str:
+    """``module.py:line in function`` of the innermost frame of ``exc``'s traceback, or "an unknown place"."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "an unknown place"
+    last = frames[-1]
+    parts = os.path.normpath(last.filename).split(os.sep)
+    return f"{'/'.join(parts[-2:])}:{last.lineno} in {last.name}"
 
 
 def step_begin(mode: str | None) -> None:

@@ -185,3 +185,20 @@ def test_a_method_whose_blocks_cannot_share_a_graph_trains_eagerly_without_compi
     assert (stats.compiled, stats.steps) == (False, 2)
     assert f"{method}: its blocks cannot share a compiled graph" in caplog.text
     assert counters["frames"]["ok"] == 0, dict(counters["frames"])
+
+
+def test_a_compile_failure_without_a_message_says_where_it_was_raised():
+    """A bare ``assert`` in the compiler (the H100's ``blocks-no-trees`` graphs, session 37, warned "AssertionError: "
+    and nothing else): the fallback's warning names the innermost frame instead."""
+    from harness.compiling import compile_failure
+
+    def compiler_internals():
+        raise AssertionError  # what a bare ``assert`` raises outside pytest's rewritten modules
+
+    try:
+        compiler_internals()
+    except AssertionError as exc:
+        line = compile_failure(exc)
+    assert line.startswith("AssertionError: raised at tests/test_compile_recompiles.py:")
+    assert line.endswith("in compiler_internals")
+    assert compile_failure(RuntimeError("first\nsecond")) == "RuntimeError: first"
