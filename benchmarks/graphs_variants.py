@@ -14,7 +14,13 @@ graphs. A variant replaces :func:`harness.compiling.for_training` where the trai
 - ``model-static``: the whole model under one ``torch.compile(mode="reduce-overhead", dynamic=False)``: one
   region, no chain of per-block graphs;
 - ``blocks-no-trees``: the blocks static, with inductor's older per-graph CUDA graphs instead of the trees
-  (``torch._inductor.config.triton.cudagraph_trees = False``).
+  (``torch._inductor.config.triton.cudagraph_trees = False``);
+- ``blocks-fixed``: the blocks static, and every training step padded to one width, the longest row the groups'
+  training examples can render (:func:`longest_row`, set with :func:`fix_width`): one shape, so one graph per
+  block kind (the first block, whose input needs no grad, and the rest) instead of one per padded width and kind.
+  On the H100 (session 37) ``blocks-static`` did not finish 20 steps in 110 s, compiling, presumably, a graph
+  per width; a launch-bound step pays little for the padding (the paper preset's rte rows: ~5% of the GPU's
+  peak is busy).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import torch
 import torch._inductor.config
 
 from harness import compiling, packed, training
+from harness.scoring import encode_pair
 
-VARIANTS = ("blocks-dynamic", "blocks-static", "model-static", "blocks-no-trees")
+VARIANTS = ("blocks-dynamic", "blocks-static", "model-static", "blocks-no-trees", "blocks-fixed")
 RECOMPILE_LIMIT = 64  # static shapes: a graph per padded width and per block kind (the first block's input
 # needs no grad), more than dynamo's default 8
 
@@ -45,6 +52,7 @@ def install(variant: str) -> None:
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     if variant == "blocks-no-trees":
         torch._inductor.config.triton.cudagraph_trees = False
+    # blocks-fixed: the blocks as blocks-static; the width is fixed by fix_width once the groups are known
     product = compiling.for_training
 
     def for_training(model, mode):
@@ -56,3 +64,34 @@ def install(variant: str) -> None:
 
     training.for_training = for_training  # the names the loops call (imported from harness.compiling)
     packed.for_training = for_training
+
+
+def longest_row(tokenizer, members, settings: dict) -> int:
+    """Tokens of the longest (context + choice) row any of ``members`` (:class:`harness.packed.PackMember`) can
+    train on: every training example under every template the training may draw (``settings["train_template"]``
+    or all of the task's), every choice, cut to ``settings["max_length"]`` as the training cuts it."""
+    longest = 0
+    for m in members:
+        templates = ([m.task.template(settings["train_template"])] if settings.get("train_template")
+                     else list(m.task.templates))
+        for template in templates:
+            for example in m.train_examples:
+                for context, choice in m.task.render(template, example).pairs():
+                    ctx, cont = encode_pair(tokenizer, context, choice)
+                    longest = max(longest, len(ctx) + len(cont))
+    cap = settings.get("max_length")
+    return min(longest, cap) if cap else longest
+
+
+def fix_width(width: int) -> None:
+    """Pad every training step under ``graphs`` to exactly ``width`` tokens in this process (``width`` >= the
+    longest row: :func:`longest_row`; the loops round a step's widest row up to a multiple of it)."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+
+    def width_multiple(mode):
+        return width if mode == "graphs" else 1
+
+    training.width_multiple = width_multiple
+    packed.width_multiple = width_multiple
+

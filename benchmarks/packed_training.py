@@ -48,7 +48,7 @@ import time
 import torch
 
 from benchmarks.common import environment, print_table, write_json
-from benchmarks.graphs_variants import VARIANTS
+from benchmarks.graphs_variants import VARIANTS, fix_width, longest_row
 from benchmarks.graphs_variants import install as install_graphs_variant
 from harness.compiling import COMPILE_CHOICES
 from harness.data import few_shot_examples, resolve_data_dir
@@ -200,6 +200,8 @@ def main() -> None:
         for n in (int(x) for x in args.ns.split(",")):
             members = [PackMember(task, few_shot_examples(task, seed, folder, n=settings["n_train"]), seed)
                        for seed in SEEDS[:n]]
+            if args.graphs_variant == "blocks-fixed":  # one width for every step: the longest row of these groups
+                fix_width(longest_row(lm.tokenizer, members, settings))
             start = time.perf_counter()
             if args.count_ops or args.profile:
                 row = {"method": method, "n": n, "steps": args.steps, **_inspect(args, lm, method, settings, members),
