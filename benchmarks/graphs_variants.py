@@ -72,9 +72,7 @@ def longest_row(tokenizer, members, settings: dict) -> int:
     or all of the task's), every choice, cut to ``settings["max_length"]`` as the training cuts it."""
     longest = 0
     for m in members:
-        templates = ([m.task.template(settings["train_template"])] if settings.get("train_template")
-                     else list(m.task.templates))
-        for template in templates:
+        for template in training.training_templates(m.task, settings):
             for example in m.train_examples:
                 for context, choice in m.task.render(template, example).pairs():
                     ctx, cont = encode_pair(tokenizer, context, choice)

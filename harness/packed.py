@@ -50,7 +50,7 @@ from harness.packed_adapters import PackedAdapters, group_initial_tensors  # noq
 from harness.packed_losses import group_losses
 from harness.packed_optim import clip_per_group, make_sliced_optimizer
 from harness.training import (PADDING_CHOICES, TrainingDiverged, TrainStats, _Sampler,
-                              choice_logprobs, make_schedule)
+                              choice_logprobs, make_schedule, training_templates)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ def train_packed(model, tokenizer, packed: PackedAdapters, members: list[PackMem
         rng = random.Random(m.seed)
         rngs.append(rng)
         samplers.append(_Sampler(len(m.train_examples), rng))
-        templates.append([m.task.template(settings["train_template"])] if settings.get("train_template")
-                         else list(m.task.templates))
+        templates.append(training_templates(m.task, settings))
     # one optimizer and schedule for all groups, each slice of a stacked tensor updated as its group's alone
     masters = MasterWeights(packed.stacked)
     optimizer = make_sliced_optimizer(masters.params, settings, fused=device.type == "cuda")

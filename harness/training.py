@@ -114,6 +114,14 @@ def optimizer_view(model, params: list) -> MasterWeights:
     return kinds.pop().optimizer_view(model, params) if kinds else MasterWeights(params)
 
 
+def training_templates(task, settings: dict) -> list:
+    """The templates a training draws its rows' prompts from: ``settings["train_template"]`` alone when set, else
+    every template of ``task`` (T-Few: a random template per example)."""
+    if settings.get("train_template"):
+        return [task.template(settings["train_template"])]
+    return list(task.templates)
+
+
 def make_schedule(optimizer, settings: dict):
     """T-Few's ``linear_decay_with_warmup`` (warmup = steps x warmup_ratio, not rounded, as T-Few) or constant.
 
@@ -257,8 +265,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
                     "eagerly", method)
         mode = None
     forward_model, compiled = for_training(model, mode)
-    templates = ([task.template(settings["train_template"])] if settings.get("train_template")
-                 else list(task.templates))
+    templates = training_templates(task, settings)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     sampler = _Sampler(len(train_examples), rng)

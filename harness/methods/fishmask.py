@@ -271,7 +271,7 @@ def prepare(model, tokenizer, examples, task, settings: dict, seed: int):
 
     from harness.costs import ModelDims, Work
     from harness.methods import method_config
-    from harness.training import LOSS_FUNCTIONS, choice_logprobs
+    from harness.training import LOSS_FUNCTIONS, choice_logprobs, training_templates
 
     cfg = method_config("fishmask", settings)
     dims = ModelDims.from_model(model)
@@ -285,8 +285,7 @@ def prepare(model, tokenizer, examples, task, settings: dict, seed: int):
         p.requires_grad_(True)
     fisher = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
     rng = random.Random(seed)
-    templates = ([task.template(settings["train_template"])] if settings.get("train_template")
-                 else list(task.templates))
+    templates = training_templates(task, settings)
     chosen = examples[: cfg.fisher_examples] if cfg.fisher_examples else examples
     work = Work()
     model.train()
