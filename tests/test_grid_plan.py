@@ -84,7 +84,7 @@ def test_a_job_counts_its_evaluations_scaled_like_prompt_tuning_for_uncached_met
 
 def test_plan_of_the_committed_store(tmp_path, capsys):
     """The committed SmolLM2 export: copa (round 17) and wsc (round 21) are complete for every family, wic lacks
-    only Intrinsic SAID, P-tuning and UniPELT (rounds 21 and 25), and the bottleneck methods count only their
+    only P-tuning and UniPELT (rounds 21, 25 and 27), and the bottleneck methods count only their
     scale_parameter=false runs."""
     store = tmp_path / "smollm2.sqlite"
     with lzma.open(ROOT / "results/paper/smollm2-135m.sqlite.xz") as src, open(store, "wb") as dst:
@@ -97,7 +97,7 @@ def test_plan_of_the_committed_store(tmp_path, capsys):
     by_task = {t: {c.label for c in cells if c.task == t} for t in grid_plan.TASKS}
     assert by_task["copa"] == set()
     assert by_task["wsc"] == set()
-    assert by_task["wic"] == {"intrinsic_said", "ptuning", "unipelt scale_parameter=false"}
+    assert by_task["wic"] == {"ptuning", "unipelt scale_parameter=false"}
     assert "ia3" not in by_task["cb"] and "adapter scale_parameter=false" in by_task["cb"]
     assert all(c.seconds and c.seconds > 100 for c in cells if c.task == "wic")  # every family has a record
     rte = {c.method: c for c in cells if c.task == "rte"}
@@ -181,5 +181,5 @@ def test_the_committed_records_size_light_wic_jobs_small_and_adalora_on_cb_large
     cells = {(c.task, c.method): c for c in grid_plan.missing_cells(
         with_groups(runs(str(store), status="finished")), dict.fromkeys(grid_plan.TASKS, 4),
         models=("smollm2-135m",))}
-    wic, cb = gib_per_training([cells["wic", "intrinsic_said"]]), gib_per_training([cells["cb", "adalora"]])
+    wic, cb = gib_per_training([cells["wic", "unipelt"]]), gib_per_training([cells["cb", "adalora"]])
     assert wic is not None and cb is not None and wic <= 6 < 10 <= cb
