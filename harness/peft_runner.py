@@ -202,8 +202,6 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
                       compile=compile, state=state)
         model.eval()
         folder = save_trained(model, info, Path(artifacts_dir) / group_hash(first))
-        if state is not None:
-            state.remove()
     except Exception as exc:  # noqa: BLE001 - recorded; the other groups go on
         error, tb = _one_line(exc), traceback.format_exc(limit=8)
         log.warning("training %s/%s/seed %s failed: %s", first.task, first.method, first.seed, error)
@@ -215,6 +213,8 @@ def run_peft_group(load_base: Callable[[], LoadedModel], task, specs: list[RunSp
     yield from group_results(model, lm, info, task, specs, data_dir, dims, overhead, stats, folder, env,
                              params=(trainable, total, trainable_vocab), prepare_flops=prepare_flops,
                              batch_size=batch_size, progress=progress, is_random=is_random)
+    if state is not None:  # every run of the group stored: a kill before this resumes with no step to redo
+        state.remove()
 
 
 def group_results(model, lm: LoadedModel, info, task, specs: list[RunSpec], data_dir, dims: ModelDims,
@@ -257,7 +257,8 @@ def group_results(model, lm: LoadedModel, info, task, specs: list[RunSpec], data
             continue
         metrics |= shared
         metrics["seconds"] = train_seconds + metrics["eval_seconds"]
-        metrics["peak_memory_bytes"] = costs.peak_memory_bytes(lm.device)
+        # the training's peak too: a run resumed after its training (harness.train_state) evaluates in a new process
+        metrics["peak_memory_bytes"] = max(costs.peak_memory_bytes(lm.device), stats.peak_memory_bytes)
         yield RunResult(run_id=spec.run_id, config=spec.config(), status="finished", metrics=metrics,
                         examples=examples, artifact_path=str(folder), env=env, extra=dict(extra),
                         is_random=is_random)

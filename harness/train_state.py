@@ -17,8 +17,11 @@ state now: :func:`request_save` touches ``SAVE_REQUEST`` in the states' folder, 
 its state after its next step (once per request: a request older than a training's last write or start is
 ignored), so a killed training loses the seconds after the request instead of up to ``min_seconds``.
 
-The runner names the file after the training group (``ADAPTERS/<group hash>.train_state.pt``, beside the adapter
-folder it will write) and removes it once the adapter is saved. The file also records the training settings,
+A training that ran at least as long as that wait also writes its state after the last step, and the runner names
+the file after the training group (``ADAPTERS/<group hash>.train_state.pt``, beside the adapter folder it will
+write) and removes it only once every run of the group is stored: a run killed while it evaluates (P-tuning's
+evaluation, one row at a time, outlasted a grid call's deadline in round 27) continues with the trained adapter
+restored from that state, no step redone. The file also records the training settings,
 seed and example count; one that does not match is ignored (with a warning) and overwritten. Methods with state
 outside these that they cannot save (FishMask's Fisher masks) are not resumed: the runner passes no state
 file for them, and they start again from step 0.
@@ -84,6 +87,11 @@ class TrainState:
         self._last = time.perf_counter()
         self._last_wall = time.time()
         self._cost = self._last - start
+
+    @property
+    def last_write_seconds(self) -> float:
+        """How long the last write took (0 before the first)."""
+        return self._cost
 
     def load(self, key: dict) -> dict | None:
         """The saved state when the file exists and was written for ``key``; else None."""

@@ -358,6 +358,18 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     stats.seconds = before + time.perf_counter() - start
     stats.overhead_flops = train_overhead_flops(overhead, stats.work.tokens, stats.rows, stats.forwards,
                                                 stats.work.logit_positions, work=stats.work)
-    stats.peak_memory_bytes = costs.peak_memory_bytes(device)
+    stats.peak_memory_bytes = max(stats.peak_memory_bytes, costs.peak_memory_bytes(device))  # a finished state's
     stats.micro_batch, stats.grad_accum = micro, accum
+    if state is not None and first_step < settings["steps"] and _worth_saving(state, time.perf_counter() - start):
+        # the finished training's state too: the caller removes it once every run of the group is stored, so a run
+        # killed while it evaluates continues there, with no step to redo (the state's stats are the whole training's)
+        state.save(key, settings["steps"] - 1, params=params, masters=masters, optimizer=optimizer, schedule=schedule,
+                   rng=rng, queue=sampler.queue, stats=stats, micro=micro, accum=accum,
+                   method_state=step_state[0](model) if step_state is not None else None)
     return stats
+
+
+def _worth_saving(state: TrainState, seconds: float) -> bool:
+    """Whether ``seconds`` of training are worth a state write: as long as the wait between two writes during the
+    training (:meth:`TrainState.due`), so the final write adds at most what one periodic write does."""
+    return seconds >= max(state.min_seconds, state.cost_factor * state.last_write_seconds)

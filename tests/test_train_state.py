@@ -137,6 +137,62 @@ def test_a_killed_run_resumes_its_training(smollm, cb, data_dir, tmp_path, monke
     assert list(Store(store).examples([b["run_id"]])) == list(Store(whole_store).examples([a["run_id"]]))
 
 
+def test_a_run_killed_while_it_evaluates_resumes_without_training(smollm, cb, data_dir, tmp_path, monkeypatch,
+                                                                     caplog):
+    """Killed after its training, while its runs are scored (round 27: P-tuning's evaluation outlasted a grid call):
+    run again, the group continues from the finished training's state, with no training step, and stores what an
+    uninterrupted run stores; the state file is gone once every run of the group is stored."""
+    from harness import api
+    from harness.store import Store
+
+    monkeypatch.setattr(peft_runner, "TrainState", functools.partial(TrainState, min_seconds=0, cost_factor=0))
+    specs = api.plan(["cb"], ["ia3"], seeds=[0], templates=["gpt3_style", "based_on_previous_passage"],
+                     preset="quick", limit=2, data_dir=data_dir, device="cpu", dtype="float32",
+                     train_overrides={"steps": 4, "batch_size": 1, "n_train": 2, "lr": 1e-2, "warmup_ratio": 0.0})
+
+    def load(spec):
+        return dataclasses.replace(smollm, model=copy.deepcopy(smollm.model))
+
+    def run(store):
+        return api.run(specs, store=store, data_dir=data_dir, progress=False, loader=load)
+
+    whole_store, store = tmp_path / "whole" / "s.sqlite", tmp_path / "killed" / "s.sqlite"
+    assert [r.status for r in run(whole_store)] == ["finished", "finished"]
+    real_evaluate, calls = peft_runner.evaluate, []
+
+    def evaluate_then_die(*args, **kwargs):  # the first template is scored and stored, the kill falls in the second
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(peft_runner, "evaluate", evaluate_then_die)
+    with pytest.raises(Killed):
+        run(store)
+    (state_file,) = store.parent.rglob("*.train_state.pt")
+    assert saved_steps(state_file.parent) == {state_file.name: 4}  # the finished training's state
+    assert [r["status"] for r in Store(store).runs()] == ["finished"]
+    monkeypatch.undo()
+    monkeypatch.setattr(peft_runner, "TrainState", functools.partial(TrainState, min_seconds=0, cost_factor=0))
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran again")
+
+    monkeypatch.setattr(training, "training_step", no_step)
+    with caplog.at_level(logging.INFO, logger="harness.training"):
+        resumed = run(store)
+    assert "resuming the training at step 4 of 4" in caplog.text
+    assert [r.status for r in resumed] == ["finished"]
+    assert not state_file.exists()
+    whole, killed = ({r["run_id"]: r for r in Store(s).runs()} for s in (whole_store, store))
+    assert whole.keys() == killed.keys() and len(whole) == 2
+    for run_id, a in whole.items():
+        b = killed[run_id]
+        assert a["accuracy"] == b["accuracy"] and a["losses"] == b["losses"] and len(a["losses"]) == 4
+        assert a["train_flops"] == b["train_flops"] and b["peak_memory_bytes"] >= b["train_peak_memory_bytes"]
+        assert list(Store(store).examples([run_id])) == list(Store(whole_store).examples([run_id]))
+
+
 def test_remove_deletes_the_state_and_half_written_copies(tmp_path):
     state = TrainState(tmp_path / "g.train_state.pt")
     for name in ("g.train_state.pt", "g.train_state.pt.123.tmp"):
