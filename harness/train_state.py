@@ -165,4 +165,8 @@ if __name__ == "__main__":  # python -m harness.train_state [--request-save] ADA
     found = saved_steps(sys.argv[1])
     print(f"saved training states: {len(found)} (a killed training without one starts again from step 0)")
     for name, step in found.items():
-        print(f"  {name}: continues at step {step}")
+        key = torch.load(Path(sys.argv[1]) / name, map_location="cpu", weights_only=False, mmap=True)["key"]
+        if step >= json.loads(key)["settings"]["steps"]:  # written after the last step: the runs are scored next
+            print(f"  {name}: trained ({step} steps); scoring its runs continues")
+        else:
+            print(f"  {name}: continues at step {step}")

@@ -171,6 +171,12 @@ def test_a_run_killed_while_it_evaluates_resumes_without_training(smollm, cb, da
         run(store)
     (state_file,) = store.parent.rglob("*.train_state.pt")
     assert saved_steps(state_file.parent) == {state_file.name: 4}  # the finished training's state
+    import subprocess
+    import sys
+
+    listing = subprocess.run([sys.executable, "-m", "harness.train_state", str(state_file.parent)],
+                             capture_output=True, text=True, check=True).stdout  # what the device script prints
+    assert f"{state_file.name}: trained (4 steps); scoring its runs continues" in listing
     assert [r["status"] for r in Store(store).runs()] == ["finished"]
     monkeypatch.undo()
     monkeypatch.setattr(peft_runner, "TrainState", functools.partial(TrainState, min_seconds=0, cost_factor=0))
