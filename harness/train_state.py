@@ -56,10 +56,15 @@ class TrainState:
     _cost: float = dataclasses.field(default=0.0, init=False, repr=False)
     _last_wall: float = dataclasses.field(default_factory=time.time, init=False, repr=False)  # for requests' mtimes
 
+    def interval(self) -> float:
+        """Seconds between two writes at least: ``min_seconds``, and ``cost_factor`` times the last write's
+        duration (a large state is written less often)."""
+        return max(self.min_seconds, self.cost_factor * self._cost)
+
     def due(self) -> bool:
-        """Whether enough time has passed since the last write (or the training's start), or a save was requested
-        after it (:func:`request_save`)."""
-        if time.perf_counter() - self._last >= max(self.min_seconds, self.cost_factor * self._cost):
+        """Whether :meth:`interval` has passed since the last write (or the training's start), or a save was
+        requested after it (:func:`request_save`)."""
+        if time.perf_counter() - self._last >= self.interval():
             return True
         try:
             return (self.path.parent / SAVE_REQUEST).stat().st_mtime > self._last_wall
@@ -87,11 +92,6 @@ class TrainState:
         self._last = time.perf_counter()
         self._last_wall = time.time()
         self._cost = self._last - start
-
-    @property
-    def last_write_seconds(self) -> float:
-        """How long the last write took (0 before the first)."""
-        return self._cost
 
     def load(self, key: dict) -> dict | None:
         """The saved state when the file exists and was written for ``key``; else None."""
@@ -142,14 +142,21 @@ def request_save(folder: str | Path) -> Path:
     return request
 
 
-def saved_steps(folder: str | Path) -> dict[str, int]:
-    """The training states in ``folder`` (an adapters folder, ``<store>.artifacts/adapters``): file name -> the
-    step its training continues at. What a run killed mid-training leaves for the next one."""
-    steps = {}
+def saved_progress(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """The training states in ``folder`` (an adapters folder, ``<store>.artifacts/adapters``): file name -> (the
+    step its training continues at, the training's steps). What a killed run leaves for the next one: a state
+    with the two equal is a finished training whose runs were being scored."""
+    progress = {}
     for path in sorted(Path(folder).glob("*.train_state.pt")):
-        # mmap: only the step is read, not a full fine-tuning's parameters and optimizer state
-        steps[path.name] = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["next_step"])
-    return steps
+        # mmap: only the step and key are read, not a full fine-tuning's parameters and optimizer state
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        progress[path.name] = (int(state["next_step"]), int(json.loads(state["key"])["settings"]["steps"]))
+    return progress
+
+
+def saved_steps(folder: str | Path) -> dict[str, int]:
+    """File name -> the step its training continues at, of :func:`saved_progress`."""
+    return {name: step for name, (step, _) in saved_progress(folder).items()}
 
 
 def _key_text(key: dict) -> str:
@@ -162,11 +169,8 @@ if __name__ == "__main__":  # python -m harness.train_state [--request-save] ADA
     if sys.argv[1] == "--request-save":  # before a kill: every training there writes its state after its next step
         print(f"requested a state save: {request_save(sys.argv[2])}")
         sys.exit(0)
-    found = saved_steps(sys.argv[1])
+    found = saved_progress(sys.argv[1])
     print(f"saved training states: {len(found)} (a killed training without one starts again from step 0)")
-    for name, step in found.items():
-        key = torch.load(Path(sys.argv[1]) / name, map_location="cpu", weights_only=False, mmap=True)["key"]
-        if step >= json.loads(key)["settings"]["steps"]:  # written after the last step: the runs are scored next
-            print(f"  {name}: trained ({step} steps); scoring its runs continues")
-        else:
-            print(f"  {name}: continues at step {step}")
+    for name, (step, steps) in found.items():
+        print(f"  {name}: trained ({step} steps); scoring its runs continues" if step >= steps
+              else f"  {name}: continues at step {step}")

@@ -293,6 +293,12 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
         sampler.queue, stats, micro, accum = saved["queue"], saved["stats"], saved["micro"], saved["accum"]
         first_step, before, stats.compiled = saved["next_step"], stats.seconds, mode is not None
         log.info("resuming the training at step %d of %d (%s)", first_step, settings["steps"], state.path)
+
+    def save_state(step: int) -> None:  # after ``step`` (0-based, done)
+        state.save(key, step, params=params, masters=masters, optimizer=optimizer, schedule=schedule, rng=rng,
+                   queue=sampler.queue, stats=stats, micro=micro, accum=accum,
+                   method_state=step_state[0](model) if step_state is not None else None)
+
     start = time.perf_counter()
     was_training = model.training
     model.train()
@@ -346,9 +352,7 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
             bar.set_postfix(loss=f"{loss:.4f}")
             if state is not None and step + 1 < settings["steps"] and state.due():
                 stats.seconds = before + time.perf_counter() - start
-                state.save(key, step, params=params, masters=masters, optimizer=optimizer, schedule=schedule,
-                           rng=rng, queue=sampler.queue, stats=stats, micro=micro, accum=accum,
-                           method_state=step_state[0](model) if step_state is not None else None)
+                save_state(step)
     finally:
         uncompile_blocks(compiled)
         model.train(was_training)
@@ -358,18 +362,12 @@ def train(model, tokenizer, train_examples: list[dict], task, settings: dict, se
     stats.seconds = before + time.perf_counter() - start
     stats.overhead_flops = train_overhead_flops(overhead, stats.work.tokens, stats.rows, stats.forwards,
                                                 stats.work.logit_positions, work=stats.work)
-    stats.peak_memory_bytes = max(stats.peak_memory_bytes, costs.peak_memory_bytes(device))  # a finished state's
+    # a training restored from its finished state (no step here) keeps that state's peak, the training process's
+    stats.peak_memory_bytes = max(stats.peak_memory_bytes, costs.peak_memory_bytes(device))
     stats.micro_batch, stats.grad_accum = micro, accum
-    if state is not None and first_step < settings["steps"] and _worth_saving(state, time.perf_counter() - start):
-        # the finished training's state too: the caller removes it once every run of the group is stored, so a run
-        # killed while it evaluates continues there, with no step to redo (the state's stats are the whole training's)
-        state.save(key, settings["steps"] - 1, params=params, masters=masters, optimizer=optimizer, schedule=schedule,
-                   rng=rng, queue=sampler.queue, stats=stats, micro=micro, accum=accum,
-                   method_state=step_state[0](model) if step_state is not None else None)
+    if state is not None and first_step < settings["steps"] and time.perf_counter() - start >= state.interval():
+        # a training as long as the wait between two writes also writes its finished state (so the final write costs
+        # what a periodic one does): the caller removes it once every run of the group is stored, so a run killed
+        # while it is scored continues there with no step redone (the state's stats are the whole training's)
+        save_state(settings["steps"] - 1)
     return stats
-
-
-def _worth_saving(state: TrainState, seconds: float) -> bool:
-    """Whether ``seconds`` of training are worth a state write: as long as the wait between two writes during the
-    training (:meth:`TrainState.due`), so the final write adds at most what one periodic write does."""
-    return seconds >= max(state.min_seconds, state.cost_factor * state.last_write_seconds)

@@ -185,6 +185,10 @@ def test_a_run_killed_while_it_evaluates_resumes_without_training(smollm, cb, da
         raise AssertionError("a training step ran again")
 
     monkeypatch.setattr(training, "training_step", no_step)
+    from harness import costs
+
+    monkeypatch.setattr(costs, "peak_memory_bytes", lambda device: 0)  # the new process measures nothing: the
+    # resumed runs' peaks must come from the training's state (train_peak_memory_bytes, the first process's)
     with caplog.at_level(logging.INFO, logger="harness.training"):
         resumed = run(store)
     assert "resuming the training at step 4 of 4" in caplog.text
@@ -195,7 +199,8 @@ def test_a_run_killed_while_it_evaluates_resumes_without_training(smollm, cb, da
     for run_id, a in whole.items():
         b = killed[run_id]
         assert a["accuracy"] == b["accuracy"] and a["losses"] == b["losses"] and len(a["losses"]) == 4
-        assert a["train_flops"] == b["train_flops"] and b["peak_memory_bytes"] >= b["train_peak_memory_bytes"]
+        assert a["train_flops"] == b["train_flops"]
+        assert b["peak_memory_bytes"] == b["train_peak_memory_bytes"] > 0
         assert list(Store(store).examples([run_id])) == list(Store(whole_store).examples([run_id]))
 
 
