@@ -47,6 +47,7 @@ import time
 
 import torch
 
+from benchmarks import captured_pack
 from benchmarks.common import environment, print_table, write_json
 from benchmarks.graphs_variants import VARIANTS, fix_width, longest_row
 from benchmarks.graphs_variants import install as install_graphs_variant
@@ -179,6 +180,9 @@ def main() -> None:
                         help="time one kind only (e.g. packs under a slow compile; no speedup in the row)")
     parser.add_argument("--graphs-variant", choices=VARIANTS, default=None,
                         help="with --compile graphs: compile as this variant (benchmarks/graphs_variants.py)")
+    parser.add_argument("--captured", action="store_true",
+                        help="packs only, eager: each step's forward and backward recorded once in a CUDA graph and "
+                             "replayed (benchmarks/captured_pack.py)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -188,6 +192,8 @@ def main() -> None:
         parser.error("--graphs-variant goes with --compile graphs")
     if args.graphs_variant:
         install_graphs_variant(args.graphs_variant)
+    if args.captured and (args.compile != "off" or args.only != "packed"):
+        parser.error("--captured goes with --only packed and --compile off (it records the eager step)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -202,6 +208,8 @@ def main() -> None:
                        for seed in SEEDS[:n]]
             if args.graphs_variant == "blocks-fixed":  # one width for every step: the longest row of these groups
                 fix_width(longest_row(lm.tokenizer, members, settings))
+            captured = (captured_pack.install(*captured_pack.width_and_positions(lm.tokenizer, members, settings))
+                        if args.captured else None)
             start = time.perf_counter()
             if args.count_ops or args.profile:
                 row = {"method": method, "n": n, "steps": args.steps, **_inspect(args, lm, method, settings, members),
@@ -227,6 +235,8 @@ def main() -> None:
                                                                            best["packed"]["last_losses"]))
             row["wall_s"] = time.perf_counter() - start
             row["compiled"] = all(r["compiled"] for r in best.values())  # False: eager (or a compile fell back)
+            if captured is not None:  # steps replayed from the graph (0: it never captured) and steps outside it
+                row["captured_replays"], row["captured_eager_steps"] = captured.replays, captured.eager_steps
             if len(best) == 2:
                 row["speedup"] = row["packed_steps_per_s"] / row["separate_steps_per_s"]
             rows.append(row)
@@ -235,7 +245,8 @@ def main() -> None:
                "settings": {"batch_size": settings["batch_size"], "warmup": args.warmup, "steps": args.steps,
                             "repeats": args.repeats, "threads": torch.get_num_threads(),
                             "count_ops": args.count_ops, "profile": args.profile, "cuda_path": args.cuda_path,
-                            "compile": args.compile, "only": args.only, "graphs_variant": args.graphs_variant},
+                            "compile": args.compile, "only": args.only, "graphs_variant": args.graphs_variant,
+                            "captured": args.captured},
                "environment": environment(lm.device), "rows": rows}
     print_table([_brief(r) for r in rows], list(_brief(rows[0])))
     if args.out:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks on a lent GPU machine (see docs/benchmarks.md): bash benchmarks/run_device.sh STAGE...
 # Stages: setup (wheels, versions), checks, icl, train, compiled, identity, loopprof, paper, paperpack, packprof,
-# graphsprobe, nanprobe, mfu, loop, t5.
+# graphsprobe, capturedprobe, nanprobe, mfu, loop, t5.
 # Expects .whl/ (transformers, peft wheels) and .benchdata/ (data/rte, cache/tokenizers/smollm2-135m, and for t5
 # cache/tokenizers/smollm2-135m-32128) carried beside the checkout, and $OUT for results.
 set -u
@@ -105,6 +105,17 @@ transformers.__version__, peft.__version__, tokenizers.__version__)" ;;
           timeout "$t" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" --repeats 1 \
             --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile graphs --graphs-variant "$v" \
             --out "$OUT/graphs_$v.json" > "$OUT/graphs_$v.log" 2>&1; show "graphs_$v" 4
+        done ;;
+    capturedprobe) # issue 16: the eager packed step recorded whole in one CUDA graph (benchmarks/captured_pack.py,
+        # no compiler) against the same pack eager: a lora pack of 5 (random:smollm2-135m, rte, 12 timed steps after
+        # 8), each in its own process at most CAPTUREDPROBE_TIMEOUT (default 150) s; compare with packprof's
+        # compiled-blocks pack (23.6 group-steps/s on the H100, session 36)
+        export PYTHONFAULTHANDLER=1
+        for v in eager captured; do
+          extra=(); [ "$v" = captured ] && extra=(--captured)
+          timeout "${CAPTUREDPROBE_TIMEOUT:-150}" python3 -m benchmarks.packed_training --device cuda --data-dir "$DATA" \
+            --repeats 1 --methods lora --ns 5 --steps 12 --warmup 8 --only packed --compile off "${extra[@]}" \
+            --out "$OUT/captured_$v.json" > "$OUT/captured_$v.log" 2>&1; show "captured_$v" 5
         done ;;
     paperpack) # issue 16: the paper-preset rte run packed (--pack 5 --workers 2: the 5 lora and the 5 ia3 groups,
         # two packs side by side) against --workers 10, one after the other on one machine, each at

@@ -142,16 +142,57 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
     forwards see few distinct shapes (CUDA graphs record one per shape: :func:`harness.compiling.width_multiple`);
     the extra columns are padding like any other, and the counted work stays the rows' own tokens.
     """
-    overhead = overhead or Overhead()
-    encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
     from harness.models import is_seq2seq
 
     if is_seq2seq(model):  # T5 family (issue 17): the encoder reads the context, the decoder the choice
         from harness.seq2seq import train_choice_logprobs
 
-        return ChoiceLogprobs(*train_choice_logprobs(model, tokenizer, prompts, encode, max_length, overhead))
-    windows = dims.windows if dims is not None else ()
+        encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
+        return ChoiceLogprobs(*train_choice_logprobs(model, tokenizer, prompts, encode, max_length,
+                                                     overhead or Overhead()))
+    if causal_only and not logit_index:
+        raise HarnessError("causal_only needs right padding without virtual tokens (logit_index)")
     device = next(model.parameters()).device
+    # every host-to-device copy before the forward: a copy from pageable memory synchronizes the stream on CUDA,
+    # and after the forward was queued it would hold the host until the forward finished
+    batch = encode_rows(tokenizer, prompts, max_length=max_length, right_pad=right_pad, dims=dims,
+                        overhead=overhead, encode=encode, logit_index=logit_index,
+                        width_multiple=width_multiple).to(device)
+    return logprobs_of_rows(model, batch, right_pad=right_pad, logit_index=logit_index, causal_only=causal_only)
+
+
+@dataclasses.dataclass
+class RowBatch:
+    """The tensors of one training forward, one row per (prompt, choice) (:func:`encode_rows`); R rows of W
+    tokens, T scored positions per row, B prompts of at most C choices."""
+    ids: torch.Tensor  # [R, W] long
+    mask: torch.Tensor  # [R, W] long, 1 on real tokens
+    pos: torch.Tensor  # [R, T] long: positions whose logits are scored (absolute, or columns of the kept tail)
+    tgt: torch.Tensor  # [R, T] long: the continuation tokens they predict
+    valid: torch.Tensor  # [R, T] bool
+    bi: torch.Tensor  # [R] long: prompt of each row
+    ci: torch.Tensor  # [R] long: choice of each row
+    labels: torch.Tensor  # [B] long
+    keep: int  # logits_to_keep (0: every position reaches the head, whose pre-hook gathers ``pos``)
+    n_choices: int  # C
+    work: Work
+
+    def to(self, device) -> RowBatch:
+        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **tensors)
+
+
+def encode_rows(tokenizer, prompts, *, max_length: int | None = None, right_pad: bool = False,
+                dims: ModelDims | None = None, overhead: Overhead | None = None, encode=None,
+                logit_index: bool = False, width_multiple: int = 1, width: int | None = None,
+                positions: int | None = None) -> RowBatch:
+    """The host tensors of :func:`choice_logprobs`'s forward (its docstring says how rows are built and padded).
+    ``width`` / ``positions``: at least this many tokens per row / scored positions per row (padding; a captured
+    step needs one shape every step: ``benchmarks/captured_pack.py``)."""
+    overhead = overhead or Overhead()
+    encode = encode or (lambda context, choice: encode_pair(tokenizer, context, choice))
+    windows = dims.windows if dims is not None else ()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []  # (example, choice, context ids, continuation ids)
     for b, p in enumerate(prompts):
@@ -164,8 +205,7 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
             if max_length is not None and len(ctx) + len(cont) > max_length:
                 ctx = ctx[-max(max_length - len(cont), 1):]
             rows.append((b, c, ctx, cont))
-    R = len(rows)
-    W = max(len(ctx) + len(cont) for _, _, ctx, cont in rows)
+    W = max(max(len(ctx) + len(cont) for _, _, ctx, cont in rows), width or 0)
     if width_multiple > 1:
         rounded = -(-W // width_multiple) * width_multiple
         W = max(W, min(rounded, max_length)) if max_length is not None else rounded
@@ -181,7 +221,7 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
         first.append(off + len(ctx) - 1)
         work.add_tokens(overhead.virtual_tokens + len(seq), overhead.prefix_keys, windows)
         work.logit_positions += len(cont)
-    T = max(len(cont) for *_, cont in rows)
+    T = max(max(len(cont) for *_, cont in rows), positions or 0)
     keep = 0 if logit_index else W - min(first)  # 0: every position reaches the head's pre-hook, which gathers
     pos_rows, tgt_rows, valid_rows = [], [], []  # [R][T] each
     for r, (_, _, _, cont) in enumerate(rows):
@@ -192,34 +232,37 @@ def choice_logprobs(model, tokenizer, prompts, *, max_length: int | None = None,
             pos_rows.append([first[r] + j - (W - keep) for j in range(n)] + [0] * (T - n))
         tgt_rows.append(cont + [0] * (T - n))
         valid_rows.append([True] * n + [False] * (T - n))
-    pos = torch.tensor(pos_rows, dtype=torch.long).to(device)  # [R, T]
-    tgt = torch.tensor(tgt_rows, dtype=torch.long).to(device)  # [R, T]
-    valid = torch.tensor(valid_rows, dtype=torch.bool).to(device)  # [R, T]
-    ids = torch.tensor(ids_rows, dtype=torch.long)  # [R, W]
-    mask = torch.tensor(mask_rows, dtype=torch.long)  # [R, W]
-    if causal_only and not logit_index:
-        raise HarnessError("causal_only needs right padding without virtual tokens (logit_index)")
-    # every host-to-device copy before the forward: a copy from pageable memory synchronizes the stream on CUDA,
-    # and after the forward was queued it would hold the host until the forward finished
-    bi = torch.tensor([b for b, *_ in rows], device=device)  # [R] prompt of each row
-    ci = torch.tensor([c for _, c, *_ in rows], device=device)  # [R] choice of each row
-    labels = torch.tensor([p.label for p in prompts], dtype=torch.long, device=device)  # [B]
-    kwargs = {"input_ids": ids.to(device), "logits_to_keep": keep}
+    return RowBatch(ids=torch.tensor(ids_rows, dtype=torch.long), mask=torch.tensor(mask_rows, dtype=torch.long),
+                    pos=torch.tensor(pos_rows, dtype=torch.long), tgt=torch.tensor(tgt_rows, dtype=torch.long),
+                    valid=torch.tensor(valid_rows, dtype=torch.bool),
+                    bi=torch.tensor([b for b, *_ in rows], dtype=torch.long),
+                    ci=torch.tensor([c for _, c, *_ in rows], dtype=torch.long),
+                    labels=torch.tensor([p.label for p in prompts], dtype=torch.long), keep=keep,
+                    n_choices=max(len(p.choices) for p in prompts), work=work)
+
+
+def logprobs_of_rows(model, batch: RowBatch, *, right_pad: bool = False, logit_index: bool = False,
+                     causal_only: bool = False) -> ChoiceLogprobs:
+    """The forward of :func:`choice_logprobs` over ``batch`` (on the model's device): no host work, no
+    host-device copy, no read, so it can run inside a CUDA graph capture when every tensor is a static buffer."""
+    R, T = batch.pos.shape
+    keep = batch.keep
+    kwargs = {"input_ids": batch.ids, "logits_to_keep": keep}
     if not causal_only:
-        kwargs["attention_mask"] = mask.to(device)
+        kwargs["attention_mask"] = batch.mask
     if not right_pad:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        kwargs["position_ids"] = (batch.mask.cumsum(-1) - 1).clamp(min=0)
     if logit_index:
-        with _head_on_positions(model, pos):
+        with _head_on_positions(model, batch.pos):
             picked = training_forward(model, **kwargs).logits  # [R, T, V]
     else:
         logits = training_forward(model, **kwargs).logits[:, -keep:]  # [R, keep, V]
-        picked = logits.gather(1, pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
-    lp = torch.log_softmax(picked.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [R, T]
-    lp = lp * valid
-    B, C = len(prompts), max(len(p.choices) for p in prompts)
+        picked = logits.gather(1, batch.pos.unsqueeze(-1).expand(R, T, logits.shape[-1]))  # [R, T, V]
+    lp = torch.log_softmax(picked.float(), dim=-1).gather(-1, batch.tgt.unsqueeze(-1)).squeeze(-1)  # [R, T]
+    lp = lp * batch.valid
+    B, C = batch.labels.shape[0], batch.n_choices
     token_logprobs = lp.new_zeros((B, C, T))
-    token_mask = torch.zeros((B, C, T), dtype=torch.bool, device=device)
-    token_logprobs = token_logprobs.index_put((bi, ci), lp)
-    token_mask[bi, ci] = valid
-    return ChoiceLogprobs(token_logprobs, token_mask, labels, work, R)
+    token_mask = torch.zeros((B, C, T), dtype=torch.bool, device=lp.device)
+    token_logprobs = token_logprobs.index_put((batch.bi, batch.ci), lp)
+    token_mask[batch.bi, batch.ci] = batch.valid
+    return ChoiceLogprobs(token_logprobs, token_mask, batch.labels, batch.work, R)
