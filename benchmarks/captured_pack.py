@@ -21,6 +21,8 @@ loop drops them with ``zero_grad(set_to_none=True)``).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from harness import packed as packed_module
@@ -54,7 +56,8 @@ class CapturedStep:
 
     def __init__(self, width: int, positions: int, capture: bool):
         self.width, self.positions, self.capture = width, positions, capture
-        self.key = None  # (the pack's adapters, the groups, the shapes) the buffers and graph belong to
+        self.key = None  # (the groups, the shapes) the buffers and graph belong to ...
+        self.owner = None  # ... and the pack's adapters (a weak reference)
         self.graph = None
         self.calls = 0
         self.replays = 0  # steps served by the graph (the probe reports it: 0 means it never captured)
@@ -76,9 +79,10 @@ class CapturedStep:
         row_groups = torch.tensor([g for g in groups for p in batches[g] for _ in p.pairs()], dtype=torch.long)
         slots = torch.tensor([k for k, g in enumerate(groups) for _ in batches[g]], dtype=torch.long)
         weights = [len(batches[g]) / effective for g in groups]
-        key = (id(packed), tuple(groups), tuple(rows.ids.shape), tuple(rows.pos.shape))
-        if key != self.key:  # a new pack, or its rows changed: new buffers, a new graph
-            self.key, self.graph, self.calls = key, None, 0
+        key = (tuple(groups), tuple(rows.ids.shape), tuple(rows.pos.shape))
+        owner = self.owner() if self.owner is not None else None  # (a weak reference: a new pack may reuse an id)
+        if key != self.key or owner is not packed:  # a new pack, or its rows changed: new buffers, a new graph
+            self.key, self.owner, self.graph, self.calls = key, weakref.ref(packed), None, 0
             self.static = rows.to(device)
             self.row_groups, self.slots = row_groups.to(device), slots.to(device)
             self.weights = torch.tensor(weights, device=device)
