@@ -39,6 +39,18 @@ def smollm():
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    """A 2-layer Llama of width 16 with SmolLM2's vocabulary, seeded: training and packing units (one per module)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
 def model_signature(model) -> tuple:
     """Cheap evidence of a model's state: its module count (methods inject modules), whether peft wrapped it, the
     sum of its 1-D parameters (norms, biases) and of every 2-D parameter's first row (full fine-tuning moves those)."""

@@ -16,16 +16,6 @@ from harness.packed import PackedAdapters, PackMember, group_initial_tensors, tr
 from harness.tasks import load_task
 
 
-@pytest.fixture(scope="module")
-def tiny(smollm):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
-
-
 def _train(tiny, tokenizer, members, settings, method):
     base = copy.deepcopy(tiny)
     initial = [group_initial_tensors(base, method, settings, m.seed) for m in members]

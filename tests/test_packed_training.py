@@ -26,16 +26,6 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
         "tie_word_embeddings": True}
 
 
-@pytest.fixture(scope="module")
-def tiny(smollm):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
-
-
 def _members(data_dir):
     """Three groups: cb seeds 0 and 1, rte seed 32 (another task: two choices instead of three, other lengths)."""
     cb, rte = load_task("cb"), load_task("rte")

@@ -203,16 +203,6 @@ def test_training_is_deterministic_on_cpu(smollm, cb):
 
 # ------------------------------------------------------------------------------------------ tiny model
 
-@pytest.fixture(scope="module")
-def tiny(smollm):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_nan_loss_raises_training_diverged(tiny, smollm, cb):
     settings = training_settings("lora", "quick", {"steps": 2, "batch_size": 2, "n_train": 2})
     model = apply_method(copy.deepcopy(tiny), "lora", settings)
